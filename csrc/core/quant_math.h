@@ -1,0 +1,133 @@
+// Quantizer math shared by the CPU and CUDA kernels: one formula, one rounding, one bit layout.
+//
+//   codes q in [0, 2^b - 1], dequant w = (q - z) * s,
+//   fq(w) = (clamp(round(w / s) + z, 0, 2^b - 1) - z) * s, round half to even (as torch.round).
+//
+// Packed storage is a little-endian bit stream along K: code k occupies bits [k*b, (k+1)*b) of the
+// row, so int4 puts element 2i in the low nibble of byte i ("double-packed") and 2-bit puts four
+// codes per byte, lowest first. Every row starts on a byte boundary.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "core/macros.h"
+
+namespace qatext {
+
+QATEXT_HOST_DEVICE float qmax_for_bits(int bits) { return float((1 << bits) - 1); }
+
+// Bytes per packed row of K codes of `bits` bits.
+QATEXT_HOST_DEVICE int64_t packed_row_bytes(int64_t K, int bits) { return (K * bits + 7) / 8; }
+
+// Round half to even under the default rounding mode, bit-identical on host and device.
+QATEXT_HOST_DEVICE float round_half_even(float x) { return rintf(x); }
+
+QATEXT_HOST_DEVICE float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+// Code k of a packed row.
+QATEXT_HOST_DEVICE uint32_t read_code(const uint8_t* row, int64_t k, int bits) {
+  const int64_t bit = k * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = int(bit & 7);
+  uint32_t v = row[byte];
+  if (shift + bits > 8) v |= uint32_t(row[byte + 1]) << 8;
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+// Byte j of the packed form of a row of K codes (codes must already lie in [0, 2^b - 1]).
+QATEXT_HOST_DEVICE uint8_t pack_byte(const uint8_t* codes, int64_t K, int64_t j, int bits) {
+  const int64_t first_bit = j * 8;
+  int64_t k = first_bit / bits;
+  uint32_t out = 0;
+  for (; k < K && k * bits < first_bit + 8; ++k) {
+    const int64_t offset = k * bits - first_bit;  // may be negative for a code straddling in
+    const uint32_t code = codes[k];
+    out |= offset >= 0 ? (code << offset) : (code >> (-offset));
+  }
+  return uint8_t(out & 0xFFu);
+}
+
+// Forward of the weight quantizer.
+QATEXT_HOST_DEVICE float fake_quant_value(float w, float s, float z, float qmax) {
+  const float q = clampf(round_half_even(w / s) + z, 0.f, qmax);
+  return (q - z) * s;
+}
+
+// Gradients of fq at one element for upstream gradient g, with round() straight-through:
+//   in range (0 <= round(w/s)+z <= qmax): dw = g, ds = g * (round(w/s) - w/s), dz = 0
+//   clipped:                              dw = 0, ds = g * (clamp(...) - z),    dz = -g * s
+struct FakeQuantGrad {
+  float dw, ds, dz;
+};
+
+QATEXT_HOST_DEVICE FakeQuantGrad fake_quant_grad(float w, float s, float z, float qmax, float g) {
+  const float x = w / s;
+  const float r = round_half_even(x);
+  const float c = r + z;
+  if (c >= 0.f && c <= qmax) return {g, g * (r - x), 0.f};
+  const float q = clampf(c, 0.f, qmax);
+  return {0.f, g * (q - z), -g * s};
+}
+
+// Integer code that fq would store (used by RTN initialisation and packing).
+QATEXT_HOST_DEVICE float quantize_code(float w, float s, float z, float qmax) {
+  return clampf(round_half_even(w / s) + z, 0.f, qmax);
+}
+
+// Dynamic per-token activation quantizer parameters from a row's min and max.
+// Asymmetric: range includes 0, s = (max - min) / qmax, z = clamp(round(-min / s), 0, qmax).
+// Symmetric:  s = absmax / (2^(b-1) - 1), z = 2^(b-1).
+struct TokenQParams {
+  float s, z;
+};
+
+constexpr float kMinTokenScale = 1e-8f;
+
+QATEXT_HOST_DEVICE TokenQParams token_qparams(float row_min, float row_max, int bits, bool symmetric) {
+  if (symmetric) {
+    const float absmax = fmaxf(fabsf(row_min), fabsf(row_max));
+    const float s = fmaxf(absmax / float((1 << (bits - 1)) - 1), kMinTokenScale);
+    return {s, float(1 << (bits - 1))};
+  }
+  const float lo = fminf(row_min, 0.f);
+  const float hi = fmaxf(row_max, 0.f);
+  const float qmax = qmax_for_bits(bits);
+  const float s = fmaxf((hi - lo) / qmax, kMinTokenScale);
+  return {s, clampf(round_half_even(-lo / s), 0.f, qmax)};
+}
+
+// LR-QAT: the frozen P is in code space (already includes z); u = P + c * (A B)[n, k].
+// Returns the rounded, clamped code and whether it was in range (straight-through mask).
+struct LrqatCode {
+  float q;
+  bool in_range;
+};
+
+QATEXT_HOST_DEVICE LrqatCode lrqat_code(float p, float ab, float lora_scale, float qmax) {
+#if defined(__CUDA_ARCH__)
+  // No fused multiply-add, so the device rounds exactly as the host and the reference do.
+  const float r = round_half_even(__fadd_rn(p, __fmul_rn(lora_scale, ab)));
+#else
+  const float r = round_half_even(p + lora_scale * ab);
+#endif
+  return {clampf(r, 0.f, qmax), r >= 0.f && r <= qmax};
+}
+
+// Value of P at (n, k): packed b-bit codes when frac_bits == 0, else uint8 fixed point with
+// frac_bits fractional bits (Q4.4 for b = 4).
+QATEXT_HOST_DEVICE float read_p(const uint8_t* row, int64_t k, int bits, int frac_bits) {
+  if (frac_bits == 0) return float(read_code(row, k, bits));
+  return float(row[k]) / float(1 << frac_bits);
+}
+
+}  // namespace qatext
+
+namespace qatext {
+
+// Bytes per row of LR-QAT's frozen P: packed codes, or one fixed-point byte per element.
+QATEXT_HOST_DEVICE int64_t p_row_bytes(int64_t K, int bits, int frac_bits) {
+  return frac_bits == 0 ? packed_row_bytes(K, bits) : K;
+}
+
+}  // namespace qatext

@@ -1,0 +1,65 @@
+// CPU packing of b-bit codes and dequantisation of packed weights.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "core/quant_math.h"
+#include "cpu/kernels.h"
+
+namespace qatext::cpu {
+
+void pack(const uint8_t* codes, uint8_t* packed, int64_t N, int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t j = 0; j < row_bytes; ++j) packed[n * row_bytes + j] = pack_byte(codes + n * K, K, j, bits);
+    }
+  });
+}
+
+void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < K; ++k) codes[n * K + k] = uint8_t(read_code(packed + n * row_bytes, k, bits));
+    }
+  });
+}
+
+template <typename T>
+void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape) {
+  const int64_t row_bytes = packed_row_bytes(shape.K, shape.bits);
+  const int64_t G = shape.groups();
+  at::parallel_for(0, shape.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = packed + n * row_bytes;
+      for (int64_t k = 0; k < shape.K; ++k) {
+        const int64_t ng = n * G + k / shape.group_size;
+        out[n * shape.K + k] = T((float(read_code(row, k, shape.bits)) - zero[ng]) * scale[ng]);
+      }
+    }
+  });
+}
+
+void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
+                    GroupShape shape) {
+  const int64_t row_bytes = packed_row_bytes(shape.K, shape.bits);
+  const int64_t G = shape.groups();
+  at::parallel_for(0, shape.N * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, k0 = (ng % G) * shape.group_size;
+      const uint8_t* row = packed + n * row_bytes;
+      float acc = 0.f;
+      for (int64_t k = k0; k < k0 + shape.group_size; ++k) {
+        acc += dw[n * shape.K + k] * (float(read_code(row, k, shape.bits)) - zero[ng]);
+      }
+      grad_scale[ng] = acc;
+    }
+  });
+}
+
+template void dequant<float>(const uint8_t*, const float*, const float*, float*, GroupShape);
+template void dequant<c10::Half>(const uint8_t*, const float*, const float*, c10::Half*, GroupShape);
+template void dequant<c10::BFloat16>(const uint8_t*, const float*, const float*, c10::BFloat16*, GroupShape);
+
+}  // namespace qatext::cpu

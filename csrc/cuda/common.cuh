@@ -1,0 +1,59 @@
+// Launch helpers and a deterministic block reduction shared by the CUDA kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace qatext::cuda {
+
+constexpr int kThreads = 256;
+
+inline void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("qatext: CUDA launch of ") + what + " failed: " + cudaGetErrorString(err));
+  }
+}
+
+inline unsigned int grid_for(int64_t n, int threads = kThreads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return unsigned(blocks < 65535 * 32 ? (blocks > 0 ? blocks : 1) : 65535 * 32);
+}
+
+// Sum over the block in a fixed order (same result every run). All threads get the result.
+template <int Threads>
+__device__ __forceinline__ float block_sum(float v) {
+  static_assert(Threads % 32 == 0 && Threads <= 1024, "block_sum: whole warps only");
+  __shared__ float warp_sums[Threads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < Threads / 32; ++i) total += warp_sums[i];
+  return total;
+}
+
+template <int Threads>
+__device__ __forceinline__ float block_min(float v) {
+  __shared__ float warp_vals[Threads / 32];
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) warp_vals[warp] = v;
+  __syncthreads();
+  float r = warp_vals[0];
+  for (int i = 1; i < Threads / 32; ++i) r = fminf(r, warp_vals[i]);
+  return r;
+}
+
+template <int Threads>
+__device__ __forceinline__ float block_max(float v) {
+  return -block_min<Threads>(-v);
+}
+
+}  // namespace qatext::cuda

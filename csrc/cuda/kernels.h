@@ -1,0 +1,48 @@
+// CUDA kernels over raw device pointers, launched on `stream`. Same contracts as cpu/kernels.h;
+// T is float, c10::Half or c10::BFloat16.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "core/shape.h"
+
+namespace qatext::cuda {
+
+template <typename T>
+void fake_quant_forward(const T* w, const float* scale, const float* zero, T* out, GroupShape shape,
+                        cudaStream_t stream);
+
+template <typename T>
+void fake_quant_backward(const T* grad, const T* w, const float* scale, const float* zero, T* grad_w,
+                         float* grad_scale, float* grad_zero, GroupShape shape, cudaStream_t stream);
+
+template <typename T>
+void fake_quant_per_token_forward(const T* x, T* out, int64_t M, int64_t K, int bits, bool symmetric,
+                                  cudaStream_t stream);
+
+template <typename T>
+void fake_quant_per_token_backward(const T* grad, const T* x, T* grad_x, int64_t M, int64_t K, int bits,
+                                   bool symmetric, cudaStream_t stream);
+
+void pack(const uint8_t* codes, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream);
+void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bits, cudaStream_t stream);
+
+template <typename T>
+void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
+             cudaStream_t stream);
+
+template <typename T>
+void lrqat_weight_forward(const uint8_t* p, const float* ab, const float* scale, const float* zero,
+                          float lora_scale, int frac_bits, T* out, GroupShape shape, cudaStream_t stream);
+
+template <typename T>
+void lrqat_weight_backward(const T* grad_w, const uint8_t* p, const float* ab, const float* scale,
+                           const float* zero, float lora_scale, int frac_bits, float* grad_u,
+                           float* grad_scale, GroupShape shape, cudaStream_t stream);
+
+void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
+                    GroupShape shape, cudaStream_t stream);
+
+}  // namespace qatext::cuda

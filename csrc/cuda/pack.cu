@@ -1,0 +1,94 @@
+// CUDA packing, unpacking and dequantisation of b-bit codes (simple versions: one thread per
+// byte or element), and the per-group code dot product of E2E-QP's scale gradient.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "core/quant_math.h"
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+
+namespace qatext::cuda {
+namespace {
+
+__global__ void pack_kernel(const uint8_t* __restrict__ codes, uint8_t* __restrict__ packed, int64_t N,
+                            int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * row_bytes;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / row_bytes;
+    packed[i] = pack_byte(codes + n * K, K, i % row_bytes, bits);
+  }
+}
+
+__global__ void unpack_kernel(const uint8_t* __restrict__ packed, uint8_t* __restrict__ codes, int64_t N,
+                              int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x) {
+    codes[i] = uint8_t(read_code(packed + (i / K) * row_bytes, i % K, bits));
+  }
+}
+
+template <typename T>
+__global__ void dequant_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
+                               const float* __restrict__ zero, T* __restrict__ out, GroupShape shape) {
+  const int64_t row_bytes = packed_row_bytes(shape.K, shape.bits);
+  const int64_t G = shape.groups();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < shape.numel();
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / shape.K, k = i % shape.K, ng = n * G + k / shape.group_size;
+    out[i] = T((float(read_code(packed + n * row_bytes, k, shape.bits)) - zero[ng]) * scale[ng]);
+  }
+}
+
+__global__ void group_code_dot_kernel(const float* __restrict__ dw, const uint8_t* __restrict__ packed,
+                                      const float* __restrict__ zero, float* __restrict__ grad_scale,
+                                      GroupShape shape) {
+  const int64_t ng = blockIdx.x, G = shape.groups();
+  const int64_t n = ng / G, k0 = (ng % G) * shape.group_size;
+  const uint8_t* row = packed + n * packed_row_bytes(shape.K, shape.bits);
+  const float z = zero[ng];
+  float acc = 0.f;
+  for (int64_t k = k0 + threadIdx.x; k < k0 + shape.group_size; k += kThreads) {
+    acc += dw[n * shape.K + k] * (float(read_code(row, k, shape.bits)) - z);
+  }
+  acc = block_sum<kThreads>(acc);
+  if (threadIdx.x == 0) grad_scale[ng] = acc;
+}
+
+}  // namespace
+
+void pack(const uint8_t* codes, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream) {
+  const int64_t total = N * packed_row_bytes(K, bits);
+  if (total == 0) return;
+  pack_kernel<<<grid_for(total), kThreads, 0, stream>>>(codes, packed, N, K, bits);
+  check_launch("pack");
+}
+
+void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bits, cudaStream_t stream) {
+  if (N * K == 0) return;
+  unpack_kernel<<<grid_for(N * K), kThreads, 0, stream>>>(packed, codes, N, K, bits);
+  check_launch("unpack");
+}
+
+template <typename T>
+void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
+             cudaStream_t stream) {
+  if (shape.numel() == 0) return;
+  dequant_kernel<T><<<grid_for(shape.numel()), kThreads, 0, stream>>>(packed, scale, zero, out, shape);
+  check_launch("dequant");
+}
+
+void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
+                    GroupShape shape, cudaStream_t stream) {
+  if (shape.numel() == 0) return;
+  group_code_dot_kernel<<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(dw, packed, zero,
+                                                                                   grad_scale, shape);
+  check_launch("group_code_dot");
+}
+
+template void dequant<float>(const uint8_t*, const float*, const float*, float*, GroupShape, cudaStream_t);
+template void dequant<c10::Half>(const uint8_t*, const float*, const float*, c10::Half*, GroupShape, cudaStream_t);
+template void dequant<c10::BFloat16>(const uint8_t*, const float*, const float*, c10::BFloat16*, GroupShape,
+                                     cudaStream_t);
+
+}  // namespace qatext::cuda

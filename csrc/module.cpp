@@ -1,0 +1,43 @@
+// The Python module qatext._C: importing it registers the ops; it also reports how it was built.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "build_info.h"
+#include "ops/common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::vector<std::string> split_archs(const std::string& archs) {
+  std::vector<std::string> out;
+  std::stringstream ss(archs);
+  for (std::string item; std::getline(ss, item, ';');) {
+    if (!item.empty()) out.push_back("sm_" + item);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qatext compiled kernels";
+  m.def("build_info", [] {
+    py::dict info;
+    info["torch_version_built"] = QATEXT_TORCH_VERSION;
+#ifdef QATEXT_WITH_CUDA
+    info["cuda_compiled"] = true;
+#else
+    info["cuda_compiled"] = false;
+#endif
+    info["cuda_archs"] = split_archs(QATEXT_CUDA_ARCHS);
+    return info;
+  });
+  m.def("set_value_checks", &qatext::ops::set_value_checks, py::arg("enabled"),
+        "Turn the data-dependent argument checks (scale > 0, codes < 2^bits) on or off.");
+  m.def("value_checks_enabled", &qatext::ops::value_checks_enabled);
+}

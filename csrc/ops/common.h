@@ -1,0 +1,74 @@
+// Argument checks and device dispatch shared by the op wrappers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
+
+#include <initializer_list>
+
+#include "core/shape.h"
+#include "cpu/kernels.h"
+
+#ifdef QATEXT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "cuda/kernels.h"
+#define QATEXT_CUDA_ONLY(call) (call)
+#else
+#define QATEXT_CUDA_ONLY(call) ::qatext::ops::fail_no_cuda()
+#endif
+
+// Calls cuda::fn(args..., stream) or cpu::fn(args...) by the device of `tensor`.
+#define QATEXT_DEVICE_CALL(tensor, fn, ...)                                                         \
+  do {                                                                                              \
+    const at::OptionalDeviceGuard qatext_guard_(at::device_of(tensor));                          \
+    if ((tensor).is_cuda()) {                                                                       \
+      QATEXT_CUDA_ONLY(::qatext::cuda::fn(__VA_ARGS__, ::qatext::ops::current_stream(tensor)));     \
+    } else {                                                                                        \
+      ::qatext::cpu::fn(__VA_ARGS__);                                                               \
+    }                                                                                               \
+  } while (0)
+
+// Runs body with scalar_t bound to float, c10::Half or c10::BFloat16.
+#define QATEXT_DISPATCH_FLOAT(dtype, ...)                                                     \
+  AT_DISPATCH_SWITCH(dtype, "qatext", AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)              \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace qatext::ops {
+
+[[noreturn]] void fail_no_cuda();
+#ifdef QATEXT_WITH_CUDA
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+#endif
+
+// Whether data-dependent checks (scale > 0, codes < 2^bits) run; they synchronise a GPU.
+bool value_checks_enabled();
+void set_value_checks(bool enabled);
+
+void check_bits(const char* op, int64_t bits);
+void check_float(const char* op, const char* name, const at::Tensor& t);
+void check_uint8(const char* op, const char* name, const at::Tensor& t);
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim);
+void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors);
+
+// Resolves group_size (-1 means K) and checks it divides K.
+int64_t resolve_group_size(const char* op, int64_t group_size, int64_t K);
+
+GroupShape make_shape(const char* op, int64_t N, int64_t K, int64_t bits, int64_t group_size);
+// Checks t is a float [N, K / group_size] tensor.
+void check_group_param(const char* op, const char* name, const at::Tensor& t, const GroupShape& shape);
+void check_scale_values(const char* op, const at::Tensor& scale);
+
+// Checks scale and zero are float [N, K / group_size] and scale is positive and finite;
+// returns the shape.
+GroupShape check_qparams(const char* op, const at::Tensor& scale, const at::Tensor& zero, int64_t N, int64_t K,
+                         int64_t bits, int64_t group_size);
+
+// Checks packed is uint8 [N, row_bytes] on the device of scale.
+void check_packed(const char* op, const char* name, const at::Tensor& packed, int64_t N, int64_t row_bytes);
+
+inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+}  // namespace qatext::ops

@@ -1,0 +1,78 @@
+// LR-QAT weight reconstruction W = s * (clamp(round(P + c * A B), 0, 2^b - 1) - z) and its backward
+// to A, B and s (straight-through rounding, zero outside the clamp).
+#include "core/quant_math.h"
+#include "ops/common.h"
+#include "ops/ops.h"
+
+namespace qatext::ops {
+
+namespace {
+
+GroupShape check_lrqat(const char* op, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                       const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group_size,
+                       int64_t frac_bits) {
+  check_float(op, "a", a);
+  check_float(op, "b", b);
+  check_dim(op, "a", a, 2);
+  check_dim(op, "b", b, 2);
+  TORCH_CHECK_VALUE(a.size(1) == b.size(0), op, ": a [N, r] and b [r, K] must share r, got a ", a.sizes(), " and b ",
+                    b.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": a and b must have one dtype, got ", a.scalar_type(),
+                   " and ", b.scalar_type());
+  check_same_device(op, {{"p", &p}, {"a", &a}, {"b", &b}, {"scale", &scale}, {"zero", &zero}});
+  const GroupShape shape = check_qparams(op, scale, zero, a.size(0), b.size(1), bits, group_size);
+  TORCH_CHECK_VALUE(frac_bits >= 0 && frac_bits <= 8 - bits, op, ": frac_bits must be in 0..", 8 - bits,
+                    " for bits=", bits, " (0: packed codes, >0: uint8 fixed point), got ", frac_bits);
+  check_packed(op, "p", p, shape.N, p_row_bytes(shape.K, int(bits), int(frac_bits)));
+  return shape;
+}
+
+at::Tensor low_rank_product(const at::Tensor& a, const at::Tensor& b) {
+  return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).contiguous();
+}
+
+}  // namespace
+
+at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_in,
+                        const at::Tensor& zero_in, double lora_scale, int64_t bits, int64_t group_size,
+                        int64_t frac_bits) {
+  const char* op = "qatext.lrqat_weight";
+  const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
+  const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  const at::Tensor ab = low_rank_product(a, b);
+  at::Tensor out = at::empty({shape.N, shape.K}, a.options());
+  QATEXT_DISPATCH_FLOAT(a.scalar_type(), [&] {
+    QATEXT_DEVICE_CALL(p, lrqat_weight_forward<scalar_t>, p.const_data_ptr<uint8_t>(), ab.const_data_ptr<float>(),
+                       scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
+                       int(frac_bits), out.mutable_data_ptr<scalar_t>(), shape);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
+    const at::Tensor& grad_w_in, const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale_in, const at::Tensor& zero_in, double lora_scale, int64_t bits, int64_t group_size,
+    int64_t frac_bits) {
+  const char* op = "qatext.lrqat_weight_backward";
+  const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
+  TORCH_CHECK_VALUE(grad_w_in.dim() == 2 && grad_w_in.size(0) == shape.N && grad_w_in.size(1) == shape.K, op,
+                    ": grad_w must have shape [", shape.N, ", ", shape.K, "], got ", grad_w_in.sizes());
+  check_same_device(op, {{"p", &p_in}, {"grad_w", &grad_w_in}});
+  const at::Tensor grad_w = grad_w_in.to(a.scalar_type()).contiguous();
+  const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  const at::Tensor ab = low_rank_product(a, b);
+  at::Tensor grad_u = at::empty({shape.N, shape.K}, scale.options());
+  at::Tensor grad_scale = at::empty_like(scale);
+  QATEXT_DISPATCH_FLOAT(a.scalar_type(), [&] {
+    QATEXT_DEVICE_CALL(p, lrqat_weight_backward<scalar_t>, grad_w.const_data_ptr<scalar_t>(),
+                       p.const_data_ptr<uint8_t>(), ab.const_data_ptr<float>(), scale.const_data_ptr<float>(),
+                       zero.const_data_ptr<float>(), float(lora_scale), int(frac_bits),
+                       grad_u.mutable_data_ptr<float>(), grad_scale.mutable_data_ptr<float>(), shape);
+  });
+  // u = P + c * A B:  dA = c * dU B^T,  dB = c * A^T dU.
+  const at::Tensor grad_a = at::matmul(grad_u, b.to(at::kFloat).t()).mul_(lora_scale);
+  const at::Tensor grad_b = at::matmul(a.to(at::kFloat).t(), grad_u).mul_(lora_scale);
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), grad_scale.to(scale_in.scalar_type())};
+}
+
+}  // namespace qatext::ops

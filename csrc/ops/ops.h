@@ -1,0 +1,40 @@
+// The qatext ops as registered in TORCH_LIBRARY(qatext); one implementation serves CPU and CUDA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace qatext::ops {
+
+at::Tensor fake_quant(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                      int64_t group_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward(const at::Tensor& grad, const at::Tensor& w,
+                                                                   const at::Tensor& scale, const at::Tensor& zero,
+                                                                   int64_t bits, int64_t group_size);
+at::Tensor fake_quant_per_token(const at::Tensor& x, int64_t bits, bool symmetric);
+at::Tensor fake_quant_per_token_backward(const at::Tensor& grad, const at::Tensor& x, int64_t bits, bool symmetric);
+
+at::Tensor pack(const at::Tensor& codes, int64_t bits);
+at::Tensor unpack(const at::Tensor& packed, int64_t bits, int64_t in_features);
+at::Tensor dequant(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                   int64_t group_size, int64_t in_features, at::ScalarType dtype);
+at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const at::Tensor& zero, int64_t bits, int64_t group_size,
+                          const std::optional<at::Tensor>& bias);
+at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& scale,
+                                     const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                     int64_t in_features);
+at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed,
+                            const at::Tensor& zero, int64_t bits, int64_t group_size);
+
+at::Tensor lrqat_weight(const at::Tensor& p, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                        const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
+                        int64_t frac_bits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
+    const at::Tensor& grad_w, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale, const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
+    int64_t frac_bits);
+
+}  // namespace qatext::ops

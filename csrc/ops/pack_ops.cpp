@@ -1,0 +1,135 @@
+// pack / unpack of b-bit codes, dequant, dequant_matmul (and its input gradient), and E2E-QP's
+// per-group scale gradient.
+#include "core/quant_math.h"
+#include "ops/common.h"
+#include "ops/ops.h"
+
+namespace qatext::ops {
+
+namespace {
+
+// Checks a packed weight against scale/zero; returns the group shape for in_features K.
+GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t K) {
+  check_bits(op, bits);
+  check_dim(op, "packed", packed, 2);
+  const int64_t N = packed.size(0);
+  check_same_device(op, {{"packed", &packed}, {"scale", &scale}, {"zero", &zero}});
+  const GroupShape shape = check_qparams(op, scale, zero, N, K, bits, group_size);
+  check_packed(op, "packed", packed, N, packed_row_bytes(K, bits));
+  return shape;
+}
+
+at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+}  // namespace
+
+at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
+  const char* op = "qatext.pack";
+  check_bits(op, bits);
+  check_uint8(op, "codes", codes_in);
+  TORCH_CHECK_VALUE(codes_in.dim() >= 1, op, ": codes must have at least one dimension");
+  if (value_checks_enabled() && codes_in.numel() > 0) {
+    const int64_t top = codes_in.max().item<int64_t>();
+    TORCH_CHECK_VALUE(top < (int64_t(1) << bits), op, ": codes must lie in [0, ", (1 << bits) - 1, "] for bits=",
+                      bits, ", found ", top);
+  }
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t K = codes.size(-1), N = K == 0 ? 0 : codes.numel() / K;
+  auto out_sizes = codes.sizes().vec();
+  out_sizes.back() = packed_row_bytes(K, bits);
+  at::Tensor packed = at::empty(out_sizes, codes.options());
+  QATEXT_DEVICE_CALL(codes, pack, codes.const_data_ptr<uint8_t>(), packed.mutable_data_ptr<uint8_t>(), N, K,
+                     int(bits));
+  return packed;
+}
+
+at::Tensor unpack(const at::Tensor& packed_in, int64_t bits, int64_t in_features) {
+  const char* op = "qatext.unpack";
+  check_bits(op, bits);
+  check_uint8(op, "packed", packed_in);
+  TORCH_CHECK_VALUE(packed_in.dim() >= 1, op, ": packed must have at least one dimension");
+  TORCH_CHECK_VALUE(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  const int64_t row_bytes = packed_row_bytes(in_features, bits);
+  TORCH_CHECK_VALUE(packed_in.size(-1) == row_bytes, op, ": packed rows must hold ", row_bytes, " bytes for ",
+                    in_features, " codes of ", bits, " bits, got ", packed_in.size(-1));
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t N = row_bytes == 0 ? 0 : packed.numel() / row_bytes;
+  auto out_sizes = packed.sizes().vec();
+  out_sizes.back() = in_features;
+  at::Tensor codes = at::empty(out_sizes, packed.options());
+  QATEXT_DEVICE_CALL(packed, unpack, packed.const_data_ptr<uint8_t>(), codes.mutable_data_ptr<uint8_t>(), N,
+                     in_features, int(bits));
+  return codes;
+}
+
+at::Tensor dequant(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in, int64_t bits,
+                   int64_t group_size, int64_t in_features, at::ScalarType dtype) {
+  const char* op = "qatext.dequant";
+  const GroupShape shape = check_packed_weight(op, packed_in, scale_in, zero_in, bits, group_size, in_features);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  const at::Tensor packed = packed_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  at::Tensor out = at::empty({shape.N, shape.K}, packed.options().dtype(dtype));
+  QATEXT_DISPATCH_FLOAT(dtype, [&] {
+    QATEXT_DEVICE_CALL(packed, dequant<scalar_t>, packed.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
+                       zero.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), shape);
+  });
+  return out;
+}
+
+at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const at::Tensor& zero, int64_t bits, int64_t group_size,
+                          const std::optional<at::Tensor>& bias) {
+  const char* op = "qatext.dequant_matmul";
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_same_device(op, {{"x", &x}, {"packed", &packed}});
+  if (bias.has_value()) {
+    check_same_device(op, {{"x", &x}, {"bias", &*bias}});
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == packed.size(0), op, ": bias must have shape [",
+                      packed.size(0), "], got ", bias->sizes());
+  }
+  // Simple path: dequantise to x's dtype, then one cuBLAS / CPU GEMM.
+  const at::Tensor w = dequant(packed, scale, zero, bits, group_size, x.size(-1), x.scalar_type());
+  return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias);
+}
+
+at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& scale,
+                                     const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t in_features) {
+  const char* op = "qatext.dequant_matmul_grad_input";
+  check_float(op, "grad_y", grad_y);
+  check_same_device(op, {{"grad_y", &grad_y}, {"packed", &packed}});
+  const at::Tensor w = dequant(packed, scale, zero, bits, group_size, in_features, grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.dim() >= 1 && grad_y.size(-1) == w.size(0), op,
+                    ": grad_y's last dimension must equal the weight's rows (", w.size(0), "), got shape ",
+                    grad_y.sizes());
+  return at::matmul(grad_y, w);
+}
+
+at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed_in,
+                            const at::Tensor& zero_in, int64_t bits, int64_t group_size) {
+  const char* op = "qatext.e2eqp_scale_grad";
+  check_float(op, "x", x);
+  check_float(op, "grad_y", grad_y);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && grad_y.dim() >= 1, op, ": x and grad_y must have at least one dimension");
+  TORCH_CHECK_VALUE(x.numel() / std::max<int64_t>(x.size(-1), 1) == grad_y.numel() / std::max<int64_t>(grad_y.size(-1), 1),
+                    op, ": x ", x.sizes(), " and grad_y ", grad_y.sizes(), " must have the same number of rows");
+  check_same_device(op, {{"x", &x}, {"grad_y", &grad_y}});
+  check_dim(op, "packed", packed_in, 2);
+  check_same_device(op, {{"x", &x}, {"packed", &packed_in}, {"zero", &zero_in}});
+  const GroupShape shape = make_shape(op, packed_in.size(0), x.size(-1), bits, group_size);
+  check_group_param(op, "zero", zero_in, shape);
+  check_packed(op, "packed", packed_in, shape.N, packed_row_bytes(shape.K, bits));
+  TORCH_CHECK_VALUE(grad_y.size(-1) == shape.N, op, ": grad_y's last dimension must be N (", shape.N, "), got ",
+                    grad_y.size(-1));
+  // Simple path: dW = grad_y^T x in fp32, then a per-group dot with the codes.
+  const at::Tensor dw = at::matmul(flatten_rows(grad_y).to(at::kFloat).t(), flatten_rows(x).to(at::kFloat)).contiguous();
+  const at::Tensor packed = packed_in.contiguous(), zero = as_float(zero_in);
+  at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
+  QATEXT_DEVICE_CALL(packed, group_code_dot, dw.const_data_ptr<float>(), packed.const_data_ptr<uint8_t>(),
+                     zero.const_data_ptr<float>(), grad_scale.mutable_data_ptr<float>(), shape);
+  return grad_scale;
+}
+
+}  // namespace qatext::ops

@@ -1,0 +1,26 @@
+"""qatext: quantization-aware training of LLMs on hand-written CUDA kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C, ops, reference  # noqa: F401  (_C registers torch.ops.qatext)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the extension was built: torch version, whether CUDA kernels were compiled, the archs."""
+    info = dict(_C.build_info())
+    info["torch_version"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    return info
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-dependent checks (scale > 0, codes < 2^bits) on or off.
+
+    They are on by default; each one reads a value back from the GPU, so a tight training loop
+    whose inputs are known good may turn them off.
+    """
+    _C.set_value_checks(enabled)

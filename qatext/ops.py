@@ -1,0 +1,207 @@
+"""Python face of the compiled kernels: ``torch.ops.qatext.*`` with fake kernels and autograd.
+
+Every op here has a pure-PyTorch twin in :mod:`qatext.reference` with the same arguments.
+``group_size=-1`` means per-channel. Scales and zeros may be any float dtype; the kernels compute
+in float32 and return their gradients in the dtype of the input they belong to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.qatext)
+
+_ops = torch.ops.qatext
+
+
+def _packed_row_bytes(in_features: int, bits: int) -> int:
+    return (in_features * bits + 7) // 8
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def fake_quant(w, scale, zero, bits: int, group_size: int = -1) -> torch.Tensor:
+    """fq(w) = (clamp(round(w/s) + z, 0, 2^b - 1) - z) * s; STE backward to w, s and z."""
+    return _ops.fake_quant(w, scale, zero, bits, group_size)
+
+
+def fake_quant_per_token(x, bits: int = 8, symmetric: bool = False) -> torch.Tensor:
+    """Dynamic per-token (last dim) activation fake-quant; STE backward with the clip mask."""
+    return _ops.fake_quant_per_token(x, bits, symmetric)
+
+
+def pack(codes, bits: int) -> torch.Tensor:
+    """uint8 codes [..., K] -> packed uint8 [..., ceil(K * bits / 8)] (little-endian bit stream)."""
+    return _ops.pack(codes, bits)
+
+
+def unpack(packed, bits: int, in_features: int) -> torch.Tensor:
+    return _ops.unpack(packed, bits, in_features)
+
+
+def dequant(packed, scale, zero, bits: int, group_size: int, in_features: int, dtype=torch.float32):
+    return _ops.dequant(packed, scale, zero, bits, group_size, in_features, dtype)
+
+
+def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
+    """x @ deq(W)^T + bias; backward to x, bias and scale (E2E-QP)."""
+    return _ops.dequant_matmul(x, packed, scale, zero, bits, group_size, bias)
+
+
+def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int) -> torch.Tensor:
+    return _ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, group_size)
+
+
+def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int = 0):
+    """LR-QAT's W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z).
+
+    ``p`` holds P in code space: packed b-bit codes (``frac_bits=0``) or uint8 fixed point with
+    ``frac_bits`` fractional bits (Q4.4 is ``bits=4, frac_bits=4``). Backward to a, b and scale.
+    """
+    return _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("qatext::fake_quant")
+def _(w, scale, zero, bits, group_size):
+    return _empty(w.shape, w)
+
+
+@torch.library.register_fake("qatext::fake_quant_backward")
+def _(grad, w, scale, zero, bits, group_size):
+    return _empty(w.shape, w), _empty(scale.shape, scale), _empty(zero.shape, zero)
+
+
+@torch.library.register_fake("qatext::fake_quant_per_token")
+def _(x, bits, symmetric):
+    return _empty(x.shape, x)
+
+
+@torch.library.register_fake("qatext::fake_quant_per_token_backward")
+def _(grad, x, bits, symmetric):
+    return _empty(x.shape, x)
+
+
+@torch.library.register_fake("qatext::pack")
+def _(codes, bits):
+    return _empty((*codes.shape[:-1], _packed_row_bytes(codes.shape[-1], bits)), codes)
+
+
+@torch.library.register_fake("qatext::unpack")
+def _(packed, bits, in_features):
+    return _empty((*packed.shape[:-1], in_features), packed)
+
+
+@torch.library.register_fake("qatext::dequant")
+def _(packed, scale, zero, bits, group_size, in_features, dtype):
+    return _empty((packed.shape[0], in_features), packed, dtype)
+
+
+@torch.library.register_fake("qatext::dequant_matmul")
+def _(x, packed, scale, zero, bits, group_size, bias):
+    return _empty((*x.shape[:-1], packed.shape[0]), x)
+
+
+@torch.library.register_fake("qatext::dequant_matmul_grad_input")
+def _(grad_y, packed, scale, zero, bits, group_size, in_features):
+    return _empty((*grad_y.shape[:-1], in_features), grad_y)
+
+
+@torch.library.register_fake("qatext::e2eqp_scale_grad")
+def _(x, grad_y, packed, zero, bits, group_size):
+    return _empty(zero.shape, zero, torch.float32)
+
+
+@torch.library.register_fake("qatext::lrqat_weight")
+def _(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
+    return _empty((a.shape[0], b.shape[1]), a)
+
+
+@torch.library.register_fake("qatext::lrqat_weight_backward")
+def _(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
+    return _empty(a.shape, a), _empty(b.shape, b), _empty(scale.shape, scale)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _fake_quant_setup(ctx, inputs, output):
+    w, scale, zero, ctx.bits, ctx.group_size = inputs
+    ctx.save_for_backward(w, scale, zero)
+
+
+def _fake_quant_backward(ctx, grad):
+    w, scale, zero = ctx.saved_tensors
+    grad_w, grad_scale, grad_zero = _ops.fake_quant_backward(grad, w, scale, zero, ctx.bits, ctx.group_size)
+    return grad_w, grad_scale, grad_zero, None, None
+
+
+torch.library.register_autograd("qatext::fake_quant", _fake_quant_backward, setup_context=_fake_quant_setup)
+
+
+def _per_token_setup(ctx, inputs, output):
+    x, ctx.bits, ctx.symmetric = inputs
+    ctx.save_for_backward(x)
+
+
+def _per_token_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _ops.fake_quant_per_token_backward(grad, x, ctx.bits, ctx.symmetric), None, None
+
+
+torch.library.register_autograd(
+    "qatext::fake_quant_per_token", _per_token_backward, setup_context=_per_token_setup
+)
+
+
+def _dequant_matmul_setup(ctx, inputs, output):
+    x, packed, scale, zero, ctx.bits, ctx.group_size, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, packed, scale, zero)
+
+
+def _dequant_matmul_backward(ctx, grad_y):
+    x, packed, scale, zero = ctx.saved_tensors
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "qatext.dequant_matmul: zero is frozen (only x, scale and bias are differentiable); "
+            "call zero.requires_grad_(False)"
+        )
+    grad_x = grad_scale = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.dequant_matmul_grad_input(
+            grad_y, packed, scale, zero, ctx.bits, ctx.group_size, x.shape[-1]
+        )
+    if ctx.needs_input_grad[2]:
+        grad_scale = _ops.e2eqp_scale_grad(x, grad_y, packed, zero, ctx.bits, ctx.group_size).to(scale.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[6]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, None, grad_scale, None, None, None, grad_bias
+
+
+torch.library.register_autograd(
+    "qatext::dequant_matmul", _dequant_matmul_backward, setup_context=_dequant_matmul_setup
+)
+
+
+def _lrqat_setup(ctx, inputs, output):
+    p, a, b, scale, zero, ctx.lora_scale, ctx.bits, ctx.group_size, ctx.frac_bits = inputs
+    ctx.save_for_backward(p, a, b, scale, zero)
+
+
+def _lrqat_backward(ctx, grad_w):
+    p, a, b, scale, zero = ctx.saved_tensors
+    grad_a, grad_b, grad_scale = _ops.lrqat_weight_backward(
+        grad_w, p, a, b, scale, zero, ctx.lora_scale, ctx.bits, ctx.group_size, ctx.frac_bits
+    )
+    return None, grad_a, grad_b, grad_scale, None, None, None, None, None
+
+
+torch.library.register_autograd("qatext::lrqat_weight", _lrqat_backward, setup_context=_lrqat_setup)

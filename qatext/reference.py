@@ -1,0 +1,124 @@
+"""Pure-PyTorch reference of every qatext op: the math, written to be read.
+
+The compiled kernels must agree with these functions (tests compare them), and autograd through
+these functions defines the gradients the kernels' backward must produce. Conventions:
+
+* a weight is ``[N, K]``; quantization groups of ``group_size`` run along K (``-1`` = per-channel);
+  scales and zeros are ``[N, K // group_size]``;
+* codes are unsigned ``q in [0, 2**bits - 1]``; dequant is ``(q - z) * s``;
+* ``fq(w) = (clamp(round(w / s) + z, 0, 2**bits - 1) - z) * s`` with round half to even and a
+  straight-through round in backward; everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def qmax(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [N, K] as [N, G, g]."""
+    n, k = t.shape
+    g = k if group_size == -1 else group_size
+    return t.reshape(n, k // g, g)
+
+
+def fake_quant(w, scale, zero, bits: int, group_size: int):
+    """fq(w) group-wise; differentiable in w, scale and zero (LSQ-style via ste_round)."""
+    wg = _grouped(w.float(), group_size)
+    s = scale.float().unsqueeze(-1)
+    z = zero.float().unsqueeze(-1)
+    q = torch.clamp(ste_round(wg / s) + z, 0, qmax(bits))
+    return ((q - z) * s).reshape(w.shape).to(w.dtype)
+
+
+def token_qparams(x: torch.Tensor, bits: int, symmetric: bool):
+    """Dynamic per-token (last-dim row) scale and zero, as float32 [..., 1]."""
+    x = x.float()
+    if symmetric:
+        absmax = x.abs().amax(dim=-1, keepdim=True)
+        s = torch.clamp(absmax / ((1 << (bits - 1)) - 1), min=1e-8)
+        return s, torch.full_like(s, float(1 << (bits - 1)))
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
+    s = torch.clamp((hi - lo) / qmax(bits), min=1e-8)
+    z = torch.clamp(torch.round(-lo / s), 0, qmax(bits))
+    return s, z
+
+
+def fake_quant_per_token(x, bits: int, symmetric: bool):
+    """Dynamic per-token activation fake-quant; scales are treated as constants in backward."""
+    s, z = token_qparams(x.detach(), bits, symmetric)
+    q = torch.clamp(ste_round(x.float() / s) + z, 0, qmax(bits))
+    return ((q - z) * s).to(x.dtype)
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    return (in_features * bits + 7) // 8
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes along the last dim as a little-endian bit stream (code k at bits k*b...)."""
+    k = codes.shape[-1]
+    shifts = torch.arange(bits, device=codes.device)
+    stream = ((codes.long().unsqueeze(-1) >> shifts) & 1).reshape(*codes.shape[:-1], k * bits)
+    pad = packed_row_bytes(k, bits) * 8 - k * bits
+    stream = torch.nn.functional.pad(stream, (0, pad))
+    octets = stream.reshape(*codes.shape[:-1], -1, 8)
+    return (octets << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of pack."""
+    stream = (packed.long().unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1
+    stream = stream.reshape(*packed.shape[:-1], -1)[..., : in_features * bits]
+    per_code = stream.reshape(*packed.shape[:-1], in_features, bits)
+    return (per_code << torch.arange(bits, device=packed.device)).sum(-1).to(torch.uint8)
+
+
+def dequant(packed, scale, zero, bits: int, group_size: int, in_features: int, dtype=torch.float32):
+    codes = _grouped(unpack(packed, bits, in_features).float(), group_size)
+    w = (codes - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return w.reshape(packed.shape[0], in_features).to(dtype)
+
+
+def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None):
+    """x @ deq(W)^T + bias; differentiable in x, scale and bias (E2E-QP trains the scale)."""
+    w = dequant(packed, scale, zero, bits, group_size, x.shape[-1], torch.float32)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int):
+    """d loss / d scale[n, g] = sum_{k in g} (q[n, k] - z[n, g]) * (grad_y^T x)[n, k]."""
+    k = x.shape[-1]
+    dw = grad_y.reshape(-1, grad_y.shape[-1]).float().t() @ x.reshape(-1, k).float()
+    codes = unpack(packed, bits, k).float()
+    prod = _grouped(dw, group_size) * (_grouped(codes, group_size) - zero.float().unsqueeze(-1))
+    return prod.sum(-1)
+
+
+def lrqat_p_values(p, bits: int, frac_bits: int, in_features: int) -> torch.Tensor:
+    """LR-QAT's frozen P in code space: packed b-bit codes, or uint8 fixed point (Q4.4 etc.)."""
+    if frac_bits == 0:
+        return unpack(p, bits, in_features).float()
+    return p.float() / (1 << frac_bits)
+
+
+def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int):
+    """W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z); differentiable in A, B, s."""
+    k = b.shape[1]
+    u = lrqat_p_values(p, bits, frac_bits, k) + lora_scale * (a.float() @ b.float())
+    q = _grouped(torch.clamp(ste_round(u), 0, qmax(bits)), group_size)
+    w = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return w.reshape(a.shape[0], k).to(a.dtype)
