@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, ops, reference  # noqa: F401  (_C registers torch.ops.qatext)
+from . import _C, ops, quant, reference  # noqa: F401  (_C registers torch.ops.qatext)
 
 __version__ = "0.1.0"
 

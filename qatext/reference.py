@@ -6,8 +6,9 @@ these functions defines the gradients the kernels' backward must produce. Conven
 * a weight is ``[N, K]``; quantization groups of ``group_size`` run along K (``-1`` = per-channel);
   scales and zeros are ``[N, K // group_size]``;
 * codes are unsigned ``q in [0, 2**bits - 1]``; dequant is ``(q - z) * s``;
-* ``fq(w) = (clamp(round(w / s) + z, 0, 2**bits - 1) - z) * s`` with round half to even and a
-  straight-through round in backward; everything is computed in float32.
+* ``fq(w) = (clamp(round(w / s) + z, 0, 2**bits - 1) - z) * s`` with round half to even, a
+  straight-through round in backward and a clamp that passes gradients on its boundaries;
+  everything is computed in float32.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp() whose gradient passes where lo <= x <= hi, boundaries included.
+
+    A value that rounds onto the first or last code is representable, so its gradient flows
+    (LSQ's rule). torch.clamp's own backward excludes the boundaries in recent releases, which
+    would freeze every weight on an extreme code (half of all codes at 2 bits).
+    """
+    return torch.where((x >= lo) & (x <= hi), x, torch.clamp(x, lo, hi).detach())
+
+
 def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """View [N, K] as [N, G, g]."""
     n, k = t.shape
@@ -36,7 +47,7 @@ def fake_quant(w, scale, zero, bits: int, group_size: int):
     wg = _grouped(w.float(), group_size)
     s = scale.float().unsqueeze(-1)
     z = zero.float().unsqueeze(-1)
-    q = torch.clamp(ste_round(wg / s) + z, 0, qmax(bits))
+    q = clamp_ste(ste_round(wg / s) + z, 0, qmax(bits))
     return ((q - z) * s).reshape(w.shape).to(w.dtype)
 
 
@@ -57,7 +68,7 @@ def token_qparams(x: torch.Tensor, bits: int, symmetric: bool):
 def fake_quant_per_token(x, bits: int, symmetric: bool):
     """Dynamic per-token activation fake-quant; scales are treated as constants in backward."""
     s, z = token_qparams(x.detach(), bits, symmetric)
-    q = torch.clamp(ste_round(x.float() / s) + z, 0, qmax(bits))
+    q = clamp_ste(ste_round(x.float() / s) + z, 0, qmax(bits))
     return ((q - z) * s).to(x.dtype)
 
 
@@ -119,6 +130,6 @@ def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size:
     """W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z); differentiable in A, B, s."""
     k = b.shape[1]
     u = lrqat_p_values(p, bits, frac_bits, k) + lora_scale * (a.float() @ b.float())
-    q = _grouped(torch.clamp(ste_round(u), 0, qmax(bits)), group_size)
+    q = _grouped(clamp_ste(ste_round(u), 0, qmax(bits)), group_size)
     w = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
     return w.reshape(a.shape[0], k).to(a.dtype)

@@ -1,0 +1,62 @@
+"""dequant_matmul (forward, grad to x, bias and scale) and the E2E-QP scale gradient."""
+
+import pytest
+import torch
+
+from conftest import DTYPES, random_qparams
+from qatext import ops, reference
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+       torch.float16: dict(rtol=5e-3, atol=1e-2)}
+
+
+def _weight(n, k, bits, g, device):
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
+    scale, zero = random_qparams(n, k, bits, g, False, device)
+    return ops.pack(codes, bits), scale * 0.1, zero
+
+
+@pytest.mark.parametrize("m_shape", [(1,), (5,), (2, 3)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,g", [(7, 96, 32), (33, 256, 128), (5, 100, -1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_and_backward(device, m_shape, bits, n, k, g, dtype, with_bias):
+    packed, scale, zero = _weight(n, k, bits, g, device)
+    x = torch.randn(*m_shape, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    grad_y = torch.randn(*m_shape, n, device=device).to(dtype)
+
+    def run(fn):
+        xs, ss = x.clone().requires_grad_(), scale.clone().requires_grad_()
+        bs = bias.clone().requires_grad_() if with_bias else None
+        y = fn(xs, packed, ss, zero, bits, g, bs)
+        y.backward(grad_y)
+        return y, xs.grad, ss.grad, (bs.grad if with_bias else None)
+
+    got, want = run(ops.dequant_matmul), run(reference.dequant_matmul)
+    assert got[0].dtype == dtype and got[0].shape == (*m_shape, n)
+    scale_tol = dict(rtol=1e-3, atol=1e-3 * k) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2 * k)
+    for a, b, tol in zip(got, want, [TOL[dtype], TOL[dtype], scale_tol, TOL[dtype]]):
+        if b is not None:
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("bits,g", [(4, 128), (2, 64), (3, -1)])
+def test_e2eqp_scale_grad(device, bits, g):
+    n, k = 33, 256
+    packed, scale, zero = _weight(n, k, bits, g, device)
+    x, grad_y = torch.randn(4, 9, k, device=device), torch.randn(4, 9, n, device=device)
+    got = ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g)
+    torch.testing.assert_close(got, reference.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g), rtol=1e-4, atol=1e-3)
+    # It is the gradient of <grad_y, x W(s)^T> with respect to s.
+    s = scale.clone().requires_grad_()
+    (reference.dequant_matmul(x, packed, s, zero, bits, g) * grad_y).sum().backward()
+    torch.testing.assert_close(got, s.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_zero_is_not_differentiable(device):
+    packed, scale, zero = _weight(4, 64, 4, 32, device)
+    y = ops.dequant_matmul(torch.randn(2, 64, device=device), packed, scale, zero.requires_grad_(), 4, 32)
+    with pytest.raises(RuntimeError, match="zero is frozen"):
+        y.sum().backward()

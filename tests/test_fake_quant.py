@@ -1,0 +1,101 @@
+"""fake_quant (weights) against the reference: values exact, gradients against autograd."""
+
+import pytest
+import torch
+
+from conftest import DTYPES, random_qparams
+from qatext import ops, reference
+
+# (N, K, group_size): odd N, K a multiple of the group but not of 64, tiny and larger shapes.
+SHAPES = [(1, 32, 32), (7, 96, 32), (5, 100, -1), (33, 192, 64), (17, 256, 128), (65, 512, 256), (3, 160, 160),
+          (129, 1024, 128)]
+
+
+def _inputs(shape, bits, symmetric, dtype, device):
+    n, k, g = shape
+    w = (torch.randn(n, k, device=device) * 1.5).to(dtype)
+    scale, zero = random_qparams(n, k, bits, g, symmetric, device)
+    return w, scale, zero
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_reference_exactly(device, shape, bits, symmetric, dtype):
+    w, scale, zero = _inputs(shape, bits, symmetric, dtype, device)
+    out = ops.fake_quant(w, scale, zero, bits, shape[2])
+    ref = reference.fake_quant(w, scale, zero, bits, shape[2])
+    assert out.dtype == dtype and out.shape == w.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # Sanity: the output really is on the quantization grid and changed the input.
+    assert not torch.equal(out, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_autograd(device, shape, bits, symmetric, dtype):
+    w, scale, zero = _inputs(shape, bits, symmetric, dtype, device)
+    grad = torch.randn(w.shape, device=device).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (w, scale, zero)]
+    ops.fake_quant(*leaves, bits, shape[2]).backward(grad)
+    ref_leaves = [t.clone().requires_grad_() for t in (w, scale, zero)]
+    reference.fake_quant(*ref_leaves, bits, shape[2]).backward(grad)
+    clipped = leaves[0].grad == 0
+    assert clipped.any() and not clipped.all(), "test inputs must exercise both branches of the clamp"
+    # The kernel passes g exactly; autograd computes g * s * (1 / s), off by an ulp at times.
+    assert torch.equal(leaves[0].grad == 0, ref_leaves[0].grad == 0), "straight-through mask differs"
+    torch.testing.assert_close(leaves[0].grad, ref_leaves[0].grad)
+    group = shape[1] if shape[2] == -1 else shape[2]
+    for got, want in zip(leaves[1:], ref_leaves[1:]):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5 * group)
+
+
+def test_backward_is_deterministic(device):
+    w, scale, zero = _inputs((31, 1024, -1), 4, False, torch.float32, device)
+    grad = torch.randn_like(w)
+    first = torch.ops.qatext.fake_quant_backward(grad, w, scale, zero, 4, -1)
+    second = torch.ops.qatext.fake_quant_backward(grad, w, scale, zero, 4, -1)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_scale_and_zero_dtypes_follow_inputs(device):
+    w, scale, zero = _inputs((4, 64, 32), 4, False, torch.bfloat16, device)
+    scale, zero = scale.to(torch.bfloat16).requires_grad_(), zero.to(torch.bfloat16).requires_grad_()
+    out = ops.fake_quant(w, scale, zero, 4, 32)
+    out.sum().backward()
+    assert scale.grad.dtype == torch.bfloat16 and zero.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference.fake_quant(w, scale, zero, 4, 32), rtol=0, atol=0)
+
+
+def test_non_contiguous_weight(device):
+    w, scale, zero = _inputs((64, 96, 32), 4, False, torch.float32, device)
+    wt = torch.randn(96, 64, device=device).t()  # [64, 96], transposed storage
+    assert not wt.is_contiguous()
+    torch.testing.assert_close(ops.fake_quant(wt, scale, zero, 4, 32), reference.fake_quant(wt, scale, zero, 4, 32),
+                               rtol=0, atol=0)
+
+
+def test_empty_weight(device):
+    w = torch.empty(0, 64, device=device)
+    scale, zero = torch.ones(0, 2, device=device), torch.zeros(0, 2, device=device)
+    assert ops.fake_quant(w, scale, zero, 4, 32).shape == (0, 64)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    w, scale, zero = _inputs((257, 4096, 128), 3, False, dtype, "cpu")
+    grad = torch.randn(w.shape).to(dtype)
+    cpu = ops.fake_quant(w, scale, zero, 3, 128)
+    gpu = ops.fake_quant(w.cuda(), scale.cuda(), zero.cuda(), 3, 128)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0)
+    cpu_grads = torch.ops.qatext.fake_quant_backward(grad, w, scale, zero, 3, 128)
+    gpu_grads = torch.ops.qatext.fake_quant_backward(grad.cuda(), w.cuda(), scale.cuda(), zero.cuda(), 3, 128)
+    torch.testing.assert_close(gpu_grads[0].cpu(), cpu_grads[0], rtol=0, atol=0)
+    for g, c in zip(gpu_grads[1:], cpu_grads[1:]):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4)

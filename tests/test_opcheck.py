@@ -1,0 +1,52 @@
+"""torch.library.opcheck on every op: schema, fake kernel, autograd registration, AOT dispatch."""
+
+import pytest
+import torch
+
+from conftest import random_qparams
+from qatext import ops
+
+
+def _cases(device):
+    n, k, g, bits = 9, 96, 32, 4
+    w = torch.randn(n, k, device=device)
+    scale, zero = random_qparams(n, k, bits, g, False, device)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    packed = ops.pack(codes, bits)
+    x = torch.randn(3, k, device=device)
+    grad_y = torch.randn(3, n, device=device)
+    a, b = torch.randn(n, 4, device=device) * 0.1, torch.randn(4, k, device=device) * 0.1
+    q44 = torch.randint(0, 241, (n, k), dtype=torch.uint8, device=device)
+    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "fake_quant": [(rg(w), rg(scale), rg(zero), bits, g), (w.bfloat16(), scale[:, :1], zero[:, :1], 2, -1)],
+        "fake_quant_backward": [(torch.randn_like(w), w, scale, zero, bits, g)],
+        "fake_quant_per_token": [(rg(x), 8, False), (x.half(), 4, True)],
+        "fake_quant_per_token_backward": [(torch.randn_like(x), x, 8, True)],
+        "pack": [(codes, bits), (codes[:, :95] % 8, 3)],
+        "unpack": [(packed, bits, k)],
+        "dequant": [(packed, scale, zero, bits, g, k, torch.bfloat16)],
+        "dequant_matmul": [(rg(x), packed, rg(scale), zero, bits, g, rg(torch.randn(n, device=device))),
+                           (x.bfloat16(), packed, scale, zero, bits, g, None)],
+        "dequant_matmul_grad_input": [(grad_y, packed, scale, zero, bits, g, k)],
+        "e2eqp_scale_grad": [(x, grad_y, packed, zero, bits, g)],
+        "lrqat_weight": [(packed, rg(a), rg(b), rg(scale), zero, 0.5, bits, g, 0),
+                         (q44, a.bfloat16(), b.bfloat16(), scale, zero, 0.5, bits, g, 4)],
+        "lrqat_weight_backward": [(torch.randn_like(w), packed, a, b, scale, zero, 0.5, bits, g, 0)],
+    }
+
+
+OPS = list(_cases("cpu"))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(device, name):
+    op = getattr(torch.ops.qatext, name).default
+    for args in _cases(device)[name]:
+        torch.library.opcheck(op, args)
+
+
+def test_every_registered_op_is_checked():
+    registered = {schema.name.split("::")[1] for schema in torch._C._jit_get_all_schemas()
+                  if schema.name.startswith("qatext::")}
+    assert registered == set(OPS)
