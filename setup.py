@@ -5,6 +5,7 @@ Environment: QATEXT_CUDA=auto|ON|OFF, TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0a"), QA
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_dir = target.parent
         build_dir = Path(os.environ.get("QATEXT_BUILD_DIR", ROOT / "build")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
@@ -37,6 +39,10 @@ class CMakeBuild(build_ext):
         if os.environ.get("MAX_JOBS"):
             build += ["-j", os.environ["MAX_JOBS"]]
         subprocess.run(build, check=True)
+        in_sources = ROOT / "qatext" / target.name
+        if getattr(self, "editable_mode", False) and target != in_sources:
+            # pip install -e: the package is imported from the sources, so the module goes there too.
+            shutil.copy2(target, in_sources)
 
 
 setup(ext_modules=[CMakeExtension("qatext._C")], cmdclass={"build_ext": CMakeBuild})

@@ -43,6 +43,7 @@ if(QATEXT_WITH_CUDA)
   endforeach()
   set(CMAKE_CUDA_STANDARD 20)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)  # one CUDA runtime in the process: torch's
   enable_language(CUDA)
   unset(CMAKE_CUDA_ARCHITECTURES)
   # nvcc may be a wrapper outside the toolkit; torch's FindCUDA derives the root from nvcc's path.

@@ -54,13 +54,15 @@ def fake_quant(w, scale, zero, bits: int, group_size: int):
 def token_qparams(x: torch.Tensor, bits: int, symmetric: bool):
     """Dynamic per-token (last-dim row) scale and zero, as float32 [..., 1]."""
     x = x.float()
+    # Divide by a full tensor: torch turns division by a Python scalar into a multiplication by
+    # its reciprocal on CUDA, which is not the correctly rounded quotient the kernels compute.
     if symmetric:
         absmax = x.abs().amax(dim=-1, keepdim=True)
-        s = torch.clamp(absmax / ((1 << (bits - 1)) - 1), min=1e-8)
+        s = torch.clamp(absmax / torch.full_like(absmax, (1 << (bits - 1)) - 1), min=1e-8)
         return s, torch.full_like(s, float(1 << (bits - 1)))
     lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
     hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
-    s = torch.clamp((hi - lo) / qmax(bits), min=1e-8)
+    s = torch.clamp((hi - lo) / torch.full_like(hi, qmax(bits)), min=1e-8)
     z = torch.clamp(torch.round(-lo / s), 0, qmax(bits))
     return s, z
 
