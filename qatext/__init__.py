@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, ops, quant, reference  # noqa: F401  (_C registers torch.ops.qatext)
+from . import _C, nn, ops, quant, reference  # noqa: F401  (_C registers torch.ops.qatext)
+from .quant import QuantSpec  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -1,33 +1,70 @@
-"""Scale / zero initialisers for group-wise weight quantization."""
+"""Scale / zero initialisers for group-wise weight quantization, and round-to-nearest codes."""
 
 from __future__ import annotations
 
 import torch
 
+from .spec import QuantSpec
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+
+def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     n, k = w.shape
-    g = k if group_size == -1 else group_size
-    if g <= 0 or k % g:
-        raise ValueError(f"group_size ({group_size}) must divide in_features ({k}) or be -1")
+    g = spec.resolved_group_size(k)
     return w.float().reshape(n, k // g, g)
 
 
-def minmax_qparams(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
-                   eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero [N, K/g] (float32) that map each group's range onto the codes [0, 2^b - 1].
+def _range_qparams(lo, hi, spec: QuantSpec, eps: float = 1e-8):
+    """Scale and (integer) zero mapping [lo, hi] (per group) onto the codes."""
+    if spec.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = torch.clamp(absmax / ((1 << (spec.bits - 1)) - 1), min=eps)
+        return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = torch.clamp((hi - lo) / spec.qmax, min=eps)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, spec.qmax)
 
-    Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s) (float, may be fractional later).
-    Symmetric:  s = absmax / (2^(b-1) - 1), z = 2^(b-1).
+
+def minmax_qparams(w: torch.Tensor, bits: int | QuantSpec, group_size: int = -1, symmetric: bool = False):
+    """Scale and zero [N, K/g] (float32) mapping each group's min/max onto [0, 2^b - 1].
+
+    Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s). Symmetric: s = absmax / (2^(b-1) - 1),
+    z = 2^(b-1).
     """
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8, got {bits}")
-    wg = _grouped(w, group_size)
-    qmax = (1 << bits) - 1
-    if symmetric:
-        scale = torch.clamp(wg.abs().amax(-1) / ((1 << (bits - 1)) - 1), min=eps)
-        return scale, torch.full_like(scale, float(1 << (bits - 1)))
-    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-    scale = torch.clamp((hi - lo) / qmax, min=eps)
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero
+    spec = bits if isinstance(bits, QuantSpec) else QuantSpec(bits, group_size, symmetric)
+    wg = _grouped(w, spec)
+    return _range_qparams(wg.amin(-1), wg.amax(-1), spec)
+
+
+def lp_search_qparams(w: torch.Tensor, spec: QuantSpec, p: float = 2.0, grid: int = 40, min_shrink: float = 0.5):
+    """Per-group clipping search: shrink the min/max range by factors in [min_shrink, 1] and keep,
+    for every group, the one minimising ||fq(w) - w||_p^p (p = 2: MSE; LR-QAT uses p = 4)."""
+    wg = _grouped(w, spec)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best_err = torch.full(lo.shape, float("inf"), device=w.device)
+    best_s, best_z = _range_qparams(lo, hi, spec)
+    for alpha in torch.linspace(1.0, min_shrink, grid).tolist():
+        s, z = _range_qparams(lo * alpha, hi * alpha, spec)
+        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, spec.qmax)
+        err = ((q - z[..., None]) * s[..., None] - wg).abs().pow(p).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def init_qparams(w: torch.Tensor, spec: QuantSpec, method: str = "minmax"):
+    """method: 'minmax', 'mse' (L2 search) or 'l4' (L4-norm search, LR-QAT's choice)."""
+    if method == "minmax":
+        return minmax_qparams(w, spec)
+    if method in ("mse", "l2"):
+        return lp_search_qparams(w, spec, p=2.0)
+    if method == "l4":
+        return lp_search_qparams(w, spec, p=4.0)
+    raise ValueError(f"unknown scale init {method!r}; expected 'minmax', 'mse' or 'l4'")
+
+
+def rtn_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """uint8 codes clamp(round(w / s) + z, 0, 2^b - 1) for integer-valued zeros."""
+    wg = _grouped(w, spec)
+    q = torch.clamp(torch.round(wg / scale.float()[..., None]) + zero.float()[..., None], 0, spec.qmax)
+    return q.reshape(w.shape).to(torch.uint8)
