@@ -16,6 +16,15 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def _tool(module: str, name: str) -> str:
+    """cmake / ninja from this Python environment's PyPI packages when installed, else from PATH."""
+    try:
+        mod = __import__(module)
+        return str(Path(getattr(mod, "CMAKE_BIN_DIR", getattr(mod, "BIN_DIR", ""))) / name)
+    except (ImportError, AttributeError):
+        return shutil.which(name) or name
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -28,14 +37,15 @@ class CMakeBuild(build_ext):
         build_dir = Path(os.environ.get("QATEXT_BUILD_DIR", ROOT / "build")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            _tool("cmake", "cmake"), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'ninja')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DQATEXT_CUDA={os.environ.get('QATEXT_CUDA', 'auto')}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
         ]
         subprocess.run(configure, check=True)
-        build = ["cmake", "--build", str(build_dir)]
+        build = [_tool("cmake", "cmake"), "--build", str(build_dir)]
         if os.environ.get("MAX_JOBS"):
             build += ["-j", os.environ["MAX_JOBS"]]
         subprocess.run(build, check=True)

@@ -155,7 +155,7 @@ def _pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     shifts = (torch.arange(per) * bits).reshape(1, per, *([1] * (v.dim() - 2)))
     packed = (v << shifts).sum(1)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # two's complement into int32
-    return packed.to(torch.int32).movedim(0, dim)
+    return packed.to(torch.int32).movedim(0, dim).contiguous()
 
 
 def gptq_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
@@ -178,7 +178,7 @@ def gptq_tensors(layer: QuantLinear) -> dict[str, torch.Tensor]:
         raise ValueError("export_gptq: GPTQ stores zero - 1 unsigned, so zeros must lie in [1, 2^bits]")
     return {
         "qweight": _pack_int32(codes.t().contiguous(), bits, 0),
-        "qzeros": _pack_int32((zero - 1).to(torch.int64).contiguous(), bits, 1),
+        "qzeros": _pack_int32((zero - 1).t().to(torch.int64).contiguous(), bits, 1),
         "scales": packed.scale.detach().cpu().t().contiguous().to(torch.float16),
         "g_idx": (torch.arange(k) // packed.group_size).to(torch.int32),
         **({"bias": packed.bias.detach().cpu().to(torch.float16)} if packed.bias is not None else {}),

@@ -22,6 +22,13 @@ from ..quant import QuantSpec, init_qparams, rtn_codes
 from ..reference import ste_round
 
 MODES = ("fake", "lrqat", "qalora", "e2eqp", "packed")
+MIN_SCALE = 1e-6
+
+
+def positive(scale: torch.Tensor) -> torch.Tensor:
+    """scale clamped to >= MIN_SCALE in value, with the gradient passed through unchanged, so an
+    optimiser step past zero cannot make the quantizer divide by zero or flip sign."""
+    return scale + (scale.clamp(min=MIN_SCALE) - scale).detach()
 
 
 class QuantLinear(nn.Module):
@@ -126,10 +133,10 @@ class QuantLinear(nn.Module):
         """The weight this layer computes with, in full precision (for inspection and merging)."""
         s = self.spec
         if self.mode == "fake":
-            return ops.fake_quant(self.weight, self.scale, self._zero_for_forward(), s.bits, self.group_size)
+            return ops.fake_quant(self.weight, positive(self.scale), self._zero_for_forward(), s.bits, self.group_size)
         if self.mode == "lrqat":
-            return ops.lrqat_weight(self.p, self.lora_a, self.lora_b, self.scale, self.zero, self.lora_scale, s.bits,
-                                    self.group_size, self.frac_bits)
+            return ops.lrqat_weight(self.p, self.lora_a, self.lora_b, positive(self.scale), self.zero, self.lora_scale,
+                                    s.bits, self.group_size, self.frac_bits)
         w = ops.dequant(self.packed, self.scale, self.zero, s.bits, self.group_size, self.in_features)
         if self.mode == "qalora":
             w = w + self._qalora_delta()[:, :, None].expand(-1, -1, self.group_size).reshape(w.shape)
@@ -147,7 +154,7 @@ class QuantLinear(nn.Module):
             w = self.quantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = ops.dequant_matmul(x, self.packed, self.scale, self.zero, s.bits, self.group_size, bias)
+        y = ops.dequant_matmul(x, self.packed, positive(self.scale), self.zero, s.bits, self.group_size, bias)
         if self.mode == "qalora":
             pooled = x.reshape(*x.shape[:-1], -1, self.group_size).mean(-1)
             y = y + self.lora_scale * F.linear(F.linear(pooled, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
@@ -170,7 +177,7 @@ class QuantLinear(nn.Module):
         dev, dtype = self.scale.device, (self.bias.dtype if self.bias is not None else torch.float32)
         out = QuantLinear(self.in_features, self.out_features, s, "packed", bias=self.bias is not None,
                           device=dev, dtype=dtype)
-        scale, zero = self.scale.detach().float(), self.zero.detach().float()
+        scale, zero = positive(self.scale.detach().float()), self.zero.detach().float()
         if self.mode == "fake":
             zero = torch.round(zero)
             packed = ops.pack(rtn_codes(self.weight.detach(), scale, zero, s), s.bits)

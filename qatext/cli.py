@@ -1,0 +1,160 @@
+"""qatext command line: train | eval | export | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_model(path: str, device):
+    from transformers import AutoModelForCausalLM
+
+    from .models import CONFIG_NAME, load_quantized
+
+    p = Path(path)
+    if not p.is_dir():
+        raise SystemExit(f"qatext: --model {path!r} is not a directory holding a Hugging Face model")
+    if (p / CONFIG_NAME).exists():
+        return load_quantized(p, device=device)
+    return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device)
+
+
+def _tokens(model_dir: str, source: str) -> torch.Tensor:
+    from . import data
+
+    text = data.load_text(source)
+    if any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return data.ByteTokenizer().encode(text)
+
+
+def cmd_train(args) -> int:
+    from . import data, methods
+    from .models import merge_model, save_quantized
+    from .quant import QuantSpec
+
+    device = _device(args.device)
+    spec = QuantSpec(args.bits, args.group_size, args.symmetric)
+    model = _load_model(args.model, device)
+    tokens = _tokens(args.model, args.data)
+    train_tokens, _ = data.train_val_split(tokens, args.val_fraction)
+    out = Path(args.output_dir)
+    cfg = methods.default_config(args.method, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                 seed=args.seed, checkpoint_dir=str(out / "checkpoints"),
+                                 checkpoint_every=args.checkpoint_every)
+    kwargs = {}
+    if args.lr is not None:
+        kwargs["e2e_lr" if args.method == "efficientqat" else "lr"] = args.lr
+    if args.rank is not None:
+        kwargs["rank"] = args.rank
+    if args.method == "efficientqat":
+        kwargs["block_ap_kwargs"] = {"n_samples": args.calib_samples, "batch_size": min(args.batch_size, 2)}
+    model, history = methods.run(args.method, model, spec, train_tokens, cfg, **kwargs)
+    merge_model(model)
+    save_quantized(model, out / "model")
+    (out / "train_log.json").write_text(json.dumps({"method": args.method, "spec": spec.to_dict(), "loss": history}))
+    print(f"saved {out / 'model'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import data, evaluate
+
+    device = _device(args.device)
+    model = _load_model(args.model, device)
+    _, val = data.train_val_split(_tokens(args.model, args.data), args.val_fraction)
+    result = evaluate.perplexity(model, val, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 max_windows=args.max_windows)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .models import export_gptq, load_quantized
+
+    model = load_quantized(args.model)
+    print(f"wrote {export_gptq(model, args.output)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(args.out, device=args.device, cfg=DemoConfig.quick() if args.quick else None, cache_dir=args.cache_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="qatext", description="Quantization-aware training for LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="quantize and train a model with one method, save the merged integer model")
+    t.add_argument("--method", required=True, choices=METHODS)
+    t.add_argument("--model", required=True, help="Hugging Face model directory (local)")
+    t.add_argument("--data", default="kjv", help="'kjv' (bundled corpus) or a UTF-8 text file")
+    t.add_argument("--bits", type=int, default=4)
+    t.add_argument("--group-size", type=int, default=128)
+    t.add_argument("--symmetric", action="store_true")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=None, help="main learning rate (default: the paper's)")
+    t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=2048)
+    t.add_argument("--calib-samples", type=int, default=128, help="EfficientQAT Block-AP calibration windows")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--output-dir", required=True, help="checkpoints/ (resumed on rerun), model/, train_log.json")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="perplexity on held-out text (non-overlapping windows)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", default="kjv")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--val-fraction", type=float, default=0.05)
+    e.add_argument("--device", default=None)
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="export a saved quantized model to the GPTQ checkpoint format")
+    x.add_argument("--model", required=True)
+    x.add_argument("--output", required=True)
+    x.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("demo", help="FP vs RTN vs LR-QAT vs QA-LoRA vs EfficientQAT on a small Llama")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--device", default=None)
+    d.add_argument("--cache-dir", default=None)
+    d.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    d.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        print(f"qatext {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
