@@ -99,3 +99,18 @@ def test_cuda_matches_cpu(dtype):
     torch.testing.assert_close(gpu_grads[0].cpu(), cpu_grads[0], rtol=0, atol=0)
     for g, c in zip(gpu_grads[1:], cpu_grads[1:]):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(9, 256, 128), (5, 4096, -1)])
+def test_unaligned_storage_takes_the_fallback_correctly(device, shape):
+    n, k, g = shape
+    flat = torch.randn(n * k + 3, device=device).to(torch.bfloat16)
+    w = flat[3:].view(n, k)  # 6-byte offset: no 16-byte vector loads possible
+    scale, zero = random_qparams(n, k, 4, g, False, device)
+    torch.testing.assert_close(ops.fake_quant(w, scale, zero, 4, g), reference.fake_quant(w, scale, zero, 4, g),
+                               rtol=0, atol=0)
+    grad = torch.randn(n, k, device=device).to(torch.bfloat16)
+    got = torch.ops.qatext.fake_quant_backward(grad, w, scale, zero, 4, g)
+    want = torch.ops.qatext.fake_quant_backward(grad, w.clone(), scale, zero, 4, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)

@@ -1,7 +1,15 @@
-// CUDA fake-quant kernels (straightforward versions: one thread per element forward, one block
-// per quantization group backward so the scale/zero reductions are deterministic).
+// CUDA fake-quant kernels.
+//
+// Weights, fast path (K and the group a multiple of 8, 16-byte aligned pointers): each thread owns
+// 8 consecutive elements, loaded and stored as 16-byte vectors (two for fp32). Backward reduces
+// grad_scale / grad_zero over the g / 8 lanes of a group with a fixed xor-shuffle tree
+// (deterministic, no atomics) for g <= 256; larger groups (per-channel) take one block per group.
+// Other shapes fall back to the simple kernels (one thread per element forward).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <cstdint>
+#include <initializer_list>
 
 #include "core/quant_math.h"
 #include "cuda/common.cuh"
@@ -71,13 +79,144 @@ __global__ void per_token_kernel(const T* __restrict__ x, const T* __restrict__ 
   }
 }
 
+constexpr int kVec = 8;
+
+template <typename T>
+struct alignas(16) Vec8 {
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec8<T> load8(const T* p) {
+  return *reinterpret_cast<const Vec8<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const Vec8<T>& x) {
+  *reinterpret_cast<Vec8<T>*>(p) = x;
+}
+
+// Forward, 8 elements per thread. Indices in 32 bits where the tensor allows (the launcher checks).
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kThreads) fake_quant_forward_vec_kernel(
+    const T* __restrict__ w, const float* __restrict__ scale, const float* __restrict__ zero,
+    T* __restrict__ out, Index vectors, Index vecs_per_row, Index vecs_per_group, Index groups, float qmax) {
+  for (Index v = blockIdx.x * Index(blockDim.x) + threadIdx.x; v < vectors; v += Index(gridDim.x) * blockDim.x) {
+    const Index row = v / vecs_per_row;
+    const Index ng = row * groups + (v - row * vecs_per_row) / vecs_per_group;
+    const float s = __ldg(scale + ng), z = __ldg(zero + ng);
+    const Vec8<T> x = load8(w + Index(kVec) * v);
+    Vec8<T> y;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) y.v[j] = T(fake_quant_value(float(x.v[j]), s, z, qmax));
+    store8(out + Index(kVec) * v, y);
+  }
+}
+
+// Backward for groups of 8 * Lanes elements (Lanes in 1..32): a group is Lanes consecutive lanes
+// of one warp, reduced with xor shuffles in a fixed order.
+template <typename T, int Lanes>
+__global__ void __launch_bounds__(kThreads) fake_quant_backward_vec_kernel(
+    const T* __restrict__ grad, const T* __restrict__ w, const float* __restrict__ scale,
+    const float* __restrict__ zero, T* __restrict__ grad_w, float* __restrict__ grad_scale,
+    float* __restrict__ grad_zero, int64_t vectors, float qmax) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t base = (int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * 32; base < vectors;
+       base += warps * 32) {
+    const int64_t v = base + lane;
+    const bool valid = v < vectors;  // whole groups: a group never straddles the end
+    const int64_t ng = v / Lanes;
+    float ds = 0.f, dz = 0.f;
+    if (valid) {
+      const float s = __ldg(scale + ng), z = __ldg(zero + ng);
+      const Vec8<T> x = load8(w + kVec * v), g = load8(grad + kVec * v);
+      Vec8<T> gw;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const FakeQuantGrad d = fake_quant_grad(float(x.v[j]), s, z, qmax, float(g.v[j]));
+        gw.v[j] = T(d.dw);
+        ds += d.ds;
+        dz += d.dz;
+      }
+      store8(grad_w + kVec * v, gw);
+    }
+#pragma unroll
+    for (int o = Lanes / 2; o > 0; o >>= 1) {
+      ds += __shfl_xor_sync(0xffffffffu, ds, o);
+      dz += __shfl_xor_sync(0xffffffffu, dz, o);
+    }
+    if (valid && lane % Lanes == 0) {
+      grad_scale[ng] = ds;
+      grad_zero[ng] = dz;
+    }
+  }
+}
+
+// Backward for large groups (per-channel): one block per group, 8 elements per thread per step.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fake_quant_backward_group_kernel(
+    const T* __restrict__ grad, const T* __restrict__ w, const float* __restrict__ scale,
+    const float* __restrict__ zero, T* __restrict__ grad_w, float* __restrict__ grad_scale,
+    float* __restrict__ grad_zero, int64_t group_size, float qmax) {
+  const int64_t ng = blockIdx.x, base = ng * group_size;  // groups tile each row, rows tile memory
+  const float s = scale[ng], z = zero[ng];
+  float ds = 0.f, dz = 0.f;
+  for (int64_t k = int64_t(threadIdx.x) * kVec; k < group_size; k += int64_t(kThreads) * kVec) {
+    const Vec8<T> x = load8(w + base + k), g = load8(grad + base + k);
+    Vec8<T> gw;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const FakeQuantGrad d = fake_quant_grad(float(x.v[j]), s, z, qmax, float(g.v[j]));
+      gw.v[j] = T(d.dw);
+      ds += d.ds;
+      dz += d.dz;
+    }
+    store8(grad_w + base + k, gw);
+  }
+  ds = block_sum<kThreads>(ds);
+  dz = block_sum<kThreads>(dz);
+  if (threadIdx.x == 0) {
+    grad_scale[ng] = ds;
+    grad_zero[ng] = dz;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+bool vector_path(const GroupShape& shape, std::initializer_list<const void*> ptrs) {
+  if (shape.K % kVec != 0 || shape.group_size % kVec != 0) return false;
+  for (const void* p : ptrs) {
+    if (!aligned16(p)) return false;
+  }
+  return true;
+}
+
+unsigned int vec_grid(int64_t vectors) {
+  // Enough blocks to fill the GPU several times over; the loops stride over the rest.
+  return grid_for(vectors, kThreads);
+}
+
 }  // namespace
 
 template <typename T>
 void fake_quant_forward(const T* w, const float* scale, const float* zero, T* out, GroupShape shape,
                         cudaStream_t stream) {
   if (shape.numel() == 0) return;
-  fake_quant_forward_kernel<T><<<grid_for(shape.numel()), kThreads, 0, stream>>>(w, scale, zero, out, shape);
+  const float qmax = qmax_for_bits(shape.bits);
+  if (vector_path(shape, {w, out})) {
+    const int64_t vectors = shape.numel() / kVec, per_row = shape.K / kVec, per_group = shape.group_size / kVec;
+    if (shape.numel() < (int64_t(1) << 31)) {
+      fake_quant_forward_vec_kernel<T, uint32_t><<<vec_grid(vectors), kThreads, 0, stream>>>(
+          w, scale, zero, out, uint32_t(vectors), uint32_t(per_row), uint32_t(per_group), uint32_t(shape.groups()),
+          qmax);
+    } else {
+      fake_quant_forward_vec_kernel<T, int64_t><<<vec_grid(vectors), kThreads, 0, stream>>>(
+          w, scale, zero, out, vectors, per_row, per_group, shape.groups(), qmax);
+    }
+  } else {
+    fake_quant_forward_kernel<T><<<grid_for(shape.numel()), kThreads, 0, stream>>>(w, scale, zero, out, shape);
+  }
   check_launch("fake_quant_forward");
 }
 
@@ -85,8 +224,26 @@ template <typename T>
 void fake_quant_backward(const T* grad, const T* w, const float* scale, const float* zero, T* grad_w,
                          float* grad_scale, float* grad_zero, GroupShape shape, cudaStream_t stream) {
   if (shape.numel() == 0) return;
-  fake_quant_backward_kernel<T><<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(
-      grad, w, scale, zero, grad_w, grad_scale, grad_zero, shape);
+  const float qmax = qmax_for_bits(shape.bits);
+  const int64_t lanes = shape.group_size / kVec, vectors = shape.numel() / kVec;
+  if (vector_path(shape, {grad, w, grad_w}) && lanes <= 32 && (lanes & (lanes - 1)) == 0) {
+    const unsigned grid = vec_grid(vectors);
+    switch (lanes) {
+#define QATEXT_LANES(L)                                                                                        \
+  case L:                                                                                                      \
+    fake_quant_backward_vec_kernel<T, L><<<grid, kThreads, 0, stream>>>(grad, w, scale, zero, grad_w,         \
+                                                                         grad_scale, grad_zero, vectors, qmax); \
+    break;
+      QATEXT_LANES(1) QATEXT_LANES(2) QATEXT_LANES(4) QATEXT_LANES(8) QATEXT_LANES(16) QATEXT_LANES(32)
+#undef QATEXT_LANES
+    }
+  } else if (vector_path(shape, {grad, w, grad_w})) {
+    fake_quant_backward_group_kernel<T><<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(
+        grad, w, scale, zero, grad_w, grad_scale, grad_zero, shape.group_size, qmax);
+  } else {
+    fake_quant_backward_kernel<T><<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(
+        grad, w, scale, zero, grad_w, grad_scale, grad_zero, shape);
+  }
   check_launch("fake_quant_backward");
 }
 
