@@ -66,7 +66,11 @@ def run_case(n, k, g, bits, dtype):
     row["qatext_bwd_ms"] = bench(lambda: torch.ops.qatext.fake_quant_backward(grad, w, scale, zero, bits, g))
     wl, sl, zl = (t.clone().requires_grad_() for t in (w, scale, zero))
 
+    def clear():  # time fresh gradients, not accumulation into .grad
+        wl.grad = sl.grad = zl.grad = None
+
     def qatext_fwd_bwd():
+        clear()
         ops.fake_quant(wl, sl, zl, bits, g).backward(grad)
     row["qatext_fwd_bwd_ms"] = bench(qatext_fwd_bwd)
 
@@ -79,6 +83,7 @@ def run_case(n, k, g, bits, dtype):
     row["compile_fwd_ms"] = bench(lambda: compiled(w, scale, zero))
 
     def compile_fwd_bwd():
+        clear()
         compiled(wl, sl, zl).backward(grad)
     row["compile_fwd_bwd_ms"] = bench(compile_fwd_bwd)
     if g == -1:
@@ -89,6 +94,7 @@ def run_case(n, k, g, bits, dtype):
         w32g, s32g, z32g = w32.clone().requires_grad_(), s32.clone().requires_grad_(), zero[:, 0].clone().requires_grad_()
 
         def learnable():
+            w32g.grad = s32g.grad = z32g.grad = None
             torch._fake_quantize_learnable_per_channel_affine(w32g, s32g, z32g, 0, 0, 2**bits - 1).backward(grad.float())
         row["torch_learnable_fp32_fwd_bwd_ms"] = bench(learnable)
     qatext.set_value_checks(True)
@@ -99,6 +105,23 @@ def run_case(n, k, g, bits, dtype):
     row["bwd_pct_copy"] = 100 * row["bwd_GBps"] / copy_bw
     row["fwd_speedup_vs_compile"] = row["compile_fwd_ms"] / row["qatext_fwd_ms"]
     row["fwd_bwd_speedup_vs_compile"] = row["compile_fwd_bwd_ms"] / row["qatext_fwd_bwd_ms"]
+    return row
+
+
+def per_token_case(m, k, bits, dtype):
+    """W4A8's dynamic activation quantizer: one row per token."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    grad = torch.randn_like(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: reference.fake_quant_per_token(t, bits, False), dynamic=False)
+    row = {"M": m, "K": k, "bits": bits, "dtype": str(dtype).replace("torch.", ""),
+           "qatext_fwd_ms": bench(lambda: ops.fake_quant_per_token(x, bits, False)),
+           "qatext_bwd_ms": bench(lambda: torch.ops.qatext.fake_quant_per_token_backward(grad, x, bits, False)),
+           "eager_fwd_ms": bench(lambda: reference.fake_quant_per_token(x, bits, False)),
+           "compile_fwd_ms": bench(lambda: compiled(x))}
+    elem = x.element_size()
+    row["fwd_GBps"] = 2 * x.numel() * elem / row["qatext_fwd_ms"] / 1e6  # read x (once from DRAM) + write
+    row["bwd_GBps"] = 3 * x.numel() * elem / row["qatext_bwd_ms"] / 1e6
     return row
 
 
@@ -116,8 +139,13 @@ def main():
                       f"bwd {row['qatext_bwd_ms'] * 1e3:.0f} us ({row['bwd_pct_copy']:.0f}%), "
                       f"fwd+bwd {row['fwd_bwd_speedup_vs_compile']:.2f}x compile; eager fwd "
                       f"{row['eager_fwd_ms'] * 1e3:.0f} us, compile fwd {row['compile_fwd_ms'] * 1e3:.0f} us", flush=True)
+    per_token = [per_token_case(m, k, 8, torch.bfloat16) for m, k in [(4096, 4096), (4096, 11008), (16384, 8192)]]
+    for r in per_token:
+        print(f"per-token {r['M']}x{r['K']} A8: fwd {r['qatext_fwd_ms'] * 1e3:.0f} us ({r['fwd_GBps']:.0f} GB/s), "
+              f"bwd {r['qatext_bwd_ms'] * 1e3:.0f} us ({r['bwd_GBps']:.0f} GB/s); compile fwd "
+              f"{r['compile_fwd_ms'] * 1e3:.0f} us, eager fwd {r['eager_fwd_ms'] * 1e3:.0f} us", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "build": qatext.build_info(),
-              "rows": rows}
+              "rows": rows, "per_token": per_token}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

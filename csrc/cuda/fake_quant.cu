@@ -54,31 +54,6 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
   }
 }
 
-// One block per token: min/max reduction, then the quantizer (or its straight-through mask).
-template <typename T, bool Backward>
-__global__ void per_token_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ out,
-                                 int64_t K, int bits, bool symmetric) {
-  const T* row = x + blockIdx.x * K;
-  float lo = INFINITY, hi = -INFINITY;
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-    const float v = float(row[k]);
-    lo = fminf(lo, v);
-    hi = fmaxf(hi, v);
-  }
-  lo = block_min<kThreads>(lo);
-  hi = block_max<kThreads>(hi);
-  const TokenQParams p = token_qparams(lo, hi, bits, symmetric);
-  const float qmax = qmax_for_bits(bits);
-  T* out_row = out + blockIdx.x * K;
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-    if constexpr (Backward) {
-      out_row[k] = T(fake_quant_grad(float(row[k]), p.s, p.z, qmax, float(grad[blockIdx.x * K + k])).dw);
-    } else {
-      out_row[k] = T(fake_quant_value(float(row[k]), p.s, p.z, qmax));
-    }
-  }
-}
-
 constexpr int kVec = 8;
 
 template <typename T>
@@ -96,20 +71,34 @@ __device__ __forceinline__ void store8(T* p, const Vec8<T>& x) {
   *reinterpret_cast<Vec8<T>*>(p) = x;
 }
 
-// Forward, 8 elements per thread. Indices in 32 bits where the tensor allows (the launcher checks).
+// Forward, 8 elements per vector, kUnroll vectors per thread per step (both loads issued before
+// any math, for memory-level parallelism). Indices in 32 bits where the tensor allows.
+constexpr int kUnroll = 2;
+
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads) fake_quant_forward_vec_kernel(
     const T* __restrict__ w, const float* __restrict__ scale, const float* __restrict__ zero,
     T* __restrict__ out, Index vectors, Index vecs_per_row, Index vecs_per_group, Index groups, float qmax) {
-  for (Index v = blockIdx.x * Index(blockDim.x) + threadIdx.x; v < vectors; v += Index(gridDim.x) * blockDim.x) {
-    const Index row = v / vecs_per_row;
-    const Index ng = row * groups + (v - row * vecs_per_row) / vecs_per_group;
-    const float s = __ldg(scale + ng), z = __ldg(zero + ng);
-    const Vec8<T> x = load8(w + Index(kVec) * v);
-    Vec8<T> y;
+  const Index stride = Index(gridDim.x) * blockDim.x;
+  for (Index v0 = blockIdx.x * Index(blockDim.x) + threadIdx.x; v0 < vectors; v0 += stride * kUnroll) {
+    Vec8<T> x[kUnroll];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) y.v[j] = T(fake_quant_value(float(x.v[j]), s, z, qmax));
-    store8(out + Index(kVec) * v, y);
+    for (int u = 0; u < kUnroll; ++u) {
+      const Index v = v0 + u * stride;
+      if (v < vectors) x[u] = load8(w + Index(kVec) * v);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const Index v = v0 + u * stride;
+      if (v >= vectors) break;
+      const Index row = v / vecs_per_row;
+      const Index ng = row * groups + (v - row * vecs_per_row) / vecs_per_group;
+      const float s = __ldg(scale + ng), z = __ldg(zero + ng);
+      Vec8<T> y;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) y.v[j] = T(fake_quant_value(float(x[u].v[j]), s, z, qmax));
+      store8(out + Index(kVec) * v, y);
+    }
   }
 }
 
@@ -197,6 +186,59 @@ unsigned int vec_grid(int64_t vectors) {
   return grid_for(vectors, kThreads);
 }
 
+// One block per token: min/max reduction, then the quantizer (or its straight-through mask).
+// V = 8 reads and writes 16-byte vectors (K % 8 == 0, aligned rows); V = 1 is the general case.
+template <typename T, int V>
+struct alignas(V == 1 ? alignof(T) : 16) VecN {
+  T v[V];
+};
+
+template <typename T, bool Backward, int V>
+__global__ void __launch_bounds__(kThreads) per_token_kernel(const T* __restrict__ x, const T* __restrict__ grad,
+                                                             T* __restrict__ out, int64_t K, int bits, bool symmetric) {
+  using Vec = VecN<T, V>;
+  const int64_t offset = int64_t(blockIdx.x) * K, n = K / V;
+  const Vec* row = reinterpret_cast<const Vec*>(x + offset);
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    const Vec a = row[k];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      lo = fminf(lo, float(a.v[j]));
+      hi = fmaxf(hi, float(a.v[j]));
+    }
+  }
+  lo = block_min<kThreads>(lo);
+  hi = block_max<kThreads>(hi);
+  const TokenQParams p = token_qparams(lo, hi, bits, symmetric);
+  const float qmax = qmax_for_bits(bits);
+  Vec* out_row = reinterpret_cast<Vec*>(out + offset);
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    const Vec a = row[k];
+    Vec y;
+    if constexpr (Backward) {
+      const Vec g = reinterpret_cast<const Vec*>(grad + offset)[k];
+#pragma unroll
+      for (int j = 0; j < V; ++j) y.v[j] = T(fake_quant_grad(float(a.v[j]), p.s, p.z, qmax, float(g.v[j])).dw);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) y.v[j] = T(fake_quant_value(float(a.v[j]), p.s, p.z, qmax));
+    }
+    out_row[k] = y;
+  }
+}
+
+template <typename T, bool Backward>
+void launch_per_token(const T* x, const T* grad, T* out, int64_t M, int64_t K, int bits, bool symmetric,
+                      cudaStream_t stream) {
+  const bool vec = K % kVec == 0 && aligned16(x) && aligned16(out) && (grad == nullptr || aligned16(grad));
+  if (vec) {
+    per_token_kernel<T, Backward, kVec><<<unsigned(M), kThreads, 0, stream>>>(x, grad, out, K, bits, symmetric);
+  } else {
+    per_token_kernel<T, Backward, 1><<<unsigned(M), kThreads, 0, stream>>>(x, grad, out, K, bits, symmetric);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -207,11 +249,11 @@ void fake_quant_forward(const T* w, const float* scale, const float* zero, T* ou
   if (vector_path(shape, {w, out})) {
     const int64_t vectors = shape.numel() / kVec, per_row = shape.K / kVec, per_group = shape.group_size / kVec;
     if (shape.numel() < (int64_t(1) << 31)) {
-      fake_quant_forward_vec_kernel<T, uint32_t><<<vec_grid(vectors), kThreads, 0, stream>>>(
+      fake_quant_forward_vec_kernel<T, uint32_t><<<vec_grid((vectors + kUnroll - 1) / kUnroll), kThreads, 0, stream>>>(
           w, scale, zero, out, uint32_t(vectors), uint32_t(per_row), uint32_t(per_group), uint32_t(shape.groups()),
           qmax);
     } else {
-      fake_quant_forward_vec_kernel<T, int64_t><<<vec_grid(vectors), kThreads, 0, stream>>>(
+      fake_quant_forward_vec_kernel<T, int64_t><<<vec_grid((vectors + kUnroll - 1) / kUnroll), kThreads, 0, stream>>>(
           w, scale, zero, out, vectors, per_row, per_group, shape.groups(), qmax);
     }
   } else {
@@ -251,7 +293,7 @@ template <typename T>
 void fake_quant_per_token_forward(const T* x, T* out, int64_t M, int64_t K, int bits, bool symmetric,
                                   cudaStream_t stream) {
   if (M * K == 0) return;
-  per_token_kernel<T, false><<<unsigned(M), kThreads, 0, stream>>>(x, nullptr, out, K, bits, symmetric);
+  launch_per_token<T, false>(x, nullptr, out, M, K, bits, symmetric, stream);
   check_launch("fake_quant_per_token_forward");
 }
 
@@ -259,7 +301,7 @@ template <typename T>
 void fake_quant_per_token_backward(const T* grad, const T* x, T* grad_x, int64_t M, int64_t K, int bits,
                                    bool symmetric, cudaStream_t stream) {
   if (M * K == 0) return;
-  per_token_kernel<T, true><<<unsigned(M), kThreads, 0, stream>>>(x, grad, grad_x, K, bits, symmetric);
+  launch_per_token<T, true>(x, grad, grad_x, M, K, bits, symmetric, stream);
   check_launch("fake_quant_per_token_backward");
 }
 
