@@ -71,34 +71,21 @@ __device__ __forceinline__ void store8(T* p, const Vec8<T>& x) {
   *reinterpret_cast<Vec8<T>*>(p) = x;
 }
 
-// Forward, 8 elements per vector, kUnroll vectors per thread per step (both loads issued before
-// any math, for memory-level parallelism). Indices in 32 bits where the tensor allows.
-constexpr int kUnroll = 2;
-
+// Forward, 8 elements per thread. Indices in 32 bits where the tensor allows (the launcher checks).
+// (Two vectors in flight per thread measured no better: see benchmarks/NOTES.md.)
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads) fake_quant_forward_vec_kernel(
     const T* __restrict__ w, const float* __restrict__ scale, const float* __restrict__ zero,
     T* __restrict__ out, Index vectors, Index vecs_per_row, Index vecs_per_group, Index groups, float qmax) {
-  const Index stride = Index(gridDim.x) * blockDim.x;
-  for (Index v0 = blockIdx.x * Index(blockDim.x) + threadIdx.x; v0 < vectors; v0 += stride * kUnroll) {
-    Vec8<T> x[kUnroll];
+  for (Index v = blockIdx.x * Index(blockDim.x) + threadIdx.x; v < vectors; v += Index(gridDim.x) * blockDim.x) {
+    const Index row = v / vecs_per_row;
+    const Index ng = row * groups + (v - row * vecs_per_row) / vecs_per_group;
+    const float s = __ldg(scale + ng), z = __ldg(zero + ng);
+    const Vec8<T> x = load8(w + Index(kVec) * v);
+    Vec8<T> y;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const Index v = v0 + u * stride;
-      if (v < vectors) x[u] = load8(w + Index(kVec) * v);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const Index v = v0 + u * stride;
-      if (v >= vectors) break;
-      const Index row = v / vecs_per_row;
-      const Index ng = row * groups + (v - row * vecs_per_row) / vecs_per_group;
-      const float s = __ldg(scale + ng), z = __ldg(zero + ng);
-      Vec8<T> y;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) y.v[j] = T(fake_quant_value(float(x[u].v[j]), s, z, qmax));
-      store8(out + Index(kVec) * v, y);
-    }
+    for (int j = 0; j < kVec; ++j) y.v[j] = T(fake_quant_value(float(x.v[j]), s, z, qmax));
+    store8(out + Index(kVec) * v, y);
   }
 }
 
@@ -249,11 +236,11 @@ void fake_quant_forward(const T* w, const float* scale, const float* zero, T* ou
   if (vector_path(shape, {w, out})) {
     const int64_t vectors = shape.numel() / kVec, per_row = shape.K / kVec, per_group = shape.group_size / kVec;
     if (shape.numel() < (int64_t(1) << 31)) {
-      fake_quant_forward_vec_kernel<T, uint32_t><<<vec_grid((vectors + kUnroll - 1) / kUnroll), kThreads, 0, stream>>>(
+      fake_quant_forward_vec_kernel<T, uint32_t><<<vec_grid(vectors), kThreads, 0, stream>>>(
           w, scale, zero, out, uint32_t(vectors), uint32_t(per_row), uint32_t(per_group), uint32_t(shape.groups()),
           qmax);
     } else {
-      fake_quant_forward_vec_kernel<T, int64_t><<<vec_grid((vectors + kUnroll - 1) / kUnroll), kThreads, 0, stream>>>(
+      fake_quant_forward_vec_kernel<T, int64_t><<<vec_grid(vectors), kThreads, 0, stream>>>(
           w, scale, zero, out, vectors, per_row, per_group, shape.groups(), qmax);
     }
   } else {
