@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.qatext)
+from .reference import packed_row_bytes
 
 _ops = torch.ops.qatext
-
-
-def _packed_row_bytes(in_features: int, bits: int) -> int:
-    return (in_features * bits + 7) // 8
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -91,7 +88,7 @@ def _(grad, x, bits, symmetric):
 
 @torch.library.register_fake("qatext::pack")
 def _(codes, bits):
-    return _empty((*codes.shape[:-1], _packed_row_bytes(codes.shape[-1], bits)), codes)
+    return _empty((*codes.shape[:-1], packed_row_bytes(codes.shape[-1], bits)), codes)
 
 
 @torch.library.register_fake("qatext::unpack")

@@ -8,20 +8,17 @@
 
 #include "core/quant_math.h"
 #include "cpu/kernels.h"
+#include "cpu/parallel.h"
 
 namespace qatext::cpu {
 
 template <typename T>
 void fake_quant_forward(const T* w, const float* scale, const float* zero, T* out, GroupShape shape) {
   const float qmax = qmax_for_bits(shape.bits);
-  const int64_t G = shape.groups();
-  at::parallel_for(0, shape.N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const float s = scale[ng], z = zero[ng];
-      const int64_t base = (ng / G) * shape.K + (ng % G) * shape.group_size;
-      for (int64_t k = 0; k < shape.group_size; ++k) {
-        out[base + k] = T(fake_quant_value(float(w[base + k]), s, z, qmax));
-      }
+  parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
+    const int64_t base = n * shape.K + k0;
+    for (int64_t k = 0; k < shape.group_size; ++k) {
+      out[base + k] = T(fake_quant_value(float(w[base + k]), scale[ng], zero[ng], qmax));
     }
   });
 }
@@ -30,21 +27,17 @@ template <typename T>
 void fake_quant_backward(const T* grad, const T* w, const float* scale, const float* zero, T* grad_w,
                          float* grad_scale, float* grad_zero, GroupShape shape) {
   const float qmax = qmax_for_bits(shape.bits);
-  const int64_t G = shape.groups();
-  at::parallel_for(0, shape.N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const float s = scale[ng], z = zero[ng];
-      const int64_t base = (ng / G) * shape.K + (ng % G) * shape.group_size;
-      float ds = 0.f, dz = 0.f;
-      for (int64_t k = 0; k < shape.group_size; ++k) {
-        const FakeQuantGrad d = fake_quant_grad(float(w[base + k]), s, z, qmax, float(grad[base + k]));
-        grad_w[base + k] = T(d.dw);
-        ds += d.ds;
-        dz += d.dz;
-      }
-      grad_scale[ng] = ds;
-      grad_zero[ng] = dz;
+  parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
+    const int64_t base = n * shape.K + k0;
+    float ds = 0.f, dz = 0.f;
+    for (int64_t k = 0; k < shape.group_size; ++k) {
+      const FakeQuantGrad d = fake_quant_grad(float(w[base + k]), scale[ng], zero[ng], qmax, float(grad[base + k]));
+      grad_w[base + k] = T(d.dw);
+      ds += d.ds;
+      dz += d.dz;
     }
+    grad_scale[ng] = ds;
+    grad_zero[ng] = dz;
   });
 }
 

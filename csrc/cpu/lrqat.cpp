@@ -6,6 +6,7 @@
 
 #include "core/quant_math.h"
 #include "cpu/kernels.h"
+#include "cpu/parallel.h"
 
 namespace qatext::cpu {
 
@@ -33,22 +34,17 @@ void lrqat_weight_backward(const T* grad_w, const uint8_t* p, const float* ab, c
                            float* grad_scale, GroupShape shape) {
   const float qmax = qmax_for_bits(shape.bits);
   const int64_t row_bytes = p_row_bytes(shape.K, shape.bits, frac_bits);
-  const int64_t G = shape.groups();
-  at::parallel_for(0, shape.N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / G, k0 = (ng % G) * shape.group_size;
-      const float s = scale[ng], z = zero[ng];
-      float ds = 0.f;
-      for (int64_t k = k0; k < k0 + shape.group_size; ++k) {
-        const int64_t i = n * shape.K + k;
-        const LrqatCode c =
-            lrqat_code(read_p(p + n * row_bytes, k, shape.bits, frac_bits), ab[i], lora_scale, qmax);
-        const float g = float(grad_w[i]);
-        grad_u[i] = c.in_range ? g * s : 0.f;
-        ds += g * (c.q - z);
-      }
-      grad_scale[ng] = ds;
+  parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
+    const float s = scale[ng], z = zero[ng];
+    float ds = 0.f;
+    for (int64_t k = k0; k < k0 + shape.group_size; ++k) {
+      const int64_t i = n * shape.K + k;
+      const LrqatCode c = lrqat_code(read_p(p + n * row_bytes, k, shape.bits, frac_bits), ab[i], lora_scale, qmax);
+      const float g = float(grad_w[i]);
+      grad_u[i] = c.in_range ? g * s : 0.f;
+      ds += g * (c.q - z);
     }
+    grad_scale[ng] = ds;
   });
 }
 

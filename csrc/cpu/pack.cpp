@@ -5,6 +5,7 @@
 
 #include "core/quant_math.h"
 #include "cpu/kernels.h"
+#include "cpu/parallel.h"
 
 namespace qatext::cpu {
 
@@ -44,17 +45,13 @@ void dequant(const uint8_t* packed, const float* scale, const float* zero, T* ou
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape) {
   const int64_t row_bytes = packed_row_bytes(shape.K, shape.bits);
-  const int64_t G = shape.groups();
-  at::parallel_for(0, shape.N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / G, k0 = (ng % G) * shape.group_size;
-      const uint8_t* row = packed + n * row_bytes;
-      float acc = 0.f;
-      for (int64_t k = k0; k < k0 + shape.group_size; ++k) {
-        acc += dw[n * shape.K + k] * (float(read_code(row, k, shape.bits)) - zero[ng]);
-      }
-      grad_scale[ng] = acc;
+  parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
+    const uint8_t* row = packed + n * row_bytes;
+    float acc = 0.f;
+    for (int64_t k = k0; k < k0 + shape.group_size; ++k) {
+      acc += dw[n * shape.K + k] * (float(read_code(row, k, shape.bits)) - zero[ng]);
     }
+    grad_scale[ng] = acc;
   });
 }
 

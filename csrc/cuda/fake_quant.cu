@@ -89,6 +89,23 @@ __global__ void __launch_bounds__(kThreads) fake_quant_forward_vec_kernel(
   }
 }
 
+// Straight-through gradients of one 8-element vector at `offset`; adds its ds, dz to the sums.
+template <typename T>
+__device__ __forceinline__ void backward_vec8(const T* __restrict__ grad, const T* __restrict__ w,
+                                              T* __restrict__ grad_w, int64_t offset, float s, float z, float qmax,
+                                              float& ds, float& dz) {
+  const Vec8<T> x = load8(w + offset), g = load8(grad + offset);
+  Vec8<T> gw;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const FakeQuantGrad d = fake_quant_grad(float(x.v[j]), s, z, qmax, float(g.v[j]));
+    gw.v[j] = T(d.dw);
+    ds += d.ds;
+    dz += d.dz;
+  }
+  store8(grad_w + offset, gw);
+}
+
 // Backward for groups of 8 * Lanes elements (Lanes in 1..32): a group is Lanes consecutive lanes
 // of one warp, reduced with xor shuffles in a fixed order.
 template <typename T, int Lanes>
@@ -104,19 +121,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_backward_vec_kernel(
     const bool valid = v < vectors;  // whole groups: a group never straddles the end
     const int64_t ng = v / Lanes;
     float ds = 0.f, dz = 0.f;
-    if (valid) {
-      const float s = __ldg(scale + ng), z = __ldg(zero + ng);
-      const Vec8<T> x = load8(w + kVec * v), g = load8(grad + kVec * v);
-      Vec8<T> gw;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const FakeQuantGrad d = fake_quant_grad(float(x.v[j]), s, z, qmax, float(g.v[j]));
-        gw.v[j] = T(d.dw);
-        ds += d.ds;
-        dz += d.dz;
-      }
-      store8(grad_w + kVec * v, gw);
-    }
+    if (valid) backward_vec8(grad, w, grad_w, kVec * v, __ldg(scale + ng), __ldg(zero + ng), qmax, ds, dz);
 #pragma unroll
     for (int o = Lanes / 2; o > 0; o >>= 1) {
       ds += __shfl_xor_sync(0xffffffffu, ds, o);
@@ -139,16 +144,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_backward_group_kernel(
   const float s = scale[ng], z = zero[ng];
   float ds = 0.f, dz = 0.f;
   for (int64_t k = int64_t(threadIdx.x) * kVec; k < group_size; k += int64_t(kThreads) * kVec) {
-    const Vec8<T> x = load8(w + base + k), g = load8(grad + base + k);
-    Vec8<T> gw;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const FakeQuantGrad d = fake_quant_grad(float(x.v[j]), s, z, qmax, float(g.v[j]));
-      gw.v[j] = T(d.dw);
-      ds += d.ds;
-      dz += d.dz;
-    }
-    store8(grad_w + base + k, gw);
+    backward_vec8(grad, w, grad_w, base + k, s, z, qmax, ds, dz);
   }
   ds = block_sum<kThreads>(ds);
   dz = block_sum<kThreads>(dz);

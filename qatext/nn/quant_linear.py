@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..quant import QuantSpec, init_qparams, rtn_codes
-from ..reference import ste_round
+from ..reference import lrqat_p_values, ste_round
 
 MODES = ("fake", "lrqat", "qalora", "e2eqp", "packed")
 MIN_SCALE = 1e-6
@@ -182,8 +182,7 @@ class QuantLinear(nn.Module):
             zero = torch.round(zero)
             packed = ops.pack(rtn_codes(self.weight.detach(), scale, zero, s), s.bits)
         elif self.mode == "lrqat":
-            u = (ops.unpack(self.p, s.bits, self.in_features).float() if self.frac_bits == 0
-                 else self.p.float() / (1 << self.frac_bits))
+            u = lrqat_p_values(self.p, s.bits, self.frac_bits, self.in_features)
             u = u + self.lora_scale * (self.lora_a.float() @ self.lora_b.float())
             packed = ops.pack(torch.clamp(torch.round(u), 0, s.qmax).to(torch.uint8), s.bits)
         else:
