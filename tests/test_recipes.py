@@ -151,3 +151,24 @@ def test_gptq_export_refuses_3_bits(tmp_path):
     model = models.quantize_model(tiny_llama(), QuantSpec(3, 32), method="packed")
     with pytest.raises(ValueError, match="bits=3 has no exact GPTQ int32 packing"):
         models.export_gptq(model, tmp_path / "gptq")
+
+
+@pytest.mark.parametrize("arch", ["MistralConfig", "Qwen2Config"])
+def test_other_architectures(tokens, arch):
+    """Mistral and Qwen2 (which has q/k/v biases) quantize, train, merge and keep their logits."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, arch)(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    tcfg = methods.default_config("qalora", steps=3, batch_size=2, seq_len=32, progress=False)
+    model, history = methods.run("qalora", model, QuantSpec(4, 32), tokens, tcfg, rank=4, lr=1e-2)
+    layers = dict(models.quant_layers(model))
+    assert len(layers) == 14
+    if arch == "Qwen2Config":
+        assert layers["model.layers.0.self_attn.q_proj"].bias is not None
+    x = tokens[:33].unsqueeze(0)
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        models.merge_model(model)
+        torch.testing.assert_close(model(input_ids=x).logits, before, rtol=1e-4, atol=1e-4)
