@@ -40,4 +40,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_value_checks", &qatext::ops::set_value_checks, py::arg("enabled"),
         "Turn the data-dependent argument checks (scale > 0, codes < 2^bits) on or off.");
   m.def("value_checks_enabled", &qatext::ops::value_checks_enabled);
+  m.def("set_dw_chunk_elements", &qatext::ops::set_dw_chunk_elements, py::arg("elements"),
+        "Cap on the fp32 dW block (rows x K) that e2eqp_scale_grad forms at once.");
+  m.def("dw_chunk_elements", &qatext::ops::dw_chunk_elements);
 }

@@ -60,3 +60,20 @@ def test_zero_is_not_differentiable(device):
     y = ops.dequant_matmul(torch.randn(2, 64, device=device), packed, scale, zero.requires_grad_(), 4, 32)
     with pytest.raises(RuntimeError, match="zero is frozen"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 256 * 5, 256 * 33])
+def test_e2eqp_scale_grad_in_row_blocks(device, chunk):
+    """dW is formed a block of rows at a time: 1 row, several uneven blocks, or all rows at once."""
+    import qatext
+
+    n, k, bits, g = 33, 256, 4, 128
+    packed, scale, zero = _weight(n, k, bits, g, device)
+    x, grad_y = torch.randn(7, k, device=device), torch.randn(7, n, device=device)
+    old = qatext._C.dw_chunk_elements()
+    qatext._C.set_dw_chunk_elements(chunk)
+    try:
+        got = ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g)
+    finally:
+        qatext._C.set_dw_chunk_elements(old)
+    torch.testing.assert_close(got, reference.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g), rtol=1e-4, atol=1e-3)

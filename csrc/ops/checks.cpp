@@ -8,6 +8,13 @@ namespace qatext::ops {
 
 namespace {
 std::atomic<bool> g_value_checks{true};
+std::atomic<int64_t> g_dw_chunk_elements{int64_t(1) << 24};  // 64 MiB of fp32 dW at a time
+}  // namespace
+
+int64_t dw_chunk_elements() { return g_dw_chunk_elements.load(); }
+void set_dw_chunk_elements(int64_t elements) {
+  TORCH_CHECK_VALUE(elements > 0, "qatext.set_dw_chunk_elements: elements must be positive, got ", elements);
+  g_dw_chunk_elements.store(elements);
 }
 
 bool value_checks_enabled() { return g_value_checks.load(); }

@@ -47,6 +47,10 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 bool value_checks_enabled();
 void set_value_checks(bool enabled);
 
+// How many fp32 elements of dW the E2E-QP scale gradient materialises at once (rows x K).
+int64_t dw_chunk_elements();
+void set_dw_chunk_elements(int64_t elements);
+
 void check_bits(const char* op, int64_t bits);
 void check_float(const char* op, const char* name, const at::Tensor& t);
 void check_uint8(const char* op, const char* name, const at::Tensor& t);

@@ -123,12 +123,28 @@ at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const
   check_packed(op, "packed", packed_in, shape.N, packed_row_bytes(shape.K, bits));
   TORCH_CHECK_VALUE(grad_y.size(-1) == shape.N, op, ": grad_y's last dimension must be N (", shape.N, "), got ",
                     grad_y.size(-1));
-  // Simple path: dW = grad_y^T x in fp32, then a per-group dot with the codes.
-  const at::Tensor dw = at::matmul(flatten_rows(grad_y).to(at::kFloat).t(), flatten_rows(x).to(at::kFloat)).contiguous();
+  // dW = grad_y^T x in fp32, one block of output rows at a time (accumulated over blocks of tokens),
+  // each reduced at once by a per-group dot with the codes: memory is a few blocks of
+  // dw_chunk_elements() whatever M, N and K, never N x K, at the GEMM FLOPs of the dW path.
   const at::Tensor packed = packed_in.contiguous(), zero = as_float(zero_in);
+  const at::Tensor xs = flatten_rows(x), gy = flatten_rows(grad_y);
+  const int64_t M = xs.size(0);
   at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
-  QATEXT_DEVICE_CALL(packed, group_code_dot, dw.const_data_ptr<float>(), packed.const_data_ptr<uint8_t>(),
-                     zero.const_data_ptr<float>(), grad_scale.mutable_data_ptr<float>(), shape);
+  const int64_t rows = std::max<int64_t>(1, dw_chunk_elements() / std::max<int64_t>(shape.K, 1));
+  const int64_t row_bytes = packed_row_bytes(shape.K, bits), G = shape.groups();
+  for (int64_t n0 = 0; n0 < shape.N; n0 += rows) {
+    const int64_t n = std::min(rows, shape.N - n0);
+    at::Tensor dw = at::zeros({n, shape.K}, zero.options());
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t m = std::min(rows, M - m0);
+      dw.addmm_(gy.slice(0, m0, m0 + m).slice(1, n0, n0 + n).to(at::kFloat).t(),
+                xs.slice(0, m0, m0 + m).to(at::kFloat));
+    }
+    const GroupShape part{n, shape.K, shape.group_size, shape.bits};
+    QATEXT_DEVICE_CALL(packed, group_code_dot, dw.const_data_ptr<float>(),
+                       packed.const_data_ptr<uint8_t>() + n0 * row_bytes, zero.const_data_ptr<float>() + n0 * G,
+                       grad_scale.mutable_data_ptr<float>() + n0 * G, part);
+  }
   return grad_scale;
 }
 

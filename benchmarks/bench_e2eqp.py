@@ -1,0 +1,74 @@
+"""E2E-QP's scale gradient: the dW path (grad_y^T x formed whole, N x K fp32) against qatext's
+row-blocked version, for one layer at M tokens, bf16: time and peak extra memory, same run.
+
+    python benchmarks/bench_e2eqp.py --out benchmarks/results/e2eqp_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import qatext
+from qatext import ops
+
+LAYERS = [(11008, 4096), (4096, 11008)]  # (N, K): 4096 -> 11008 and 11008 -> 4096
+
+
+def measure(fn, inner=5, repeats=10):
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times), peak / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", type=int, default=4096)
+    args = parser.parse_args()
+    qatext.set_value_checks(False)
+    rows = []
+    for n, k in LAYERS:
+        bits, g = 4, 128
+        x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
+        grad_y = torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16)
+        packed = ops.pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"), bits)
+        zero = torch.full((n, k // g), 8.0, device="cuda")
+        default = qatext._C.dw_chunk_elements()
+        blocked = measure(lambda: ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g))
+        qatext._C.set_dw_chunk_elements(max(n, args.tokens) * k)  # one block: the whole dW at once
+        whole = measure(lambda: ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g))
+        qatext._C.set_dw_chunk_elements(default)
+        row = {"M": args.tokens, "N": n, "K": k, "bits": bits, "group_size": g,
+               "blocked_ms": blocked[0], "blocked_peak_MiB": blocked[1],
+               "dw_path_ms": whole[0], "dw_path_peak_MiB": whole[1],
+               "memory_ratio": blocked[1] / whole[1], "time_ratio": blocked[0] / whole[0],
+               "gemm_tflops_blocked": 2 * args.tokens * n * k / blocked[0] / 1e9}
+        rows.append(row)
+        print(f"M={args.tokens} {k}->{n}: blocked {blocked[0] * 1e3:.0f} us, {blocked[1]:.0f} MiB; dW path "
+              f"{whole[0] * 1e3:.0f} us, {whole[1]:.0f} MiB; memory x{row['memory_ratio']:.2f}, "
+              f"time x{row['time_ratio']:.2f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
