@@ -129,16 +129,24 @@ at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const
   const at::Tensor packed = packed_in.contiguous(), zero = as_float(zero_in);
   const at::Tensor xs = flatten_rows(x), gy = flatten_rows(grad_y);
   const int64_t M = xs.size(0);
+  const bool half_inputs_on_cuda = xs.is_cuda() && xs.scalar_type() == gy.scalar_type() &&
+                                   (xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf);
   at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
   const int64_t rows = std::max<int64_t>(1, dw_chunk_elements() / std::max<int64_t>(shape.K, 1));
   const int64_t row_bytes = packed_row_bytes(shape.K, bits), G = shape.groups();
   for (int64_t n0 = 0; n0 < shape.N; n0 += rows) {
     const int64_t n = std::min(rows, shape.N - n0);
-    at::Tensor dw = at::zeros({n, shape.K}, zero.options());
-    for (int64_t m0 = 0; m0 < M; m0 += rows) {
-      const int64_t m = std::min(rows, M - m0);
-      dw.addmm_(gy.slice(0, m0, m0 + m).slice(1, n0, n0 + n).to(at::kFloat).t(),
-                xs.slice(0, m0, m0 + m).to(at::kFloat));
+    at::Tensor dw;
+    if (half_inputs_on_cuda) {
+      // 16-bit inputs, fp32 accumulate and output on the tensor cores: no fp32 copies of x or grad_y.
+      dw = at::mm(gy.slice(1, n0, n0 + n).t(), xs, at::kFloat);
+    } else {
+      dw = at::zeros({n, shape.K}, zero.options());
+      for (int64_t m0 = 0; m0 < M; m0 += rows) {  // fp32 copies of x and grad_y, a block of tokens at a time
+        const int64_t m = std::min(rows, M - m0);
+        dw.addmm_(gy.slice(0, m0, m0 + m).slice(1, n0, n0 + n).to(at::kFloat).t(),
+                  xs.slice(0, m0, m0 + m).to(at::kFloat));
+      }
     }
     const GroupShape part{n, shape.K, shape.group_size, shape.bits};
     QATEXT_DEVICE_CALL(packed, group_code_dot, dw.const_data_ptr<float>(),
