@@ -8,34 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 import qatext
 from qatext import ops
+from timing import cuda_time_ms, peak_extra_mib
 
 LAYERS = [(11008, 4096), (4096, 11008)]  # (N, K): 4096 -> 11008 and 11008 -> 4096
 
 
-def measure(fn, inner=5, repeats=10):
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times), peak / 2**20
+def measure(fn):
+    return cuda_time_ms(fn, warmup=1, repeats=10, inner=5), peak_extra_mib(fn)
 
 
 def main():

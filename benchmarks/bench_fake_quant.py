@@ -12,32 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 import qatext
 from qatext import ops, reference
+from timing import cuda_time_ms as bench
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 28672)]
-
-
-def bench(fn, warmup=5, repeats=20, inner=10) -> float:
-    """Median milliseconds of one fn() call, timed with CUDA events around `inner` back-to-back calls so
-    the GPU queue stays full and host-side launch overhead (Python, dispatcher) is not counted."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
 
 
 def qparams(w, bits, g):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import _grouped as _grouped_by_size
 from .spec import QuantSpec
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    n, k = w.shape
-    g = spec.resolved_group_size(k)
-    return w.float().reshape(n, k // g, g)
+    """[N, K] as float [N, K / g, g], after checking that the group divides K."""
+    return _grouped_by_size(w.float(), spec.resolved_group_size(w.shape[1]))
 
 
 def _range_qparams(lo, hi, spec: QuantSpec, eps: float = 1e-8):

@@ -1,0 +1,36 @@
+"""GPU timing shared by the benchmarks: CUDA events around back-to-back calls, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def cuda_time_ms(fn, warmup=5, repeats=20, inner=10) -> float:
+    """Median milliseconds of one fn() call, timed with CUDA events around `inner` back-to-back calls so
+    the GPU queue stays full and host-side launch overhead (Python, dispatcher) is not counted."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn) -> float:
+    """Memory fn() allocates above what is live before it, at its peak (MiB)."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
