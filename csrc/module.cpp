@@ -43,4 +43,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_dw_chunk_elements", &qatext::ops::set_dw_chunk_elements, py::arg("elements"),
         "Cap on the fp32 dW block (rows x K) that e2eqp_scale_grad forms at once.");
   m.def("dw_chunk_elements", &qatext::ops::dw_chunk_elements);
+  m.def("set_dequant_gemm_max_m", &qatext::ops::set_dequant_gemm_max_m, py::arg("m"),
+        "Largest token count for which CUDA dequant_matmul uses the fused kernel (0: never).");
+  m.def("dequant_gemm_max_m", &qatext::ops::dequant_gemm_max_m);
 }

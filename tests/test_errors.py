@@ -128,3 +128,12 @@ def test_non_contiguous_inputs_are_handled():
     torch.testing.assert_close(out, ops.fake_quant(w.contiguous(), s_nc.contiguous(), z, 4, 32), rtol=0, atol=0)
     codes = torch.randint(0, 16, (64, 8), dtype=torch.uint8).t()
     assert torch.equal(ops.unpack(ops.pack(codes, 4), 4, 64), codes)
+
+
+def test_tuning_knobs_reject_bad_values():
+    import qatext
+
+    with pytest.raises(ValueError, match="m must be >= 0"):
+        qatext._C.set_dequant_gemm_max_m(-1)
+    with pytest.raises(ValueError, match="elements must be positive"):
+        qatext._C.set_dw_chunk_elements(0)

@@ -42,6 +42,14 @@ void lrqat_weight_backward(const T* grad_w, const uint8_t* p, const float* ab, c
                            const float* zero, float lora_scale, int frac_bits, float* grad_u,
                            float* grad_scale, GroupShape shape, cudaStream_t stream);
 
+// Fused dequant GEMM (tensor cores, small M): out = a @ deq(W)^T (forward, a = x [M, K]) or
+// a @ deq(W) (grad_input, a = grad_y [M, N]). partial: fp32 [splits, M, out columns] when splits > 1.
+bool dequant_gemm_supported(int64_t M, GroupShape shape);
+int64_t dequant_gemm_splits(int64_t M, GroupShape shape, bool grad_input);
+template <typename T>
+void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const float* zero, const T* bias, T* out,
+                  float* partial, int64_t M, GroupShape shape, bool grad_input, int64_t splits, cudaStream_t stream);
+
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);
 

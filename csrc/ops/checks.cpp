@@ -9,7 +9,14 @@ namespace qatext::ops {
 namespace {
 std::atomic<bool> g_value_checks{true};
 std::atomic<int64_t> g_dw_chunk_elements{int64_t(1) << 24};  // 64 MiB of fp32 dW at a time
+std::atomic<int64_t> g_dequant_gemm_max_m{64};
 }  // namespace
+
+int64_t dequant_gemm_max_m() { return g_dequant_gemm_max_m.load(); }
+void set_dequant_gemm_max_m(int64_t m) {
+  TORCH_CHECK_VALUE(m >= 0, "qatext.set_dequant_gemm_max_m: m must be >= 0, got ", m);
+  g_dequant_gemm_max_m.store(m);
+}
 
 int64_t dw_chunk_elements() { return g_dw_chunk_elements.load(); }
 void set_dw_chunk_elements(int64_t elements) {

@@ -51,6 +51,11 @@ void set_value_checks(bool enabled);
 int64_t dw_chunk_elements();
 void set_dw_chunk_elements(int64_t elements);
 
+// Largest token count M for which a CUDA dequant_matmul takes the fused tensor-core kernel;
+// larger M dequantises to 16 bits once and calls cuBLAS. 0 turns the fused kernel off.
+int64_t dequant_gemm_max_m();
+void set_dequant_gemm_max_m(int64_t m);
+
 void check_bits(const char* op, int64_t bits);
 void check_float(const char* op, const char* name, const at::Tensor& t);
 void check_uint8(const char* op, const char* name, const at::Tensor& t);

@@ -22,6 +22,63 @@ GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const a
 
 at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
 
+at::Tensor dequant_checked(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in,
+                           const GroupShape& shape, at::ScalarType dtype) {
+  const at::Tensor packed = packed_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  at::Tensor out = at::empty({shape.N, shape.K}, packed.options().dtype(dtype));
+  QATEXT_DISPATCH_FLOAT(dtype, [&] {
+    QATEXT_DEVICE_CALL(packed, dequant<scalar_t>, packed.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
+                       zero.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), shape);
+  });
+  return out;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+// The fused tensor-core GEMM for 16-bit a on CUDA at small M (see cuda/dequant_gemm.cu); nullopt
+// where it does not apply, and the caller dequantises and calls cuBLAS.
+std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::Tensor& packed_in,
+                                             const at::Tensor& scale_in, const at::Tensor& zero_in,
+                                             const GroupShape& shape, const std::optional<at::Tensor>& bias,
+                                             bool grad_input) {
+#ifdef QATEXT_WITH_CUDA
+  const auto dtype = a_in.scalar_type();
+  const int64_t M = a_in.numel() / std::max<int64_t>(a_in.size(-1), 1);
+  if (!a_in.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || M > dequant_gemm_max_m() ||
+      !cuda::dequant_gemm_supported(M, shape)) {
+    return std::nullopt;
+  }
+  const at::Tensor a = flatten_rows(a_in).contiguous(), packed = packed_in.contiguous();
+  const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
+  if (!aligned16(a) || !aligned16(packed)) return std::nullopt;
+  const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
+  const int64_t P = grad_input ? shape.K : shape.N;
+  const int64_t splits = cuda::dequant_gemm_splits(M, shape, grad_input);
+  at::Tensor out = at::empty({M, P}, a.options());
+  at::Tensor partial = splits > 1 ? at::empty({splits, M, P}, a.options().dtype(at::kFloat)) : at::Tensor();
+  const at::OptionalDeviceGuard guard(at::device_of(a));
+  const auto run = [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    cuda::dequant_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
+                                 scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
+                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+                                 splits > 1 ? partial.mutable_data_ptr<float>() : nullptr, M, shape, grad_input,
+                                 splits, current_stream(a));
+  };
+  if (dtype == at::kHalf) {
+    run(c10::Half());
+  } else {
+    run(c10::BFloat16());
+  }
+  auto sizes = a_in.sizes().vec();
+  sizes.back() = P;
+  return out.view(sizes);
+#else
+  (void)a_in, (void)packed_in, (void)scale_in, (void)zero_in, (void)shape, (void)bias, (void)grad_input;
+  return std::nullopt;
+#endif
+}
+
 }  // namespace
 
 at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
@@ -63,19 +120,13 @@ at::Tensor unpack(const at::Tensor& packed_in, int64_t bits, int64_t in_features
   return codes;
 }
 
-at::Tensor dequant(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in, int64_t bits,
+at::Tensor dequant(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                    int64_t group_size, int64_t in_features, at::ScalarType dtype) {
   const char* op = "qatext.dequant";
-  const GroupShape shape = check_packed_weight(op, packed_in, scale_in, zero_in, bits, group_size, in_features);
+  const GroupShape shape = check_packed_weight(op, packed, scale, zero, bits, group_size, in_features);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                    ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  const at::Tensor packed = packed_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
-  at::Tensor out = at::empty({shape.N, shape.K}, packed.options().dtype(dtype));
-  QATEXT_DISPATCH_FLOAT(dtype, [&] {
-    QATEXT_DEVICE_CALL(packed, dequant<scalar_t>, packed.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
-                       zero.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), shape);
-  });
-  return out;
+  return dequant_checked(packed, scale, zero, shape, dtype);
 }
 
 at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -90,8 +141,10 @@ at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const a
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == packed.size(0), op, ": bias must have shape [",
                       packed.size(0), "], got ", bias->sizes());
   }
-  // Simple path: dequantise to x's dtype, then one cuBLAS / CPU GEMM.
-  const at::Tensor w = dequant(packed, scale, zero, bits, group_size, x.size(-1), x.scalar_type());
+  const GroupShape shape = check_packed_weight(op, packed, scale, zero, bits, group_size, x.size(-1));
+  if (auto y = fused_dequant_gemm(x, packed, scale, zero, shape, bias, /*grad_input=*/false)) return *y;
+  // Otherwise dequantise to x's dtype once, then one cuBLAS / CPU GEMM.
+  const at::Tensor w = dequant_checked(packed, scale, zero, shape, x.scalar_type());
   return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias);
 }
 
@@ -100,11 +153,12 @@ at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor&
   const char* op = "qatext.dequant_matmul_grad_input";
   check_float(op, "grad_y", grad_y);
   check_same_device(op, {{"grad_y", &grad_y}, {"packed", &packed}});
-  const at::Tensor w = dequant(packed, scale, zero, bits, group_size, in_features, grad_y.scalar_type());
-  TORCH_CHECK_VALUE(grad_y.dim() >= 1 && grad_y.size(-1) == w.size(0), op,
-                    ": grad_y's last dimension must equal the weight's rows (", w.size(0), "), got shape ",
+  const GroupShape shape = check_packed_weight(op, packed, scale, zero, bits, group_size, in_features);
+  TORCH_CHECK_VALUE(grad_y.dim() >= 1 && grad_y.size(-1) == shape.N, op,
+                    ": grad_y's last dimension must equal the weight's rows (", shape.N, "), got shape ",
                     grad_y.sizes());
-  return at::matmul(grad_y, w);
+  if (auto gx = fused_dequant_gemm(grad_y, packed, scale, zero, shape, std::nullopt, /*grad_input=*/true)) return *gx;
+  return at::matmul(grad_y, dequant_checked(packed, scale, zero, shape, grad_y.scalar_type()));
 }
 
 at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed_in,

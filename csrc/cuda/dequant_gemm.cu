@@ -1,0 +1,369 @@
+// Group-wise dequant GEMM on the tensor cores, version 1 (small M: decode and short prompts).
+//
+//   forward    y[M, N]  = x[M, K]  @ deq(W)^T   (reduction over K)
+//   grad input gx[M, K] = gy[M, N] @ deq(W)     (reduction over N)
+//
+// W stays in qatext's packed layout (b-bit little-endian stream along K, fp32 scale/zero per
+// group). A block owns 128 output columns and a slice of the reduction (split-K, so that a few
+// dozen column tiles still fill every SM at M = 1). Each 128 x 128 tile of W moves as packed bytes
+// by cp.async through a multi-stage shared-memory ring, is decoded once into a bf16/fp16 tile in
+// shared memory ((q - z) * s in fp32, rounded once, exactly as qatext.dequant), and feeds
+// mma.sync m16n8k16 through ldmatrix; the grad-input direction reads the same decoded tile with
+// ldmatrix.trans. Partial sums of split-K go to an fp32 workspace reduced in a fixed order
+// (deterministic), which also adds the bias.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+
+namespace qatext::cuda {
+namespace {
+
+constexpr int kTile = 128;             // output columns per block, and reduction per stage
+constexpr int kStages = 4;             // cp.async ring depth
+constexpr int kGemmThreads = 256;      // 8 warps, 16 output columns each
+constexpr int kPackedStride = 80;      // bytes per packed tile row in smem (<= 64 used; 80 avoids bank conflicts)
+constexpr int kHalfStride = kTile + 8;  // 16-bit elements per decoded / activation smem row (conflict-free ldmatrix)
+
+template <typename T>
+struct Native;
+template <>
+struct Native<c10::BFloat16> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+template <>
+struct Native<c10::Half> {
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 writes zeros (rows past M).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<c10::BFloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<c10::Half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Exact small-integer to float: the code sits in the mantissa of 2^23.
+__device__ __forceinline__ float code_to_float(uint32_t q) {
+  return __int_as_float(0x4B000000u | q) - 8388608.f;
+}
+
+struct GemmArgs {
+  const void* a;        // x [M, K] (forward) or grad_y [M, N] (grad input)
+  const uint8_t* packed;  // [N, K * bits / 8]
+  const float* scale;   // [N, G]
+  const float* zero;    // [N, G]
+  const void* bias;     // [N] or nullptr (forward only)
+  void* out;            // [M, P] when splits == 1
+  float* partial;       // [splits, M, P] when splits > 1
+  int M, N, K, G;
+  int group_shift;      // log2(group_size); 31 for per-channel (k >> 31 == 0)
+  int iters_per_split;  // 128-wide reduction stages per block
+};
+
+template <int MT>
+struct SmemLayout {
+  static constexpr int kPackedBytes = kTile * kPackedStride;
+  static constexpr int kActBytes = MT * 16 * kHalfStride * 2;
+  static constexpr int kDecodedBytes = kTile * kHalfStride * 2;
+  static constexpr int kTotal = kStages * (kPackedBytes + kActBytes) + kDecodedBytes;
+};
+
+template <typename T, int BITS, int MT, bool TRANS>
+__global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs args) {
+  using L = SmemLayout<MT>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* packed_s = smem;                                               // [stage][128][kPackedStride]
+  uint16_t* act_s = reinterpret_cast<uint16_t*>(smem + kStages * L::kPackedBytes);  // [stage][16MT][kHalfStride]
+  uint16_t* dec_s = reinterpret_cast<uint16_t*>(smem + kStages * (L::kPackedBytes + L::kActBytes));  // [128][kHalfStride]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int P = TRANS ? args.K : args.N, R = TRANS ? args.N : args.K;
+  const int p0 = blockIdx.x * kTile;
+  const int m0 = blockIdx.z * MT * 16;
+  const int iter0 = blockIdx.y * args.iters_per_split;
+  const int iters = min(args.iters_per_split, R / kTile - iter0);
+  const int64_t row_bytes = int64_t(args.K) * BITS / 8;
+  constexpr int kChunks = BITS;  // 16-byte chunks per packed tile row (128 codes * BITS / 8 / 16)
+  const T* a = static_cast<const T*>(args.a);
+
+  // Issue the cp.async copies of reduction stage `it` into ring slot `slot`.
+  auto load_stage = [&](int slot, int it) {
+    const int r0 = (iter0 + it) * kTile;
+    uint8_t* pdst = packed_s + slot * L::kPackedBytes;
+    for (int i = tid; i < kTile * kChunks; i += kGemmThreads) {
+      const int row = i / kChunks, c = i % kChunks;
+      // Tile rows are W rows: output columns (forward) or reduction rows (grad input).
+      const int64_t wrow = TRANS ? r0 + row : p0 + row;
+      const int64_t col_byte = int64_t(TRANS ? p0 : r0) * BITS / 8 + c * 16;
+      cp_async16(pdst + row * kPackedStride + c * 16, args.packed + wrow * row_bytes + col_byte, 16);
+    }
+    uint16_t* adst = act_s + slot * (L::kActBytes / 2);
+    for (int i = tid; i < MT * 16 * 16; i += kGemmThreads) {
+      const int row = i / 16, c = i % 16, m = m0 + row;
+      const bool valid = m < args.M;
+      const T* src = a + int64_t(valid ? m : 0) * R + r0 + c * 8;
+      cp_async16(adst + row * kHalfStride + c * 8, src, valid ? 16 : 0);
+    }
+  };
+
+  // Decode ring slot `slot` (reduction stage `it`) into dec_s: thread -> one row, 64 codes.
+  auto decode_stage = [&](int slot, int it) {
+    const int r0 = (iter0 + it) * kTile;
+    const int row = tid % kTile, half = tid / kTile;
+    const uint8_t* src = packed_s + slot * L::kPackedBytes + row * kPackedStride + half * 8 * BITS;
+    uint32_t words[2 * BITS + 1];
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+      const uint2 v = *reinterpret_cast<const uint2*>(src + 8 * i);
+      words[2 * i] = v.x;
+      words[2 * i + 1] = v.y;
+    }
+    words[2 * BITS] = 0;
+    const int64_t wrow = TRANS ? r0 + row : p0 + row;
+    const int col0 = (TRANS ? p0 : r0) + half * 64;
+    uint16_t* dst = dec_s + row * kHalfStride + half * 64;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t gi = wrow * args.G + ((col0 + 8 * j) >> args.group_shift);
+      const float s = __ldg(args.scale + gi), z = __ldg(args.zero + gi);
+      uint32_t out[4];
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        float v[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int bit = (8 * j + e + h) * BITS, w = bit >> 5, off = bit & 31;
+          uint32_t q = words[w] >> off;
+          if (off + BITS > 32) q |= words[w + 1] << (32 - off);
+          v[h] = (code_to_float(q & ((1u << BITS) - 1u)) - z) * s;
+        }
+        out[e / 2] = Native<T>::pack2(v[0], v[1]);
+      }
+      *reinterpret_cast<uint4*>(dst + 8 * j) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+  };
+
+  float acc[MT][2][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < iters) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  const int pw = warp * 16;  // this warp's output columns within the tile
+  for (int it = 0; it < iters; ++it) {
+    const int slot = it % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `it` landed for all threads; everyone is done with stage it - 1
+    if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, it + kStages - 1);
+    cp_async_commit();
+    decode_stage(slot, it);
+    __syncthreads();
+    const uint16_t* act = act_s + slot * (L::kActBytes / 2);
+#pragma unroll
+    for (int k0 = 0; k0 < kTile; k0 += 16) {
+      uint32_t b[4];  // {b0, b1} of output columns pw..pw+7, then of pw+8..pw+15
+      if constexpr (TRANS) {
+        // dec_s rows are the reduction, columns the output: transpose 8x8 blocks on load.
+        const int mi = lane / 8;
+        ldmatrix_x4_trans(b, dec_s + (k0 + lane % 8 + (mi % 2) * 8) * kHalfStride + pw + (mi / 2) * 8);
+      } else {
+        ldmatrix_x4(b, dec_s + (pw + lane % 8 + (lane / 16) * 8) * kHalfStride + k0 + ((lane / 8) % 2) * 8);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t af[4];
+        ldmatrix_x4(af, act + (mt * 16 + lane % 16) * kHalfStride + k0 + (lane / 16) * 8);
+        mma16816<T>(acc[mt][0], af, b[0], b[1]);
+        mma16816<T>(acc[mt][1], af, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Accumulator (m16 x n8): c0, c1 at row lane/4, columns 2*(lane%4) + {0, 1}; c2, c3 eight rows down.
+  const int gr = lane / 4, gc = 2 * (lane % 4);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int p = p0 + pw + 8 * j + gc;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + mt * 16 + gr + 8 * h;
+        if (m >= args.M) continue;
+        const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
+        if (args.partial != nullptr) {
+          float* dst = args.partial + (int64_t(blockIdx.y) * args.M + m) * P + p;
+          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+        } else {
+          float b0 = 0.f, b1 = 0.f;
+          if (args.bias != nullptr) {
+            b0 = float(static_cast<const T*>(args.bias)[p]);
+            b1 = float(static_cast<const T*>(args.bias)[p + 1]);
+          }
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(args.out) + int64_t(m) * P + p) =
+              Native<T>::pack2(v0 + b0, v1 + b1);
+        }
+      }
+    }
+  }
+}
+
+// out[m, p] = sum over splits, in split order, + bias[p].
+template <typename T>
+__global__ void split_reduce_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
+                                    int64_t MP, int P, int splits) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < MP; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = bias != nullptr ? float(bias[i % P]) : 0.f;
+    for (int s = 0; s < splits; ++s) v += partial[s * MP + i];
+    out[i] = T(v);
+  }
+}
+
+template <typename T, int BITS, int MT, bool TRANS>
+void launch(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = SmemLayout<MT>::kTotal;
+  auto kernel = dequant_gemm_kernel<T, BITS, MT, TRANS>;
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr != cudaSuccess) throw std::runtime_error(std::string("qatext: dequant_gemm smem: ") + cudaGetErrorString(attr));
+  kernel<<<grid, kGemmThreads, smem, stream>>>(args);
+}
+
+template <typename T, int BITS, bool TRANS>
+void launch_mt(int mt, const GemmArgs& args, dim3 grid, cudaStream_t stream) {
+  if (mt == 1) return launch<T, BITS, 1, TRANS>(args, grid, stream);
+  if (mt == 2) return launch<T, BITS, 2, TRANS>(args, grid, stream);
+  return launch<T, BITS, 4, TRANS>(args, grid, stream);
+}
+
+template <typename T, bool TRANS>
+void launch_bits(int bits, int mt, const GemmArgs& args, dim3 grid, cudaStream_t stream) {
+  if (bits == 4) return launch_mt<T, 4, TRANS>(mt, args, grid, stream);
+  if (bits == 3) return launch_mt<T, 3, TRANS>(mt, args, grid, stream);
+  return launch_mt<T, 2, TRANS>(mt, args, grid, stream);
+}
+
+int sm_count() {
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count > 0 ? count : 1;
+}
+
+}  // namespace
+
+bool dequant_gemm_supported(int64_t M, GroupShape shape) {
+  const bool pow2_group = (shape.group_size & (shape.group_size - 1)) == 0 && shape.group_size >= 8;
+  return (shape.bits == 2 || shape.bits == 3 || shape.bits == 4) && M >= 1 && shape.N % kTile == 0 &&
+         shape.K % kTile == 0 && shape.N * shape.K < (int64_t(1) << 31) && M * (shape.N + shape.K) < (int64_t(1) << 31) &&
+         (pow2_group || shape.group_size == shape.K);
+}
+
+int64_t dequant_gemm_splits(int64_t M, GroupShape shape, bool grad_input) {
+  const int64_t mt = M <= 16 ? 1 : M <= 32 ? 2 : 4;
+  const int64_t P = grad_input ? shape.K : shape.N, R = grad_input ? shape.N : shape.K;
+  const int64_t blocks = (P / kTile) * ((M + 16 * mt - 1) / (16 * mt));
+  const int64_t iters = R / kTile;
+  const int64_t want = std::max<int64_t>(1, (2 * sm_count() + blocks - 1) / blocks);
+  const int64_t per_split = (iters + std::min(want, iters) - 1) / std::min(want, iters);
+  return (iters + per_split - 1) / per_split;
+}
+
+template <typename T>
+void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const float* zero, const T* bias, T* out,
+                  float* partial, int64_t M, GroupShape shape, bool grad_input, int64_t splits, cudaStream_t stream) {
+  const int mt = M <= 16 ? 1 : M <= 32 ? 2 : 4;
+  const int64_t P = grad_input ? shape.K : shape.N, R = grad_input ? shape.N : shape.K;
+  const int64_t iters = R / kTile;
+  GemmArgs args{};
+  args.a = a;
+  args.packed = packed;
+  args.scale = scale;
+  args.zero = zero;
+  args.bias = splits > 1 ? nullptr : bias;
+  args.out = out;
+  args.partial = splits > 1 ? partial : nullptr;
+  args.M = int(M);
+  args.N = int(shape.N);
+  args.K = int(shape.K);
+  args.G = int(shape.groups());
+  args.group_shift = shape.group_size == shape.K && (shape.K & (shape.K - 1)) != 0 ? 31 : __builtin_ctzll(shape.group_size);
+  args.iters_per_split = int((iters + splits - 1) / splits);
+  const dim3 grid(unsigned(P / kTile), unsigned(splits), unsigned((M + 16 * mt - 1) / (16 * mt)));
+  if (grad_input) {
+    launch_bits<T, true>(shape.bits, mt, args, grid, stream);
+  } else {
+    launch_bits<T, false>(shape.bits, mt, args, grid, stream);
+  }
+  check_launch("dequant_gemm");
+  if (splits > 1) {
+    split_reduce_kernel<T><<<grid_for(M * P), kThreads, 0, stream>>>(partial, bias, out, M * P, int(P), int(splits));
+    check_launch("dequant_gemm split reduce");
+  }
+}
+
+template void dequant_gemm<c10::BFloat16>(const c10::BFloat16*, const uint8_t*, const float*, const float*,
+                                          const c10::BFloat16*, c10::BFloat16*, float*, int64_t, GroupShape, bool,
+                                          int64_t, cudaStream_t);
+template void dequant_gemm<c10::Half>(const c10::Half*, const uint8_t*, const float*, const float*, const c10::Half*,
+                                      c10::Half*, float*, int64_t, GroupShape, bool, int64_t, cudaStream_t);
+
+}  // namespace qatext::cuda
