@@ -3,7 +3,10 @@ bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and 
 
 import torch
 
+import qatext
 from qatext import ops
+
+qatext._C.set_dequant_gemm_max_m(512)  # every M here takes the fused kernel
 
 for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
     for bits in (2, 3, 4):
