@@ -40,7 +40,7 @@ def test_int8_is_identity(device):
     assert torch.equal(ops.pack(codes, 8), codes)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("n,k,g", [(7, 96, 32), (5, 100, -1), (33, 256, 128), (3, 512, 256)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequant(device, bits, n, k, g, dtype):

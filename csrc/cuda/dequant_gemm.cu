@@ -7,7 +7,7 @@
 // group). A block owns 128 output columns and a slice of the reduction (split-K, so that a few
 // dozen column tiles still fill every SM at M = 1). Each 128 x 128 tile of W moves as packed bytes
 // by cp.async through a multi-stage shared-memory ring, is decoded once into a bf16/fp16 tile in
-// shared memory ((q - z) * s in fp32, rounded once, exactly as qatext.dequant), and feeds
+// shared memory (q * s - z * s in fp32, one FMA, rounded once to 16 bits), and feeds
 // mma.sync m16n8k16 through ldmatrix; the grad-input direction reads the same decoded tile with
 // ldmatrix.trans. Partial sums of split-K go to an fp32 workspace reduced in a fixed order
 // (deterministic), which also adds the bias.
@@ -156,11 +156,28 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
     }
   };
 
-  // Decode ring slot `slot` (reduction stage `it`) into dec_s: thread -> one row, 64 codes.
-  auto decode_stage = [&](int slot, int it) {
+  // This thread decodes one W-tile row (tid % 128), 64 codes (half tid / 128), in 8 chunks of 8 codes;
+  // a chunk never straddles a group. Its scales and zeros are loaded before the stage wait, so their
+  // latency hides behind it: s[j] and -z[j] * s[j] per chunk.
+  const int drow = tid % kTile, dhalf = tid / kTile;
+  auto load_qparams = [&](int it, float (&s)[8], float (&nzs)[8]) {
     const int r0 = (iter0 + it) * kTile;
-    const int row = tid % kTile, half = tid / kTile;
-    const uint8_t* src = packed_s + slot * L::kPackedBytes + row * kPackedStride + half * 8 * BITS;
+    const int64_t wrow = TRANS ? r0 + drow : p0 + drow;
+    const int col0 = (TRANS ? p0 : r0) + dhalf * 64;
+    float z[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t gi = wrow * args.G + ((col0 + 8 * j) >> args.group_shift);
+      s[j] = __ldg(args.scale + gi);
+      z[j] = __ldg(args.zero + gi);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) nzs[j] = -z[j] * s[j];
+  };
+
+  // Decode ring slot `slot` into dec_s: value = q * s - z * s in fp32 (one FMA), rounded once.
+  auto decode_stage = [&](int slot, const float (&s)[8], const float (&nzs)[8]) {
+    const uint8_t* src = packed_s + slot * L::kPackedBytes + drow * kPackedStride + dhalf * 8 * BITS;
     uint32_t words[2 * BITS + 1];
 #pragma unroll
     for (int i = 0; i < BITS; ++i) {
@@ -169,13 +186,9 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
       words[2 * i + 1] = v.y;
     }
     words[2 * BITS] = 0;
-    const int64_t wrow = TRANS ? r0 + row : p0 + row;
-    const int col0 = (TRANS ? p0 : r0) + half * 64;
-    uint16_t* dst = dec_s + row * kHalfStride + half * 64;
+    uint16_t* dst = dec_s + drow * kHalfStride + dhalf * 64;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t gi = wrow * args.G + ((col0 + 8 * j) >> args.group_shift);
-      const float s = __ldg(args.scale + gi), z = __ldg(args.zero + gi);
       uint32_t out[4];
 #pragma unroll
       for (int e = 0; e < 8; e += 2) {
@@ -185,7 +198,7 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
           const int bit = (8 * j + e + h) * BITS, w = bit >> 5, off = bit & 31;
           uint32_t q = words[w] >> off;
           if (off + BITS > 32) q |= words[w + 1] << (32 - off);
-          v[h] = (code_to_float(q & ((1u << BITS) - 1u)) - z) * s;
+          v[h] = fmaf(code_to_float(q & ((1u << BITS) - 1u)), s[j], nzs[j]);
         }
         out[e / 2] = Native<T>::pack2(v[0], v[1]);
       }
@@ -210,11 +223,13 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
   const int pw = warp * 16;  // this warp's output columns within the tile
   for (int it = 0; it < iters; ++it) {
     const int slot = it % kStages;
+    float s[8], nzs[8];
+    load_qparams(it, s, nzs);
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `it` landed for all threads; everyone is done with stage it - 1
     if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, it + kStages - 1);
     cp_async_commit();
-    decode_stage(slot, it);
+    decode_stage(slot, s, nzs);
     __syncthreads();
     const uint16_t* act = act_s + slot * (L::kActBytes / 2);
 #pragma unroll

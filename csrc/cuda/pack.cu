@@ -40,6 +40,37 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ packed, const float* 
   }
 }
 
+// Eight codes per thread (BITS whole bytes in, one 16- or 32-byte vector out); K % 8 == 0 and
+// group_size % 8 == 0 so the eight share a group. Same arithmetic as dequant_kernel.
+template <typename T, int BITS>
+__global__ void dequant_vec_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
+                                   const float* __restrict__ zero, T* __restrict__ out, GroupShape shape) {
+  const int64_t chunks_per_row = shape.K / 8, G = shape.groups();
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < shape.N * chunks_per_row;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = c / chunks_per_row, k = (c % chunks_per_row) * 8, ng = n * G + k / shape.group_size;
+    const uint8_t* src = packed + n * (shape.K / 8 * BITS) + (k / 8) * BITS;
+    uint64_t bits = 0;
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) bits |= uint64_t(src[i]) << (8 * i);
+    const float s = scale[ng], z = zero[ng];
+    alignas(16) T v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = T((float((bits >> (e * BITS)) & ((1u << BITS) - 1u)) - z) * s);
+    constexpr int kWords = sizeof(T) * 8 / 16;  // 16-byte words per 8 outputs
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) {
+      reinterpret_cast<uint4*>(out + n * shape.K + k)[i] = reinterpret_cast<const uint4*>(v)[i];
+    }
+  }
+}
+
+template <typename T, int BITS>
+void launch_dequant_vec(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
+                        cudaStream_t stream) {
+  dequant_vec_kernel<T, BITS><<<grid_for(shape.numel() / 8), kThreads, 0, stream>>>(packed, scale, zero, out, shape);
+}
+
 __global__ void group_code_dot_kernel(const float* __restrict__ dw, const uint8_t* __restrict__ packed,
                                       const float* __restrict__ zero, float* __restrict__ grad_scale,
                                       GroupShape shape) {
@@ -74,6 +105,19 @@ template <typename T>
 void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
              cudaStream_t stream) {
   if (shape.numel() == 0) return;
+  if (shape.K % 8 == 0 && shape.group_size % 8 == 0) {
+    switch (shape.bits) {
+      case 2: launch_dequant_vec<T, 2>(packed, scale, zero, out, shape, stream); break;
+      case 3: launch_dequant_vec<T, 3>(packed, scale, zero, out, shape, stream); break;
+      case 4: launch_dequant_vec<T, 4>(packed, scale, zero, out, shape, stream); break;
+      case 5: launch_dequant_vec<T, 5>(packed, scale, zero, out, shape, stream); break;
+      case 6: launch_dequant_vec<T, 6>(packed, scale, zero, out, shape, stream); break;
+      case 7: launch_dequant_vec<T, 7>(packed, scale, zero, out, shape, stream); break;
+      default: launch_dequant_vec<T, 8>(packed, scale, zero, out, shape, stream); break;
+    }
+    check_launch("dequant");
+    return;
+  }
   dequant_kernel<T><<<grid_for(shape.numel()), kThreads, 0, stream>>>(packed, scale, zero, out, shape);
   check_launch("dequant");
 }
