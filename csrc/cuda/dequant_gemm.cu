@@ -158,21 +158,25 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
 
   // This thread decodes one W-tile row (tid % 128), 64 codes (half tid / 128), in 8 chunks of 8 codes;
   // a chunk never straddles a group. Its scales and zeros are loaded before the stage wait, so their
-  // latency hides behind it: s[j] and -z[j] * s[j] per chunk.
+  // latency hides behind it: s[j] and -z[j] * s[j] per chunk. The lanes of a warp are 32 different
+  // rows (uncoalesced), so each group is loaded once, not per chunk: the test is the same for the
+  // whole warp (dhalf is), and without it L1 wavefronts, not DRAM, bound the kernel.
   const int drow = tid % kTile, dhalf = tid / kTile;
   auto load_qparams = [&](int it, float (&s)[8], float (&nzs)[8]) {
     const int r0 = (iter0 + it) * kTile;
     const int64_t wrow = TRANS ? r0 + drow : p0 + drow;
     const int col0 = (TRANS ? p0 : r0) + dhalf * 64;
-    float z[8];
+    float sg = 0.f, zg = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t gi = wrow * args.G + ((col0 + 8 * j) >> args.group_shift);
-      s[j] = __ldg(args.scale + gi);
-      z[j] = __ldg(args.zero + gi);
+      const int group = (col0 + 8 * j) >> args.group_shift;
+      if (j == 0 || group != ((col0 + 8 * j - 8) >> args.group_shift)) {
+        sg = __ldg(args.scale + wrow * args.G + group);
+        zg = __ldg(args.zero + wrow * args.G + group);
+      }
+      s[j] = sg;
+      nzs[j] = -zg * sg;
     }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) nzs[j] = -z[j] * s[j];
   };
 
   // Decode ring slot `slot` into dec_s: value = q * s - z * s in fp32 (one FMA), rounded once.
