@@ -42,10 +42,11 @@ def _tokens(model_dir: str, source: str) -> torch.Tensor:
 
 
 def cmd_train(args) -> int:
-    from . import data, methods
+    from . import data, distributed, methods
     from .models import merge_model, save_quantized
     from .quant import QuantSpec
 
+    distributed.init_from_env()  # under torchrun: join the group, one GPU per rank
     device = _device(args.device)
     spec = QuantSpec(args.bits, args.group_size, args.symmetric)
     model = _load_model(args.model, device)
@@ -54,7 +55,7 @@ def cmd_train(args) -> int:
     out = Path(args.output_dir)
     cfg = methods.default_config(args.method, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  seed=args.seed, checkpoint_dir=str(out / "checkpoints"),
-                                 checkpoint_every=args.checkpoint_every)
+                                 checkpoint_every=args.checkpoint_every, distributed=args.distributed)
     kwargs = {}
     if args.lr is not None:
         kwargs["e2e_lr" if args.method == "efficientqat" else "lr"] = args.lr
@@ -64,9 +65,12 @@ def cmd_train(args) -> int:
         kwargs["block_ap_kwargs"] = {"n_samples": args.calib_samples, "batch_size": min(args.batch_size, 2)}
     model, history = methods.run(args.method, model, spec, train_tokens, cfg, **kwargs)
     merge_model(model)
-    save_quantized(model, out / "model")
-    (out / "train_log.json").write_text(json.dumps({"method": args.method, "spec": spec.to_dict(), "loss": history}))
-    print(f"saved {out / 'model'}")
+    if distributed.is_main():  # every rank holds the full merged model; one writes it
+        save_quantized(model, out / "model")
+        (out / "train_log.json").write_text(json.dumps({"method": args.method, "spec": spec.to_dict(),
+                                                        "loss": history, "world_size": distributed.world_size()}))
+        print(f"saved {out / 'model'}")
+    distributed.barrier()
     return 0
 
 
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.05)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
+    t.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: DDP or FSDP2 (sharded parameters and checkpoints); --batch-size is global")
     t.add_argument("--output-dir", required=True, help="checkpoints/ (resumed on rerun), model/, train_log.json")
     t.set_defaults(fn=cmd_train)
 

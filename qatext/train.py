@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .data import random_batch
 from .evaluate import causal_lm_loss
 
@@ -33,11 +34,14 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # 0: only at the end
     progress: bool = True
+    distributed: str = "ddp"  # under torchrun: 'ddp' or 'fsdp' (FSDP2); ignored in one process
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 1:
             raise ValueError(f"TrainConfig: steps >= 0, batch_size >= 1, seq_len >= 1 expected, got {self}")
+        if self.distributed not in dist.STRATEGIES:
+            raise ValueError(f"TrainConfig: distributed must be one of {dist.STRATEGIES}, got {self.distributed!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -67,40 +71,62 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
 
     param_groups: AdamW groups ({"params": [...], "lr": ...}); every other parameter should have
     requires_grad False. With cfg.checkpoint_dir set, the run resumes from its last checkpoint and
-    continues with the same batches and the same loss curve.
+    continues with the same batches and the same loss curve. Under torchrun (see
+    qatext.distributed) every rank draws the same global batch of cfg.batch_size windows and trains
+    on its share, with DDP or FSDP2 (cfg.distributed); the loss curve is the one-process curve.
     """
     params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameters in param_groups)")
     loss_fn = loss_fn or causal_lm_loss
     device = params[0].device
+    wrapped = dist.Wrapped(model, cfg.distributed, param_groups) if dist.active() else None
+    module = wrapped.module if wrapped else model
+    param_groups = wrapped.param_groups if wrapped else param_groups
+    params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[float] = []
     start = 0
-    ckpt = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+
+    def loop_state(step):
+        return {"scheduler": sched.state_dict(), "generator": gen.get_state(), "history": history, "step": step,
+                "config": asdict(cfg)}
+
+    def restore(state):
+        nonlocal history, start
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         history, start = state["history"], state["step"]
 
-    def save(step):
-        if ckpt is None:
-            return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "generator": gen.get_state(), "history": history, "step": step, "config": asdict(cfg)}, ckpt)
+    if ckpt_dir is not None and wrapped:
+        if (state := dist.load_checkpoint(ckpt_dir, module, opt)) is not None:
+            restore(state)
+    elif ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
+        state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore(state)
 
-    model.train()
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not cfg.progress, initial=start, total=cfg.steps)
+    def save(step):
+        if ckpt_dir is None:
+            return
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if wrapped:
+            dist.save_checkpoint(ckpt_dir, module, opt, loop_state(step))
+        else:
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), **loop_state(step)},
+                         ckpt_dir / "last.pt")
+
+    module.train()
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not (cfg.progress and dist.is_main()), initial=start,
+               total=cfg.steps)
     tokens_seen, t0 = 0, time.perf_counter()
     for step in bar:
-        batch = random_batch(tokens, cfg.batch_size, cfg.seq_len, gen).to(device)
-        loss = loss_fn(model, batch)
+        batch = dist.local_rows(random_batch(tokens, cfg.batch_size, cfg.seq_len, gen)).to(device)
+        loss = loss_fn(module, batch)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
@@ -109,11 +135,13 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         sched.step()
-        history.append(loss.item())
-        tokens_seen += batch.numel() - len(batch)
+        history.append(dist.mean_over_ranks(loss).item())
+        tokens_seen += (batch.numel() - len(batch)) * dist.world_size()
         bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                         tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save(step + 1)
     save(cfg.steps)
+    if wrapped:
+        wrapped.finish()
     return history

@@ -53,3 +53,27 @@ def test_bad_arguments(tmp_path, tiny_model_dir, capsys):
                  "--output-dir", str(tmp_path)]) == 2
     assert "must divide in_features" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_train_under_torchrun_with_fsdp(tmp_path, tiny_model_dir):
+    """`qatext train` takes the same flags under torchrun (2 CPU processes, gloo, FSDP2)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "qatext.cli", "train", "--method", "lrqat", "--model", str(tiny_model_dir), "--bits", "4",
+           "--group-size", "32", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
+           "--distributed", "fsdp", "--checkpoint-every", "2", "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["loss"]) == 3 and log["world_size"] == 2
+    assert (out / "checkpoints" / "dcp" / "loop.pt").exists() and (out / "model").is_dir()
+    assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "2", "--device", "cpu"]) == 0

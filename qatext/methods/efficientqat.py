@@ -14,8 +14,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..data import random_batch
 from ..models import convert_layers, decoder_layers, quant_layers, quantize_model
 from ..quant import QuantSpec
@@ -62,13 +64,16 @@ def block_ap(model, spec: QuantSpec, tokens, n_samples: int = 128, seq_len: int 
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     n_batches = max(1, n_samples // batch_size)
-    batches = [random_batch(tokens, batch_size, seq_len - 1, gen).to(device) for _ in range(n_batches)]
+    # Under torchrun each rank takes its rows of every calibration batch and DDP averages the block's
+    # gradients: the same steps as one process, the work divided.
+    batches = [dist.local_rows(random_batch(tokens, batch_size, seq_len - 1, gen)).to(device)
+               for _ in range(n_batches)]
     blocks = decoder_layers(model)
     fp_in, kwargs = _capture_block_inputs(model, blocks, batches)
     q_in = [h.clone() for h in fp_in]
     freeze(model)
     steps = epochs * n_batches
-    for i, block in enumerate(tqdm(blocks, desc=f"Block-AP W{spec.bits}", disable=not progress)):
+    for i, block in enumerate(tqdm(blocks, desc=f"Block-AP W{spec.bits}", disable=not (progress and dist.is_main()))):
         fp_block = copy.deepcopy(block)
         with torch.no_grad():
             fp_out = [_run_block(fp_block, h, kwargs) for h in fp_in]
@@ -80,9 +85,10 @@ def block_ap(model, spec: QuantSpec, tokens, n_samples: int = 128, seq_len: int 
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1 / 20 + (1 - 1 / 20) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
         block.train()
+        trained = DDP(block, device_ids=[device.index] if device.type == "cuda" else None) if dist.active() else block
         for step in range(steps):
             j = step % n_batches
-            loss = F.mse_loss(_run_block(block, q_in[j], kwargs).float(), fp_out[j].float())
+            loss = F.mse_loss(_run_block(trained, q_in[j], kwargs).float(), fp_out[j].float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

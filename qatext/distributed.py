@@ -1,0 +1,176 @@
+"""Every recipe under torch.distributed, launched with torchrun: DDP or FSDP2 (`fully_shard`).
+
+`init_from_env()` joins the process group torchrun describes (NCCL on GPUs, gloo on CPU).
+`wrap()` prepares a model for `train()`:
+- DDP wraps the model itself (parameters stay where they are; gradients are averaged).
+- FSDP2 shards a structural copy of it, decoder layer by decoder layer: trainable and frozen
+  parameters are sharded along dim 0 (rows), so a quantization group, which runs along the
+  in-features, never straddles a shard; integer buffers (packed codes, zero points) are replicated.
+  The kernels see full tensors: FSDP all-gathers a layer's parameters before its forward (and again
+  for the recomputation of checkpointed layers). The original model's parameters give up their
+  memory while the copy trains and get the trained full tensors back in `finish()`, so merge and
+  export after training work on a plain model on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun set up (WORLD_SIZE > 1); returns whether one is active."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def local_rows(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global batch (all ranks draw the same global batch)."""
+    world = world_size()
+    if world == 1:
+        return batch
+    if len(batch) % world:
+        raise ValueError(f"the global batch size ({len(batch)}) must be divisible by the number of ranks ({world})")
+    per = len(batch) // world
+    return batch[rank() * per:(rank() + 1) * per]
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (the global batch's loss from each rank's share)."""
+    if not active():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world_size()
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module structure of `model` whose parameters are new Parameter objects over the
+    same storage and whose buffers (persistent or not) are the same tensors: no memory is copied."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
+class Wrapped:
+    """A model prepared for distributed training: call `module`, optimise `param_groups`, then
+    `finish()` to put the trained full weights back into the original model."""
+
+    def __init__(self, model: nn.Module, strategy: str, param_groups: list[dict]):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if strategy not in STRATEGIES:
+            raise ValueError(f"distributed strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.model, self.strategy = model, strategy
+        device = next(model.parameters()).device
+        if strategy == "ddp":
+            self.module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.param_groups = param_groups
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from .models import decoder_layers
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        work = _shallow_copy(model)
+        mesh = init_device_mesh(device.type, (world_size(),))
+        # One gradient dtype for the reduce-scatter (fp32 scales beside 16-bit LoRA factors).
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        for layer in decoder_layers(work):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(work, mesh=mesh, mp_policy=policy)
+        for p in model.parameters():  # the shards hold the values now; free the full copies
+            p.data = torch.empty(0, device=device, dtype=p.dtype)
+        params = dict(work.named_parameters())
+        self.module = work
+        self.param_groups = [{**g, "params": [params[names[id(p)]] for p in g["params"]]} for g in param_groups]
+
+    def finish(self) -> nn.Module:
+        """Gather the trained weights into the original model on every rank; returns it."""
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.data = full[name].to(p.device)
+        return self.model
+
+
+def save_checkpoint(directory, module: nn.Module, opt, extra: dict) -> None:
+    """Sharded checkpoint (torch.distributed.checkpoint) of model and optimiser, plus `extra` (loop
+    state, the same on every rank) written by rank 0; published by one rename, so an interrupted
+    save leaves the previous checkpoint whole."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(directory) / "dcp"
+    tmp = Path(directory) / "dcp.tmp"
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(module, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    barrier()
+    if is_main():
+        torch.save(extra, tmp / "loop.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
+
+
+def load_checkpoint(directory, module: nn.Module, opt) -> dict | None:
+    """Restore what save_checkpoint wrote; returns its `extra`, or None where there is none."""
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    final = Path(directory) / "dcp"
+    if not (final / "loop.pt").exists():
+        return None
+    model_sd, optim_sd = get_state_dict(module, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(final))
+    set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(final / "loop.pt", weights_only=False)

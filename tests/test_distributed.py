@@ -1,0 +1,141 @@
+"""DDP and FSDP2 on CPU: 2 processes (gloo) spawned by the test train a tiny Llama with every method and
+give the one-process loss curve; a sharded checkpoint saved on 2 ranks resumes on 2 ranks; the merged
+model is written to one file by rank 0."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from qatext import QuantSpec, data, distributed, methods, models
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+METHODS = ["full_qat", "lrqat", "qalora", "efficientqat"]
+FAST = {"full_qat": dict(lr=3e-3, quant_lr=1e-3), "lrqat": dict(rank=4, lr=1e-2, scale_lr=1e-3),
+        "qalora": dict(rank=4, lr=1e-2), "efficientqat": dict(e2e_lr=1e-2, block_ap_kwargs=dict(
+            n_samples=8, batch_size=4, seq_len=33, epochs=1, quant_lr=1e-3, weight_lr=1e-3, progress=False))}
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _tokens():
+    return data.ByteTokenizer().encode(data.load_kjv()[:20_000])
+
+
+def curves(strategy, ckpt_root=None):
+    """Each method for 4 steps of a global batch of 4 windows; their loss curves."""
+    out = {}
+    for name in METHODS:
+        cfg = methods.default_config(name, steps=4, batch_size=4, seq_len=32, progress=False, distributed=strategy,
+                                     checkpoint_dir=str(ckpt_root / name) if ckpt_root else None)
+        _, out[name] = methods.run(name, tiny_llama(), QuantSpec(4, 32), _tokens(), cfg, **FAST[name])
+    return out
+
+
+def train_crash_resume_merge(strategy, root):
+    """LR-QAT with a checkpoint every 2 steps: die in step 4, resume, merge and save on rank 0."""
+    from qatext.evaluate import causal_lm_loss
+    from qatext.methods.common import freeze, layer_params
+    from qatext.train import train
+
+    def run(ckpt, crash_at=None):
+        model = tiny_llama()
+        freeze(model)
+        models.quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
+        groups = [{"params": layer_params(model, ("lora_a", "lora_b", "scale")), "lr": 1e-2}]
+        calls = []
+
+        def loss_fn(m, batch):
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt
+            return causal_lm_loss(m, batch)
+
+        cfg = methods.default_config("lrqat", steps=6, batch_size=4, seq_len=32, progress=False, distributed=strategy,
+                                     checkpoint_dir=str(ckpt), checkpoint_every=2)
+        return model, train(model, groups, _tokens(), cfg, loss_fn=loss_fn)
+
+    try:
+        run(root / "ckpt", crash_at=4)
+    except KeyboardInterrupt:
+        pass
+    model, history = run(root / "ckpt")
+    models.merge_model(model)
+    if distributed.is_main():
+        models.save_quantized(model, root / "merged")
+    distributed.barrier()
+    return history
+
+
+def _worker(rank, world, port, job, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert distributed.init_from_env() and distributed.world_size() == world
+    try:
+        result = job(*args)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn(job, *args, tmp_path, world=2):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / f"{job.__name__}.pt"
+    mp.spawn(_worker, args=(world, port, job, args, out), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def one_process_curves():
+    return curves("ddp")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_give_the_one_process_loss_curve(tmp_path, one_process_curves, strategy):
+    got = spawn(curves, strategy, tmp_path=tmp_path)
+    for name in METHODS:
+        assert len(got[name]) == 4
+        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(one_process_curves[name]), rtol=1e-4,
+                                   atol=1e-4, msg=lambda m, name=name: f"{name} ({strategy}): {m}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sharded_checkpoint_resumes_and_merges_to_one_file(tmp_path, strategy):
+    got = spawn(train_crash_resume_merge, strategy, tmp_path, tmp_path=tmp_path)
+    assert (tmp_path / "ckpt" / "dcp" / "loop.pt").exists()
+    # The same run in one process, uninterrupted: same curve, same merged model.
+    single = curves_single_lrqat(tmp_path / "single")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(single[0]), rtol=1e-4, atol=1e-4)
+    merged = models.load_quantized(tmp_path / "merged")
+    x = _tokens()[:33].unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, single[1](input_ids=x).logits, rtol=1e-3, atol=1e-3)
+
+
+def curves_single_lrqat(root):
+    from qatext.evaluate import causal_lm_loss  # noqa: F401
+    from qatext.methods.common import freeze, layer_params
+    from qatext.train import train
+
+    model = tiny_llama()
+    freeze(model)
+    models.quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
+    groups = [{"params": layer_params(model, ("lora_a", "lora_b", "scale")), "lr": 1e-2}]
+    cfg = methods.default_config("lrqat", steps=6, batch_size=4, seq_len=32, progress=False)
+    history = train(model, groups, _tokens(), cfg)
+    models.merge_model(model)
+    model.eval()
+    return history, model
