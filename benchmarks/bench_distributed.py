@@ -1,0 +1,79 @@
+"""LR-QAT (INT4 P, rank 32, checkpointing) on a LLaMA-2-7B-shaped model (random init, bf16): tokens/s and
+peak memory per GPU, one GPU against FSDP2 on several, the same per-GPU batch (seq 1024).
+
+    torchrun --nproc-per-node 1 benchmarks/bench_distributed.py --out one.json
+    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --out two.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from qatext import QuantSpec, distributed, methods, models
+from qatext.evaluate import causal_lm_loss
+from qatext.methods.common import freeze, layer_params
+from qatext.train import train
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--per-gpu-batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    distributed.init_from_env()
+    world = distributed.world_size()
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    freeze(model)
+    models.quantize_model(model, QuantSpec(4, 128), method="lrqat", init="minmax", rank=32, alpha=32.0,
+                          checkpointing=True)
+    groups = [{"params": layer_params(model, ("lora_a", "lora_b")), "lr": 1e-4},
+              {"params": layer_params(model, ("scale",)), "lr": 1e-5}]
+    tokens = torch.randint(0, cfg.vocab_size, (1_000_000,))
+    stamps = []
+
+    def timed_loss(m, batch):
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return causal_lm_loss(m, batch)
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    tcfg = methods.default_config("lrqat", steps=args.steps, batch_size=args.per_gpu_batch * world,
+                                  seq_len=args.seq_len, progress=False, distributed="fsdp")
+    history = train(model, groups, tokens, tcfg, loss_fn=timed_loss)
+    torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    step_s = (stamps[-1] - stamps[2]) / (len(stamps) - 3)  # steps after two of warm-up
+    result = {"gpus": world, "device": torch.cuda.get_device_name(), "layers": args.layers, "seq_len": args.seq_len,
+              "global_batch": args.per_gpu_batch * world, "step_s": step_s,
+              "tokens_per_s": args.per_gpu_batch * world * args.seq_len / step_s, "peak_GiB_per_gpu": peak,
+              "loss": history}
+    peaks = [None] * world
+    if distributed.active():
+        torch.distributed.all_gather_object(peaks, peak)
+        result["peak_GiB_all_ranks"] = peaks
+    if distributed.is_main():
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    if distributed.active():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
