@@ -111,8 +111,12 @@ class Wrapped:
         names = {id(p): n for n, p in model.named_parameters()}
         work = _shallow_copy(model)
         mesh = init_device_mesh(device.type, (world_size(),))
-        # One gradient dtype for the reduce-scatter (fp32 scales beside 16-bit LoRA factors).
-        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        # FSDP gathers and reduces one dtype per layer, and QuantLinear holds fp32 scales beside 16-bit
+        # LoRA factors: mixed precision gathers in the model's compute dtype (bf16 for a bf16 model;
+        # the sharded masters keep their own dtype) and reduces gradients in fp32.
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        compute = min(floats, key=lambda d: torch.finfo(d).bits) if floats else None
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         for layer in decoder_layers(work):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(work, mesh=mesh, mp_policy=policy)
