@@ -111,11 +111,14 @@ class Wrapped:
         names = {id(p): n for n, p in model.named_parameters()}
         work = _shallow_copy(model)
         mesh = init_device_mesh(device.type, (world_size(),))
-        # FSDP gathers and reduces one dtype per layer, and QuantLinear holds fp32 scales beside 16-bit
-        # LoRA factors: mixed precision gathers in the model's compute dtype (bf16 for a bf16 model;
-        # the sharded masters keep their own dtype) and reduces gradients in fp32.
+        # FSDP wants one dtype for a layer's trainable parameters, and QuantLinear trains fp32 scales
+        # beside 16-bit LoRA factors (or weights): the shards keep fp32 masters of what trains, and
+        # mixed precision gathers in the model's compute dtype and reduces gradients in fp32.
         floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
         compute = min(floats, key=lambda d: torch.finfo(d).bits) if floats else None
+        for p in work.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         for layer in decoder_layers(work):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -134,7 +137,7 @@ class Wrapped:
             full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
             with torch.no_grad():
                 for name, p in self.model.named_parameters():
-                    p.data = full[name].to(p.device)
+                    p.data = full[name].to(p.device, p.dtype)
         return self.model
 
 
