@@ -41,34 +41,36 @@ def curves(strategy, ckpt_root=None):
     return out
 
 
-def train_crash_resume_merge(strategy, root):
-    """LR-QAT with a checkpoint every 2 steps: die in step 4, resume, merge and save on rank 0."""
+def lrqat_run(ckpt=None, strategy="ddp", crash_at=None):
+    """LR-QAT for 6 steps (a checkpoint every 2 when ckpt is set); crash_at: die in that step."""
     from qatext.evaluate import causal_lm_loss
     from qatext.methods.common import freeze, layer_params
     from qatext.train import train
 
-    def run(ckpt, crash_at=None):
-        model = tiny_llama()
-        freeze(model)
-        models.quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
-        groups = [{"params": layer_params(model, ("lora_a", "lora_b", "scale")), "lr": 1e-2}]
-        calls = []
+    model = tiny_llama()
+    freeze(model)
+    models.quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
+    groups = [{"params": layer_params(model, ("lora_a", "lora_b", "scale")), "lr": 1e-2}]
+    calls = []
 
-        def loss_fn(m, batch):
-            calls.append(1)
-            if len(calls) == crash_at:
-                raise KeyboardInterrupt
-            return causal_lm_loss(m, batch)
+    def loss_fn(m, batch):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return causal_lm_loss(m, batch)
 
-        cfg = methods.default_config("lrqat", steps=6, batch_size=4, seq_len=32, progress=False, distributed=strategy,
-                                     checkpoint_dir=str(ckpt), checkpoint_every=2)
-        return model, train(model, groups, _tokens(), cfg, loss_fn=loss_fn)
+    cfg = methods.default_config("lrqat", steps=6, batch_size=4, seq_len=32, progress=False, distributed=strategy,
+                                 checkpoint_dir=str(ckpt) if ckpt else None, checkpoint_every=2)
+    return model, train(model, groups, _tokens(), cfg, loss_fn=loss_fn)
 
+
+def train_crash_resume_merge(strategy, root):
+    """Die in step 4, resume, merge and save on rank 0."""
     try:
-        run(root / "ckpt", crash_at=4)
+        lrqat_run(root / "ckpt", strategy, crash_at=4)
     except KeyboardInterrupt:
         pass
-    model, history = run(root / "ckpt")
+    model, history = lrqat_run(root / "ckpt", strategy)
     models.merge_model(model)
     if distributed.is_main():
         models.save_quantized(model, root / "merged")
@@ -117,25 +119,11 @@ def test_sharded_checkpoint_resumes_and_merges_to_one_file(tmp_path, strategy):
     got = spawn(train_crash_resume_merge, strategy, tmp_path, tmp_path=tmp_path)
     assert (tmp_path / "ckpt" / "dcp" / "loop.pt").exists()
     # The same run in one process, uninterrupted: same curve, same merged model.
-    single = curves_single_lrqat(tmp_path / "single")
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(single[0]), rtol=1e-4, atol=1e-4)
+    single, single_history = lrqat_run()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(single_history), rtol=1e-4, atol=1e-4)
+    models.merge_model(single)
+    single.eval()
     merged = models.load_quantized(tmp_path / "merged")
     x = _tokens()[:33].unsqueeze(0)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=x).logits, single[1](input_ids=x).logits, rtol=1e-3, atol=1e-3)
-
-
-def curves_single_lrqat(root):
-    from qatext.evaluate import causal_lm_loss  # noqa: F401
-    from qatext.methods.common import freeze, layer_params
-    from qatext.train import train
-
-    model = tiny_llama()
-    freeze(model)
-    models.quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
-    groups = [{"params": layer_params(model, ("lora_a", "lora_b", "scale")), "lr": 1e-2}]
-    cfg = methods.default_config("lrqat", steps=6, batch_size=4, seq_len=32, progress=False)
-    history = train(model, groups, _tokens(), cfg)
-    models.merge_model(model)
-    model.eval()
-    return history, model
+        torch.testing.assert_close(merged(input_ids=x).logits, single(input_ids=x).logits, rtol=1e-3, atol=1e-3)
