@@ -1,4 +1,4 @@
-// Group-wise dequant GEMM on the tensor cores, version 1 (small M: decode and short prompts).
+// Group-wise dequant GEMM on the tensor cores, version 3 (small M: decode and short prompts).
 //
 //   forward    y[M, N]  = x[M, K]  @ deq(W)^T   (reduction over K)
 //   grad input gx[M, K] = gy[M, N] @ deq(W)     (reduction over N)
@@ -6,11 +6,12 @@
 // W stays in qatext's packed layout (b-bit little-endian stream along K, fp32 scale/zero per
 // group). A block owns 128 output columns and a slice of the reduction (split-K, so that a few
 // dozen column tiles still fill every SM at M = 1). Each 128 x 128 tile of W moves as packed bytes
-// by cp.async through a multi-stage shared-memory ring, is decoded once into a bf16/fp16 tile in
-// shared memory (q * s - z * s in fp32, one FMA, rounded once to 16 bits), and feeds
-// mma.sync m16n8k16 through ldmatrix; the grad-input direction reads the same decoded tile with
-// ldmatrix.trans. Partial sums of split-K go to an fp32 workspace reduced in a fixed order
-// (deterministic), which also adds the bias.
+// by cp.async through a multi-stage shared-memory ring. Forward: each thread decodes its own
+// mma.sync m16n8k16 B fragments from the packed tile straight into registers (q * s - z * s in
+// fp32, one FMA, rounded once to 16 bits); no decoded tile, so 3 blocks fit an SM at M <= 16.
+// Grad input: the tile is decoded once into a 16-bit shared tile read with ldmatrix.trans.
+// Partial sums of split-K go to an fp32 workspace reduced in a fixed order (deterministic), which
+// also adds the bias.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -110,17 +111,21 @@ struct GemmArgs {
   int iters_per_split;  // 128-wide reduction stages per block
 };
 
-template <int MT>
+template <int MT, bool TRANS>
 struct SmemLayout {
   static constexpr int kPackedBytes = kTile * kPackedStride;
   static constexpr int kActBytes = MT * 16 * kHalfStride * 2;
-  static constexpr int kDecodedBytes = kTile * kHalfStride * 2;
+  static constexpr int kDecodedBytes = TRANS ? kTile * kHalfStride * 2 : 0;  // forward decodes into registers
   static constexpr int kTotal = kStages * (kPackedBytes + kActBytes) + kDecodedBytes;
 };
 
+// Blocks per SM the forward kernel is register-budgeted for (its shared memory allows 3 at MT = 1).
+template <int MT, bool TRANS>
+constexpr int kMinBlocks = TRANS ? 1 : (MT == 1 ? 3 : MT == 2 ? 2 : 1);
+
 template <typename T, int BITS, int MT, bool TRANS>
-__global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs args) {
-  using L = SmemLayout<MT>;
+__global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant_gemm_kernel(GemmArgs args) {
+  using L = SmemLayout<MT, TRANS>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* packed_s = smem;                                               // [stage][128][kPackedStride]
   uint16_t* act_s = reinterpret_cast<uint16_t*>(smem + kStages * L::kPackedBytes);  // [stage][16MT][kHalfStride]
@@ -225,17 +230,62 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
   }
 
   const int pw = warp * 16;  // this warp's output columns within the tile
+  // Forward: each thread decodes its own mma B fragments straight from the packed tile: W rows
+  // p0 + pw + 8j + lane/4 (j = 0, 1), codes 2t, 2t+1 and 2t+8, 2t+9 (t = lane % 4) of every
+  // 16-deep k-step; a k-step never straddles a group (group_size >= 16).
+  const int fg = lane / 4, ft = lane % 4;
+  auto load_fragment_qparams = [&](int it, float (&s)[2][8], float (&nzs)[2][8]) {
+    const int r0 = (iter0 + it) * kTile;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float* srow = args.scale + int64_t(p0 + pw + 8 * j + fg) * args.G;
+      const float* zrow = args.zero + int64_t(p0 + pw + 8 * j + fg) * args.G;
+      float sg = 0.f, zg = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < 8; ++ks) {
+        const int group = (r0 + 16 * ks) >> args.group_shift;
+        if (ks == 0 || group != ((r0 + 16 * ks - 16) >> args.group_shift)) {  // same for the whole block
+          sg = __ldg(srow + group);
+          zg = __ldg(zrow + group);
+        }
+        s[j][ks] = sg;
+        nzs[j][ks] = -zg * sg;
+      }
+    }
+  };
+  // {b0, b1} of fragment j at k-step ks: one or two 32-bit words of the packed row, four codes.
+  auto fragment = [&](const uint8_t* packed_slot, int j, int ks, float s, float nzs, uint32_t& b0, uint32_t& b1) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(packed_slot + (pw + 8 * j + fg) * kPackedStride);
+    const int first_bit = 16 * ks * BITS, word = first_bit >> 5, off = first_bit & 31;
+    uint64_t window = row[word];
+    if (BITS != 2) window |= uint64_t(row[word + 1]) << 32;
+    constexpr uint32_t mask = (1u << BITS) - 1u;
+    const auto value = [&](int code) {  // code: index within the k-step
+      return fmaf(code_to_float(uint32_t(window >> (off + code * BITS)) & mask), s, nzs);
+    };
+    b0 = Native<T>::pack2(value(2 * ft), value(2 * ft + 1));
+    b1 = Native<T>::pack2(value(2 * ft + 8), value(2 * ft + 9));
+  };
+
   for (int it = 0; it < iters; ++it) {
     const int slot = it % kStages;
-    float s[8], nzs[8];
-    load_qparams(it, s, nzs);
+    float s[8], nzs[8];           // grad input: the shared-tile decode's scales
+    float fs[2][8], fnzs[2][8];  // forward: the fragments' scales
+    if constexpr (TRANS) {
+      load_qparams(it, s, nzs);
+    } else {
+      load_fragment_qparams(it, fs, fnzs);
+    }
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `it` landed for all threads; everyone is done with stage it - 1
     if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, it + kStages - 1);
     cp_async_commit();
-    decode_stage(slot, s, nzs);
-    __syncthreads();
+    if constexpr (TRANS) {
+      decode_stage(slot, s, nzs);
+      __syncthreads();
+    }
     const uint16_t* act = act_s + slot * (L::kActBytes / 2);
+    const uint8_t* packed_slot = packed_s + slot * L::kPackedBytes;
 #pragma unroll
     for (int k0 = 0; k0 < kTile; k0 += 16) {
       uint32_t b[4];  // {b0, b1} of output columns pw..pw+7, then of pw+8..pw+15
@@ -244,7 +294,8 @@ __global__ void __launch_bounds__(kGemmThreads) dequant_gemm_kernel(GemmArgs arg
         const int mi = lane / 8;
         ldmatrix_x4_trans(b, dec_s + (k0 + lane % 8 + (mi % 2) * 8) * kHalfStride + pw + (mi / 2) * 8);
       } else {
-        ldmatrix_x4(b, dec_s + (pw + lane % 8 + (lane / 16) * 8) * kHalfStride + k0 + ((lane / 8) % 2) * 8);
+        fragment(packed_slot, 0, k0 / 16, fs[0][k0 / 16], fnzs[0][k0 / 16], b[0], b[1]);
+        fragment(packed_slot, 1, k0 / 16, fs[1][k0 / 16], fnzs[1][k0 / 16], b[2], b[3]);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -299,7 +350,7 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, const T* 
 
 template <typename T, int BITS, int MT, bool TRANS>
 void launch(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = SmemLayout<MT>::kTotal;
+  constexpr int smem = SmemLayout<MT, TRANS>::kTotal;
   auto kernel = dequant_gemm_kernel<T, BITS, MT, TRANS>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) throw std::runtime_error(std::string("qatext: dequant_gemm smem: ") + cudaGetErrorString(attr));
@@ -330,7 +381,7 @@ int sm_count() {
 }  // namespace
 
 bool dequant_gemm_supported(int64_t M, GroupShape shape) {
-  const bool pow2_group = (shape.group_size & (shape.group_size - 1)) == 0 && shape.group_size >= 8;
+  const bool pow2_group = (shape.group_size & (shape.group_size - 1)) == 0 && shape.group_size >= 16;
   return (shape.bits == 2 || shape.bits == 3 || shape.bits == 4) && M >= 1 && shape.N % kTile == 0 &&
          shape.K % kTile == 0 && shape.N * shape.K < (int64_t(1) << 31) && M * (shape.N + shape.K) < (int64_t(1) << 31) &&
          (pow2_group || shape.group_size == shape.K);
