@@ -253,18 +253,30 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
       }
     }
   };
-  // {b0, b1} of fragment j at k-step ks: one or two 32-bit words of the packed row, four codes.
+  // {b0, b1} of fragment j at k-step ks: four codes from one or two 32-bit words of the packed row.
   auto fragment = [&](const uint8_t* packed_slot, int j, int ks, float s, float nzs, uint32_t& b0, uint32_t& b1) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(packed_slot + (pw + 8 * j + fg) * kPackedStride);
-    const int first_bit = 16 * ks * BITS, word = first_bit >> 5, off = first_bit & 31;
-    uint64_t window = row[word];
-    if (BITS != 2) window |= uint64_t(row[word + 1]) << 32;
+    const int first_bit = 16 * ks * BITS, word = first_bit >> 5;
     constexpr uint32_t mask = (1u << BITS) - 1u;
-    const auto value = [&](int code) {  // code: index within the k-step
-      return fmaf(code_to_float(uint32_t(window >> (off + code * BITS)) & mask), s, nzs);
-    };
-    b0 = Native<T>::pack2(value(2 * ft), value(2 * ft + 1));
-    b1 = Native<T>::pack2(value(2 * ft + 8), value(2 * ft + 9));
+    const auto value = [&](uint32_t bits) { return fmaf(code_to_float(bits & mask), s, nzs); };
+    uint32_t q[4];  // codes 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step, shifted down to bit 0 (masked by value)
+    if constexpr (BITS == 3) {  // codes may straddle words: a 64-bit window
+      const uint64_t window = row[word] | uint64_t(row[word + 1]) << 32;
+      const int base = (first_bit & 31) + 2 * ft * BITS;
+      q[0] = uint32_t(window >> base);
+      q[1] = uint32_t(window >> (base + BITS));
+      q[2] = uint32_t(window >> (base + 8 * BITS));
+      q[3] = uint32_t(window >> (base + 9 * BITS));
+    } else {  // 2 or 4 bits: codes 2t, 2t+1 and 2t+8, 2t+9 each sit inside one word (32-bit shifts)
+      const uint32_t lo = row[word], hi = BITS == 4 ? row[word + 1] : lo >> 16;
+      const int base = 2 * ft * BITS;
+      q[0] = lo >> base;
+      q[1] = lo >> (base + BITS);
+      q[2] = hi >> base;
+      q[3] = hi >> (base + BITS);
+    }
+    b0 = Native<T>::pack2(value(q[0]), value(q[1]));
+    b1 = Native<T>::pack2(value(q[2]), value(q[3]));
   };
 
   for (int it = 0; it < iters; ++it) {
