@@ -268,7 +268,15 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
       q[2] = uint32_t(window >> (base + 8 * BITS));
       q[3] = uint32_t(window >> (base + 9 * BITS));
     } else {  // 2 or 4 bits: codes 2t, 2t+1 and 2t+8, 2t+9 each sit inside one word (32-bit shifts)
-      const uint32_t lo = row[word], hi = BITS == 4 ? row[word + 1] : lo >> 16;
+      uint32_t lo, hi;
+      if constexpr (BITS == 4) {  // word is even: one 8-byte load
+        const uint2 w = *reinterpret_cast<const uint2*>(row + word);
+        lo = w.x;
+        hi = w.y;
+      } else {
+        lo = row[word];
+        hi = lo >> 16;
+      }
       const int base = 2 * ft * BITS;
       q[0] = lo >> base;
       q[1] = lo >> (base + BITS);
