@@ -145,7 +145,11 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
   auto load_stage = [&](int slot, int it) {
     const int r0 = (iter0 + it) * kTile;
     uint8_t* pdst = packed_s + slot * L::kPackedBytes;
-    for (int i = tid; i < kTile * kChunks; i += kGemmThreads) {
+    constexpr int kCopies = (kTile * kChunks + kGemmThreads - 1) / kGemmThreads;  // unrolled: no loop control
+#pragma unroll
+    for (int copy = 0; copy < kCopies; ++copy) {
+      const int i = tid + copy * kGemmThreads;
+      if (kTile * kChunks % kGemmThreads != 0 && i >= kTile * kChunks) break;
       const int row = i / kChunks, c = i % kChunks;
       // Tile rows are W rows: output columns (forward) or reduction rows (grad input).
       const int64_t wrow = TRANS ? r0 + row : p0 + row;
@@ -153,7 +157,9 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
       cp_async16(pdst + row * kPackedStride + c * 16, args.packed + wrow * row_bytes + col_byte, 16);
     }
     uint16_t* adst = act_s + slot * (L::kActBytes / 2);
-    for (int i = tid; i < MT * 16 * 16; i += kGemmThreads) {
+#pragma unroll
+    for (int copy = 0; copy < MT; ++copy) {  // MT * 256 16-byte chunks: MT per thread
+      const int i = tid + copy * kGemmThreads;
       const int row = i / 16, c = i % 16, m = m0 + row;
       const bool valid = m < args.M;
       const T* src = a + int64_t(valid ? m : 0) * R + r0 + c * 8;
@@ -234,22 +240,30 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
   // p0 + pw + 8j + lane/4 (j = 0, 1), codes 2t, 2t+1 and 2t+8, 2t+9 (t = lane % 4) of every
   // 16-deep k-step; a k-step never straddles a group (group_size >= 16).
   const int fg = lane / 4, ft = lane % 4;
+  const float* srow[2] = {args.scale + int64_t(p0 + pw + fg) * args.G, args.scale + int64_t(p0 + pw + 8 + fg) * args.G};
+  const float* zrow[2] = {args.zero + int64_t(p0 + pw + fg) * args.G, args.zero + int64_t(p0 + pw + 8 + fg) * args.G};
   auto load_fragment_qparams = [&](int it, float (&s)[2][8], float (&nzs)[2][8]) {
     const int r0 = (iter0 + it) * kTile;
+    if (args.group_shift >= 7) {  // group_size >= 128: one group per stage (the same branch for the whole block)
+      const int group = r0 >> args.group_shift;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float sg = __ldg(srow[j] + group), nz = -__ldg(zrow[j] + group) * sg;
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+          s[j][ks] = sg;
+          nzs[j][ks] = nz;
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float* srow = args.scale + int64_t(p0 + pw + 8 * j + fg) * args.G;
-      const float* zrow = args.zero + int64_t(p0 + pw + 8 * j + fg) * args.G;
-      float sg = 0.f, zg = 0.f;
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks) {
         const int group = (r0 + 16 * ks) >> args.group_shift;
-        if (ks == 0 || group != ((r0 + 16 * ks - 16) >> args.group_shift)) {  // same for the whole block
-          sg = __ldg(srow + group);
-          zg = __ldg(zrow + group);
-        }
-        s[j][ks] = sg;
-        nzs[j][ks] = -zg * sg;
+        s[j][ks] = __ldg(srow[j] + group);  // repeated groups hit L1; coalesced within a quad of lanes
+        nzs[j][ks] = -__ldg(zrow[j] + group) * s[j][ks];
       }
     }
   };
