@@ -242,27 +242,25 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
   const int fg = lane / 4, ft = lane % 4;
   const float* srow[2] = {args.scale + int64_t(p0 + pw + fg) * args.G, args.scale + int64_t(p0 + pw + 8 + fg) * args.G};
   const float* zrow[2] = {args.zero + int64_t(p0 + pw + fg) * args.G, args.zero + int64_t(p0 + pw + 8 + fg) * args.G};
+  // group_size >= 128: one group per stage, whose scale and zero are loaded a stage ahead (their
+  // latency hides behind a whole stage); smaller groups load per k-step (L1 hits after the first).
+  const bool one_group_per_stage = args.group_shift >= 7;  // the same for the whole block
+  auto load_stage_group = [&](int it, float (&s)[2], float (&nz)[2]) {
+    const int group = ((iter0 + it) * kTile) >> args.group_shift;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      s[j] = __ldg(srow[j] + group);
+      nz[j] = __ldg(zrow[j] + group);
+    }
+  };
   auto load_fragment_qparams = [&](int it, float (&s)[2][8], float (&nzs)[2][8]) {
     const int r0 = (iter0 + it) * kTile;
-    if (args.group_shift >= 7) {  // group_size >= 128: one group per stage (the same branch for the whole block)
-      const int group = r0 >> args.group_shift;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const float sg = __ldg(srow[j] + group), nz = -__ldg(zrow[j] + group) * sg;
-#pragma unroll
-        for (int ks = 0; ks < 8; ++ks) {
-          s[j][ks] = sg;
-          nzs[j][ks] = nz;
-        }
-      }
-      return;
-    }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks) {
         const int group = (r0 + 16 * ks) >> args.group_shift;
-        s[j][ks] = __ldg(srow[j] + group);  // repeated groups hit L1; coalesced within a quad of lanes
+        s[j][ks] = __ldg(srow[j] + group);
         nzs[j][ks] = -__ldg(zrow[j] + group) * s[j][ks];
       }
     }
@@ -301,12 +299,25 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
     b1 = Native<T>::pack2(value(q[2]), value(q[3]));
   };
 
+  float next_s[2] = {0.f, 0.f}, next_z[2] = {0.f, 0.f};  // forward, one group per stage: stage it + 1's
+  if (!TRANS && one_group_per_stage && iters > 0) load_stage_group(0, next_s, next_z);
   for (int it = 0; it < iters; ++it) {
     const int slot = it % kStages;
     float s[8], nzs[8];           // grad input: the shared-tile decode's scales
     float fs[2][8], fnzs[2][8];  // forward: the fragments' scales
     if constexpr (TRANS) {
       load_qparams(it, s, nzs);
+    } else if (one_group_per_stage) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float sj = next_s[j], nzj = -next_z[j] * next_s[j];
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+          fs[j][ks] = sj;
+          fnzs[j][ks] = nzj;
+        }
+      }
+      if (it + 1 < iters) load_stage_group(it + 1, next_s, next_z);
     } else {
       load_fragment_qparams(it, fs, fnzs);
     }
