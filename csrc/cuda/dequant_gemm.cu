@@ -32,36 +32,17 @@ constexpr int kHalfStride = kTile + 8;  // 16-bit elements per decoded / activat
 
 template <typename T>
 struct Native;
-// pack2: two floats to a 16-bit pair. dequant_pair: two 4-bit codes at bits 0-3 and 16-19 of `bits`
-// to (q - z) * s as a 16-bit pair: the codes become 128 + q (bf16) or 1024 + q (fp16) by OR-ing them
-// into the mantissa of the magic number, which a 16-bit subtraction removes exactly; then one fused
-// multiply-add with s and -z * s, both rounded to 16 bits (so one or two units of 16-bit rounding of
-// error, against one for the fp32 path).
 template <>
 struct Native<c10::BFloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 pair (128, 128)
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    const T2 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ T2 as2(uint32_t v) { return *reinterpret_cast<const T2*>(&v); }
-  static __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, uint32_t s2, uint32_t nzs2) {
-    const T2 v = __hfma2(__hsub2(as2((bits & 0x000F000Fu) | kMagic), as2(kMagic)), as2(s2), as2(nzs2));
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
 };
 template <>
 struct Native<c10::Half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 pair (1024, 1024)
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    const T2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ T2 as2(uint32_t v) { return *reinterpret_cast<const T2*>(&v); }
-  static __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, uint32_t s2, uint32_t nzs2) {
-    const T2 v = __hfma2(__hsub2(as2((bits & 0x000F000Fu) | kMagic), as2(kMagic)), as2(s2), as2(nzs2));
+    const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
   }
 };
@@ -259,8 +240,8 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
   // p0 + pw + 8j + lane/4 (j = 0, 1), codes 2t, 2t+1 and 2t+8, 2t+9 (t = lane % 4) of every
   // 16-deep k-step; a k-step never straddles a group (group_size >= 16).
   const int fg = lane / 4, ft = lane % 4;
-  // __byte_perm selector: byte 0 <- byte t of a word, byte 2 <- byte t of the word shifted by 4.
-  const uint32_t nibble_select = uint32_t(ft) * 0x11u | uint32_t(4 + ft) * 0x1100u;
+  // __byte_perm selector: byte 2 <- byte t of the word, the other bytes <- 0.
+  const uint32_t byte_t_to_2 = 0x4044u | uint32_t(ft) << 8;
   const float* srow[2] = {args.scale + int64_t(p0 + pw + fg) * args.G, args.scale + int64_t(p0 + pw + 8 + fg) * args.G};
   const float* zrow[2] = {args.zero + int64_t(p0 + pw + fg) * args.G, args.zero + int64_t(p0 + pw + 8 + fg) * args.G};
   // group_size >= 128: one group per stage, whose scale and zero are loaded a stage ahead (their
@@ -293,12 +274,15 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
     constexpr uint32_t mask = (1u << BITS) - 1u;
     const auto value = [&](uint32_t bits) { return fmaf(code_to_float(bits & mask), s, nzs); };
     if constexpr (BITS == 4) {
-      // Byte t of each word holds codes (2t, 2t+1) resp. (2t+8, 2t+9); one byte permute puts the low
-      // nibble at bits 0-3 and the high one at bits 16-19, ready for dequant_pair.
+      // Byte t of each word holds codes (2t, 2t+1) resp. (2t+8, 2t+9). A byte permute moves it to
+      // bits 16-23; masked into the mantissa of 128.0f each nibble gives exactly 128 + q, and one FMA
+      // with s and c = -(128 + z) * s gives (q - z) * s (the 128 costs ~2^-17 s of fp32 rounding).
       const uint2 w = *reinterpret_cast<const uint2*>(row + word);
-      const uint32_t s2 = Native<T>::pack2(s, s), nzs2 = Native<T>::pack2(nzs, nzs);
-      b0 = Native<T>::dequant_pair(__byte_perm(w.x, w.x >> 4, nibble_select), s2, nzs2);
-      b1 = Native<T>::dequant_pair(__byte_perm(w.y, w.y >> 4, nibble_select), s2, nzs2);
+      const float c = fmaf(-128.f, s, nzs);
+      const auto value_at_16 = [&](uint32_t bits) { return fmaf(__int_as_float((bits & 0x000F0000u) | 0x43000000u), s, c); };
+      const uint32_t lo = __byte_perm(w.x, 0, byte_t_to_2), hi = __byte_perm(w.y, 0, byte_t_to_2);
+      b0 = Native<T>::pack2(value_at_16(lo), value_at_16(lo >> 4));
+      b1 = Native<T>::pack2(value_at_16(hi), value_at_16(hi >> 4));
       return;
     }
     uint32_t q[4];  // codes 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step, shifted down to bit 0 (masked by value)
