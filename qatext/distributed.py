@@ -7,7 +7,7 @@
   parameters are sharded along dim 0 (rows), so a quantization group, which runs along the
   in-features, never straddles a shard; integer buffers (packed codes, zero points) are replicated.
   The kernels see full tensors: FSDP all-gathers a layer's parameters before its forward (and again
-  for the recomputation of checkpointed layers). The original model's parameters give up their
+  for the recomputation of checkpointed layers). What trains is kept as fp32 masters in the shards. The original model's parameters give up their
   memory while the copy trains and get the trained full tensors back in `finish()`, so merge and
   export after training work on a plain model on every rank.
 """
@@ -112,14 +112,13 @@ class Wrapped:
         work = _shallow_copy(model)
         mesh = init_device_mesh(device.type, (world_size(),))
         # FSDP wants one dtype for a layer's trainable parameters, and QuantLinear trains fp32 scales
-        # beside 16-bit LoRA factors (or weights): the shards keep fp32 masters of what trains, and
-        # mixed precision gathers in the model's compute dtype and reduces gradients in fp32.
-        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-        compute = min(floats, key=lambda d: torch.finfo(d).bits) if floats else None
+        # beside 16-bit LoRA factors (or weights): the shards keep fp32 masters of what trains. No
+        # compute-dtype cast: every parameter is gathered in its own dtype (scales stay fp32, as in
+        # one process) and QuantLinear casts weights and factors to the activations' dtype itself.
         for p in work.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         for layer in decoder_layers(work):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(work, mesh=mesh, mp_policy=policy)

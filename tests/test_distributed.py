@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from qatext import QuantSpec, data, distributed, methods, models
+from qatext.nn import QuantLinear
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -20,11 +21,11 @@ FAST = {"full_qat": dict(lr=3e-3, quant_lr=1e-3), "lrqat": dict(rank=4, lr=1e-2,
             n_samples=8, batch_size=4, seq_len=33, epochs=1, quant_lr=1e-3, weight_lr=1e-3, progress=False))}
 
 
-def tiny_llama():
+def tiny_llama(dtype=torch.float32):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
 
 
 def _tokens():
@@ -62,6 +63,26 @@ def lrqat_run(ckpt=None, strategy="ddp", crash_at=None):
     cfg = methods.default_config("lrqat", steps=6, batch_size=4, seq_len=32, progress=False, distributed=strategy,
                                  checkpoint_dir=str(ckpt) if ckpt else None, checkpoint_every=2)
     return model, train(model, groups, _tokens(), cfg, loss_fn=loss_fn)
+
+
+def bf16_lrqat_curve(strategy):
+    """LR-QAT on a bf16 model (fp32 scales beside bf16 LoRA factors): 4 steps; its curve and the dtypes the
+    layers' forward saw for scale and lora_a."""
+    model = tiny_llama(torch.bfloat16)
+    seen = {}
+
+    def record(layer, _args):
+        seen.setdefault("scale", layer.scale.dtype)
+        seen.setdefault("lora_a", layer.lora_a.dtype)
+
+    cfg = methods.default_config("lrqat", steps=4, batch_size=4, seq_len=32, progress=False, distributed=strategy)
+    original = QuantLinear.forward
+    try:
+        QuantLinear.forward = lambda self, x: (record(self, x), original(self, x))[1]
+        _, history = methods.run("lrqat", model, QuantSpec(4, 32), _tokens(), cfg, **FAST["lrqat"])
+    finally:
+        QuantLinear.forward = original
+    return history, seen
 
 
 def train_crash_resume_merge(strategy, root):
@@ -112,6 +133,16 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, one_process_curves,
         assert len(got[name]) == 4
         torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(one_process_curves[name]), rtol=1e-4,
                                    atol=1e-4, msg=lambda m, name=name: f"{name} ({strategy}): {m}")
+
+
+def test_fsdp_on_a_bf16_model_keeps_fp32_scales_in_forward(tmp_path):
+    """FSDP2 shards fp32 masters of what trains and gathers every parameter in its own dtype: the
+    forward sees fp32 scales as in one process, and the loss curve matches it to bf16 precision."""
+    got, seen = spawn(bf16_lrqat_curve, "fsdp", tmp_path=tmp_path)
+    want, want_seen = bf16_lrqat_curve("ddp")  # one process
+    assert seen["scale"] == want_seen["scale"] == torch.float32
+    assert seen["lora_a"] == torch.float32 and want_seen["lora_a"] == torch.bfloat16  # fp32 masters when sharded
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
