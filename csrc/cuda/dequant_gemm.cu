@@ -1,4 +1,4 @@
-// Group-wise dequant GEMM on the tensor cores, version 3 (small M: decode and short prompts).
+// Group-wise dequant GEMM on the tensor cores, version 4 (small M: decode and short prompts).
 //
 //   forward    y[M, N]  = x[M, K]  @ deq(W)^T   (reduction over K)
 //   grad input gx[M, K] = gy[M, N] @ deq(W)     (reduction over N)
