@@ -8,6 +8,7 @@ in float32 and return their gradients in the dtype of the input they belong to.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _C  # noqa: F401  (registers torch.ops.qatext)
 from .reference import packed_row_bytes
@@ -61,6 +62,40 @@ def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size:
     ``frac_bits`` fractional bits (Q4.4 is ``bits=4, frac_bits=4``). Backward to a, b and scale.
     """
     return _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
+
+
+def lrqat_linear(x, p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int = 0,
+                 bias=None) -> torch.Tensor:
+    """x @ lrqat_weight(...)^T + bias, holding only x for backward: the N x K weight lives during the
+    forward GEMM and is recomputed for grad_x (LR-QAT's built-in checkpointing)."""
+    return _LrqatLinear.apply(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
+
+
+class _LrqatLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
+        ctx.qargs = (lora_scale, bits, group_size, frac_bits)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, p, a, b, scale, zero)
+        w = _ops.lrqat_weight(p, a, b, scale, zero, *ctx.qargs)
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, p, a, b, scale, zero = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_a = grad_b = grad_scale = grad_bias = None
+        if need[0]:
+            w = _ops.lrqat_weight(p, a, b, scale, zero, *ctx.qargs)
+            grad_x = (gy @ w.to(gy.dtype)).view(*grad_y.shape[:-1], w.shape[1]).to(x.dtype)
+            del w
+        if need[2] or need[3] or need[4]:
+            grad_w = gy.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # N x K, freed after the next line
+            grad_a, grad_b, grad_scale = _ops.lrqat_weight_backward(grad_w, p, a, b, scale, zero, *ctx.qargs)
+        if ctx.has_bias and need[6]:
+            grad_bias = gy.sum(0)
+        return grad_x, None, grad_a, grad_b, grad_scale, None, grad_bias, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- fake kernels

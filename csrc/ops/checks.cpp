@@ -10,7 +10,11 @@ namespace {
 std::atomic<bool> g_value_checks{true};
 std::atomic<int64_t> g_dw_chunk_elements{int64_t(1) << 24};  // 64 MiB of fp32 dW at a time
 std::atomic<int64_t> g_dequant_gemm_max_m{64};
+std::atomic<bool> g_lrqat_fused{true};
 }  // namespace
+
+bool lrqat_fused_enabled() { return g_lrqat_fused.load(); }
+void set_lrqat_fused(bool enabled) { g_lrqat_fused.store(enabled); }
 
 int64_t dequant_gemm_max_m() { return g_dequant_gemm_max_m.load(); }
 void set_dequant_gemm_max_m(int64_t m) {

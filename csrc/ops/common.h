@@ -56,6 +56,10 @@ void set_dw_chunk_elements(int64_t elements);
 int64_t dequant_gemm_max_m();
 void set_dequant_gemm_max_m(int64_t m);
 
+// Whether CUDA LR-QAT with 16-bit adapters takes the tensor-core kernels (else the fp32 A B path).
+bool lrqat_fused_enabled();
+void set_lrqat_fused(bool enabled);
+
 void check_bits(const char* op, int64_t bits);
 void check_float(const char* op, const char* name, const at::Tensor& t);
 void check_uint8(const char* op, const char* name, const at::Tensor& t);

@@ -1,5 +1,7 @@
 // LR-QAT weight reconstruction W = s * (clamp(round(P + c * A B), 0, 2^b - 1) - z) and its backward
 // to A, B and s (straight-through rounding, zero outside the clamp).
+#include <optional>
+
 #include "core/quant_math.h"
 #include "ops/common.h"
 #include "ops/ops.h"
@@ -31,6 +33,41 @@ at::Tensor low_rank_product(const at::Tensor& a, const at::Tensor& b) {
   return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).contiguous();
 }
 
+// A and B^T zero-padded to a rank of 16, 32 or 64, for the tensor-core kernels (cuda/lrqat_fused.cu);
+// nullopt where they do not apply (CPU, fp32 adapters, shapes off the tile grid, rank > 64).
+struct FusedOperands {
+  at::Tensor a, bt;
+  int rank;
+};
+
+std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                                            const GroupShape& shape) {
+#ifdef QATEXT_WITH_CUDA
+  const auto dtype = a.scalar_type();
+  const int64_t r = a.size(1);
+  if (!lrqat_fused_enabled() || !a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) ||
+      !cuda::lrqat_fused_supported(shape, r) || reinterpret_cast<uintptr_t>(p.const_data_ptr()) % 2 != 0) {
+    return std::nullopt;
+  }
+  const int64_t padded = r <= 16 ? 16 : r <= 32 ? 32 : 64;
+  return FusedOperands{at::constant_pad_nd(a, {0, padded - r}).contiguous(),
+                       at::constant_pad_nd(b.t(), {0, padded - r}).contiguous(), int(padded)};
+#else
+  (void)p, (void)a, (void)b, (void)shape;
+  return std::nullopt;
+#endif
+}
+
+// Runs body with scalar_t bound to c10::Half or c10::BFloat16.
+template <typename Body>
+void dispatch_half(at::ScalarType dtype, const Body& body) {
+  if (dtype == at::kHalf) {
+    body(c10::Half());
+  } else {
+    body(c10::BFloat16());
+  }
+}
+
 }  // namespace
 
 at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_in,
@@ -39,8 +76,21 @@ at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::T
   const char* op = "qatext.lrqat_weight";
   const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
   const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
-  const at::Tensor ab = low_rank_product(a, b);
   at::Tensor out = at::empty({shape.N, shape.K}, a.options());
+#ifdef QATEXT_WITH_CUDA
+  if (const auto fused = fused_operands(p, a, b, shape)) {
+    const at::OptionalDeviceGuard guard(at::device_of(p));
+    dispatch_half(a.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::lrqat_fused_forward<T>(p.const_data_ptr<uint8_t>(), fused->a.const_data_ptr<T>(),
+                                   fused->bt.const_data_ptr<T>(), fused->rank, scale.const_data_ptr<float>(),
+                                   zero.const_data_ptr<float>(), float(lora_scale), int(frac_bits),
+                                   out.mutable_data_ptr<T>(), shape, current_stream(p));
+    });
+    return out;
+  }
+#endif
+  const at::Tensor ab = low_rank_product(a, b);
   QATEXT_DISPATCH_FLOAT(a.scalar_type(), [&] {
     QATEXT_DEVICE_CALL(p, lrqat_weight_forward<scalar_t>, p.const_data_ptr<uint8_t>(), ab.const_data_ptr<float>(),
                        scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
@@ -60,6 +110,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
   check_same_device(op, {{"p", &p_in}, {"grad_w", &grad_w_in}});
   const at::Tensor grad_w = grad_w_in.to(a.scalar_type()).contiguous();
   const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+#ifdef QATEXT_WITH_CUDA
+  if (const auto fused = fused_operands(p, a, b, shape)) {
+    // dU = c * s * dW * in_range in 16 bits (c folded in before rounding); dA, dB by cuBLAS.
+    at::Tensor grad_u = at::empty({shape.N, shape.K}, a.options());
+    at::Tensor tiles = at::empty({shape.N, cuda::lrqat_fused_tile_groups(shape)}, scale.options());
+    const at::OptionalDeviceGuard guard(at::device_of(p));
+    dispatch_half(a.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      cuda::lrqat_fused_backward<T>(grad_w.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(),
+                                    fused->a.const_data_ptr<T>(), fused->bt.const_data_ptr<T>(), fused->rank,
+                                    scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
+                                    int(frac_bits), grad_u.mutable_data_ptr<T>(), tiles.mutable_data_ptr<float>(),
+                                    shape, current_stream(p));
+    });
+    const int64_t G = shape.groups();
+    const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
+    const at::Tensor grad_a = at::mm(grad_u, b.to(a.scalar_type()).t());
+    const at::Tensor grad_b = at::mm(a.t(), grad_u).to(b.scalar_type());
+    return {grad_a, grad_b, grad_scale.to(scale_in.scalar_type())};
+  }
+#endif
   const at::Tensor ab = low_rank_product(a, b);
   at::Tensor grad_u = at::empty({shape.N, shape.K}, scale.options());
   at::Tensor grad_scale = at::empty_like(scale);

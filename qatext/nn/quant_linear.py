@@ -150,7 +150,10 @@ class QuantLinear(nn.Module):
         s = self.spec
         if self.act_bits is not None:
             x = ops.fake_quant_per_token(x, self.act_bits, False)
-        if self.mode in ("fake", "lrqat"):
+        if self.mode == "lrqat":
+            return ops.lrqat_linear(x, self.p, self.lora_a, self.lora_b, positive(self.scale), self.zero,
+                                    self.lora_scale, s.bits, self.group_size, self.frac_bits, self.bias)
+        if self.mode == "fake":
             w = self.quantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -163,8 +166,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input's last dimension must be {self.in_features}, got {tuple(x.shape)}")
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            # Recompute the N x K weight in backward instead of holding it (LR-QAT's checkpointing).
+        if self.checkpointing and self.mode != "lrqat" and self.training and torch.is_grad_enabled():
+            # Recompute the N x K weight in backward instead of holding it (lrqat_linear always does).
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 

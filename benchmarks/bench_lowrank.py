@@ -1,0 +1,65 @@
+"""LR-QAT weight reconstruction kernels alone: the tensor-core kernels (A B formed in registers)
+against the fp32 path (A B by cuBLAS into an N x K fp32 tensor, then elementwise), with the bytes
+floor (read P, write W forward; read P and dW, write dU backward) and copy bandwidth, same run.
+
+    python benchmarks/bench_lowrank.py --out benchmarks/results/lowrank_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import qatext
+from qatext import ops
+from timing import cuda_time_ms
+
+SHAPES = [(11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rank", type=int, default=32)
+    args = parser.parse_args()
+    qatext.set_value_checks(False)
+    torch.manual_seed(0)
+    rows = []
+    buf = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    copy_ms = cuda_time_ms(lambda: buf.clone())
+    copy_bw = 2 * buf.numel() / copy_ms / 1e9  # bytes read + written, TB/s
+    for n, k in SHAPES:
+        for frac in (0, 4):
+            p = (ops.pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"), 4) if frac == 0
+                 else torch.randint(0, 241, (n, k), dtype=torch.uint8, device="cuda"))
+            a = torch.randn(n, args.rank, device="cuda", dtype=torch.bfloat16) * 0.02
+            b = torch.randn(args.rank, k, device="cuda", dtype=torch.bfloat16)
+            scale = torch.rand(n, k // 128, device="cuda") * 0.01 + 0.01
+            zero = torch.full((n, k // 128), 8.0, device="cuda")
+            grad_w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            fwd = lambda: ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, frac)  # noqa: E731
+            bwd = lambda: torch.ops.qatext.lrqat_weight_backward(grad_w, p, a, b, scale, zero, 1.0, 4, 128, frac)  # noqa: E731
+            p_bytes = p.numel()
+            floor = {"fwd": p_bytes + 2 * n * k, "bwd": p_bytes + 4 * n * k}
+            for path in ("fused", "fp32_ab"):
+                qatext._C.set_lrqat_fused(path == "fused")
+                for direction, fn in (("fwd", fwd), ("bwd", bwd)):
+                    ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=5)
+                    bw = floor[direction] / ms / 1e9
+                    rows.append({"N": n, "K": k, "rank": args.rank, "P": "int4" if frac == 0 else "q4.4",
+                                 "path": path, "direction": direction, "us": ms * 1e3, "floor_bytes": floor[direction],
+                                 "TB_per_s": bw, "pct_of_copy": 100 * bw / copy_bw})
+                    r = rows[-1]
+                    print(f"{n}x{k} {r['P']} {path:8s} {direction}: {r['us']:8.1f} us  {bw:5.2f} TB/s "
+                          f"({r['pct_of_copy']:.0f}% of copy)", flush=True)
+            qatext._C.set_lrqat_fused(True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TB_per_s": copy_bw,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One training step of a LLaMA-2-7B-shaped model (transformers config, random init, bf16), seq 1024,
+batch 1, for one method: peak GPU memory and tokens/s. Run once per method (fresh process, clean peak):
+
+    for m in lrqat lrqat_q44 qalora e2eqp full_qat; do python benchmarks/bench_step.py --method $m --out step_$m.json; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import qatext
+from qatext import QuantSpec, methods, models
+from qatext.evaluate import causal_lm_loss
+from qatext.methods.common import freeze, layer_params
+from qatext.train import train
+
+# method -> (QuantLinear mode, layer options, trained parameter names, learning rate)
+SETUPS = {
+    "lrqat": ("lrqat", dict(rank=32, alpha=32.0), ("lora_a", "lora_b", "scale"), 1e-4),
+    "lrqat_q44": ("lrqat", dict(rank=32, alpha=32.0, frac_bits=4), ("lora_a", "lora_b", "scale"), 1e-4),
+    "qalora": ("qalora", dict(rank=64, alpha=16.0), ("lora_a", "lora_b"), 1e-4),
+    "e2eqp": ("e2eqp", {}, ("scale",), 1e-5),
+    "full_qat": ("fake", {}, ("weight", "scale", "zero"), 1e-5),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=sorted(SETUPS), required=True)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    qatext.set_value_checks(False)
+    mode, options, trained, lr = SETUPS[args.method]
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    freeze(model)
+    models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
+    if args.method == "full_qat":
+        model.gradient_checkpointing_enable()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = [p for p in model.parameters()]
+    else:
+        params = layer_params(model, trained)
+    tokens = torch.randint(0, cfg.vocab_size, (1_000_000,))
+    stamps = []
+
+    def timed_loss(m, batch):
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return causal_lm_loss(m, batch)
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    name = {"lrqat": "lrqat", "fake": "full_qat", "qalora": "qalora", "e2eqp": "efficientqat"}[mode]
+    tcfg = methods.default_config(name, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False)
+    history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=timed_loss)
+    torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+    step_s = (stamps[-1] - stamps[2]) / (len(stamps) - 3)  # after two warm-up steps
+    result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
+              "seq_len": args.seq_len, "step_s": step_s, "tokens_per_s": args.seq_len / step_s,
+              "peak_GB": torch.cuda.max_memory_allocated() / 1e9,
+              "trained_params_M": sum(p.numel() for p in params) / 1e6, "loss": history}
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

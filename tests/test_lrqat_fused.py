@@ -1,0 +1,132 @@
+"""The tensor-core LR-QAT kernels (16-bit adapters on CUDA) and lrqat_linear, against the reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qatext
+from conftest import random_qparams
+from qatext import ops, reference
+
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# (N, K, rank, bits, group_size, frac_bits): on the 16 x 128 tile grid, every groups-per-tile case,
+# ranks that pad to 16 / 32 / 64, packed INT2/3/4/8 and fixed-point P.
+CASES = [(64, 512, 32, 4, 128, 0), (48, 256, 8, 4, 32, 0), (32, 384, 64, 2, 64, 0), (16, 256, 16, 3, -1, 0),
+         (32, 512, 32, 4, 256, 4), (16, 128, 20, 8, 128, 0), (80, 640, 48, 4, 64, 4)]
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _inputs(n, k, r, bits, g, frac_bits, dtype, device="cuda"):
+    qmax = (1 << bits) - 1
+    if frac_bits == 0:
+        p = ops.pack(torch.randint(0, qmax + 1, (n, k), dtype=torch.uint8), bits)
+    else:
+        p = torch.randint(0, qmax * (1 << frac_bits) + 1, (n, k), dtype=torch.uint8)
+    a = (torch.randn(n, r) * 0.5).to(dtype)
+    b = (torch.randn(r, k) * 0.5).to(dtype)
+    scale, zero = random_qparams(n, k, bits, g, True, "cpu")
+    return [t.to(device) for t in (p, a, b, scale, zero)]
+
+
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+def _assert_close_up_to_ties(got, want, scale, g):
+    """A B summed in another order may move a value across a rounding boundary: allow a few elements
+    one quantization step apart, nothing more."""
+    diff = (got.float() - want.float()).abs()
+    step = scale.repeat_interleave(g if g > 0 else got.shape[1], dim=1).float()
+    tol = step * 0.01 + 2 * torch.finfo(got.dtype).eps * want.float().abs()  # 16-bit output rounding
+    off = diff > tol
+    assert off.float().mean() < 2e-3, f"{int(off.sum())} of {off.numel()} elements differ"
+    assert torch.all(diff <= step * 1.01 + tol)
+
+
+@pytest.mark.parametrize("n,k,r,bits,g,frac_bits", CASES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_fused_matches_reference(n, k, r, bits, g, frac_bits, dtype, _):
+    p, a, b, scale, zero = _inputs(n, k, r, bits, g, frac_bits, dtype)
+    c = 2.0 / r
+    grad_w = torch.randn(n, k, device="cuda").to(dtype)
+
+    def run(fn, *inputs):
+        leaves = [t.clone().requires_grad_() for t in inputs[1:4]]
+        w = fn(inputs[0], *leaves, inputs[4], c, bits, g, frac_bits)
+        w.backward(grad_w.to(w.device))
+        return [w] + [t.grad for t in leaves]
+
+    names = _kernel_names(lambda: run(ops.lrqat_weight, p, a, b, scale, zero))
+    assert "lrqat_tile_kernel" in names
+    got = run(ops.lrqat_weight, p, a, b, scale, zero)
+    want = run(reference.lrqat_weight, *[t.cpu() for t in (p, a, b, scale, zero)])
+    assert got[0].dtype == dtype
+    _assert_close_up_to_ties(got[0].cpu(), want[0], scale.cpu(), g)
+    for name, x, y in zip(("a", "b", "scale"), got[1:], want[1:]):
+        y = y.float()
+        err = (x.cpu().float() - y).norm() / y.norm().clamp(min=1e-6)
+        assert err < 2e-2, f"grad_{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_fused_and_fp32_paths_agree_and_knob_switches(_):
+    p, a, b, scale, zero = _inputs(64, 1024, 32, 4, 128, 0, torch.bfloat16)
+    fused = ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0)
+    qatext._C.set_lrqat_fused(False)
+    try:
+        assert "lrqat_tile_kernel" not in _kernel_names(lambda: ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0))
+        plain = ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0)
+    finally:
+        qatext._C.set_lrqat_fused(True)
+    assert qatext._C.lrqat_fused_enabled()
+    _assert_close_up_to_ties(fused, plain, scale, 128)
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_fused_is_deterministic(_):
+    p, a, b, scale, zero = _inputs(32, 512, 32, 4, 256, 0, torch.bfloat16)
+    grad_w = torch.randn(32, 512, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.ops.qatext.lrqat_weight_backward(grad_w, p, a, b, scale, zero, 0.5, 4, 256, 0) for _ in range(3)]
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lrqat_linear_matches_reference_formula(device, dtype, bias):
+    n, k, r, bits, g = 32, 256, 16, 4, 64
+    p, a, b, scale, zero = _inputs(n, k, r, bits, g, 0, dtype, device)
+    x = torch.randn(3, 5, k, device=device, dtype=dtype)
+    bias_t = torch.randn(n, device=device, dtype=dtype) if bias else None
+    grad_y = torch.randn(3, 5, n, device=device, dtype=dtype)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b, scale) + ((bias_t,) if bias else ())]
+        y = fn(leaves)
+        y.backward(grad_y)
+        return [y] + [t.grad for t in leaves]
+
+    got = run(lambda t: ops.lrqat_linear(t[0], p, t[1], t[2], t[3], zero, 0.5, bits, g, 0,
+                                          t[4] if bias else None))
+    want = run(lambda t: F.linear(t[0], reference.lrqat_weight(p, t[1], t[2], t[3], zero, 0.5, bits, g, 0).to(dtype),
+                                  t[4] if bias else None))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for x_, y_ in zip(got, want):
+        assert x_.dtype == y_.dtype and x_.shape == y_.shape
+        err = (x_.float() - y_.float()).norm() / y_.float().norm().clamp(min=1e-6)
+        assert err < tol
+
+
+def test_lrqat_linear_holds_no_weight_for_backward(device):
+    n, k = 64, 512
+    p, a, b, scale, zero = _inputs(n, k, 16, 4, 128, 0, torch.float32, device)
+    a.requires_grad_()
+    x = torch.randn(4, k, device=device, requires_grad=True)
+    saved = ops.lrqat_linear(x, p, a, b, scale, zero, 1.0, 4, 128, 0).grad_fn.saved_tensors
+    assert all(t.numel() < n * k for t in saved if t.dtype != torch.uint8), [tuple(t.shape) for t in saved]
