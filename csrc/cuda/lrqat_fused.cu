@@ -1,12 +1,12 @@
-// LR-QAT weight reconstruction with the low-rank product on the tensor cores, version 1.
+// LR-QAT weight reconstruction with the low-rank product on the tensor cores, version 2.
 //
 //   forward   W[n, k]  = s * (clamp(round(P[n, k] + c * (A B)[n, k]), 0, 2^b - 1) - z)
 //   backward  dU[n, k] = c * s * dW[n, k] * in_range[n, k],   ds[n, g] = sum_k dW[n, k] (q[n, k] - z)
 //
 // A B is never stored: each warp owns a 16 x 128 tile of W, forms it with mma.sync m16n8k16
 // (A fragments held in registers for the whole tile, B^T fragments read through L1, shared by the
-// block's 8 warps; P and dW for the whole tile loaded before any math) and applies the quantizer to the fp32 accumulators in place. Traffic is the
-// floor: read P (b/8 B/elem) and write W (2 B/elem) forward; read P and dW, write dU backward.
+// block's 8 warps; P and dW for the whole tile loaded before any math) and applies the quantizer
+// to the fp32 accumulators in place, 16-byte loads and stores throughout. Traffic is the floor: read P (b/8 B/elem) and write W (2 B/elem) forward; read P and dW, write dU backward.
 // The rank is zero-padded to R = 16, 32 or 64 by the caller. ds is summed per tile row in a
 // fixed order (thread, then quad shuffle): one partial per (row, group in the tile), no atomics.
 #include <type_traits>
@@ -36,55 +36,75 @@ struct LrqatTileArgs {
   int N, K, G, group_size, bits, frac_bits;
 };
 
-__device__ __forceinline__ void st32(void* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
-
-// Raw P bits at columns k and k + 1 (k even) of one row: one byte (int4), two bytes (fixed point),
-// or the general bit-stream read. Loaded for the whole tile before any math, so the loads overlap.
-__device__ __forceinline__ uint32_t load_p_pair(const uint8_t* __restrict__ row, int k, int bits, int frac_bits) {
-  if (frac_bits > 0) return __ldg(reinterpret_cast<const uint16_t*>(row + k));
-  if (bits == 4) return __ldg(row + (k >> 1));
-  return read_code(row, k, bits) | (read_code(row, k + 1, bits) << 8);
+// The 8 P values at columns k .. k + 7 (k a multiple of 8) of one row, as raw bits: 8 bytes for
+// fixed point and 8-bit codes, else 8 codes of `bits` bits (one aligned 16/32-bit load for 2/4 bits).
+__device__ __forceinline__ uint64_t load_p8(const uint8_t* __restrict__ row, int k, int bits, int frac_bits) {
+  if (frac_bits > 0 || bits == 8) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(row + k));
+    return uint64_t(v.x) | (uint64_t(v.y) << 32);
+  }
+  const uint8_t* at = row + (k * bits >> 3);
+  if (bits == 4) return __ldg(reinterpret_cast<const unsigned int*>(at));
+  if (bits == 2) return __ldg(reinterpret_cast<const unsigned short*>(at));
+  uint64_t v = 0;
+  for (int i = 0; i < bits; ++i) v |= uint64_t(__ldg(at + i)) << (8 * i);
+  return v;
 }
 
-__device__ __forceinline__ float2 decode_p_pair(uint32_t v, int bits, int frac_bits, float unit) {
-  if (frac_bits > 0) return make_float2(float(v & 0xFFu) * unit, float(v >> 8) * unit);  // exact: unit = 2^-f
-  if (bits == 4) return make_float2(float(v & 15u), float(v >> 4));
-  return make_float2(float(v & 0xFFu), float(v >> 8));
+__device__ __forceinline__ float p_value(uint64_t raw, int i, int bits, int frac_bits, float unit) {
+  if (frac_bits > 0 || bits == 8) return float(uint32_t(raw >> (8 * i)) & 0xFFu) * unit;  // exact: unit = 2^-f
+  return float(uint32_t(raw >> (bits * i)) & ((1u << bits) - 1u));
 }
 
+// Each warp owns a 16 x 128 tile; the mma columns are mapped to K so that every thread ends up with
+// 8 contiguous columns per 32-column slice m (16-byte loads and stores, a quad covers 64 bytes):
+// tile j = 4m + t, mma column c  ->  k = k0 + 32m + 8(c / 2) + 2t + c % 2.
+// The rank is permuted the same way in A and B (the sum over r does not care), so that each lane
+// reads its fragments as one contiguous run of 4*RK values: r = 4*RK*q4 + 4ks + 2half + e.
 // GPT: quantization groups per 128-column tile (4 for g = 32, 2 for g = 64, 1 for g >= 128).
-// The warps of a block share one column tile (rows differ), so B^T fragments come from L1.
+// The warps of a block share one column tile (rows differ), so B^T comes through L1 once.
 template <typename T, int RK, int GPT, bool BACKWARD>
 __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T> args) {
-  constexpr int R = 16 * RK, kJ = kTileCols / 8, kTilesPerGroup = kJ / GPT;
+  constexpr int R = 16 * RK, kSlices = kTileCols / 32, kSlicesPerGroup = kSlices / GPT;
   const int lane = threadIdx.x & 31, g4 = lane >> 2, q4 = lane & 3;
   const int col_tiles = args.K / kTileCols;
   const int col_tile = int(blockIdx.x % col_tiles), k0 = col_tile * kTileCols;
   const int64_t row_tile = int64_t(blockIdx.x / col_tiles) * kWarps + (threadIdx.x >> 5);
   if (row_tile >= args.N / kTileRows) return;
   const int64_t rows[2] = {row_tile * kTileRows + g4, row_tile * kTileRows + g4 + 8};
-  const T* __restrict__ a = args.a;
-  const T* __restrict__ bt = args.bt;
-  const T* __restrict__ grad_w = args.grad_w;
-  T* __restrict__ out = args.out;
 
-  uint32_t praw[2][kJ], graw[2][BACKWARD ? kJ : 1];
+  uint64_t praw[2][kSlices];
+  uint4 graw[2][BACKWARD ? kSlices : 1];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const uint8_t* __restrict__ prow = args.p + rows[h] * args.p_row_bytes;
 #pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      const int k = k0 + 8 * j + 2 * q4;
-      praw[h][j] = load_p_pair(prow, k, args.bits, args.frac_bits);
-      if constexpr (BACKWARD) graw[h][j] = __ldg(reinterpret_cast<const unsigned int*>(grad_w + rows[h] * args.K + k));
+    for (int m = 0; m < kSlices; ++m) {
+      const int k = k0 + 32 * m + 8 * q4;
+      praw[h][m] = load_p8(prow, k, args.bits, args.frac_bits);
+      if constexpr (BACKWARD) graw[h][m] = __ldg(reinterpret_cast<const uint4*>(args.grad_w + rows[h] * args.K + k));
     }
   }
-  uint32_t af[RK][4];  // the warp's 16 rows of A, whole rank, as mma A fragments
+  // A fragments: lane q4 holds rank values [4 RK q4, 4 RK (q4 + 1)) of its two rows.
+  uint32_t af[RK][4];
+  {
+    uint32_t lo[2 * RK], hi[2 * RK];
 #pragma unroll
-  for (int ks = 0; ks < RK; ++ks) {
-    const unsigned int* lo = reinterpret_cast<const unsigned int*>(a + rows[0] * R + ks * 16 + 2 * q4);
-    const unsigned int* hi = reinterpret_cast<const unsigned int*>(a + rows[1] * R + ks * 16 + 2 * q4);
-    af[ks][0] = __ldg(lo), af[ks][1] = __ldg(hi), af[ks][2] = __ldg(lo + 4), af[ks][3] = __ldg(hi + 4);
+    for (int v = 0; v < RK / 2 + (RK == 1); ++v) {
+      const int64_t col = 4 * RK * q4 + 8 * v;
+      if constexpr (RK == 1) {
+        const uint2 x = __ldg(reinterpret_cast<const uint2*>(args.a + rows[0] * R + col));
+        const uint2 y = __ldg(reinterpret_cast<const uint2*>(args.a + rows[1] * R + col));
+        lo[0] = x.x, lo[1] = x.y, hi[0] = y.x, hi[1] = y.y;
+      } else {
+        const uint4 x = __ldg(reinterpret_cast<const uint4*>(args.a + rows[0] * R + col));
+        const uint4 y = __ldg(reinterpret_cast<const uint4*>(args.a + rows[1] * R + col));
+        lo[4 * v] = x.x, lo[4 * v + 1] = x.y, lo[4 * v + 2] = x.z, lo[4 * v + 3] = x.w;
+        hi[4 * v] = y.x, hi[4 * v + 1] = y.y, hi[4 * v + 2] = y.z, hi[4 * v + 3] = y.w;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < RK; ++ks) af[ks][0] = lo[2 * ks], af[ks][1] = hi[2 * ks], af[ks][2] = lo[2 * ks + 1], af[ks][3] = hi[2 * ks + 1];
   }
   float s[2][GPT], z[2][GPT], ds[2][GPT];
 #pragma unroll
@@ -97,27 +117,59 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
   }
 
 #pragma unroll
-  for (int j = 0; j < kJ; ++j) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    const unsigned int* bcol = reinterpret_cast<const unsigned int*>(bt + int64_t(k0 + 8 * j + g4) * R + 2 * q4);
+  for (int m = 0; m < kSlices; ++m) {
+    float acc[4][4];  // [t][mma accumulator]
 #pragma unroll
-    for (int ks = 0; ks < RK; ++ks) mma16816<T>(acc, af[ks], __ldg(bcol + ks * 8), __ldg(bcol + ks * 8 + 4));
-    const int k = k0 + 8 * j + 2 * q4, gi = j / kTilesPerGroup;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {  // accumulators 0, 1: row g4; 2, 3: row g4 + 8; columns k, k + 1
-      const float2 p = decode_p_pair(praw[h][j], args.bits, args.frac_bits, args.p_unit);
-      const LrqatCode c0 = lrqat_code(p.x, acc[2 * h], args.lora_scale, args.qmax);
-      const LrqatCode c1 = lrqat_code(p.y, acc[2 * h + 1], args.lora_scale, args.qmax);
-      const float sc = s[h][gi], zc = z[h][gi];
-      const int64_t off = rows[h] * args.K + k;
-      if constexpr (!BACKWARD) {
-        st32(out + off, Native<T>::pack2((c0.q - zc) * sc, (c1.q - zc) * sc));
+    for (int t = 0; t < 4; ++t) {
+      acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+      const int kb = k0 + 32 * m + 8 * (g4 >> 1) + 2 * t + (g4 & 1);  // this lane's B column
+      const T* brow = args.bt + int64_t(kb) * R + 4 * RK * q4;
+      uint32_t b[2 * RK];
+      if constexpr (RK == 1) {
+        const uint2 x = __ldg(reinterpret_cast<const uint2*>(brow));
+        b[0] = x.x, b[1] = x.y;
       } else {
-        const float2 g = Native<T>::unpack2(graw[h][j]);
-        const float cs = args.lora_scale * sc;
-        st32(out + off, Native<T>::pack2(c0.in_range ? g.x * cs : 0.f, c1.in_range ? g.y * cs : 0.f));
-        ds[h][gi] += g.x * (c0.q - zc) + g.y * (c1.q - zc);
+#pragma unroll
+        for (int v = 0; v < RK / 2; ++v) {
+          const uint4 x = __ldg(reinterpret_cast<const uint4*>(brow + 8 * v));
+          b[4 * v] = x.x, b[4 * v + 1] = x.y, b[4 * v + 2] = x.z, b[4 * v + 3] = x.w;
+        }
       }
+#pragma unroll
+      for (int ks = 0; ks < RK; ++ks) mma16816<T>(acc[t], af[ks], b[2 * ks], b[2 * ks + 1]);
+    }
+    const int gi = m / kSlicesPerGroup;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // accumulators 0, 1: row g4; 2, 3: row g4 + 8
+      const float sc = s[h][gi], zc = z[h][gi], cs = args.lora_scale * sc;
+      uint32_t packed[4];
+      float g[8];
+      if constexpr (BACKWARD) {
+        const uint32_t gw[4] = {graw[h][m].x, graw[h][m].y, graw[h][m].z, graw[h][m].w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const float2 v = Native<T>::unpack2(gw[t]);
+          g[2 * t] = v.x, g[2 * t + 1] = v.y;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        float out[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = p_value(praw[h][m], 2 * t + e, args.bits, args.frac_bits, args.p_unit);
+          const LrqatCode c = lrqat_code(p, acc[t][2 * h + e], args.lora_scale, args.qmax);
+          if constexpr (!BACKWARD) {
+            out[e] = (c.q - zc) * sc;
+          } else {
+            out[e] = c.in_range ? g[2 * t + e] * cs : 0.f;
+            ds[h][gi] += g[2 * t + e] * (c.q - zc);
+          }
+        }
+        packed[t] = Native<T>::pack2(out[0], out[1]);
+      }
+      *reinterpret_cast<uint4*>(args.out + rows[h] * args.K + k0 + 32 * m + 8 * q4) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
   }
   if constexpr (BACKWARD) {

@@ -37,6 +37,9 @@
 namespace qatext::ops {
 
 [[noreturn]] void fail_no_cuda();
+
+// Whether t's data starts on a 16-byte boundary (the vectorised kernels need it).
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 #ifdef QATEXT_WITH_CUDA
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.get_device()).stream();

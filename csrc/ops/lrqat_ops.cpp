@@ -33,6 +33,12 @@ at::Tensor low_rank_product(const at::Tensor& a, const at::Tensor& b) {
   return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).contiguous();
 }
 
+// t, contiguous and 16-byte aligned (the kernels read 16-byte vectors).
+at::Tensor aligned16_copy(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+
 // A and B^T zero-padded to a rank of 16, 32 or 64, for the tensor-core kernels (cuda/lrqat_fused.cu);
 // nullopt where they do not apply (CPU, fp32 adapters, shapes off the tile grid, rank > 64).
 struct FusedOperands {
@@ -46,12 +52,12 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
   const auto dtype = a.scalar_type();
   const int64_t r = a.size(1);
   if (!lrqat_fused_enabled() || !a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) ||
-      !cuda::lrqat_fused_supported(shape, r) || reinterpret_cast<uintptr_t>(p.const_data_ptr()) % 2 != 0) {
+      !cuda::lrqat_fused_supported(shape, r) || !aligned16(p)) {
     return std::nullopt;
   }
   const int64_t padded = r <= 16 ? 16 : r <= 32 ? 32 : 64;
-  return FusedOperands{at::constant_pad_nd(a, {0, padded - r}).contiguous(),
-                       at::constant_pad_nd(b.t(), {0, padded - r}).contiguous(), int(padded)};
+  return FusedOperands{aligned16_copy(at::constant_pad_nd(a, {0, padded - r})),
+                       aligned16_copy(at::constant_pad_nd(b.t(), {0, padded - r})), int(padded)};
 #else
   (void)p, (void)a, (void)b, (void)shape;
   return std::nullopt;
@@ -113,12 +119,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
 #ifdef QATEXT_WITH_CUDA
   if (const auto fused = fused_operands(p, a, b, shape)) {
     // dU = c * s * dW * in_range in 16 bits (c folded in before rounding); dA, dB by cuBLAS.
+    const at::Tensor grad_w16 = aligned16_copy(grad_w);
     at::Tensor grad_u = at::empty({shape.N, shape.K}, a.options());
     at::Tensor tiles = at::empty({shape.N, cuda::lrqat_fused_tile_groups(shape)}, scale.options());
     const at::OptionalDeviceGuard guard(at::device_of(p));
     dispatch_half(a.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      cuda::lrqat_fused_backward<T>(grad_w.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(),
+      cuda::lrqat_fused_backward<T>(grad_w16.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(),
                                     fused->a.const_data_ptr<T>(), fused->bt.const_data_ptr<T>(), fused->rank,
                                     scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
                                     int(frac_bits), grad_u.mutable_data_ptr<T>(), tiles.mutable_data_ptr<float>(),

@@ -33,8 +33,6 @@ at::Tensor dequant_checked(const at::Tensor& packed_in, const at::Tensor& scale_
   return out;
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
-
 // The fused tensor-core GEMM for 16-bit a on CUDA at small M (see cuda/dequant_gemm.cu); nullopt
 // where it does not apply, and the caller dequantises and calls cuBLAS.
 std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::Tensor& packed_in,
