@@ -86,6 +86,38 @@ __global__ void group_code_dot_kernel(const float* __restrict__ dw, const uint8_
   if (threadIdx.x == 0) grad_scale[ng] = acc;
 }
 
+// Same dot, 8 columns per thread: the lanes of one group (g / 8 of them, a power of two <= 32)
+// sit side by side in a warp, so a fixed xor-shuffle tree sums the group. Groups tile the
+// row-major [N, K] array, so linear element index / g is the group's index in grad_scale.
+// BITS = 0: the width comes from shape.bits (the bit-stream read); 4: one 32-bit load.
+template <int BITS>
+__global__ void group_code_dot_vec_kernel(const float* __restrict__ dw, const uint8_t* __restrict__ packed,
+                                          const float* __restrict__ zero, float* __restrict__ grad_scale,
+                                          GroupShape shape) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // chunk of 8 columns
+  const int64_t chunks = shape.numel() / 8, per_row = shape.K / 8;
+  const int lanes = int(shape.group_size / 8);
+  float acc = 0.f;
+  if (i < chunks) {
+    const int64_t n = i / per_row, k = (i % per_row) * 8, ng = i * 8 / shape.group_size;
+    const int bits = BITS ? BITS : shape.bits;
+    const uint8_t* row = packed + n * packed_row_bytes(shape.K, bits);
+    const float4 d0 = __ldg(reinterpret_cast<const float4*>(dw + i * 8));
+    const float4 d1 = __ldg(reinterpret_cast<const float4*>(dw + i * 8 + 4));
+    const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+    const float z = __ldg(zero + ng);
+    uint32_t bits4 = 0;
+    if (BITS == 4) bits4 = __ldg(reinterpret_cast<const unsigned int*>(row + k / 2));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t q = BITS == 4 ? (bits4 >> (4 * e)) & 15u : read_code(row, k + e, bits);
+      acc += d[e] * (float(q) - z);
+    }
+  }
+  for (int o = 1; o < lanes; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (i < chunks && i % lanes == 0) grad_scale[i * 8 / shape.group_size] = acc;
+}
+
 }  // namespace
 
 void pack(const uint8_t* codes, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream) {
@@ -106,27 +138,15 @@ void dequant(const uint8_t* packed, const float* scale, const float* zero, T* ou
              cudaStream_t stream) {
   if (shape.numel() == 0) return;
   if (shape.K % 8 == 0 && shape.group_size % 8 == 0) {
-    switch (shape.bits) {
-      case 2: launch_dequant_vec<T, 2>(packed, scale, zero, out, shape, stream); break;
-      case 3: launch_dequant_vec<T, 3>(packed, scale, zero, out, shape, stream); break;
-      case 4: launch_dequant_vec<T, 4>(packed, scale, zero, out, shape, stream); break;
-      case 5: launch_dequant_vec<T, 5>(packed, scale, zero, out, shape, stream); break;
-      case 6: launch_dequant_vec<T, 6>(packed, scale, zero, out, shape, stream); break;
-      case 7: launch_dequant_vec<T, 7>(packed, scale, zero, out, shape, stream); break;
-      default: launch_dequant_vec<T, 8>(packed, scale, zero, out, shape, stream); break;
+    if (shape.bits == 4) {
+      group_code_dot_vec_kernel<4><<<blocks, kThreads, 0, stream>>>(dw, packed, zero, grad_scale, shape);
+    } else {
+      group_code_dot_vec_kernel<0><<<blocks, kThreads, 0, stream>>>(dw, packed, zero, grad_scale, shape);
     }
-    check_launch("dequant");
-    return;
+  } else {
+    group_code_dot_kernel<<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(dw, packed, zero,
+                                                                                     grad_scale, shape);
   }
-  dequant_kernel<T><<<grid_for(shape.numel()), kThreads, 0, stream>>>(packed, scale, zero, out, shape);
-  check_launch("dequant");
-}
-
-void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
-                    GroupShape shape, cudaStream_t stream) {
-  if (shape.numel() == 0) return;
-  group_code_dot_kernel<<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(dw, packed, zero,
-                                                                                   grad_scale, shape);
   check_launch("group_code_dot");
 }
 
