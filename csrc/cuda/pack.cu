@@ -138,6 +138,28 @@ void dequant(const uint8_t* packed, const float* scale, const float* zero, T* ou
              cudaStream_t stream) {
   if (shape.numel() == 0) return;
   if (shape.K % 8 == 0 && shape.group_size % 8 == 0) {
+    switch (shape.bits) {
+      case 2: launch_dequant_vec<T, 2>(packed, scale, zero, out, shape, stream); break;
+      case 3: launch_dequant_vec<T, 3>(packed, scale, zero, out, shape, stream); break;
+      case 4: launch_dequant_vec<T, 4>(packed, scale, zero, out, shape, stream); break;
+      case 5: launch_dequant_vec<T, 5>(packed, scale, zero, out, shape, stream); break;
+      case 6: launch_dequant_vec<T, 6>(packed, scale, zero, out, shape, stream); break;
+      case 7: launch_dequant_vec<T, 7>(packed, scale, zero, out, shape, stream); break;
+      default: launch_dequant_vec<T, 8>(packed, scale, zero, out, shape, stream); break;
+    }
+    check_launch("dequant");
+    return;
+  }
+  dequant_kernel<T><<<grid_for(shape.numel()), kThreads, 0, stream>>>(packed, scale, zero, out, shape);
+  check_launch("dequant");
+}
+
+void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
+                    GroupShape shape, cudaStream_t stream) {
+  if (shape.numel() == 0) return;
+  const int64_t g = shape.group_size;
+  if (g >= 8 && g <= 256 && (g & (g - 1)) == 0 && reinterpret_cast<uintptr_t>(dw) % 16 == 0) {
+    const unsigned blocks = unsigned((shape.numel() / 8 + kThreads - 1) / kThreads);
     if (shape.bits == 4) {
       group_code_dot_vec_kernel<4><<<blocks, kThreads, 0, stream>>>(dw, packed, zero, grad_scale, shape);
     } else {
