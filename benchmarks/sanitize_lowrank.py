@@ -1,0 +1,31 @@
+"""Small workload for compute-sanitizer (memcheck): the LR-QAT tile kernels at every padded rank
+(16 / 32 / 64), groups per tile (4 / 2 / 1, per-channel), P format (INT2/3/4/8, fixed point), both
+directions and dtypes, and the vectorised E2E-QP group-code dot at every bit width."""
+
+import torch
+
+from qatext import ops
+
+for n, k, r, bits, g, frac in [(64, 512, 32, 4, 128, 0), (48, 256, 8, 4, 32, 0), (32, 384, 64, 2, 64, 0),
+                               (16, 256, 16, 3, -1, 0), (32, 512, 32, 4, 256, 4), (16, 128, 20, 8, 128, 0)]:
+    for dtype in (torch.bfloat16, torch.float16):
+        qmax = (1 << bits) - 1
+        p = (ops.pack(torch.randint(0, qmax + 1, (n, k), dtype=torch.uint8, device="cuda"), bits) if frac == 0
+             else torch.randint(0, qmax * (1 << frac) + 1, (n, k), dtype=torch.uint8, device="cuda"))
+        a = torch.randn(n, r, device="cuda", dtype=dtype)
+        b = torch.randn(r, k, device="cuda", dtype=dtype)
+        groups = 1 if g == -1 else k // g
+        scale = torch.rand(n, groups, device="cuda") * 0.1 + 0.01
+        zero = torch.full_like(scale, qmax / 2)
+        ops.lrqat_weight(p, a, b, scale, zero, 0.5, bits, g, frac)
+        torch.ops.qatext.lrqat_weight_backward(torch.randn(n, k, device="cuda", dtype=dtype), p, a, b, scale, zero,
+                                               0.5, bits, g, frac)
+for bits in (2, 3, 4, 8):
+    for g in (32, 128, -1):
+        n, k, m = 96, 384, 40
+        packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+        zero = torch.full((n, 1 if g == -1 else k // g), 1.5, device="cuda")
+        ops.e2eqp_scale_grad(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                             torch.randn(m, n, device="cuda", dtype=torch.bfloat16), packed, zero, bits, g)
+torch.cuda.synchronize()
+print("sanitize workload done")
