@@ -64,6 +64,16 @@ def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size:
     return _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
 
 
+def qalora_delta(lora_a, lora_b, lora_scale: float, group_size: int) -> torch.Tensor:
+    """QA-LoRA's adapter as a per-group weight offset: c * (B A) / g, fp32 [N, K / g]."""
+    return lora_scale * (lora_b.float() @ lora_a.float()) / group_size
+
+
+def qalora_merged_zero(zero, scale, lora_a, lora_b, lora_scale: float, group_size: int) -> torch.Tensor:
+    """The zero points that absorb a QA-LoRA adapter exactly: (q - z) s + d = (q - (z - d / s)) s."""
+    return zero.float() - qalora_delta(lora_a, lora_b, lora_scale, group_size) / scale.float()
+
+
 def lrqat_linear(x, p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int = 0,
                  bias=None) -> torch.Tensor:
     """x @ lrqat_weight(...)^T + bias, holding only x for backward: the N x K weight lives during the

@@ -184,7 +184,8 @@ at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const
   const bool half_inputs_on_cuda = xs.is_cuda() && xs.scalar_type() == gy.scalar_type() &&
                                    (xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf);
   at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
-  const int64_t rows = std::max<int64_t>(1, dw_chunk_elements() / std::max<int64_t>(shape.K, 1));
+  int64_t rows = std::max<int64_t>(1, dw_chunk_elements() / std::max<int64_t>(shape.K, 1));
+  if (rows >= 128) rows -= rows % 128;  // keeps each block's grad_y columns 16-byte aligned and on cuBLAS tiles
   const int64_t row_bytes = packed_row_bytes(shape.K, bits), G = shape.groups();
   for (int64_t n0 = 0; n0 < shape.N; n0 += rows) {
     const int64_t n = std::min(rows, shape.N - n0);

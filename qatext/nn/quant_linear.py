@@ -143,8 +143,7 @@ class QuantLinear(nn.Module):
         return w
 
     def _qalora_delta(self) -> torch.Tensor:
-        """The adapter as a per-group weight offset: c * (B A) / g, [N, K / g]."""
-        return self.lora_scale * (self.lora_b.float() @ self.lora_a.float()) / self.group_size
+        return ops.qalora_delta(self.lora_a, self.lora_b, self.lora_scale, self.group_size)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
@@ -159,8 +158,10 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = ops.dequant_matmul(x, self.packed, positive(self.scale), self.zero, s.bits, self.group_size, bias)
         if self.mode == "qalora":
-            pooled = x.reshape(*x.shape[:-1], -1, self.group_size).mean(-1)
-            y = y + self.lora_scale * F.linear(F.linear(pooled, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+            # pool_g(x) A^T = x (A / g, each column repeated g times)^T: the pooling folds into the
+            # adapter's first GEMM (no pooled copy of x, fp32 accumulation over all of K).
+            a_pooled = (self.lora_a.to(x.dtype) / self.group_size).repeat_interleave(self.group_size, dim=1)
+            y = y + self.lora_scale * F.linear(F.linear(x, a_pooled), self.lora_b.to(x.dtype))
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +191,8 @@ class QuantLinear(nn.Module):
             packed = ops.pack(torch.clamp(torch.round(u), 0, s.qmax).to(torch.uint8), s.bits)
         else:
             packed = self.packed
-            if self.mode == "qalora":  # (q - z) s + d = (q - (z - d / s)) s: the adapter folds into z
-                zero = zero - self._qalora_delta() / scale
+            if self.mode == "qalora":
+                zero = ops.qalora_merged_zero(zero, scale, self.lora_a, self.lora_b, self.lora_scale, self.group_size)
         out.packed.copy_(packed)
         out.scale.copy_(scale)
         out.zero.copy_(zero)
