@@ -8,7 +8,7 @@ namespace qatext::ops {
 
 namespace {
 std::atomic<bool> g_value_checks{true};
-std::atomic<int64_t> g_dw_chunk_elements{int64_t(1) << 23};  // 32 MiB of fp32 dW at a time
+std::atomic<int64_t> g_dw_chunk_elements{int64_t(10) << 20};  // 40 MiB of fp32 dW at a time
 std::atomic<int64_t> g_dequant_gemm_max_m{64};
 std::atomic<bool> g_lrqat_fused{true};
 }  // namespace
