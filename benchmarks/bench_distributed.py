@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -17,6 +16,7 @@ from qatext import QuantSpec, distributed, methods, models
 from qatext.evaluate import causal_lm_loss
 from qatext.methods.common import freeze, layer_params
 from qatext.train import train
+from timing import StepClock
 
 
 def main():
@@ -42,22 +42,15 @@ def main():
     groups = [{"params": layer_params(model, ("lora_a", "lora_b")), "lr": 1e-4},
               {"params": layer_params(model, ("scale",)), "lr": 1e-5}]
     tokens = torch.randint(0, cfg.vocab_size, (1_000_000,))
-    stamps = []
-
-    def timed_loss(m, batch):
-        torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return causal_lm_loss(m, batch)
+    clock = StepClock(causal_lm_loss)
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     tcfg = methods.default_config("lrqat", steps=args.steps, batch_size=args.per_gpu_batch * world,
                                   seq_len=args.seq_len, progress=False, distributed="fsdp")
-    history = train(model, groups, tokens, tcfg, loss_fn=timed_loss)
-    torch.cuda.synchronize()
-    stamps.append(time.perf_counter())
+    history = train(model, groups, tokens, tcfg, loss_fn=clock)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    step_s = (stamps[-1] - stamps[2]) / (len(stamps) - 3)  # steps after two of warm-up
+    step_s = clock.seconds_per_step(warmup=2)
     result = {"gpus": world, "device": torch.cuda.get_device_name(), "layers": args.layers, "seq_len": args.seq_len,
               "global_batch": args.per_gpu_batch * world, "step_s": step_s,
               "tokens_per_s": args.per_gpu_batch * world * args.seq_len / step_s, "peak_GiB_per_gpu": peak,

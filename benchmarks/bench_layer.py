@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 import qatext
 from qatext import QuantSpec, reference
 from qatext.nn import QuantLinear
-from timing import cuda_time_ms
+from timing import cuda_time_ms, peak_extra_mib
 
 LAYERS = [(4096, 11008), (11008, 4096)]  # (in, out)
 
@@ -39,16 +39,6 @@ def step(fn, x, grad_y):
     def run():
         fn(x).backward(grad_y)
     return run
-
-
-def peak_step_mib(run):
-    run()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def variants(k, n, dtype):
@@ -101,7 +91,7 @@ def main():
             run = step(fn, x, grad_y)
             ms = cuda_time_ms(run, warmup=3, repeats=10, inner=3)
             row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "fwd_bwd_ms": ms,
-                   "held_for_backward_MiB": held_mib(fn, x), "step_peak_extra_MiB": peak_step_mib(run),
+                   "held_for_backward_MiB": held_mib(fn, x), "step_peak_extra_MiB": peak_extra_mib(run),
                    "weight_NxK_bf16_MiB": n * k * 2 / 2**20}
             rows.append(row)
             print(f"{k}->{n} {name:32s} {ms * 1e3:8.0f} us  held {row['held_for_backward_MiB']:7.1f} MiB  "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -17,6 +16,7 @@ from qatext import QuantSpec, methods, models
 from qatext.evaluate import causal_lm_loss
 from qatext.methods.common import freeze, layer_params
 from qatext.train import train
+from timing import StepClock
 
 # method -> (QuantLinear mode, layer options, trained parameter names, learning rate)
 SETUPS = {
@@ -55,21 +55,14 @@ def main():
     else:
         params = layer_params(model, trained)
     tokens = torch.randint(0, cfg.vocab_size, (1_000_000,))
-    stamps = []
-
-    def timed_loss(m, batch):
-        torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        return causal_lm_loss(m, batch)
+    clock = StepClock(causal_lm_loss)
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     name = {"lrqat": "lrqat", "fake": "full_qat", "qalora": "qalora", "e2eqp": "efficientqat"}[mode]
     tcfg = methods.default_config(name, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False)
-    history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=timed_loss)
-    torch.cuda.synchronize()
-    stamps.append(time.perf_counter())
-    step_s = (stamps[-1] - stamps[2]) / (len(stamps) - 3)  # after two warm-up steps
+    history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
+    step_s = clock.seconds_per_step(warmup=2)
     result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
               "seq_len": args.seq_len, "step_s": step_s, "tokens_per_s": args.seq_len / step_s,
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9,

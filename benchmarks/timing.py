@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -34,3 +35,22 @@ def peak_extra_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+class StepClock:
+    """A loss_fn wrapper for qatext.train that stamps the start of every step (synchronised), so
+    seconds per step can be taken after warm-up steps."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn, self.stamps = loss_fn, []
+
+    def __call__(self, model, batch):
+        torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return self.loss_fn(model, batch)
+
+    def seconds_per_step(self, warmup: int = 2) -> float:
+        """Call after training: the mean step time after `warmup` steps (the last step ends now)."""
+        torch.cuda.synchronize()
+        stamps = self.stamps + [time.perf_counter()]
+        return (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
