@@ -85,7 +85,7 @@ class _LrqatLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
         ctx.qargs = (lora_scale, bits, group_size, frac_bits)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, p, a, b, scale, zero)
         w = _ops.lrqat_weight(p, a, b, scale, zero, *ctx.qargs)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -103,8 +103,8 @@ class _LrqatLinear(torch.autograd.Function):
         if need[2] or need[3] or need[4]:
             grad_w = gy.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # N x K, freed after the next line
             grad_a, grad_b, grad_scale = _ops.lrqat_weight_backward(grad_w, p, a, b, scale, zero, *ctx.qargs)
-        if ctx.has_bias and need[6]:
-            grad_bias = gy.sum(0)
+        if ctx.bias_dtype is not None and need[6]:
+            grad_bias = gy.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_a, grad_b, grad_scale, None, grad_bias, None, None, None, None
 
 

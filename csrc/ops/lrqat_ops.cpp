@@ -133,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
     });
     const int64_t G = shape.groups();
     const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
-    const at::Tensor grad_a = at::mm(grad_u, b.to(a.scalar_type()).t());
-    const at::Tensor grad_b = at::mm(a.t(), grad_u).to(b.scalar_type());
+    const at::Tensor grad_a = at::mm(grad_u, b.t());  // a, b and grad_u share one 16-bit dtype
+    const at::Tensor grad_b = at::mm(a.t(), grad_u);
     return {grad_a, grad_b, grad_scale.to(scale_in.scalar_type())};
   }
 #endif

@@ -139,11 +139,9 @@ class QuantLinear(nn.Module):
                                     s.bits, self.group_size, self.frac_bits)
         w = ops.dequant(self.packed, self.scale, self.zero, s.bits, self.group_size, self.in_features)
         if self.mode == "qalora":
-            w = w + self._qalora_delta()[:, :, None].expand(-1, -1, self.group_size).reshape(w.shape)
+            delta = ops.qalora_delta(self.lora_a, self.lora_b, self.lora_scale, self.group_size)
+            w = w + delta[:, :, None].expand(-1, -1, self.group_size).reshape(w.shape)
         return w
-
-    def _qalora_delta(self) -> torch.Tensor:
-        return ops.qalora_delta(self.lora_a, self.lora_b, self.lora_scale, self.group_size)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
