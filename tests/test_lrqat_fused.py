@@ -134,3 +134,18 @@ def test_lrqat_linear_holds_no_weight_for_backward(device):
     assert saved and all(t.numel() < n * k for t in saved if t.dtype != torch.uint8), [tuple(t.shape) for t in saved]
     y.sum().backward()
     assert a.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_fp32_adapters_with_bf16_activations_take_the_tensor_cores(_):
+    # FSDP keeps fp32 masters of the adapters in a bf16 model: the layer must still use the tile kernels.
+    from qatext import QuantSpec
+    from qatext.nn import QuantLinear
+
+    base = torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = QuantLinear.from_linear(base, QuantSpec(4, 128), "lrqat", rank=16, alpha=16.0)
+    layer.lora_a.data = layer.lora_a.data.float().normal_(0, 0.02)
+    layer.lora_b.data = layer.lora_b.data.float()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    assert "lrqat_tile_kernel" in _kernel_names(lambda: layer(x).float().sum().backward())
+    assert layer.lora_a.grad.dtype == torch.float32 and layer.lora_a.grad.abs().sum() > 0

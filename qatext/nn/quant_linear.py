@@ -148,8 +148,12 @@ class QuantLinear(nn.Module):
         if self.act_bits is not None:
             x = ops.fake_quant_per_token(x, self.act_bits, False)
         if self.mode == "lrqat":
-            return ops.lrqat_linear(x, self.p, self.lora_a, self.lora_b, positive(self.scale), self.zero,
-                                    self.lora_scale, s.bits, self.group_size, self.frac_bits, self.bias)
+            # fp32 adapters (e.g. FSDP's fp32 masters) enter in the 16-bit activation dtype, as one
+            # process's bf16 model has them, so the tensor-core kernels apply; gradients flow back in fp32.
+            half = x.dtype in (torch.bfloat16, torch.float16)
+            a, b = (self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)) if half else (self.lora_a, self.lora_b)
+            return ops.lrqat_linear(x, self.p, a, b, positive(self.scale), self.zero, self.lora_scale, s.bits,
+                                    self.group_size, self.frac_bits, self.bias)
         if self.mode == "fake":
             w = self.quantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
