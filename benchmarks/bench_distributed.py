@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--per-gpu-batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--profile", default=None, help="write rank 0's torch.profiler tables (CPU and CUDA) here")
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +49,17 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     tcfg = methods.default_config("lrqat", steps=args.steps, batch_size=args.per_gpu_batch * world,
                                   seq_len=args.seq_len, progress=False, distributed="fsdp")
-    history = train(model, groups, tokens, tcfg, loss_fn=clock)
+    if args.profile:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            history = train(model, groups, tokens, tcfg, loss_fn=clock)
+        if distributed.is_main():
+            table = prof.key_averages()
+            with open(args.profile, "w") as f:
+                f.write(table.table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
+                f.write(table.table(sort_by="cpu_time_total", row_limit=40) + "\n")
+    else:
+        history = train(model, groups, tokens, tcfg, loss_fn=clock)
     peak = torch.cuda.max_memory_allocated() / 2**30
     step_s = clock.seconds_per_step(warmup=2)
     result = {"gpus": world, "device": torch.cuda.get_device_name(), "layers": args.layers, "seq_len": args.seq_len,
