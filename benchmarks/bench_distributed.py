@@ -14,8 +14,9 @@ import torch
 
 from qatext import QuantSpec, distributed, methods, models
 from qatext.evaluate import causal_lm_loss
-from qatext.methods.common import freeze, layer_params
+from qatext.methods.common import layer_params
 from qatext.train import train
+from llama7b import llama_7b
 from timing import StepClock
 
 
@@ -28,21 +29,13 @@ def main():
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--profile", default=None, help="write rank 0's torch.profiler tables (CPU and CUDA) here")
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     distributed.init_from_env()
     world = distributed.world_size()
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    freeze(model)
-    models.quantize_model(model, QuantSpec(4, 128), method="lrqat", init="minmax", rank=32, alpha=32.0,
-                          checkpointing=True)
+    model = llama_7b(args.layers)
+    models.quantize_model(model, QuantSpec(4, 128), method="lrqat", init="minmax", rank=32, alpha=32.0)
     groups = [{"params": layer_params(model, ("lora_a", "lora_b")), "lr": 1e-4},
               {"params": layer_params(model, ("scale",)), "lr": 1e-5}]
-    tokens = torch.randint(0, cfg.vocab_size, (1_000_000,))
+    tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))
     clock = StepClock(causal_lm_loss)
 
     torch.cuda.empty_cache()

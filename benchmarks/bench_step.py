@@ -14,8 +14,9 @@ import torch
 import qatext
 from qatext import QuantSpec, methods, models
 from qatext.evaluate import causal_lm_loss
-from qatext.methods.common import freeze, layer_params
+from qatext.methods.common import layer_params
 from qatext.train import train
+from llama7b import llama_7b
 from timing import StepClock
 
 # method -> (QuantLinear mode, layer options, trained parameter names, learning rate)
@@ -36,16 +37,9 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     qatext.set_value_checks(False)
     mode, options, trained, lr = SETUPS[args.method]
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    freeze(model)
+    model = llama_7b(args.layers)
     models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
     if args.method == "full_qat":
         model.gradient_checkpointing_enable()
@@ -54,7 +48,7 @@ def main():
         params = [p for p in model.parameters()]
     else:
         params = layer_params(model, trained)
-    tokens = torch.randint(0, cfg.vocab_size, (1_000_000,))
+    tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))
     clock = StepClock(causal_lm_loss)
 
     torch.cuda.empty_cache()

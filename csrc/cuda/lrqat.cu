@@ -1,5 +1,5 @@
-// CUDA LR-QAT weight reconstruction from P and AB (formed by cuBLAS), and its backward
-// (simple versions; the fused GEMM kernels replace them).
+// CUDA LR-QAT weight reconstruction from P and AB (formed by cuBLAS), and its backward: the path
+// for fp32 adapters and shapes off the tile grid of cuda/lrqat_fused.cu.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

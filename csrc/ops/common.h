@@ -36,6 +36,16 @@
 
 namespace qatext::ops {
 
+// Calls body(c10::Half()) for float16, else body(c10::BFloat16()): the 16-bit tensor-core kernels.
+template <typename Body>
+void dispatch_half(at::ScalarType dtype, const Body& body) {
+  if (dtype == at::kHalf) {
+    body(c10::Half());
+  } else {
+    body(c10::BFloat16());
+  }
+}
+
 [[noreturn]] void fail_no_cuda();
 
 // Whether t's data starts on a 16-byte boundary (the vectorised kernels need it).

@@ -64,16 +64,6 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
 #endif
 }
 
-// Runs body with scalar_t bound to c10::Half or c10::BFloat16.
-template <typename Body>
-void dispatch_half(at::ScalarType dtype, const Body& body) {
-  if (dtype == at::kHalf) {
-    body(c10::Half());
-  } else {
-    body(c10::BFloat16());
-  }
-}
-
 }  // namespace
 
 at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_in,

@@ -55,19 +55,14 @@ std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::T
   at::Tensor out = at::empty({M, P}, a.options());
   at::Tensor partial = splits > 1 ? at::empty({splits, M, P}, a.options().dtype(at::kFloat)) : at::Tensor();
   const at::OptionalDeviceGuard guard(at::device_of(a));
-  const auto run = [&](auto type_tag) {
+  dispatch_half(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     cuda::dequant_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(),
                                  scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
                                  b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
                                  splits > 1 ? partial.mutable_data_ptr<float>() : nullptr, M, shape, grad_input,
                                  splits, current_stream(a));
-  };
-  if (dtype == at::kHalf) {
-    run(c10::Half());
-  } else {
-    run(c10::BFloat16());
-  }
+  });
   auto sizes = a_in.sizes().vec();
   sizes.back() = P;
   return out.view(sizes);
