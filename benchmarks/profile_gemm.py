@@ -1,20 +1,34 @@
-"""One fused dequant-GEMM launch (11008x4096 W4 g128, M=1, bf16) after warm-up, for Nsight Compute:
+"""One dequant-GEMM launch after warm-up, for Nsight Compute: the v4 fused kernel on the packed layout,
+or with --tiled the decode kernel on the tiled layout.
 
-    ncu --kernel-name regex:dequant_gemm_kernel --launch-skip 2 --launch-count 1 \
-        --section SpeedOfLight --section WarpStateStats python benchmarks/profile_gemm.py
+    ncu --kernel-name regex:'dequant_gemm_kernel|decode_gemm_kernel' --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats python benchmarks/profile_gemm.py [--tiled] [--n N --k K --m M]
 """
+
+import argparse
 
 import torch
 
 import qatext
 from qatext import ops
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--tiled", action="store_true")
+parser.add_argument("--n", type=int, default=11008)
+parser.add_argument("--k", type=int, default=4096)
+parser.add_argument("--m", type=int, default=1)
+parser.add_argument("--bits", type=int, default=4)
+args = parser.parse_args()
 qatext.set_value_checks(False)
-n, k, bits, g = 11008, 4096, 4, 128
-packed = ops.pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"), bits)
+n, k, bits, g = args.n, args.k, args.bits, 128
+packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+tiled = ops.tile_packed(packed, bits, k)
 scale = torch.rand(n, k // g, device="cuda") * 0.01 + 0.005
-zero = torch.rand(n, k // g, device="cuda") * 16
-x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+zero = torch.rand(n, k // g, device="cuda") * (1 << bits)
+x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
 for _ in range(3):
-    ops.dequant_matmul(x, packed, scale, zero, bits, g)
+    if args.tiled:
+        ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
+    else:
+        ops.dequant_matmul(x, packed, scale, zero, bits, g)
 torch.cuda.synchronize()

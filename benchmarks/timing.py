@@ -26,6 +26,32 @@ def cuda_time_ms(fn, warmup=5, repeats=20, inner=10) -> float:
     return statistics.median(times)
 
 
+def cuda_graph_time_ms(fn, repeats=20, inner=20) -> float:
+    """Median milliseconds of one fn() call replayed from a CUDA graph of `inner` calls: GPU time only,
+    as a decode loop under CUDA graphs sees it (host-side dispatch would otherwise dominate a 10 us op)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
 def peak_extra_mib(fn) -> float:
     """Memory fn() allocates above what is live before it, at its peak (MiB)."""
     fn()

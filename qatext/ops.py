@@ -51,6 +51,25 @@ def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None
     return _ops.dequant_matmul(x, packed, scale, zero, bits, group_size, bias)
 
 
+def tile_packed(packed, bits: int, in_features: int) -> torch.Tensor:
+    """Packed codes -> the decode GEMM's tiled layout (bits 2 or 4; N % 16 == 0, K % 64 == 0). Exact."""
+    return _ops.tile_packed(packed, bits, in_features)
+
+
+def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
+    """The inverse of :func:`tile_packed`."""
+    return _ops.untile_packed(tiled, bits, in_features)
+
+
+def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
+    """x @ deq(W)^T + bias for a weight in the tiled layout (inference: no backward).
+
+    On CUDA with 16-bit x and at most ``qatext._C.dequant_gemm_max_m()`` tokens this is the
+    register-direct decode kernel; otherwise the weight is untiled and takes dequant_matmul's path.
+    """
+    return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
+
+
 def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int) -> torch.Tensor:
     return _ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, group_size)
 
@@ -154,6 +173,21 @@ def _(x, packed, scale, zero, bits, group_size, bias):
 @torch.library.register_fake("qatext::dequant_matmul_grad_input")
 def _(grad_y, packed, scale, zero, bits, group_size, in_features):
     return _empty((*grad_y.shape[:-1], in_features), grad_y)
+
+
+@torch.library.register_fake("qatext::tile_packed")
+def _(packed, bits, in_features):
+    return torch.empty_like(packed)
+
+
+@torch.library.register_fake("qatext::untile_packed")
+def _(tiled, bits, in_features):
+    return torch.empty_like(tiled)
+
+
+@torch.library.register_fake("qatext::dequant_matmul_tiled")
+def _(x, tiled, scale, zero, bits, group_size, bias):
+    return _empty((*x.shape[:-1], tiled.shape[0]), x)
 
 
 @torch.library.register_fake("qatext::e2eqp_scale_grad")

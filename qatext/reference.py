@@ -112,6 +112,40 @@ def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None
     return y.to(x.dtype)
 
 
+def _tile_positions(rows: int, in_features: int, bits: int, device):
+    """Byte and bit of every code (n, k) in the decode GEMM's tiled layout (see csrc/core/tile_layout.h)."""
+    n = torch.arange(rows, device=device).unsqueeze(1)
+    k = torch.arange(in_features, device=device).unsqueeze(0)
+    tile = (n // 16) * (in_features // 64) + k // 64
+    g, c = n % 8, (k % 64) // 16
+    j, e = (k % 16) // 4, k % 4
+    word, step_in_word = j // (4 // bits), j % (4 // bits)
+    reg = (n % 16) // 8 + 2 * (e // 2)
+    bit = bits * (reg + 4 * step_in_word) + 16 * (e % 2)
+    byte = tile * (128 * bits) + (4 * g + c) * (4 * bits) + 4 * word + bit // 8
+    return byte, bit % 8
+
+
+def tile_packed(packed, bits: int, in_features: int) -> torch.Tensor:
+    """Packed [N, K * bits / 8] -> the same codes in the decode GEMM's tiled layout (bits 2 or 4)."""
+    rows = packed.shape[0]
+    byte, shift = _tile_positions(rows, in_features, bits, packed.device)
+    codes = unpack(packed, bits, in_features).long() << shift
+    out = torch.zeros(packed.numel(), dtype=torch.long, device=packed.device)
+    out.scatter_add_(0, byte.flatten(), codes.flatten())  # fields are disjoint: the sum is the bitwise or
+    return out.to(torch.uint8).reshape(packed.shape)
+
+
+def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
+    byte, shift = _tile_positions(tiled.shape[0], in_features, bits, tiled.device)
+    codes = (tiled.flatten().long()[byte] >> shift) & qmax(bits)
+    return pack(codes.to(torch.uint8), bits)
+
+
+def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None):
+    return dequant_matmul(x, untile_packed(tiled, bits, x.shape[-1]), scale, zero, bits, group_size, bias)
+
+
 def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int):
     """d loss / d scale[n, g] = sum_{k in g} (q[n, k] - z[n, g]) * (grad_y^T x)[n, k]."""
     k = x.shape[-1]

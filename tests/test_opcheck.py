@@ -17,6 +17,11 @@ def _cases(device):
     grad_y = torch.randn(3, n, device=device)
     a, b = torch.randn(n, 4, device=device) * 0.1, torch.randn(4, k, device=device) * 0.1
     q44 = torch.randint(0, 241, (n, k), dtype=torch.uint8, device=device)
+    n2, k2 = 32, 128  # the tiled layout needs N % 16 == 0 and K % 64 == 0
+    packed2 = ops.pack(torch.randint(0, 16, (n2, k2), dtype=torch.uint8, device=device), 4)
+    tiled2 = ops.tile_packed(packed2, 4, k2)
+    scale2, zero2 = random_qparams(n2, k2, 4, 64, False, device)
+    x2 = torch.randn(3, k2, device=device)
     rg = lambda t: t.clone().requires_grad_()  # noqa: E731
     return {
         "fake_quant": [(rg(w), rg(scale), rg(zero), bits, g), (w.bfloat16(), scale[:, :1], zero[:, :1], 2, -1)],
@@ -29,6 +34,10 @@ def _cases(device):
         "dequant_matmul": [(rg(x), packed, rg(scale), zero, bits, g, rg(torch.randn(n, device=device))),
                            (x.bfloat16(), packed, scale, zero, bits, g, None)],
         "dequant_matmul_grad_input": [(grad_y, packed, scale, zero, bits, g, k)],
+        "tile_packed": [(packed2, 4, k2)],
+        "untile_packed": [(tiled2, 4, k2)],
+        "dequant_matmul_tiled": [(x2.bfloat16(), tiled2, scale2, zero2, 4, 64, None),
+                                 (x2, tiled2, scale2[:, :1], zero2[:, :1], 4, -1, torch.randn(n2, device=device))],
         "e2eqp_scale_grad": [(x, grad_y, packed, zero, bits, g)],
         "lrqat_weight": [(packed, rg(a), rg(b), rg(scale), zero, 0.5, bits, g, 0),
                          (q44, a.bfloat16(), b.bfloat16(), scale, zero, 0.5, bits, g, 4)],

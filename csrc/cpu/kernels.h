@@ -24,6 +24,9 @@ void fake_quant_per_token_backward(const T* grad, const T* x, T* grad_x, int64_t
 
 void pack(const uint8_t* codes, uint8_t* packed, int64_t N, int64_t K, int bits);
 void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bits);
+// Packed [N, K * bits / 8] to the decode GEMM's tiled layout (core/tile_layout.h) and back.
+void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, int bits);
+void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, int bits);
 
 template <typename T>
 void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape);

@@ -4,6 +4,7 @@
 #include <c10/util/Half.h>
 
 #include "core/quant_math.h"
+#include "core/tile_layout.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
 
@@ -24,6 +25,20 @@ void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bit
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t k = 0; k < K; ++k) codes[n * K + k] = uint8_t(read_code(packed + n * row_bytes, k, bits));
     }
+  });
+}
+
+void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  at::parallel_for(0, N * row_bytes, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) tiled[i] = tiled_byte(packed, row_bytes, i, K, bits);
+  });
+}
+
+void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  at::parallel_for(0, N * row_bytes, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) packed[i] = untiled_byte(tiled, i / row_bytes, i % row_bytes, K, bits);
   });
 }
 

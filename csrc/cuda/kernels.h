@@ -28,6 +28,8 @@ void fake_quant_per_token_backward(const T* grad, const T* x, T* grad_x, int64_t
 
 void pack(const uint8_t* codes, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream);
 void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bits, cudaStream_t stream);
+void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, int bits, cudaStream_t stream);
+void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream);
 
 template <typename T>
 void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
@@ -63,6 +65,17 @@ int64_t dequant_gemm_splits(int64_t M, GroupShape shape, bool grad_input);
 template <typename T>
 void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const float* zero, const T* bias, T* out,
                   float* partial, int64_t M, GroupShape shape, bool grad_input, int64_t splits, cudaStream_t stream);
+
+// Decode GEMM on the tiled layout (cuda/decode_gemm.cu): out [M, N] = x [M, K] @ deq(W)^T + bias, for
+// 16-bit x, bits 2 / 4, N % 16 == 0, K % 64 == 0 and groups of a multiple of 64 (or per-channel).
+// Split-K partials (fp32 [splits, M, N]) are summed in a fixed order by the last block of each column
+// tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
+bool decode_gemm_supported(GroupShape shape);
+int64_t decode_gemm_splits(int64_t M, GroupShape shape);
+int64_t decode_gemm_counters(int64_t M, GroupShape shape);
+template <typename T>
+void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
+                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, cudaStream_t stream);
 
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);

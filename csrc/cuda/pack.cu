@@ -4,6 +4,7 @@
 #include <c10/util/Half.h>
 
 #include "core/quant_math.h"
+#include "core/tile_layout.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -25,6 +26,22 @@ __global__ void unpack_kernel(const uint8_t* __restrict__ packed, uint8_t* __res
   const int64_t row_bytes = packed_row_bytes(K, bits);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N * K; i += int64_t(gridDim.x) * blockDim.x) {
     codes[i] = uint8_t(read_code(packed + (i / K) * row_bytes, i % K, bits));
+  }
+}
+
+__global__ void tile_packed_kernel(const uint8_t* __restrict__ packed, uint8_t* __restrict__ tiled, int64_t bytes,
+                                   int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
+    tiled[i] = tiled_byte(packed, row_bytes, i, K, bits);
+  }
+}
+
+__global__ void untile_packed_kernel(const uint8_t* __restrict__ tiled, uint8_t* __restrict__ packed, int64_t bytes,
+                                     int64_t K, int bits) {
+  const int64_t row_bytes = packed_row_bytes(K, bits);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
+    packed[i] = untiled_byte(tiled, i / row_bytes, i % row_bytes, K, bits);
   }
 }
 
@@ -131,6 +148,20 @@ void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bit
   if (N * K == 0) return;
   unpack_kernel<<<grid_for(N * K), kThreads, 0, stream>>>(packed, codes, N, K, bits);
   check_launch("unpack");
+}
+
+void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, int bits, cudaStream_t stream) {
+  const int64_t bytes = N * packed_row_bytes(K, bits);
+  if (bytes == 0) return;
+  tile_packed_kernel<<<grid_for(bytes), kThreads, 0, stream>>>(packed, tiled, bytes, K, bits);
+  check_launch("tile_packed");
+}
+
+void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream) {
+  const int64_t bytes = N * packed_row_bytes(K, bits);
+  if (bytes == 0) return;
+  untile_packed_kernel<<<grid_for(bytes), kThreads, 0, stream>>>(tiled, packed, bytes, K, bits);
+  check_launch("untile_packed");
 }
 
 template <typename T>

@@ -100,4 +100,15 @@ void check_packed(const char* op, const char* name, const at::Tensor& packed, in
                     " must have shape [", N, ", ", row_bytes, "], got ", packed.sizes());
 }
 
+GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t K) {
+  check_bits(op, bits);
+  check_dim(op, "packed", packed, 2);
+  const int64_t N = packed.size(0);
+  check_same_device(op, {{"packed", &packed}, {"scale", &scale}, {"zero", &zero}});
+  const GroupShape shape = check_qparams(op, scale, zero, N, K, bits, group_size);
+  check_packed(op, "packed", packed, N, packed_row_bytes(K, bits));
+  return shape;
+}
+
 }  // namespace qatext::ops

@@ -95,6 +95,13 @@ GroupShape check_qparams(const char* op, const at::Tensor& scale, const at::Tens
 // Checks packed is uint8 [N, row_bytes] on the device of scale.
 void check_packed(const char* op, const char* name, const at::Tensor& packed, int64_t N, int64_t row_bytes);
 
+// Checks a packed weight [N, K * bits / 8] against scale and zero; returns the group shape for K.
+GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t K);
+
+// [..., K] as [rows, K].
+inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
 inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 }  // namespace qatext::ops

@@ -26,6 +26,11 @@ at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const a
 at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& scale,
                                      const at::Tensor& zero, int64_t bits, int64_t group_size,
                                      int64_t in_features);
+at::Tensor tile_packed(const at::Tensor& packed, int64_t bits, int64_t in_features);
+at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_features);
+at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                const std::optional<at::Tensor>& bias);
 at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed,
                             const at::Tensor& zero, int64_t bits, int64_t group_size);
 

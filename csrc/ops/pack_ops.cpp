@@ -8,20 +8,6 @@ namespace qatext::ops {
 
 namespace {
 
-// Checks a packed weight against scale/zero; returns the group shape for in_features K.
-GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale,
-                               const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t K) {
-  check_bits(op, bits);
-  check_dim(op, "packed", packed, 2);
-  const int64_t N = packed.size(0);
-  check_same_device(op, {{"packed", &packed}, {"scale", &scale}, {"zero", &zero}});
-  const GroupShape shape = check_qparams(op, scale, zero, N, K, bits, group_size);
-  check_packed(op, "packed", packed, N, packed_row_bytes(K, bits));
-  return shape;
-}
-
-at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
-
 at::Tensor dequant_checked(const at::Tensor& packed_in, const at::Tensor& scale_in, const at::Tensor& zero_in,
                            const GroupShape& shape, at::ScalarType dtype) {
   const at::Tensor packed = packed_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);

@@ -1,0 +1,71 @@
+"""The decode GEMM on the tiled layout against cuBLAS bf16 and qatext's v4 fused kernel on the packed
+layout, small M, g128, same run; with a correctness check against the reference on every shape.
+
+    python benchmarks/bench_decode.py --out benchmarks/results/decode_h100.json
+
+Per row: median us (CUDA events around a CUDA graph of 20 calls: GPU time, as a decode loop under
+graphs sees it; eager dispatch costs ~20-40 us of host time per call at these sizes), speedup over cuBLAS, % of the memory floor (weight,
+scales and zeros, activations and output at the copy bandwidth measured in the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import qatext
+from qatext import ops, reference
+from bench_gemm import SHAPES, copy_bandwidth, with_max_m
+from timing import cuda_graph_time_ms as gpu_time_ms
+
+TOKENS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    args = parser.parse_args()
+    qatext.set_value_checks(False)
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for n, k in SHAPES[: args.shapes]:
+        g = 128
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for bits in args.bits:
+            packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+            tiled = ops.tile_packed(packed, bits, k)
+            scale = torch.rand(n, k // g, device="cuda") * 0.01 + 0.005
+            zero = torch.rand(n, k // g, device="cuda") * (1 << bits)
+            x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+            got = with_max_m(64, lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))  # noqa: B023
+            err = (got.float() - reference.dequant_matmul(x, packed, scale, zero, bits, g).float()).abs().max().item()
+            for m in TOKENS:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, "max_abs_err_vs_reference": err,
+                       "cublas_us": gpu_time_ms(lambda: x @ w.t()) * 1e3}  # noqa: B023
+                row["v4_packed_us"] = with_max_m(64, lambda: gpu_time_ms(  # noqa: B023
+                    lambda: ops.dequant_matmul(x, packed, scale, zero, bits, g))) * 1e3  # noqa: B023
+                row["tiled_us"] = with_max_m(64, lambda: gpu_time_ms(  # noqa: B023
+                    lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
+                floor_bytes = n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)
+                row["floor_us"] = floor_bytes / bw * 1e6
+                row["tiled_speedup_vs_cublas"] = row["cublas_us"] / row["tiled_us"]
+                row["tiled_pct_of_floor"] = 100 * row["floor_us"] / row["tiled_us"]
+                rows.append(row)
+                print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {row['cublas_us']:7.1f} | v4 {row['v4_packed_us']:7.1f} | "
+                      f"tiled {row['tiled_us']:7.1f} x{row['tiled_speedup_vs_cublas']:.2f} "
+                      f"{row['tiled_pct_of_floor']:.0f}% floor (err {err:.2e})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "copy_TBps": bw / 1e12, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

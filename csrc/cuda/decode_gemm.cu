@@ -1,0 +1,437 @@
+// Decode GEMM, version 5 (small M): y [M, N] = x [M, K] @ deq(W)^T (+ bias), W in the tiled layout
+// (core/tile_layout.h), on mma.sync m16n8k16 with the operands swapped: the weight is the A operand
+// (16 output rows x 16-deep steps) and the tokens are B (8 per mma), so M <= 8 wastes no rows.
+//
+// Each warp streams NT 16-row tiles of W along its slice of K: per 64 columns one 16-byte (4-bit) or
+// 8-byte (2-bit) copy per lane and tile, and two 16-byte activation copies per 8 tokens, into the
+// lane's own bytes of a per-warp cp.async ring in shared memory (no barriers), read back into
+// registers. A code pair becomes the exact 16-bit pair base + q by one shift and one lop3 that masks it
+// into the mantissa of base (128 for bf16, 1024 for fp16); the mma accumulates sum_k x (base + q) in
+// fp32, and the scale and zero are applied once per row, token and 128 columns:
+//   y += s * sum_k x (base + q) - (base + z) * s * sum_k x     (sum_k x: an mma with an all-ones A).
+// The weight is never rounded to 16 bits: the result is the fp32 product with the exact dequantised
+// weight, as in the reference (dequant + cuBLAS rounds it first).
+// The 8 warps of a block take 8 neighbouring row-tile groups over the same K slice, so the
+// activations come from L2 once and from L1 eight times. Split-K over blocks fills one wave of the
+// SMs; the last block of a column tile to finish sums the fp32 partials in split order
+// (deterministic) and adds the bias.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+
+#include "core/tile_layout.h"
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/mma.cuh"
+
+namespace qatext::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kDecodeThreads = 32 * kWarps;
+constexpr int kColsPerBlock = kWarps * kTileRows;  // output features per block
+
+struct DecodeArgs {
+  const void* x;          // [M, K]
+  const uint8_t* tiled;   // tiled layout of [N, K] codes
+  const float* scale;     // [N, G]
+  const float* zero;      // [N, G]
+  const void* bias;       // [N] or nullptr
+  void* out;              // [M, N]
+  float* partial;         // [splits, M, N] when splits > 1
+  int* counters;          // [gridDim.z * gridDim.x], zero on entry, when splits > 1
+  int M, N, K, G;
+  int tiles_per_group;    // 64-column tiles per quantization group
+  int tiles_per_split;
+  int splits;
+};
+
+// 16-bit pairs: a code q masked into the mantissa of `code_base` is exactly base + q (base = 128 for
+// bf16, 1024 for fp16), so the mma sees base + q and the epilogue subtracts base * sum_k x with the
+// zero; `ones` is (1, 1).
+template <typename T>
+struct Pair;
+template <>
+struct Pair<c10::BFloat16> {
+  static constexpr uint32_t code_base = 0x43004300u;
+  static constexpr float base = 128.f;
+  static constexpr uint32_t ones = 0x3F803F80u;
+};
+template <>
+struct Pair<c10::Half> {
+  static constexpr uint32_t code_base = 0x64006400u;
+  static constexpr float base = 1024.f;
+  static constexpr uint32_t ones = 0x3C003C00u;
+};
+
+// Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
+// cp.async, kStages - 1 stages ahead, and reads them back itself: no barrier, no registers held by
+// loads in flight. Codes are read once (.cg: not kept in L1); activations are shared by the block's
+// warps (.ca: kept in L1).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+template <int BYTES>
+__device__ __forceinline__ void cp_async_codes(void* dst, const void* src) {
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
+  }
+}
+__device__ __forceinline__ void cp_async_x(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+constexpr int kStages = 4;
+
+// One warp's stage in shared memory: per row tile its lanes' code bytes, then per token tile two
+// 16-byte activation vectors per lane (lane-contiguous: conflict-free 8/16-byte accesses).
+template <int BITS, int MT, int NT>
+struct StageLayout {
+  static constexpr int kCodeBytes = 4 * BITS;  // per lane per row tile
+  static constexpr int kBytes = 32 * (NT * kCodeBytes + MT * 32);
+  static __device__ __forceinline__ int codes(int i, int lane) { return (i * 32 + lane) * kCodeBytes; }
+  static __device__ __forceinline__ int x(int mt, int h, int lane) { return 32 * NT * kCodeBytes + ((mt * 2 + h) * 32 + lane) * 16; }
+};
+
+template <int BITS, int MT, int NT>
+constexpr int decode_smem_bytes() {
+  return kWarps * kStages * StageLayout<BITS, MT, NT>::kBytes;
+}
+
+// (a & mask) | base in one instruction (the compiler emits two when both constants are immediates).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t base) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(base));
+  return d;
+}
+
+template <int BITS, int MT, int NT>
+struct Stage {
+  uint32_t codes[NT][BITS];  // this lane's 4 * BITS bytes of each of the warp's NT 16 x 64 tiles
+  uint4 x[MT][2];            // token g (+ 8 mt): columns 16c .. 16c + 15 of the tile
+};
+
+// Warp w of block b owns row tiles (8b + w) * NT + i, i < NT; tokens 8 MT blockIdx.z + (0 .. 8 MT).
+template <typename T, int BITS, int MT, int NT>
+__global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
+  using L = StageLayout<BITS, MT, NT>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane / 4, c = lane % 4;
+  const int KT = args.K / kTileCols;
+  const int nt0 = (blockIdx.x * kWarps + warp) * NT;
+  const int m0 = blockIdx.z * 8 * MT;
+  const int t_begin = blockIdx.y * args.tiles_per_split;
+  const int t_end = min(KT, t_begin + args.tiles_per_split);
+  const bool active = nt0 < args.N / kTileRows;  // N % (16 NT) == 0: a warp's tiles are all in or all out
+
+  float out[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[mt][i][e] = 0.f;
+
+  if (active) {
+    const uint8_t* codes = args.tiled + int64_t(nt0) * KT * tile_bytes(BITS) + lane * 4 * BITS;
+    const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
+    const T* xrow[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      xrow[mt] = static_cast<const T*>(args.x) + int64_t(min(m0 + 8 * mt + g, args.M - 1)) * args.K + 16 * c;
+    }
+    uint8_t* warp_smem = smem + warp * kStages * L::kBytes;
+    // Issue the copies of tile t into ring slot `slot` (nothing past the slice; the group is still
+    // committed so that the wait counts stay aligned).
+    const auto issue = [&](int slot, int t) {
+      if (t < t_end) {
+        uint8_t* st = warp_smem + slot * L::kBytes;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          cp_async_codes<L::kCodeBytes>(st + L::codes(i, lane), codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS));
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          cp_async_x(st + L::x(mt, 0, lane), xrow[mt] + t * kTileCols);
+          cp_async_x(st + L::x(mt, 1, lane), xrow[mt] + t * kTileCols + 8);
+        }
+      }
+      cp_async_commit();
+    };
+    const auto read = [&](Stage<BITS, MT, NT>& st, int slot) {
+      const uint8_t* src = warp_smem + slot * L::kBytes;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        if constexpr (BITS == 4) {
+          const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
+          st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z, st.codes[i][3] = v.w;
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(src + L::codes(i, lane));
+          st.codes[i][0] = v.x, st.codes[i][1] = v.y;
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
+        st.x[mt][1] = *reinterpret_cast<const uint4*>(src + L::x(mt, 1, lane));
+      }
+    };
+
+    // Scales and zeros of rows g and g + 8 of each tile for the current group, loaded a group ahead
+    // of their use at the group's end.
+    const float* sp[NT];
+    const float* zp[NT];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      sp[i] = args.scale + int64_t((nt0 + i) * kTileRows + g) * args.G;
+      zp[i] = args.zero + int64_t((nt0 + i) * kTileRows + g) * args.G;
+    }
+    const int row8 = 8 * args.G;
+    float s[NT][2], z[NT][2];
+    const auto load_qparams = [&](int group) {
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        s[i][0] = __ldg(sp[i] + group);
+        z[i][0] = __ldg(zp[i] + group);
+        s[i][1] = __ldg(sp[i] + row8 + group);
+        z[i][1] = __ldg(zp[i] + row8 + group);
+      }
+    };
+    int group = t_begin / args.tiles_per_group;
+    int group_end = min(t_end, (group + 1) * args.tiles_per_group);
+    load_qparams(group);
+
+    float accq[MT][NT][4], accx[MT][4];  // sum_k x q and sum_k x over the current group
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        accx[mt][e] = 0.f;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) accq[mt][i][e] = 0.f;
+      }
+    const uint32_t ones[4] = {Pair<T>::ones, Pair<T>::ones, Pair<T>::ones, Pair<T>::ones};
+    const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u, base = Pair<T>::code_base;
+
+    const auto compute = [&](const Stage<BITS, MT, NT>& st, int t) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        constexpr int kStepsPerWord = 4 / BITS;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          const uint32_t word = st.codes[i][j / kStepsPerWord];
+          uint32_t a[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            a[r] = and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint4& v = st.x[mt][j / 2];
+            mma16816<T>(accq[mt][i], a, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4& v = st.x[mt][j / 2];
+          mma16816<T>(accx[mt], ones, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+        }
+      }
+      // At a group's end, and every two tiles (128 columns) within long groups, fold the sums into the
+      // output: s * sum x (base + q) - (base + z) * s * sum x. Folding at least every 128 columns bounds
+      // the cancellation of the base offset to a few bits of the fp32 sums.
+      const bool group_ends = t + 1 == group_end;
+      if (group_ends || ((t - t_begin) & 1)) {
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          const float nzs0 = -(Pair<T>::base + z[i][0]) * s[i][0], nzs1 = -(Pair<T>::base + z[i][1]) * s[i][1];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            out[mt][i][0] += s[i][0] * accq[mt][i][0] + nzs0 * accx[mt][0];
+            out[mt][i][1] += s[i][0] * accq[mt][i][1] + nzs0 * accx[mt][1];
+            out[mt][i][2] += s[i][1] * accq[mt][i][2] + nzs1 * accx[mt][0];
+            out[mt][i][3] += s[i][1] * accq[mt][i][3] + nzs1 * accx[mt][1];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) accq[mt][i][e] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) accx[mt][e] = 0.f;
+      }
+      if (group_ends) {
+        ++group;
+        group_end = min(t_end, group_end + args.tiles_per_group);
+        if (t + 1 < t_end) load_qparams(group);
+      }
+    };
+
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) issue(st, t_begin + st);
+    for (int t = t_begin, slot = 0; t < t_end; ++t) {
+      cp_async_wait<kStages - 2>();  // tile t landed (this lane's own copies)
+      Stage<BITS, MT, NT> cur;
+      read(cur, slot);
+      // Refill the slot read one tile ago (its data is in registers already).
+      issue(slot == 0 ? kStages - 1 : slot - 1, t + kStages - 1);
+      compute(cur, t);
+      slot = slot == kStages - 1 ? 0 : slot + 1;
+    }
+    cp_async_wait<0>();
+  }
+
+  // Accumulator (16 rows x 8 tokens): e = 0, 1 at row g, tokens 2c, 2c + 1; e = 2, 3 at row g + 8.
+  T* y = static_cast<T*>(args.out);
+  const T* bias = static_cast<const T*>(args.bias);
+  if (active) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = m0 + 8 * mt + 2 * c + (e & 1), n = (nt0 + i) * kTileRows + g + 8 * (e >> 1);
+          if (m >= args.M) continue;
+          if (args.splits > 1) {
+            args.partial[(int64_t(blockIdx.y) * args.M + m) * args.N + n] = out[mt][i][e];
+          } else {
+            y[int64_t(m) * args.N + n] = T(out[mt][i][e] + (bias != nullptr ? float(bias[n]) : 0.f));
+          }
+        }
+      }
+    }
+  }
+  if (args.splits == 1) return;
+
+  // The last block of this column tile to finish sums the splits in order.
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(args.counters + blockIdx.z * gridDim.x + blockIdx.x, 1) == args.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n0 = blockIdx.x * kColsPerBlock * NT, cols = min(kColsPerBlock * NT, args.N - n0);
+  const int rows = min(8 * MT, args.M - m0);
+  const int64_t MN = int64_t(args.M) * args.N;
+  for (int i = threadIdx.x; i < rows * cols; i += kDecodeThreads) {
+    const int m = m0 + i / cols, n = n0 + i % cols;
+    float v = bias != nullptr ? float(bias[n]) : 0.f;
+    const float* p = args.partial + int64_t(m) * args.N + n;
+    for (int sp = 0; sp < args.splits; ++sp) v += __ldcg(p + sp * MN);
+    y[int64_t(m) * args.N + n] = T(v);
+  }
+}
+
+// Kernel configuration by token count and N: token tiles MT, row tiles per warp NT.
+struct Config {
+  int mt, nt;
+};
+Config config_for(int64_t M, int64_t N) { return {M <= 8 ? 1 : 2, N % (2 * kTileRows) == 0 ? 2 : 1}; }
+
+template <typename T, int BITS, int MT, int NT>
+const void* prepared_kernel() {
+  // Above 48 KB of dynamic shared memory a kernel must opt in (per device: so on every call).
+  cudaFuncSetAttribute(decode_gemm_kernel<T, BITS, MT, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       decode_smem_bytes<BITS, MT, NT>());
+  return reinterpret_cast<const void*>(decode_gemm_kernel<T, BITS, MT, NT>);
+}
+
+template <typename T, int BITS>
+const void* kernel_for(Config cfg) {
+  if (cfg.mt == 1) return cfg.nt == 2 ? prepared_kernel<T, BITS, 1, 2>() : prepared_kernel<T, BITS, 1, 1>();
+  return cfg.nt == 2 ? prepared_kernel<T, BITS, 2, 2>() : prepared_kernel<T, BITS, 2, 1>();
+}
+
+int smem_for(Config cfg, int bits) { return kWarps * kStages * 32 * (cfg.nt * 4 * bits + cfg.mt * 32); }
+
+int sm_count() {
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count > 0 ? count : 1;
+}
+
+// Blocks resident on the GPU at once (the bf16 instances stand for fp16: same registers).
+int64_t resident_blocks(int64_t M, GroupShape shape) {
+  const Config cfg = config_for(M, shape.N);
+  const void* kernel = shape.bits == 4 ? kernel_for<c10::BFloat16, 4>(cfg) : kernel_for<c10::BFloat16, 2>(cfg);
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kDecodeThreads, smem_for(cfg, shape.bits));
+  return int64_t(std::max(per_sm, 1)) * sm_count();
+}
+
+int64_t column_blocks(int64_t M, GroupShape shape) {
+  const Config cfg = config_for(M, shape.N);
+  const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
+  return (shape.N + cols - 1) / cols * ((M + tokens - 1) / tokens);
+}
+
+}  // namespace
+
+bool decode_gemm_supported(GroupShape shape) {
+  const bool group_ok = shape.group_size % kTileCols == 0 || shape.group_size == shape.K;
+  return tile_layout_bits_ok(shape.bits) && shape.N % kTileRows == 0 && shape.K % kTileCols == 0 && shape.K > 0 &&
+         group_ok && shape.N * shape.K < (int64_t(1) << 31);
+}
+
+int64_t decode_gemm_counters(int64_t M, GroupShape shape) { return column_blocks(M, shape); }
+
+int64_t decode_gemm_splits(int64_t M, GroupShape shape) {
+  // As many K slices as fill one wave of resident blocks (a second, partial wave would double the time).
+  const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape);
+  const int64_t want = std::clamp<int64_t>(resident_blocks(M, shape) / blocks, 1, tiles);
+  const int64_t per_split = (tiles + want - 1) / want;
+  return (tiles + per_split - 1) / per_split;
+}
+
+template <typename T>
+void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
+                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, cudaStream_t stream) {
+  if (M == 0 || shape.N == 0) return;
+  const int64_t tiles = shape.K / kTileCols;
+  DecodeArgs args{};
+  args.x = x;
+  args.tiled = tiled;
+  args.scale = scale;
+  args.zero = zero;
+  args.bias = bias;
+  args.out = out;
+  args.partial = partial;
+  args.counters = counters;
+  args.M = int(M);
+  args.N = int(shape.N);
+  args.K = int(shape.K);
+  args.G = int(shape.groups());
+  args.tiles_per_group = int(shape.group_size / kTileCols);
+  args.tiles_per_split = int((tiles + splits - 1) / splits);
+  args.splits = int(splits);
+  const Config cfg = config_for(M, shape.N);
+  const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
+  const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
+  const void* kernel = shape.bits == 4 ? kernel_for<T, 4>(cfg) : kernel_for<T, 2>(cfg);
+  void* params[] = {&args};
+  const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(kDecodeThreads), params, smem_for(cfg, shape.bits), stream);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
+  check_launch("decode_gemm");
+}
+
+template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const uint8_t*, const float*, const float*,
+                                         const c10::BFloat16*, c10::BFloat16*, float*, int*, int64_t, GroupShape,
+                                         int64_t, cudaStream_t);
+template void decode_gemm<c10::Half>(const c10::Half*, const uint8_t*, const float*, const float*, const c10::Half*,
+                                     c10::Half*, float*, int*, int64_t, GroupShape, int64_t, cudaStream_t);
+
+}  // namespace qatext::cuda

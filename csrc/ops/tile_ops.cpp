@@ -1,0 +1,97 @@
+// The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, and
+// dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; elsewhere the
+// weight is converted back and takes dequant_matmul's paths).
+#include "core/quant_math.h"
+#include "core/tile_layout.h"
+#include "ops/common.h"
+#include "ops/ops.h"
+
+namespace qatext::ops {
+
+namespace {
+
+// Checks a tiled (or to-be-tiled) weight [N, K * bits / 8]; returns N.
+int64_t check_tileable(const char* op, const char* name, const at::Tensor& t, int64_t bits, int64_t K) {
+  TORCH_CHECK_VALUE(tile_layout_bits_ok(int(bits)), op, ": bits must be 2 or 4 for the tiled layout, got ", bits);
+  check_dim(op, name, t, 2);
+  TORCH_CHECK_VALUE(K > 0 && K % kTileCols == 0, op, ": in_features must be a positive multiple of ", kTileCols,
+                    ", got ", K);
+  const int64_t N = t.size(0);
+  TORCH_CHECK_VALUE(N % kTileRows == 0, op, ": ", name, " must have a multiple of ", kTileRows,
+                    " rows (out_features), got ", N);
+  check_packed(op, name, t, N, packed_row_bytes(K, int(bits)));
+  return N;
+}
+
+}  // namespace
+
+at::Tensor tile_packed(const at::Tensor& packed_in, int64_t bits, int64_t in_features) {
+  const int64_t N = check_tileable("qatext.tile_packed", "packed", packed_in, bits, in_features);
+  const at::Tensor packed = packed_in.contiguous();
+  at::Tensor tiled = at::empty_like(packed);
+  QATEXT_DEVICE_CALL(packed, tile_packed, packed.const_data_ptr<uint8_t>(), tiled.mutable_data_ptr<uint8_t>(), N,
+                     in_features, int(bits));
+  return tiled;
+}
+
+at::Tensor untile_packed(const at::Tensor& tiled_in, int64_t bits, int64_t in_features) {
+  const int64_t N = check_tileable("qatext.untile_packed", "tiled", tiled_in, bits, in_features);
+  const at::Tensor tiled = tiled_in.contiguous();
+  at::Tensor packed = at::empty_like(tiled);
+  QATEXT_DEVICE_CALL(tiled, untile_packed, tiled.const_data_ptr<uint8_t>(), packed.mutable_data_ptr<uint8_t>(), N,
+                     in_features, int(bits));
+  return packed;
+}
+
+at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale_in,
+                                const at::Tensor& zero_in, int64_t bits, int64_t group_size,
+                                const std::optional<at::Tensor>& bias) {
+  const char* op = "qatext.dequant_matmul_tiled";
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_same_device(op, {{"x", &x}, {"tiled", &tiled}});
+  const int64_t K = x.size(-1);
+  check_tileable(op, "tiled", tiled, bits, K);
+  const GroupShape shape = check_packed_weight(op, tiled, scale_in, zero_in, bits, group_size, K);
+  if (bias.has_value()) {
+    check_same_device(op, {{"x", &x}, {"bias", &*bias}});
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == shape.N, op, ": bias must have shape [", shape.N,
+                      "], got ", bias->sizes());
+  }
+#ifdef QATEXT_WITH_CUDA
+  const auto dtype = x.scalar_type();
+  const int64_t M = x.numel() / K;
+  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= dequant_gemm_max_m() &&
+      cuda::decode_gemm_supported(shape)) {
+    const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
+    const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
+    if (aligned16(a) && aligned16(w)) {
+      const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
+      const int64_t splits = cuda::decode_gemm_splits(M, shape);
+      at::Tensor out = at::empty({M, shape.N}, a.options());
+      at::Tensor partial, counters;
+      if (splits > 1) {
+        partial = at::empty({splits, M, shape.N}, a.options().dtype(at::kFloat));
+        counters = at::zeros({cuda::decode_gemm_counters(M, shape)}, a.options().dtype(at::kInt));
+      }
+      const at::OptionalDeviceGuard guard(at::device_of(a));
+      dispatch_half(dtype, [&](auto type_tag) {
+        using scalar_t = decltype(type_tag);
+        cuda::decode_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), w.const_data_ptr<uint8_t>(),
+                                    scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
+                                    b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                    out.mutable_data_ptr<scalar_t>(),
+                                    splits > 1 ? partial.mutable_data_ptr<float>() : nullptr,
+                                    splits > 1 ? counters.mutable_data_ptr<int>() : nullptr, M, shape, splits,
+                                    current_stream(a));
+      });
+      auto sizes = x.sizes().vec();
+      sizes.back() = shape.N;
+      return out.view(sizes);
+    }
+  }
+#endif
+  return dequant_matmul(x, untile_packed(tiled, bits, K), scale_in, zero_in, bits, group_size, bias);
+}
+
+}  // namespace qatext::ops

@@ -1,0 +1,61 @@
+"""The decode GEMM's tiled weight layout: exact both ways, equal to the pure-PyTorch reference, clear
+errors on shapes it cannot hold, and dequant_matmul_tiled equal to dequant_matmul on CPU and CUDA."""
+
+import pytest
+import torch
+
+from conftest import random_qparams
+from qatext import ops, reference
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 192), (128, 512), (32, 1024)])
+def test_round_trip_and_reference(device, bits, n, k):
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
+    packed = ops.pack(codes, bits)
+    tiled = ops.tile_packed(packed, bits, k)
+    assert tiled.shape == packed.shape and tiled.dtype == torch.uint8
+    assert torch.equal(tiled, reference.tile_packed(packed, bits, k))
+    assert torch.equal(ops.untile_packed(tiled, bits, k), packed)
+    assert torch.equal(reference.untile_packed(tiled, bits, k), packed)
+    if n * k >= 4096:  # a real permutation, not the identity
+        assert not torch.equal(tiled, packed)
+
+
+def test_tile_position_of_one_code():
+    """Code (n=9, k=70) of a 4-bit [16, 128] weight: tile 1 (k // 64), lane 4 * (9 % 8) + 0 = 4, step
+    j = 1, e = 2, so register 1 + 2 = 3 (row g + 8, columns e = 2, 3), low half: bit 4 * 3 = 12 of word 1,
+    byte 512 + 16 * 4 + 4 * 1 + 12 // 8 = 581, shift 12 % 8 = 4."""
+    codes = torch.zeros(16, 128, dtype=torch.uint8)
+    codes[9, 70] = 0xB
+    tiled = ops.tile_packed(ops.pack(codes, 4), 4, 128).flatten()
+    assert tiled.nonzero().flatten().tolist() == [581] and tiled[581].item() == 0xB0
+
+
+@pytest.mark.parametrize("op", ["tile_packed", "untile_packed"])
+def test_bad_shapes_are_value_errors(op):
+    fn = getattr(ops, op)
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        fn(torch.zeros(16, 24, dtype=torch.uint8), 3, 64)
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        fn(torch.zeros(20, 32, dtype=torch.uint8), 4, 64)
+    with pytest.raises(ValueError, match="in_features must be a positive multiple of 64"):
+        fn(torch.zeros(16, 48, dtype=torch.uint8), 4, 96)
+    with pytest.raises(ValueError, match="must have shape"):
+        fn(torch.zeros(16, 33, dtype=torch.uint8), 4, 64)
+    with pytest.raises((ValueError, TypeError), match="uint8"):
+        fn(torch.zeros(16, 32, dtype=torch.int32), 4, 64)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_dequant_matmul_tiled_matches_dequant_matmul(device, bits):
+    n, k, g = 64, 256, 128
+    packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device), bits)
+    scale, zero = random_qparams(n, k, bits, g, False, device)
+    x = torch.randn(2, 3, k, device=device)
+    bias = torch.randn(n, device=device)
+    y = ops.dequant_matmul_tiled(x, ops.tile_packed(packed, bits, k), scale, zero, bits, g, bias)
+    torch.testing.assert_close(y, ops.dequant_matmul(x, packed, scale, zero, bits, g, bias))
+    torch.testing.assert_close(y, reference.dequant_matmul(x, packed, scale, zero, bits, g, bias), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.dequant_matmul_tiled(x, ops.tile_packed(packed, bits, k), scale, zero, bits, g, bias[:-1])
