@@ -10,6 +10,7 @@ namespace {
 std::atomic<bool> g_value_checks{true};
 std::atomic<int64_t> g_dw_chunk_elements{int64_t(10) << 20};  // 40 MiB of fp32 dW at a time
 std::atomic<int64_t> g_dequant_gemm_max_m{64};
+std::atomic<int64_t> g_decode_gemm_max_m{16};
 std::atomic<bool> g_lrqat_fused{true};
 }  // namespace
 
@@ -17,6 +18,11 @@ bool lrqat_fused_enabled() { return g_lrqat_fused.load(); }
 void set_lrqat_fused(bool enabled) { g_lrqat_fused.store(enabled); }
 
 int64_t dequant_gemm_max_m() { return g_dequant_gemm_max_m.load(); }
+int64_t decode_gemm_max_m() { return g_decode_gemm_max_m.load(); }
+void set_decode_gemm_max_m(int64_t m) {
+  TORCH_CHECK_VALUE(m >= 0, "qatext.set_decode_gemm_max_m: m must be >= 0, got ", m);
+  g_decode_gemm_max_m.store(m);
+}
 void set_dequant_gemm_max_m(int64_t m) {
   TORCH_CHECK_VALUE(m >= 0, "qatext.set_dequant_gemm_max_m: m must be >= 0, got ", m);
   g_dequant_gemm_max_m.store(m);

@@ -69,6 +69,11 @@ void set_dw_chunk_elements(int64_t elements);
 int64_t dequant_gemm_max_m();
 void set_dequant_gemm_max_m(int64_t m);
 
+// Largest token count M for which a CUDA dequant_matmul_tiled takes the decode kernel (measured: it
+// wins up to 16 tokens); larger M untiles the weight and takes dequant_matmul's paths. 0: off.
+int64_t decode_gemm_max_m();
+void set_decode_gemm_max_m(int64_t m);
+
 // Whether CUDA LR-QAT with 16-bit adapters takes the tensor-core kernels (else the fp32 A B path).
 bool lrqat_fused_enabled();
 void set_lrqat_fused(bool enabled);

@@ -61,7 +61,7 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
   const int64_t M = x.numel() / K;
-  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= dequant_gemm_max_m() &&
+  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= decode_gemm_max_m() &&
       cuda::decode_gemm_supported(shape)) {
     const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
     const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
