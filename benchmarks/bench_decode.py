@@ -17,16 +17,11 @@ import torch
 
 import qatext
 from qatext import ops, reference
-from bench_gemm import SHAPES, copy_bandwidth, with_max_m
+from bench_gemm import SHAPES, copy_bandwidth, random_weight, with_max_m
 
 
 def with_decode_max_m(m, fn):
-    old = qatext._C.decode_gemm_max_m()
-    qatext._C.set_decode_gemm_max_m(m)
-    try:
-        return fn()
-    finally:
-        qatext._C.set_decode_gemm_max_m(old)
+    return with_max_m(m, fn, knob="decode_gemm_max_m")
 from timing import cuda_graph_time_ms as gpu_time_ms
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
@@ -47,10 +42,8 @@ def main():
         g = 128
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for bits in args.bits:
-            packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+            packed, scale, zero = random_weight(n, k, bits, g)
             tiled = ops.tile_packed(packed, bits, k)
-            scale = torch.rand(n, k // g, device="cuda") * 0.01 + 0.005
-            zero = torch.rand(n, k // g, device="cuda") * (1 << bits)
             x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
             got = with_decode_max_m(64, lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))  # noqa: B023
             err = (got.float() - reference.dequant_matmul(x, packed, scale, zero, bits, g).float()).abs().max().item()

@@ -31,13 +31,22 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def with_max_m(m, fn):
-    old = qatext._C.dequant_gemm_max_m()
-    qatext._C.set_dequant_gemm_max_m(m)
+def with_max_m(m, fn, knob="dequant_gemm_max_m"):
+    """fn() with qatext._C.set_<knob>(m), then the old value back."""
+    old = getattr(qatext._C, knob)()
+    getattr(qatext._C, f"set_{knob}")(m)
     try:
         return fn()
     finally:
-        qatext._C.set_dequant_gemm_max_m(old)
+        getattr(qatext._C, f"set_{knob}")(old)
+
+
+def random_weight(n, k, bits, g):
+    """Random packed codes with scales and zeros of a realistic range, on the GPU."""
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda")
+    scale = torch.rand(n, k // g, device="cuda") * 0.01 + 0.005
+    zero = torch.rand(n, k // g, device="cuda") * (1 << bits)
+    return ops.pack(codes, bits), scale, zero
 
 
 def tinygemm_fn(x, n, k, g):
@@ -68,10 +77,7 @@ def main():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         weights = {}
         for bits in (4, 3, 2):
-            codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda")
-            scale = torch.rand(n, k // g, device="cuda") * 0.01 + 0.005
-            zero = torch.rand(n, k // g, device="cuda") * (1 << bits)
-            weights[bits] = (ops.pack(codes, bits), scale, zero)
+            weights[bits] = random_weight(n, k, bits, g)
         for m in TOKENS:
             timing = dict(warmup=2, repeats=10, inner=3) if m >= 2048 else {}
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

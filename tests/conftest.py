@@ -1,7 +1,9 @@
+import contextlib
+
 import pytest
 import torch
 
-import qatext  # noqa: F401  (registers the ops)
+import qatext  # registers the ops
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -9,6 +11,17 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@contextlib.contextmanager
+def knob(name: str, value):
+    """qatext._C.set_<name>(value) for the block, then the old value back."""
+    old = getattr(qatext._C, name)()
+    getattr(qatext._C, f"set_{name}")(value)
+    try:
+        yield
+    finally:
+        getattr(qatext._C, f"set_{name}")(old)
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,30 +1,17 @@
 """The register-direct decode GEMM on the tiled layout (CUDA, 16-bit x, small M): against the reference
 on both bit widths, groups, odd M, split-K on and off, bias; it really runs, and is deterministic."""
 
-import contextlib
-
 import pytest
 import torch
 
-from conftest import random_qparams
+from conftest import knob, random_qparams
 from qatext import ops, reference
-import qatext
 from test_dequant_gemm import _kernel_names
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # The kernel multiplies by the exact dequantised weight in fp32 (the reference's own arithmetic), so
 # the only error is the output's 16-bit rounding and the summation order.
-@contextlib.contextmanager
-def decode_max_m(m):
-    old = qatext._C.decode_gemm_max_m()
-    qatext._C.set_decode_gemm_max_m(m)
-    try:
-        yield
-    finally:
-        qatext._C.set_decode_gemm_max_m(old)
-
-
 TOL = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
@@ -44,7 +31,7 @@ def test_matches_reference(bits, n, k, g, m, dtype):
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda").to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
-    with decode_max_m(64):
+    with knob("decode_gemm_max_m", 64):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
     expected = reference.dequant_matmul(x, packed, scale, zero, bits, g, bias)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -59,11 +46,11 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
     def call():
         return ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
 
-    with decode_max_m(64):
+    with knob("decode_gemm_max_m", 64):
         assert "decode_gemm_kernel" in _kernel_names(call)
         fused = call()
         assert torch.equal(call(), fused)  # split-K partials summed in a fixed order
-    with decode_max_m(0):
+    with knob("decode_gemm_max_m", 0):
         assert "decode_gemm_kernel" not in _kernel_names(call)
         plain = call()
     assert fused.shape == plain.shape == (2, 5, n)

@@ -1,28 +1,15 @@
 """The fused tensor-core dequant GEMM (CUDA, 16-bit inputs, small M): forward and grad input against
 the reference, on every bit width, group size, odd M, split-K on and off, bias; and dispatch."""
 
-import contextlib
-
 import pytest
 import torch
 
-import qatext
-from conftest import random_qparams
+from conftest import knob, random_qparams
 from qatext import ops, reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 TOL = {torch.bfloat16: dict(rtol=2e-2, atol=3e-2), torch.float16: dict(rtol=5e-3, atol=1e-2)}
-
-
-@contextlib.contextmanager
-def fused_max_m(m):
-    old = qatext._C.dequant_gemm_max_m()
-    qatext._C.set_dequant_gemm_max_m(m)
-    try:
-        yield
-    finally:
-        qatext._C.set_dequant_gemm_max_m(old)
 
 
 def _weight(n, k, bits, g):
@@ -48,7 +35,7 @@ def test_forward_and_grad_input(bits, n, k, g, m, dtype):
     x = torch.randn(m, k, device="cuda").to(dtype)
     gy = torch.randn(m, n, device="cuda").to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
-    with fused_max_m(64):
+    with knob("dequant_gemm_max_m", 64):
         y = ops.dequant_matmul(x, packed, scale, zero, bits, g, bias)
         gx = torch.ops.qatext.dequant_matmul_grad_input(gy, packed, scale, zero, bits, g, k)
     torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
@@ -70,15 +57,15 @@ def test_fused_kernel_runs_and_matches_the_cublas_path(grad_input):
             return torch.ops.qatext.dequant_matmul_grad_input(a, packed, scale, zero, bits, g, k)
         return ops.dequant_matmul(a, packed, scale, zero, bits, g)
 
-    with fused_max_m(64):
+    with knob("dequant_gemm_max_m", 64):
         assert "dequant_gemm_kernel" in _kernel_names(call)
         fused = call()
-    with fused_max_m(0):
+    with knob("dequant_gemm_max_m", 0):
         assert "dequant_gemm_kernel" not in _kernel_names(call)
         plain = call()
     assert fused.shape == plain.shape == (2, 5, k if grad_input else n)
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=3e-2)
-    with fused_max_m(64):
+    with knob("dequant_gemm_max_m", 64):
         assert torch.equal(call(), call())  # split-K partials are summed in a fixed order
 
 

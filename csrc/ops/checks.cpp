@@ -106,6 +106,18 @@ void check_packed(const char* op, const char* name, const at::Tensor& packed, in
                     " must have shape [", N, ", ", row_bytes, "], got ", packed.sizes());
 }
 
+void check_matmul_inputs(const char* op, const at::Tensor& x, const char* weight_name, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_same_device(op, {{"x", &x}, {weight_name, &weight}});
+  if (bias.has_value()) {
+    check_same_device(op, {{"x", &x}, {"bias", &*bias}});
+    TORCH_CHECK_VALUE(bias->dim() == 1 && weight.dim() >= 1 && bias->size(0) == weight.size(0), op,
+                      ": bias must have shape [", weight.dim() >= 1 ? weight.size(0) : 0, "], got ", bias->sizes());
+  }
+}
+
 GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale,
                                const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t K) {
   check_bits(op, bits);

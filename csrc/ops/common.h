@@ -5,6 +5,7 @@
 #include <ATen/DeviceGuard.h>
 
 #include <initializer_list>
+#include <optional>
 
 #include "core/shape.h"
 #include "cpu/kernels.h"
@@ -103,6 +104,10 @@ void check_packed(const char* op, const char* name, const at::Tensor& packed, in
 // Checks a packed weight [N, K * bits / 8] against scale and zero; returns the group shape for K.
 GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale,
                                const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t K);
+
+// x (float, at least 1-D), a weight with its rows first, and an optional bias [rows], all on x's device.
+void check_matmul_inputs(const char* op, const at::Tensor& x, const char* weight_name, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias);
 
 // [..., K] as [rows, K].
 inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }

@@ -112,14 +112,7 @@ at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const a
                           const at::Tensor& zero, int64_t bits, int64_t group_size,
                           const std::optional<at::Tensor>& bias) {
   const char* op = "qatext.dequant_matmul";
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_same_device(op, {{"x", &x}, {"packed", &packed}});
-  if (bias.has_value()) {
-    check_same_device(op, {{"x", &x}, {"bias", &*bias}});
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == packed.size(0), op, ": bias must have shape [",
-                      packed.size(0), "], got ", bias->sizes());
-  }
+  check_matmul_inputs(op, x, "packed", packed, bias);
   const GroupShape shape = check_packed_weight(op, packed, scale, zero, bits, group_size, x.size(-1));
   if (auto y = fused_dequant_gemm(x, packed, scale, zero, shape, bias, /*grad_input=*/false)) return *y;
   // Otherwise dequantise to x's dtype once, then one cuBLAS / CPU GEMM.

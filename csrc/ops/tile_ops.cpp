@@ -47,17 +47,10 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
                                 const at::Tensor& zero_in, int64_t bits, int64_t group_size,
                                 const std::optional<at::Tensor>& bias) {
   const char* op = "qatext.dequant_matmul_tiled";
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_same_device(op, {{"x", &x}, {"tiled", &tiled}});
+  check_matmul_inputs(op, x, "tiled", tiled, bias);
   const int64_t K = x.size(-1);
   check_tileable(op, "tiled", tiled, bits, K);
   const GroupShape shape = check_packed_weight(op, tiled, scale_in, zero_in, bits, group_size, K);
-  if (bias.has_value()) {
-    check_same_device(op, {{"x", &x}, {"bias", &*bias}});
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == shape.N, op, ": bias must have shape [", shape.N,
-                      "], got ", bias->sizes());
-  }
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
   const int64_t M = x.numel() / K;
