@@ -38,6 +38,19 @@ def test_matches_reference(bits, n, k, g, m, dtype):
     torch.testing.assert_close(y.float(), expected.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("g", [128, -1])
+def test_long_sums_of_offset_activations_stay_accurate(g):
+    """fp16, K = 8192, activations with mean 4: the per-group sums are large, and the zero term
+    (z * s * sum x) nearly cancels s * sum x q; the result must still be within fp16 rounding."""
+    n, k, bits = 64, 8192, 4
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    x = (torch.randn(5, k, device="cuda") + 4).half()
+    with knob("decode_gemm_max_m", 16):
+        y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
+    expected = reference.dequant_matmul(x, packed, scale, zero, bits, g).float()
+    torch.testing.assert_close(y.float(), expected, **TOL[torch.float16])
+
+
 def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
     n, k, bits, g = 512, 2048, 4, 128
     packed, tiled, scale, zero = _weight(n, k, bits, g)

@@ -5,10 +5,10 @@
 // Each warp streams NT 16-row tiles of W along its slice of K: per 64 columns one 16-byte (4-bit) or
 // 8-byte (2-bit) copy per lane and tile, and two 16-byte activation copies per 8 tokens, into the
 // lane's own bytes of a per-warp cp.async ring in shared memory (no barriers), read back into
-// registers. A code pair becomes the exact 16-bit pair base + q by one shift and one lop3 that masks it
-// into the mantissa of base (128 for bf16, 1024 for fp16); the mma accumulates sum_k x (base + q) in
-// fp32, and the scale and zero are applied once per row, token and 128 columns:
-//   y += s * sum_k x (base + q) - (base + z) * s * sum_k x     (sum_k x: an mma with an all-ones A).
+// registers. A code pair becomes an exact 16-bit pair q by a shift, one lop3 that masks it into the
+// mantissa of base (128 for bf16, 1024 for fp16) and a 16-bit subtraction of base; the mma
+// accumulates sum_k x q in fp32, and the scale and zero are applied once per row, token and group:
+//   y += s * sum_k x q - z * s * sum_k x     (sum_k x: an mma with an all-ones A).
 // The weight is never rounded to 16 bits: the result is the fp32 product with the exact dequantised
 // weight, as in the reference (dequant + cuBLAS rounds it first).
 // The 8 warps of a block take 8 neighbouring row-tile groups over the same K slice, so the
@@ -51,21 +51,29 @@ struct DecodeArgs {
 };
 
 // 16-bit pairs: a code q masked into the mantissa of `code_base` is exactly base + q (base = 128 for
-// bf16, 1024 for fp16), so the mma sees base + q and the epilogue subtracts base * sum_k x with the
-// zero; `ones` is (1, 1).
+// bf16, 1024 for fp16); subtracting base in 16 bits is exact too. `ones` is (1, 1).
+// (Feeding base + q to the mma and subtracting base * sum_k x in the epilogue saves that instruction,
+// but the large common term costs fp32 bits in the tensor cores' sums: fp16 results drifted by
+// ~0.003 at K = 4096, more than one output ulp, so it is not done.)
 template <typename T>
 struct Pair;
 template <>
 struct Pair<c10::BFloat16> {
   static constexpr uint32_t code_base = 0x43004300u;
-  static constexpr float base = 128.f;
   static constexpr uint32_t ones = 0x3F803F80u;
+  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
 };
 template <>
 struct Pair<c10::Half> {
   static constexpr uint32_t code_base = 0x64006400u;
-  static constexpr float base = 1024.f;
   static constexpr uint32_t ones = 0x3C003C00u;
+  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
 };
 
 // Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
           uint32_t a[4];
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            a[r] = and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base);
+            a[r] = Pair<T>::sub(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
           }
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
@@ -248,14 +256,12 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
           mma16816<T>(accx[mt], ones, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
         }
       }
-      // At a group's end, and every two tiles (128 columns) within long groups, fold the sums into the
-      // output: s * sum x (base + q) - (base + z) * s * sum x. Folding at least every 128 columns bounds
-      // the cancellation of the base offset to a few bits of the fp32 sums.
+      // At a group's end fold the sums into the output: s * sum x q - z * s * sum x.
       const bool group_ends = t + 1 == group_end;
-      if (group_ends || ((t - t_begin) & 1)) {
+      if (group_ends) {
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
-          const float nzs0 = -(Pair<T>::base + z[i][0]) * s[i][0], nzs1 = -(Pair<T>::base + z[i][1]) * s[i][1];
+          const float nzs0 = -z[i][0] * s[i][0], nzs1 = -z[i][1] * s[i][1];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             out[mt][i][0] += s[i][0] * accq[mt][i][0] + nzs0 * accx[mt][0];
