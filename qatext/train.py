@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import local_shards
 from .data import random_batch
 from .evaluate import causal_lm_loss
 
@@ -132,8 +133,8 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
+            local_shards.clip_grad_norm(params, cfg.clip)
+        local_shards.adamw_step(opt)
         sched.step()
         history.append(dist.mean_over_ranks(loss).item())
         tokens_seen += (batch.numel() - len(batch)) * dist.world_size()
