@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _C, nn, ops, quant, reference  # noqa: F401  (_C registers torch.ops.qatext)
@@ -25,3 +27,14 @@ def set_value_checks(enabled: bool) -> None:
     whose inputs are known good may turn them off.
     """
     _C.set_value_checks(enabled)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """set_value_checks(enabled) for a block, then the previous setting back."""
+    old = _C.value_checks_enabled()
+    _C.set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        _C.set_value_checks(old)
