@@ -77,6 +77,21 @@ def merge_model(model: nn.Module) -> nn.Module:
     return convert_layers(model, "packed")
 
 
+def tile_for_decode(model: nn.Module) -> int:
+    """QuantLinear.tile_for_decode on every 'packed' layer whose shape and bits allow it (the others
+    keep the packed path); returns how many were tiled."""
+    tiled = 0
+    for _, layer in quant_layers(model):
+        if layer.mode != "packed":
+            continue
+        try:
+            layer.tile_for_decode()
+            tiled += 1
+        except ValueError:
+            continue
+    return tiled
+
+
 # ---------------------------------------------------------------------------- save / load
 
 

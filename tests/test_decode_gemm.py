@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import knob, random_qparams
-from qatext import ops, reference
+from qatext import QuantSpec, ops, reference
+from qatext.nn import QuantLinear
 from test_dequant_gemm import _kernel_names
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -81,3 +82,16 @@ def test_unsupported_inputs_fall_back():
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
         torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g).float(),
                                    rtol=2e-2, atol=3e-2)
+
+
+def test_quant_linear_decodes_through_the_kernel():
+    """A packed bf16 layer with tile_for_decode() serves no-grad forwards with the decode kernel."""
+    linear = torch.nn.Linear(512, 256, bias=True).cuda().bfloat16()
+    layer = QuantLinear.from_linear(linear, QuantSpec(4, 128), mode="fake").to_packed()
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.tile_for_decode()
+        assert "decode_gemm_kernel" in _kernel_names(lambda: layer(x))
+        torch.testing.assert_close(layer(x).float(), expected.float(), rtol=2e-2, atol=3e-2)
+

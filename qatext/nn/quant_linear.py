@@ -158,6 +158,9 @@ class QuantLinear(nn.Module):
             w = self.quantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.mode == "packed" and getattr(self, "tiled", None) is not None and not torch.is_grad_enabled():
+            return ops.dequant_matmul_tiled(x, self._current_tiled(), positive(self.scale), self.zero, s.bits,
+                                            self.group_size, bias)
         y = ops.dequant_matmul(x, self.packed, positive(self.scale), self.zero, s.bits, self.group_size, bias)
         if self.mode == "qalora":
             # pool_g(x) A^T = x (A / g, each column repeated g times)^T: the pooling folds into the
@@ -173,6 +176,29 @@ class QuantLinear(nn.Module):
             # Recompute the N x K weight in backward instead of holding it (lrqat_linear always does).
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
+
+    # ------------------------------------------------------------------ decode
+
+    @torch.no_grad()
+    def tile_for_decode(self) -> "QuantLinear":
+        """Also hold the codes in the decode GEMM's tiled layout (bits 2 or 4; out_features % 16 == 0,
+        in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. A 'packed' layer
+        then serves forward passes without gradients (inference, generation) from it; with gradients it
+        keeps the packed path. Re-tiled by itself if `packed` changes (load_state_dict, .to())."""
+        if self.mode != "packed":
+            raise ValueError(f"QuantLinear.tile_for_decode: only mode 'packed' serves inference, not {self.mode!r}")
+        self.register_buffer("tiled", ops.tile_packed(self.packed, self.spec.bits, self.in_features), persistent=False)
+        self._tiled_from = self._packed_stamp()
+        return self
+
+    def _packed_stamp(self) -> tuple:
+        return self.packed.data_ptr(), self.packed._version
+
+    @torch.no_grad()
+    def _current_tiled(self) -> torch.Tensor:
+        if getattr(self, "_tiled_from", None) != self._packed_stamp():
+            self.tile_for_decode()
+        return self.tiled
 
     # ------------------------------------------------------------------ merge
 
