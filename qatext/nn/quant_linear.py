@@ -192,7 +192,11 @@ class QuantLinear(nn.Module):
         return self
 
     def _packed_stamp(self) -> tuple:
-        return self.packed.data_ptr(), self.packed._version
+        try:
+            version = self.packed._version
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            version = -1
+        return self.packed.data_ptr(), version
 
     @torch.no_grad()
     def _current_tiled(self) -> torch.Tensor:
