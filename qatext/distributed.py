@@ -5,7 +5,9 @@
 - DDP wraps the model itself (parameters stay where they are; gradients are averaged).
 - FSDP2 shards a structural copy of it, decoder layer by decoder layer: trainable and frozen
   parameters are sharded along dim 0 (rows), so a quantization group, which runs along the
-  in-features, never straddles a shard; integer buffers (packed codes, zero points) are replicated.
+  in-features, never straddles a shard. The quantized layers' frozen per-row buffers (packed codes,
+  LR-QAT's P, zero points, frozen scales), the bulk of a quantized model's bytes, become frozen
+  parameters of the copy, so they are sharded and gathered with their layer too.
   The kernels see full tensors: FSDP all-gathers a layer's parameters before its forward (and again
   for the recomputation of checkpointed layers). What trains is kept as fp32 masters in the shards. The original model's parameters give up their
   memory while the copy trains and get the trained full tensors back in `finish()`, so merge and
@@ -77,6 +79,27 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+def _buffers_to_frozen_parameters(work: nn.Module, model: nn.Module) -> list[str]:
+    """In `work` (a shallow copy of `model`), re-register every QuantLinear's per-row buffers as
+    frozen parameters over the same storage, so that FSDP shards them; returns their names in
+    `model`."""
+    from .nn import QuantLinear
+
+    names = {id(b): n for n, b in model.named_buffers()}
+    moved = []
+    for module in work.modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        for attr, buf in list(module._buffers.items()):
+            if (buf is None or attr in module._non_persistent_buffers_set or buf.dim() != 2
+                    or buf.shape[0] != module.out_features or id(buf) not in names):
+                continue
+            del module._buffers[attr]
+            module.register_parameter(attr, nn.Parameter(buf, requires_grad=False))
+            moved.append(names[id(buf)])
+    return moved
+
+
 def _shallow_copy(model: nn.Module) -> nn.Module:
     """A copy of the module structure of `model` whose parameters are new Parameter objects over the
     same storage and whose buffers (persistent or not) are the same tensors: no memory is copied."""
@@ -110,6 +133,7 @@ class Wrapped:
 
         names = {id(p): n for n, p in model.named_parameters()}
         work = _shallow_copy(model)
+        self.sharded_buffers = _buffers_to_frozen_parameters(work, model)
         mesh = init_device_mesh(device.type, (world_size(),))
         # FSDP wants one dtype for a layer's trainable parameters, and QuantLinear trains fp32 scales
         # beside 16-bit LoRA factors (or weights): the shards keep fp32 masters of what trains. No
@@ -124,6 +148,9 @@ class Wrapped:
         fully_shard(work, mesh=mesh, mp_policy=policy)
         for p in model.parameters():  # the shards hold the values now; free the full copies
             p.data = torch.empty(0, device=device, dtype=p.dtype)
+        for name in self.sharded_buffers:
+            buf = model.get_buffer(name)
+            buf.data = torch.empty(0, device=buf.device, dtype=buf.dtype)
         params = dict(work.named_parameters())
         self.module = work
         self.param_groups = [{**g, "params": [params[names[id(p)]] for p in g["params"]]} for g in param_groups]
@@ -137,6 +164,9 @@ class Wrapped:
             with torch.no_grad():
                 for name, p in self.model.named_parameters():
                     p.data = full[name].to(p.device, p.dtype)
+                for name in self.sharded_buffers:
+                    buf = self.model.get_buffer(name)
+                    buf.data = full[name].to(buf.device, buf.dtype)
         return self.model
 
 

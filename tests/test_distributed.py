@@ -99,6 +99,27 @@ def train_crash_resume_merge(strategy, root):
     return history
 
 
+def codes_under_fsdp():
+    """Wrap an LR-QAT model with FSDP2: how its first layer's frozen codes P are held, and whether
+    finish() gives the original model its P back."""
+    from torch.distributed.tensor import DTensor
+
+    from qatext.methods.common import freeze, layer_params
+
+    model = tiny_llama()
+    freeze(model)
+    models.quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
+    name, layer = models.quant_layers(model)[0]
+    p0 = layer.p.clone()
+    wrapped = distributed.Wrapped(model, "fsdp", [{"params": layer_params(model, ("lora_a",)), "lr": 1e-2}])
+    held = wrapped.module.get_submodule(name).p
+    info = {"dtensor": isinstance(held, DTensor), "local_rows": held.to_local().shape[0], "rows": p0.shape[0],
+            "freed": layer.p.numel() == 0}
+    wrapped.finish()
+    info["restored"] = torch.equal(layer.p, p0)
+    return info
+
+
 def _worker(rank, world, port, job, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -133,6 +154,14 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, one_process_curves,
         assert len(got[name]) == 4
         torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(one_process_curves[name]), rtol=1e-4,
                                    atol=1e-4, msg=lambda m, name=name: f"{name} ({strategy}): {m}")
+
+
+def test_fsdp_shards_the_frozen_codes_and_gives_them_back(tmp_path):
+    """P (and the other per-row buffers of quantized layers) is sharded by rows, not replicated: each
+    rank holds half, the original model's full copy is freed while training and restored after."""
+    info = spawn(codes_under_fsdp, tmp_path=tmp_path)
+    assert info["dtensor"] and info["local_rows"] == info["rows"] // 2
+    assert info["freed"] and info["restored"]
 
 
 def test_fsdp_on_a_bf16_model_keeps_fp32_scales_in_forward(tmp_path):
