@@ -111,6 +111,7 @@ struct StageLayout {
   static __device__ __forceinline__ int x(int mt, int h, int lane) { return 32 * NT * kCodeBytes + ((mt * 2 + h) * 32 + lane) * 16; }
 };
 
+// Dynamic shared memory of a block: its warps' rings.
 template <int BITS, int MT, int NT>
 constexpr int decode_smem_bytes() {
   return kWarps * kStages * StageLayout<BITS, MT, NT>::kBytes;
@@ -361,7 +362,12 @@ const void* kernel_for(Config cfg) {
   return cfg.nt == 2 ? prepared_kernel<T, BITS, 2, 2>() : prepared_kernel<T, BITS, 2, 1>();
 }
 
-int smem_for(Config cfg, int bits) { return kWarps * kStages * 32 * (cfg.nt * 4 * bits + cfg.mt * 32); }
+template <int BITS>
+int smem_for_bits(Config cfg) {
+  if (cfg.mt == 1) return cfg.nt == 2 ? decode_smem_bytes<BITS, 1, 2>() : decode_smem_bytes<BITS, 1, 1>();
+  return cfg.nt == 2 ? decode_smem_bytes<BITS, 2, 2>() : decode_smem_bytes<BITS, 2, 1>();
+}
+int smem_for(Config cfg, int bits) { return bits == 4 ? smem_for_bits<4>(cfg) : smem_for_bits<2>(cfg); }
 
 int sm_count() {
   int device = 0, count = 0;
