@@ -4,10 +4,11 @@ on both bit widths, groups, odd M, split-K on and off, bias; it really runs, and
 import pytest
 import torch
 
-from conftest import knob, random_qparams
+from conftest import knob
 from qatext import QuantSpec, ops, reference
 from qatext.nn import QuantLinear
 from test_dequant_gemm import _kernel_names
+from test_dequant_gemm import _weight as packed_weight
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -17,10 +18,9 @@ TOL = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=2e-3
 
 
 def _weight(n, k, bits, g):
-    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda")
-    scale, zero = random_qparams(n, k, bits, g, False, "cuda")
-    packed = ops.pack(codes, bits)
-    return packed, ops.tile_packed(packed, bits, k), scale * 0.1, zero
+    """test_dequant_gemm's random weight, and its tiled layout."""
+    packed, scale, zero = packed_weight(n, k, bits, g)
+    return packed, ops.tile_packed(packed, bits, k), scale, zero
 
 
 @pytest.mark.parametrize("bits", [2, 4])

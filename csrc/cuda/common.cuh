@@ -23,6 +23,14 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   return unsigned(blocks < 65535 * 32 ? (blocks > 0 ? blocks : 1) : 65535 * 32);
 }
 
+// Streaming multiprocessors of the current device (split-K sizing).
+inline int sm_count() {
+  int device = 0, count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  return count > 0 ? count : 1;
+}
+
 // Sum over the block in a fixed order (same result every run). All threads get the result.
 template <int Threads>
 __device__ __forceinline__ float block_sum(float v) {

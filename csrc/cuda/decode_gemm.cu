@@ -369,13 +369,6 @@ int smem_for_bits(Config cfg) {
 }
 int smem_for(Config cfg, int bits) { return bits == 4 ? smem_for_bits<4>(cfg) : smem_for_bits<2>(cfg); }
 
-int sm_count() {
-  int device = 0, count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
-}
-
 // Blocks resident on the GPU at once (the bf16 instances stand for fp16: same registers).
 int64_t resident_blocks(int64_t M, GroupShape shape) {
   const Config cfg = config_for(M, shape.N);

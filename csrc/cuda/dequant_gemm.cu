@@ -385,13 +385,6 @@ void launch_bits(int bits, int mt, const GemmArgs& args, dim3 grid, cudaStream_t
   return launch_mt<T, 2, TRANS>(mt, args, grid, stream);
 }
 
-int sm_count() {
-  int device = 0, count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
-}
-
 }  // namespace
 
 bool dequant_gemm_supported(int64_t M, GroupShape shape) {
