@@ -167,6 +167,7 @@ class Wrapped:
                 for name in self.sharded_buffers:
                     buf = self.model.get_buffer(name)
                     buf.data = full[name].to(buf.device, buf.dtype)
+            barrier()  # every rank is done with the gathers before the caller may tear the group down
         return self.model
 
 
