@@ -27,6 +27,8 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--per-gpu-batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="decoder layers recompute their activations in backward")
     parser.add_argument("--profile", default=None, help="write rank 0's torch.profiler tables (CPU and CUDA) here")
     args = parser.parse_args()
     distributed.init_from_env()
@@ -41,7 +43,8 @@ def main():
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     tcfg = methods.default_config("lrqat", steps=args.steps, batch_size=args.per_gpu_batch * world,
-                                  seq_len=args.seq_len, progress=False, distributed="fsdp")
+                                  seq_len=args.seq_len, progress=False, distributed="fsdp",
+                                  activation_checkpointing=args.activation_checkpointing)
     if args.profile:
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
@@ -56,7 +59,8 @@ def main():
     peak = torch.cuda.max_memory_allocated() / 2**30
     step_s = clock.seconds_per_step(warmup=2)
     result = {"gpus": world, "device": torch.cuda.get_device_name(), "layers": args.layers, "seq_len": args.seq_len,
-              "global_batch": args.per_gpu_batch * world, "step_s": step_s,
+              "global_batch": args.per_gpu_batch * world,
+              "activation_checkpointing": args.activation_checkpointing, "step_s": step_s,
               "tokens_per_s": args.per_gpu_batch * world * args.seq_len / step_s, "peak_GiB_per_gpu": peak,
               "loss": history}
     peaks = [None] * world

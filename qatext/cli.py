@@ -55,7 +55,8 @@ def cmd_train(args) -> int:
     out = Path(args.output_dir)
     cfg = methods.default_config(args.method, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  seed=args.seed, checkpoint_dir=str(out / "checkpoints"),
-                                 checkpoint_every=args.checkpoint_every, distributed=args.distributed)
+                                 checkpoint_every=args.checkpoint_every, distributed=args.distributed,
+                                 activation_checkpointing=args.activation_checkpointing)
     kwargs = {}
     if args.lr is not None:
         kwargs["e2e_lr" if args.method == "efficientqat" else "lr"] = args.lr
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
                    help="under torchrun: DDP or FSDP2 (sharded parameters and checkpoints); --batch-size is global")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="decoder layers keep only their input and recompute the rest in backward (less memory)")
     t.add_argument("--output-dir", required=True, help="checkpoints/ (resumed on rerun), model/, train_log.json")
     t.set_defaults(fn=cmd_train)
 

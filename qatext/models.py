@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,6 +28,34 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and len(module):
             return module
     raise ValueError(f"{type(model).__name__}: no decoder block list (e.g. model.layers) found")
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module):
+    """Within the block, every decoder layer keeps only its input for backward and recomputes the
+    rest there (torch.utils.checkpoint, non-reentrant): activation memory falls from every layer's
+    intermediates to one layer's. Under FSDP2 the recomputation runs on the parameters FSDP gathered
+    for the layer's backward. A KV cache would be filled twice, so `config.use_cache` is off inside."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model))
+    own = [layer.__dict__.get("forward") for layer in layers]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    if use_cache:
+        config.use_cache = False
+    try:
+        yield model
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+        if use_cache:
+            config.use_cache = use_cache
 
 
 def quant_layers(model: nn.Module):

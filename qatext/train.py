@@ -3,6 +3,7 @@ constant schedules, gradient clipping, tqdm progress, and checkpoints that resum
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 import qatext
 
 from . import distributed as dist
-from . import local_shards
+from . import local_shards, models
 from .data import random_batch
 from .evaluate import causal_lm_loss
 
@@ -38,6 +39,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     progress: bool = True
     distributed: str = "ddp"  # under torchrun: 'ddp' or 'fsdp' (FSDP2); ignored in one process
+    activation_checkpointing: bool = False  # decoder layers recompute their activations in backward
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -130,7 +132,8 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
     # The per-op value checks (scale > 0 and finite) each read a value back from the GPU, so they
     # would serialise host and device on every layer; the modules keep scales positive themselves
     # and the loss is checked for finiteness once a step instead.
-    with qatext.value_checks(False):
+    recompute = models.checkpointed_layers(module) if cfg.activation_checkpointing else contextlib.nullcontext()
+    with qatext.value_checks(False), recompute:
         for step in bar:
             batch = dist.local_rows(random_batch(tokens, cfg.batch_size, cfg.seq_len, gen)).to(device)
             loss = loss_fn(module, batch)

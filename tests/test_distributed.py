@@ -85,6 +85,22 @@ def bf16_lrqat_curve(strategy):
     return history, seen
 
 
+def recomputed_lrqat_curve(strategy, activation_checkpointing):
+    """LR-QAT for 4 steps; its curve and how many times the decoder layers' forward ran."""
+    calls = []
+    layer_cls = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    original = layer_cls.forward
+    cfg = methods.default_config("lrqat", steps=4, batch_size=4, seq_len=32, progress=False, distributed=strategy,
+                                 activation_checkpointing=activation_checkpointing)
+    try:
+        layer_cls.forward = lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1]
+        model, history = methods.run("lrqat", tiny_llama(), QuantSpec(4, 32), _tokens(), cfg, **FAST["lrqat"])
+    finally:
+        layer_cls.forward = original
+    restored = all("forward" not in layer.__dict__ for layer in models.decoder_layers(model))
+    return history, len(calls), restored and model.config.use_cache
+
+
 def train_crash_resume_merge(strategy, root):
     """Die in step 4, resume, merge and save on rank 0."""
     try:
@@ -162,6 +178,18 @@ def test_fsdp_shards_the_frozen_codes_and_gives_them_back(tmp_path):
     info = spawn(codes_under_fsdp, tmp_path=tmp_path)
     assert info["dtensor"] and info["local_rows"] == info["rows"] // 2
     assert info["freed"] and info["restored"]
+
+
+def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_curve(tmp_path):
+    """Decoder layers run twice a step (forward, recomputation in backward), on one process and under
+    FSDP2, with the plain curve; the model's own forward and KV-cache setting come back afterwards."""
+    plain, plain_calls, _ = recomputed_lrqat_curve("ddp", False)
+    one, one_calls, one_restored = recomputed_lrqat_curve("ddp", True)
+    two, two_calls, two_restored = spawn(recomputed_lrqat_curve, "fsdp", True, tmp_path=tmp_path)
+    assert plain_calls == 2 * 4 and one_calls == two_calls == 2 * plain_calls
+    assert one_restored and two_restored
+    torch.testing.assert_close(torch.tensor(one), torch.tensor(plain), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(plain), rtol=1e-4, atol=1e-4)
 
 
 def test_fsdp_on_a_bf16_model_keeps_fp32_scales_in_forward(tmp_path):
