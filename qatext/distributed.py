@@ -79,6 +79,23 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+# FSDP2 (torch 2.11) makes every shard an nn.Parameter that may require grad, which an integer dtype
+# cannot: integer buffers travel as fp16 over the same bytes (a view, never a conversion; gloo has no
+# 1-byte float), and FSDP and the collectives only copy them.
+_CARRIER = torch.float16
+
+
+def _own_dtype_views(module: nn.Module, _args) -> None:
+    """Forward pre-hook: the layer reads its integer parameters in their own dtype."""
+    for attr, dtype in module._integer_parameters.items():
+        module.__dict__[attr] = module._parameters[attr].view(dtype)
+
+
+def _drop_own_dtype_views(module: nn.Module, _args, _out) -> None:
+    for attr in module._integer_parameters:
+        module.__dict__.pop(attr, None)
+
+
 def _buffers_to_frozen_parameters(work: nn.Module, model: nn.Module) -> list[str]:
     """In `work` (a shallow copy of `model`), re-register every QuantLinear's per-row buffers as
     frozen parameters over the same storage, so that FSDP shards them; returns their names in
@@ -90,13 +107,21 @@ def _buffers_to_frozen_parameters(work: nn.Module, model: nn.Module) -> list[str
     for module in work.modules():
         if not isinstance(module, QuantLinear):
             continue
+        module._integer_parameters = {}
         for attr, buf in list(module._buffers.items()):
             if (buf is None or attr in module._non_persistent_buffers_set or buf.dim() != 2
-                    or buf.shape[0] != module.out_features or id(buf) not in names):
-                continue
+                    or buf.shape[0] != module.out_features or id(buf) not in names
+                    or (buf.shape[1] * buf.element_size()) % _CARRIER.itemsize):
+                continue  # (rows of an odd number of bytes stay replicated buffers)
             del module._buffers[attr]
-            module.register_parameter(attr, nn.Parameter(buf, requires_grad=False))
             moved.append(names[id(buf)])
+            if not buf.is_floating_point():
+                module._integer_parameters[attr] = buf.dtype
+                buf = buf.view(_CARRIER)
+            module.register_parameter(attr, nn.Parameter(buf, requires_grad=False))
+        if module._integer_parameters:
+            module.register_forward_pre_hook(_own_dtype_views)
+            module.register_forward_hook(_drop_own_dtype_views)
     return moved
 
 
@@ -166,7 +191,7 @@ class Wrapped:
                     p.data = full[name].to(p.device, p.dtype)
                 for name in self.sharded_buffers:
                     buf = self.model.get_buffer(name)
-                    buf.data = full[name].to(buf.device, buf.dtype)
+                    buf.data = full[name].to(buf.device).view(buf.dtype)  # integer codes came as carriers
             barrier()  # every rank is done with the gathers before the caller may tear the group down
         return self.model
 

@@ -128,9 +128,18 @@ def codes_under_fsdp():
     name, layer = models.quant_layers(model)[0]
     p0 = layer.p.clone()
     wrapped = distributed.Wrapped(model, "fsdp", [{"params": layer_params(model, ("lora_a",)), "lr": 1e-2}])
-    held = wrapped.module.get_submodule(name).p
+    work_layer = wrapped.module.get_submodule(name)
+    held = work_layer.p
+    seen = []
+    original = QuantLinear.forward
+    try:  # in forward the layer reads P whole, in its own dtype
+        QuantLinear.forward = lambda self, x: (seen.append((self.p.dtype, self.p.shape)), original(self, x))[1]
+        wrapped.module(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    finally:
+        QuantLinear.forward = original
     info = {"dtensor": isinstance(held, DTensor), "local_rows": held.to_local().shape[0], "rows": p0.shape[0],
-            "freed": layer.p.numel() == 0}
+            "freed": layer.p.numel() == 0, "seen": seen[0], "want": (p0.dtype, p0.shape),
+            "outside_forward": "p" not in work_layer.__dict__}
     wrapped.finish()
     info["restored"] = torch.equal(layer.p, p0)
     return info
@@ -178,6 +187,7 @@ def test_fsdp_shards_the_frozen_codes_and_gives_them_back(tmp_path):
     info = spawn(codes_under_fsdp, tmp_path=tmp_path)
     assert info["dtensor"] and info["local_rows"] == info["rows"] // 2
     assert info["freed"] and info["restored"]
+    assert info["seen"] == info["want"] and info["outside_forward"]
 
 
 def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_curve(tmp_path):
