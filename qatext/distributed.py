@@ -125,6 +125,11 @@ def _buffers_to_frozen_parameters(work: nn.Module, model: nn.Module) -> list[str
     return moved
 
 
+def _free(tensors) -> None:
+    for t in tensors:
+        t.data = torch.empty(0, device=t.device, dtype=t.dtype)
+
+
 def _shallow_copy(model: nn.Module) -> nn.Module:
     """A copy of the module structure of `model` whose parameters are new Parameter objects over the
     same storage and whose buffers (persistent or not) are the same tensors: no memory is copied."""
@@ -168,14 +173,15 @@ class Wrapped:
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
         policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        # The shards hold the values once a unit is sharded: free the full copies unit by unit, so
+        # that setting up never holds the whole model twice.
+        full = {**dict(model.named_parameters()), **{n: model.get_buffer(n) for n in self.sharded_buffers}}
+        layer_names = {id(m): n for n, m in work.named_modules()}
         for layer in decoder_layers(work):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
+            _free([t for n, t in full.items() if n.startswith(layer_names[id(layer)] + ".")])
         fully_shard(work, mesh=mesh, mp_policy=policy)
-        for p in model.parameters():  # the shards hold the values now; free the full copies
-            p.data = torch.empty(0, device=device, dtype=p.dtype)
-        for name in self.sharded_buffers:
-            buf = model.get_buffer(name)
-            buf.data = torch.empty(0, device=buf.device, dtype=buf.dtype)
+        _free(full.values())
         params = dict(work.named_parameters())
         self.module = work
         self.param_groups = [{**g, "params": [params[names[id(p)]] for p in g["params"]]} for g in param_groups]

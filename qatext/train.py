@@ -137,15 +137,18 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
         for step in bar:
             batch = dist.local_rows(random_batch(tokens, cfg.batch_size, cfg.seq_len, gen)).to(device)
             loss = loss_fn(module, batch)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # One host-device sync a step, after backward is queued (the host runs ahead through
+            # forward and backward); the global loss, so every rank stops together on a NaN.
+            value = dist.mean_over_ranks(loss).item()
+            if not math.isfinite(value):
+                raise RuntimeError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
             if cfg.clip:
                 local_shards.clip_grad_norm(params, cfg.clip)
             local_shards.adamw_step(opt)
             sched.step()
-            history.append(dist.mean_over_ranks(loss).item())
+            history.append(value)
             tokens_seen += (batch.numel() - len(batch)) * dist.world_size()
             bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                             tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")

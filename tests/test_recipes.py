@@ -114,6 +114,29 @@ def test_training_resumes_exactly(tmp_path, tokens):
     assert resumed == full
 
 
+def test_a_nan_loss_stops_training_before_the_update(tokens):
+    from qatext.evaluate import causal_lm_loss
+    from qatext.train import TrainConfig, train
+
+    model = models.quantize_model(tiny_llama(), QuantSpec(4, 32, True), method="lrqat", rank=4)
+    lora = [p for n, p in model.named_parameters() if "lora" in n]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in lora))
+    before = [p.detach().clone() for p in lora]
+    calls = []
+
+    def loss_fn(m, batch):  # NaN in the second step
+        calls.append(1)
+        return causal_lm_loss(m, batch) * (float("nan") if len(calls) == 2 else 1.0)
+
+    with pytest.raises(RuntimeError, match="loss became nan at step 1"):
+        train(model, [{"params": lora, "lr": 1e-2}], tokens, TrainConfig(steps=3, batch_size=2, seq_len=16,
+                                                                           progress=False), loss_fn=loss_fn)
+    after_first = [p.detach().clone() for p in lora]
+    assert any(not torch.equal(a, b) for a, b in zip(after_first, before))  # step 0 trained
+    assert all(torch.isfinite(p).all() for p in lora)  # step 1's NaN gradients never applied
+
+
 def _read_gptq(state, name, bits, k, n, g):
     """An independent reading of the GPTQ v1 layout: qweight packs K (32 / b per int32) for each
     output column, qzeros packs N per group and stores zero - 1, scales are [G, N]."""
