@@ -61,12 +61,14 @@ def main():
     result = {"gpus": world, "device": torch.cuda.get_device_name(), "layers": args.layers, "seq_len": args.seq_len,
               "global_batch": args.per_gpu_batch * world,
               "activation_checkpointing": args.activation_checkpointing, "step_s": step_s,
-              "tokens_per_s": args.per_gpu_batch * world * args.seq_len / step_s, "peak_GiB_per_gpu": peak,
+              "tokens_per_s": args.per_gpu_batch * world * args.seq_len / step_s,
+              "step_peak_GiB_per_gpu": clock.step_peak / 2**30, "setup_peak_GiB_per_gpu": clock.setup_peak / 2**30,
+              "resident_GiB_per_gpu": clock.resident / 2**30, "peak_through_finish_GiB_per_gpu": peak,
               "loss": history}
     peaks = [None] * world
     if distributed.active():
         torch.distributed.all_gather_object(peaks, peak)
-        result["peak_GiB_all_ranks"] = peaks
+        result["peak_through_finish_GiB_all_ranks"] = peaks
     if distributed.is_main():
         print(json.dumps(result))
         if args.out:

@@ -65,14 +65,24 @@ def peak_extra_mib(fn) -> float:
 
 class StepClock:
     """A loss_fn wrapper for qatext.train that stamps the start of every step (synchronised), so
-    seconds per step can be taken after warm-up steps."""
+    seconds per step can be taken after warm-up steps. It also splits peak memory: `setup_peak`
+    (everything before the first step), `resident` (allocated when the first step starts: the model
+    as trained) and `step_peak` (the steps, read at each step's start, so
+    the last step's peak is that of the ones before it, the same work)."""
 
     def __init__(self, loss_fn):
         self.loss_fn, self.stamps = loss_fn, []
+        self.setup_peak = self.step_peak = self.resident = 0
 
     def __call__(self, model, batch):
         torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 1:
+            self.setup_peak = torch.cuda.max_memory_allocated()
+            self.resident = torch.cuda.memory_allocated()  # model (and its shards) before any step
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.step_peak = max(self.step_peak, torch.cuda.max_memory_allocated())
         return self.loss_fn(model, batch)
 
     def seconds_per_step(self, warmup: int = 2) -> float:

@@ -187,17 +187,26 @@ class Wrapped:
         self.param_groups = [{**g, "params": [params[names[id(p)]] for p in g["params"]]} for g in param_groups]
 
     def finish(self) -> nn.Module:
-        """Gather the trained weights into the original model on every rank; returns it."""
+        """Gather the trained weights into the original model on every rank; returns it. Tensor by
+        tensor, each shard freed once gathered, so the peak is the full model plus one tensor; the
+        sharded copy is unusable afterwards."""
         if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.tensor import DTensor
 
-            full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+            targets = {**dict(self.model.named_parameters()),
+                       **{n: self.model.get_buffer(n) for n in self.sharded_buffers}}
             with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    p.data = full[name].to(p.device, p.dtype)
-                for name in self.sharded_buffers:
-                    buf = self.model.get_buffer(name)
-                    buf.data = full[name].to(buf.device).view(buf.dtype)  # integer codes came as carriers
+                for name, p in self.module.named_parameters():
+                    target = targets[name]
+                    if not isinstance(p, DTensor):
+                        target.data = p.detach().to(target.device, target.dtype)
+                        continue
+                    full = p.full_tensor()
+                    p.to_local().untyped_storage().resize_(0)
+                    p.grad = None
+                    # integer codes came as carriers over their bytes: a view, not a conversion
+                    target.data = (full.to(target.device, target.dtype) if target.is_floating_point()
+                                   else full.to(target.device).view(target.dtype))
             barrier()  # every rank is done with the gathers before the caller may tear the group down
         return self.model
 

@@ -156,5 +156,6 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
                 save(step + 1)
     save(cfg.steps)
     if wrapped:
+        opt.state.clear()  # the sharded moments are not needed by the gathered model: room for it
         wrapped.finish()
     return history
