@@ -18,11 +18,13 @@ import torch
 import qatext
 from qatext import ops, reference
 from bench_gemm import SHAPES, copy_bandwidth, random_weight, with_max_m
+from timing import cuda_graph_time_ms as gpu_time_ms
+from timing import cuda_time_ms
 
 
 def with_decode_max_m(m, fn):
     return with_max_m(m, fn, knob="decode_gemm_max_m")
-from timing import cuda_graph_time_ms as gpu_time_ms
+
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -32,8 +34,12 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--min-slice", type=int, default=None, help="qatext._C.set_decode_gemm_min_slice for the run")
     args = parser.parse_args()
     qatext.set_value_checks(False)
+    if args.min_slice is not None:
+        qatext._C.set_decode_gemm_min_slice(args.min_slice)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -47,13 +53,16 @@ def main():
             x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
             got = with_decode_max_m(64, lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))  # noqa: B023
             err = (got.float() - reference.dequant_matmul(x, packed, scale, zero, bits, g).float()).abs().max().item()
-            for m in TOKENS:
+            for m in args.tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, "max_abs_err_vs_reference": err,
                        "cublas_us": gpu_time_ms(lambda: x @ w.t()) * 1e3}  # noqa: B023
                 row["v4_packed_us"] = with_max_m(64, lambda: gpu_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul(x, packed, scale, zero, bits, g))) * 1e3  # noqa: B023
                 row["tiled_us"] = with_decode_max_m(64, lambda: gpu_time_ms(  # noqa: B023
+                    lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
+                # Eager back-to-back calls: bounded by host dispatch at these sizes (for the host cost).
+                row["tiled_eager_us"] = with_decode_max_m(64, lambda: cuda_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
                 floor_bytes = n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)
                 row["floor_us"] = floor_bytes / bw * 1e6
@@ -62,10 +71,11 @@ def main():
                 rows.append(row)
                 print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {row['cublas_us']:7.1f} | v4 {row['v4_packed_us']:7.1f} | "
                       f"tiled {row['tiled_us']:7.1f} x{row['tiled_speedup_vs_cublas']:.2f} "
-                      f"{row['tiled_pct_of_floor']:.0f}% floor (err {err:.2e})", flush=True)
+                      f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e})", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "decode_gemm_min_slice": qatext._C.decode_gemm_min_slice(),
                        "copy_TBps": bw / 1e12, "rows": rows}, f, indent=1)
 
 

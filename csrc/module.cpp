@@ -49,6 +49,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_decode_gemm_max_m", &qatext::ops::set_decode_gemm_max_m, py::arg("m"),
         "Largest token count for which CUDA dequant_matmul_tiled uses the decode kernel (0: never).");
   m.def("decode_gemm_max_m", &qatext::ops::decode_gemm_max_m);
+  m.def("set_decode_gemm_min_slice", &qatext::ops::set_decode_gemm_min_slice, py::arg("tiles"),
+        "Fewest 64-column tiles per K slice of the decode kernel's split-K (1: split to fill one wave).");
+  m.def("decode_gemm_min_slice", &qatext::ops::decode_gemm_min_slice);
   m.def("set_lrqat_fused", &qatext::ops::set_lrqat_fused, py::arg("enabled"),
         "Whether CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise).");
   m.def("lrqat_fused_enabled", &qatext::ops::lrqat_fused_enabled);

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -23,12 +24,42 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   return unsigned(blocks < 65535 * 32 ? (blocks > 0 ? blocks : 1) : 65535 * 32);
 }
 
+// A value fixed for a device (an attribute, an occupancy, a one-time kernel setting), computed on
+// its first use there: launchers would otherwise pay these runtime queries on every call.
+constexpr int kMaxDevices = 64;
+template <typename F>
+int per_device(std::atomic<int> (&memo)[kMaxDevices], F compute) {
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 0 || device >= kMaxDevices) return compute();
+  int value = memo[device].load(std::memory_order_relaxed);
+  if (value == 0) {  // 0: not yet known (two threads may both compute it: same value)
+    value = compute();
+    memo[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
 // Streaming multiprocessors of the current device (split-K sizing).
 inline int sm_count() {
-  int device = 0, count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
+  static std::atomic<int> memo[kMaxDevices];
+  return per_device(memo, [] {
+    int device = 0, count = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    return count > 0 ? count : 1;
+  });
+}
+
+// Opt `kernel` into `smem` bytes of dynamic shared memory (needed above 48 KB), once per device and
+// kernel (each kernel instance calls this from its own function, so `memo` is per instance).
+template <typename Kernel>
+void opt_in_smem(std::atomic<int> (&memo)[kMaxDevices], Kernel kernel, int smem, const char* what) {
+  per_device(memo, [&] {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: ") + what + " shared memory: " + cudaGetErrorString(err));
+    return 1;
+  });
 }
 
 // Sum over the block in a fixed order (same result every run). All threads get the result.

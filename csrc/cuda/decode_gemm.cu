@@ -330,15 +330,43 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // Each thread sums kE outputs at once and loads kU splits of each before adding them (in split
+  // order): kE * kU independent L2 loads in flight, where one at a time left the block waiting
+  // splits * outputs-per-thread L2 round trips.
+  constexpr int kE = 4, kU = 4;
   const int n0 = blockIdx.x * kColsPerBlock * NT, cols = min(kColsPerBlock * NT, args.N - n0);
-  const int rows = min(8 * MT, args.M - m0);
+  const int total = min(8 * MT, args.M - m0) * cols;
   const int64_t MN = int64_t(args.M) * args.N;
-  for (int i = threadIdx.x; i < rows * cols; i += kDecodeThreads) {
-    const int m = m0 + i / cols, n = n0 + i % cols;
-    float v = bias != nullptr ? float(bias[n]) : 0.f;
-    const float* p = args.partial + int64_t(m) * args.N + n;
-    for (int sp = 0; sp < args.splits; ++sp) v += __ldcg(p + sp * MN);
-    y[int64_t(m) * args.N + n] = T(v);
+  for (int i0 = threadIdx.x; i0 < total; i0 += kE * kDecodeThreads) {
+    float v[kE];
+    const float* p[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int i = min(i0 + e * kDecodeThreads, total - 1);  // a clamped duplicate is summed, not stored
+      const int m = m0 + i / cols, n = n0 + i % cols;
+      v[e] = bias != nullptr ? float(bias[n]) : 0.f;
+      p[e] = args.partial + int64_t(m) * args.N + n;
+    }
+    int sp = 0;
+    for (; sp + kU <= args.splits; sp += kU) {
+      float part[kU][kE];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int e = 0; e < kE; ++e) part[u][e] = __ldcg(p[e] + (sp + u) * MN);
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int e = 0; e < kE; ++e) v[e] += part[u][e];
+    }
+    for (; sp < args.splits; ++sp)
+#pragma unroll
+      for (int e = 0; e < kE; ++e) v[e] += __ldcg(p[e] + sp * MN);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int i = i0 + e * kDecodeThreads;
+      if (i < total) y[int64_t(m0 + i / cols) * args.N + n0 + i % cols] = T(v[e]);
+    }
   }
 }
 
@@ -350,10 +378,21 @@ Config config_for(int64_t M, int64_t N) { return {M <= 8 ? 1 : 2, N % (2 * kTile
 
 template <typename T, int BITS, int MT, int NT>
 const void* prepared_kernel() {
-  // Above 48 KB of dynamic shared memory a kernel must opt in (per device: so on every call).
-  cudaFuncSetAttribute(decode_gemm_kernel<T, BITS, MT, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       decode_smem_bytes<BITS, MT, NT>());
+  static std::atomic<int> prepared[kMaxDevices];
+  opt_in_smem(prepared, decode_gemm_kernel<T, BITS, MT, NT>, decode_smem_bytes<BITS, MT, NT>(), "decode_gemm");
   return reinterpret_cast<const void*>(decode_gemm_kernel<T, BITS, MT, NT>);
+}
+
+// Blocks of one instance resident per SM (the bf16 instances stand for fp16: same registers).
+template <int BITS, int MT, int NT>
+int blocks_per_sm() {
+  static std::atomic<int> memo[kMaxDevices];
+  return per_device(memo, [] {
+    int per_sm = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, prepared_kernel<c10::BFloat16, BITS, MT, NT>(),
+                                                  kDecodeThreads, decode_smem_bytes<BITS, MT, NT>());
+    return std::max(per_sm, 1);
+  });
 }
 
 template <typename T, int BITS>
@@ -369,13 +408,16 @@ int smem_for_bits(Config cfg) {
 }
 int smem_for(Config cfg, int bits) { return bits == 4 ? smem_for_bits<4>(cfg) : smem_for_bits<2>(cfg); }
 
-// Blocks resident on the GPU at once (the bf16 instances stand for fp16: same registers).
+template <int BITS>
+int blocks_per_sm_for(Config cfg) {
+  if (cfg.mt == 1) return cfg.nt == 2 ? blocks_per_sm<BITS, 1, 2>() : blocks_per_sm<BITS, 1, 1>();
+  return cfg.nt == 2 ? blocks_per_sm<BITS, 2, 2>() : blocks_per_sm<BITS, 2, 1>();
+}
+
+// Blocks resident on the GPU at once.
 int64_t resident_blocks(int64_t M, GroupShape shape) {
   const Config cfg = config_for(M, shape.N);
-  const void* kernel = shape.bits == 4 ? kernel_for<c10::BFloat16, 4>(cfg) : kernel_for<c10::BFloat16, 2>(cfg);
-  int per_sm = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kDecodeThreads, smem_for(cfg, shape.bits));
-  return int64_t(std::max(per_sm, 1)) * sm_count();
+  return int64_t(shape.bits == 4 ? blocks_per_sm_for<4>(cfg) : blocks_per_sm_for<2>(cfg)) * sm_count();
 }
 
 int64_t column_blocks(int64_t M, GroupShape shape) {
@@ -394,10 +436,12 @@ bool decode_gemm_supported(GroupShape shape) {
 
 int64_t decode_gemm_counters(int64_t M, GroupShape shape) { return column_blocks(M, shape); }
 
-int64_t decode_gemm_splits(int64_t M, GroupShape shape) {
-  // As many K slices as fill one wave of resident blocks (a second, partial wave would double the time).
+int64_t decode_gemm_splits(int64_t M, GroupShape shape, int64_t min_slice_tiles) {
+  // As many K slices as fill one wave of resident blocks (a second, partial wave would double the
+  // time), each at least min_slice_tiles long.
   const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape);
-  const int64_t want = std::clamp<int64_t>(resident_blocks(M, shape) / blocks, 1, tiles);
+  const int64_t most = std::max<int64_t>(1, tiles / std::max<int64_t>(1, min_slice_tiles));
+  const int64_t want = std::clamp<int64_t>(resident_blocks(M, shape) / blocks, 1, most);
   const int64_t per_split = (tiles + want - 1) / want;
   return (tiles + per_split - 1) / per_split;
 }

@@ -366,8 +366,8 @@ template <typename T, int BITS, int MT, bool TRANS>
 void launch(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
   constexpr int smem = SmemLayout<MT, TRANS>::kTotal;
   auto kernel = dequant_gemm_kernel<T, BITS, MT, TRANS>;
-  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (attr != cudaSuccess) throw std::runtime_error(std::string("qatext: dequant_gemm smem: ") + cudaGetErrorString(attr));
+  static std::atomic<int> prepared[kMaxDevices];
+  opt_in_smem(prepared, kernel, smem, "dequant_gemm");
   kernel<<<grid, kGemmThreads, smem, stream>>>(args);
 }
 

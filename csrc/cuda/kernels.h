@@ -71,7 +71,7 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // Split-K partials (fp32 [splits, M, N]) are summed in a fixed order by the last block of each column
 // tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
 bool decode_gemm_supported(GroupShape shape);
-int64_t decode_gemm_splits(int64_t M, GroupShape shape);
+int64_t decode_gemm_splits(int64_t M, GroupShape shape, int64_t min_slice_tiles);
 int64_t decode_gemm_counters(int64_t M, GroupShape shape);
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,

@@ -11,6 +11,7 @@ std::atomic<bool> g_value_checks{true};
 std::atomic<int64_t> g_dw_chunk_elements{int64_t(10) << 20};  // 40 MiB of fp32 dW at a time
 std::atomic<int64_t> g_dequant_gemm_max_m{64};
 std::atomic<int64_t> g_decode_gemm_max_m{16};
+std::atomic<int64_t> g_decode_gemm_min_slice{1};
 std::atomic<bool> g_lrqat_fused{true};
 }  // namespace
 
@@ -22,6 +23,11 @@ int64_t decode_gemm_max_m() { return g_decode_gemm_max_m.load(); }
 void set_decode_gemm_max_m(int64_t m) {
   TORCH_CHECK_VALUE(m >= 0, "qatext.set_decode_gemm_max_m: m must be >= 0, got ", m);
   g_decode_gemm_max_m.store(m);
+}
+int64_t decode_gemm_min_slice() { return g_decode_gemm_min_slice.load(); }
+void set_decode_gemm_min_slice(int64_t tiles) {
+  TORCH_CHECK_VALUE(tiles >= 1, "qatext.set_decode_gemm_min_slice: tiles must be >= 1, got ", tiles);
+  g_decode_gemm_min_slice.store(tiles);
 }
 void set_dequant_gemm_max_m(int64_t m) {
   TORCH_CHECK_VALUE(m >= 0, "qatext.set_dequant_gemm_max_m: m must be >= 0, got ", m);

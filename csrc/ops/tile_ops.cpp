@@ -60,7 +60,7 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
     const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
-      const int64_t splits = cuda::decode_gemm_splits(M, shape);
+      const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_gemm_min_slice());
       at::Tensor out = at::empty({M, shape.N}, a.options());
       at::Tensor partial, counters;
       if (splits > 1) {
