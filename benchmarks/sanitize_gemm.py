@@ -1,7 +1,9 @@
 """Small dequant-GEMM workload for compute-sanitizer (memcheck / racecheck): the fused kernel at every
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
 and the decode kernel on the tiled layout (1 and 2 token tiles, several token blocks, a partial column
-block, split-K on and off)."""
+block, split-K on and off, 2 and 4 row tiles per warp)."""
+
+import itertools
 
 import torch
 
@@ -20,7 +22,9 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
             ops.dequant_matmul(x, packed, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.bfloat16))
             torch.ops.qatext.dequant_matmul_grad_input(torch.randn(m, n, device="cuda", dtype=torch.float16),
                                                        packed, scale, zero, bits, g, k)
-for n, k, g in [(128, 64, -1), (1040, 512, 128), (256, 4096, 64)]:
+for (n, k, g), row_tiles in itertools.product([(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (1088, 1024, 128)],
+                                             (2, 4)):
+    qatext._C.set_decode_gemm_row_tiles(row_tiles)
     for bits in (2, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
         tiled = ops.tile_packed(packed, bits, k)

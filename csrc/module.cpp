@@ -50,8 +50,11 @@ PYBIND11_MODULE(_C, m) {
         "Largest token count for which CUDA dequant_matmul_tiled uses the decode kernel (0: never).");
   m.def("decode_gemm_max_m", &qatext::ops::decode_gemm_max_m);
   m.def("set_decode_gemm_min_slice", &qatext::ops::set_decode_gemm_min_slice, py::arg("tiles"),
-        "Fewest 64-column tiles per K slice of the decode kernel's split-K (1: split to fill one wave).");
+        "Fewest 64-column tiles per K slice of the decode kernel's split-K (else: split to fill one wave).");
   m.def("decode_gemm_min_slice", &qatext::ops::decode_gemm_min_slice);
+  m.def("set_decode_gemm_row_tiles", &qatext::ops::set_decode_gemm_row_tiles, py::arg("tiles"),
+        "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8).");
+  m.def("decode_gemm_row_tiles", &qatext::ops::decode_gemm_row_tiles);
   m.def("set_lrqat_fused", &qatext::ops::set_lrqat_fused, py::arg("enabled"),
         "Whether CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise).");
   m.def("lrqat_fused_enabled", &qatext::ops::lrqat_fused_enabled);

@@ -73,16 +73,19 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
     torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=6e-2)  # its weight is rounded to bf16
 
 
+@pytest.mark.parametrize("row_tiles", [1, 2, 4])
 @pytest.mark.parametrize("min_slice", [1, 3, 5, 64])
-@pytest.mark.parametrize("m", [1, 16])
-def test_split_k_slices_of_any_length_match_the_reference(min_slice, m):
-    """From one-wave split-K (64 slices of one tile here) to one slice; the last block's reduction
-    takes the splits four at a time and a remainder."""
-    n, k, bits, g = 256, 4096, 4, 128
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_split_k_slices_of_any_length_match_the_reference(min_slice, m, row_tiles):
+    """From one-wave split-K (64 slices of one tile here) to one slice, with 1, 2 or 4 row tiles per
+    warp (N = 1088: 4 divides only into a partial last block); the last block's reduction takes the
+    splits four at a time and a remainder."""
+    n, k, bits, g = 1088, 4096, 4, 128
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    with knob("decode_gemm_max_m", 64), knob("decode_gemm_min_slice", min_slice):
+    with (knob("decode_gemm_max_m", 64), knob("decode_gemm_min_slice", min_slice),
+          knob("decode_gemm_row_tiles", row_tiles)):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
     torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
                                **TOL[torch.bfloat16])

@@ -139,4 +139,6 @@ def test_tuning_knobs_reject_bad_values():
         qatext._C.set_dw_chunk_elements(0)
     with pytest.raises(ValueError, match="set_decode_gemm_min_slice: tiles must be >= 1"):
         qatext._C.set_decode_gemm_min_slice(0)
-    assert qatext._C.decode_gemm_min_slice() == 1
+    assert qatext._C.decode_gemm_min_slice() == 8
+    with pytest.raises(ValueError, match="set_decode_gemm_row_tiles: tiles must be 1, 2 or 4"):
+        qatext._C.set_decode_gemm_row_tiles(3)

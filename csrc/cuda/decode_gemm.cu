@@ -374,7 +374,13 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 struct Config {
   int mt, nt;
 };
-Config config_for(int64_t M, int64_t N) { return {M <= 8 ? 1 : 2, N % (2 * kTileRows) == 0 ? 2 : 1}; }
+// The most row tiles per warp that divide N (4 only with one token tile: registers).
+Config config_for(int64_t M, int64_t N, DecodeTuning tuning) {
+  const int mt = M <= 8 ? 1 : 2;
+  int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 ? 2 : 1;
+  while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
+  return {mt, nt};
+}
 
 template <typename T, int BITS, int MT, int NT>
 const void* prepared_kernel() {
@@ -397,12 +403,14 @@ int blocks_per_sm() {
 
 template <typename T, int BITS>
 const void* kernel_for(Config cfg) {
+  if (cfg.mt == 1 && cfg.nt == 4) return prepared_kernel<T, BITS, 1, 4>();
   if (cfg.mt == 1) return cfg.nt == 2 ? prepared_kernel<T, BITS, 1, 2>() : prepared_kernel<T, BITS, 1, 1>();
   return cfg.nt == 2 ? prepared_kernel<T, BITS, 2, 2>() : prepared_kernel<T, BITS, 2, 1>();
 }
 
 template <int BITS>
 int smem_for_bits(Config cfg) {
+  if (cfg.mt == 1 && cfg.nt == 4) return decode_smem_bytes<BITS, 1, 4>();
   if (cfg.mt == 1) return cfg.nt == 2 ? decode_smem_bytes<BITS, 1, 2>() : decode_smem_bytes<BITS, 1, 1>();
   return cfg.nt == 2 ? decode_smem_bytes<BITS, 2, 2>() : decode_smem_bytes<BITS, 2, 1>();
 }
@@ -410,18 +418,19 @@ int smem_for(Config cfg, int bits) { return bits == 4 ? smem_for_bits<4>(cfg) : 
 
 template <int BITS>
 int blocks_per_sm_for(Config cfg) {
+  if (cfg.mt == 1 && cfg.nt == 4) return blocks_per_sm<BITS, 1, 4>();
   if (cfg.mt == 1) return cfg.nt == 2 ? blocks_per_sm<BITS, 1, 2>() : blocks_per_sm<BITS, 1, 1>();
   return cfg.nt == 2 ? blocks_per_sm<BITS, 2, 2>() : blocks_per_sm<BITS, 2, 1>();
 }
 
 // Blocks resident on the GPU at once.
-int64_t resident_blocks(int64_t M, GroupShape shape) {
-  const Config cfg = config_for(M, shape.N);
+int64_t resident_blocks(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  const Config cfg = config_for(M, shape.N, tuning);
   return int64_t(shape.bits == 4 ? blocks_per_sm_for<4>(cfg) : blocks_per_sm_for<2>(cfg)) * sm_count();
 }
 
-int64_t column_blocks(int64_t M, GroupShape shape) {
-  const Config cfg = config_for(M, shape.N);
+int64_t column_blocks(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  const Config cfg = config_for(M, shape.N, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   return (shape.N + cols - 1) / cols * ((M + tokens - 1) / tokens);
 }
@@ -434,21 +443,24 @@ bool decode_gemm_supported(GroupShape shape) {
          group_ok && shape.N * shape.K < (int64_t(1) << 31);
 }
 
-int64_t decode_gemm_counters(int64_t M, GroupShape shape) { return column_blocks(M, shape); }
+int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  return column_blocks(M, shape, tuning);
+}
 
-int64_t decode_gemm_splits(int64_t M, GroupShape shape, int64_t min_slice_tiles) {
+int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
   // As many K slices as fill one wave of resident blocks (a second, partial wave would double the
   // time), each at least min_slice_tiles long.
-  const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape);
-  const int64_t most = std::max<int64_t>(1, tiles / std::max<int64_t>(1, min_slice_tiles));
-  const int64_t want = std::clamp<int64_t>(resident_blocks(M, shape) / blocks, 1, most);
+  const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape, tuning);
+  const int64_t most = std::max<int64_t>(1, tiles / std::max<int64_t>(1, tuning.min_slice_tiles));
+  const int64_t want = std::clamp<int64_t>(resident_blocks(M, shape, tuning) / blocks, 1, most);
   const int64_t per_split = (tiles + want - 1) / want;
   return (tiles + per_split - 1) / per_split;
 }
 
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
-                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, cudaStream_t stream) {
+                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
+                 cudaStream_t stream) {
   if (M == 0 || shape.N == 0) return;
   const int64_t tiles = shape.K / kTileCols;
   DecodeArgs args{};
@@ -467,7 +479,7 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.tiles_per_group = int(shape.group_size / kTileCols);
   args.tiles_per_split = int((tiles + splits - 1) / splits);
   args.splits = int(splits);
-  const Config cfg = config_for(M, shape.N);
+  const Config cfg = config_for(M, shape.N, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
   const void* kernel = shape.bits == 4 ? kernel_for<T, 4>(cfg) : kernel_for<T, 2>(cfg);
@@ -479,8 +491,9 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
 
 template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const uint8_t*, const float*, const float*,
                                          const c10::BFloat16*, c10::BFloat16*, float*, int*, int64_t, GroupShape,
-                                         int64_t, cudaStream_t);
+                                         int64_t, DecodeTuning, cudaStream_t);
 template void decode_gemm<c10::Half>(const c10::Half*, const uint8_t*, const float*, const float*, const c10::Half*,
-                                     c10::Half*, float*, int*, int64_t, GroupShape, int64_t, cudaStream_t);
+                                     c10::Half*, float*, int*, int64_t, GroupShape, int64_t, DecodeTuning,
+                                     cudaStream_t);
 
 }  // namespace qatext::cuda

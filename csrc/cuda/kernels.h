@@ -70,12 +70,19 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // 16-bit x, bits 2 / 4, N % 16 == 0, K % 64 == 0 and groups of a multiple of 64 (or per-channel).
 // Split-K partials (fp32 [splits, M, N]) are summed in a fixed order by the last block of each column
 // tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
+// Tuning: K slices of at least min_slice_tiles 64-column tiles; up to max_row_tiles 16-row tiles per
+// warp (1, 2 or 4; 4 only for M <= 8).
+struct DecodeTuning {
+  int64_t min_slice_tiles = 8;
+  int max_row_tiles = 2;
+};
 bool decode_gemm_supported(GroupShape shape);
-int64_t decode_gemm_splits(int64_t M, GroupShape shape, int64_t min_slice_tiles);
-int64_t decode_gemm_counters(int64_t M, GroupShape shape);
+int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);
+int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning);
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
-                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, cudaStream_t stream);
+                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
+                 cudaStream_t stream);
 
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);

@@ -11,7 +11,8 @@ std::atomic<bool> g_value_checks{true};
 std::atomic<int64_t> g_dw_chunk_elements{int64_t(10) << 20};  // 40 MiB of fp32 dW at a time
 std::atomic<int64_t> g_dequant_gemm_max_m{64};
 std::atomic<int64_t> g_decode_gemm_max_m{16};
-std::atomic<int64_t> g_decode_gemm_min_slice{1};
+std::atomic<int64_t> g_decode_gemm_min_slice{8};  // measured: see benchmarks/NOTES.md
+std::atomic<int64_t> g_decode_gemm_row_tiles{2};
 std::atomic<bool> g_lrqat_fused{true};
 }  // namespace
 
@@ -28,6 +29,12 @@ int64_t decode_gemm_min_slice() { return g_decode_gemm_min_slice.load(); }
 void set_decode_gemm_min_slice(int64_t tiles) {
   TORCH_CHECK_VALUE(tiles >= 1, "qatext.set_decode_gemm_min_slice: tiles must be >= 1, got ", tiles);
   g_decode_gemm_min_slice.store(tiles);
+}
+int64_t decode_gemm_row_tiles() { return g_decode_gemm_row_tiles.load(); }
+void set_decode_gemm_row_tiles(int64_t tiles) {
+  TORCH_CHECK_VALUE(tiles == 1 || tiles == 2 || tiles == 4, "qatext.set_decode_gemm_row_tiles: tiles must be 1, 2 or 4, got ",
+                    tiles);
+  g_decode_gemm_row_tiles.store(tiles);
 }
 void set_dequant_gemm_max_m(int64_t m) {
   TORCH_CHECK_VALUE(m >= 0, "qatext.set_dequant_gemm_max_m: m must be >= 0, got ", m);

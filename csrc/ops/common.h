@@ -76,6 +76,8 @@ int64_t decode_gemm_max_m();
 void set_decode_gemm_max_m(int64_t m);
 int64_t decode_gemm_min_slice();
 void set_decode_gemm_min_slice(int64_t tiles);
+int64_t decode_gemm_row_tiles();
+void set_decode_gemm_row_tiles(int64_t tiles);
 
 // Whether CUDA LR-QAT with 16-bit adapters takes the tensor-core kernels (else the fp32 A B path).
 bool lrqat_fused_enabled();
