@@ -22,9 +22,10 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
             ops.dequant_matmul(x, packed, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.bfloat16))
             torch.ops.qatext.dequant_matmul_grad_input(torch.randn(m, n, device="cuda", dtype=torch.float16),
                                                        packed, scale, zero, bits, g, k)
-for (n, k, g), row_tiles in itertools.product([(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (1088, 1024, 128)],
-                                             (2, 4)):
-    qatext._C.set_decode_gemm_row_tiles(row_tiles)
+# (4352 rows in 1-tile slices: 4 row tiles per warp, a partial last column block.)
+for (n, k, g), min_slice in itertools.product([(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)],
+                                              (1, 8)):
+    qatext._C.set_decode_gemm_min_slice(min_slice)
     for bits in (2, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
         tiled = ops.tile_packed(packed, bits, k)

@@ -53,7 +53,7 @@ PYBIND11_MODULE(_C, m) {
         "Fewest 64-column tiles per K slice of the decode kernel's split-K (else: split to fill one wave).");
   m.def("decode_gemm_min_slice", &qatext::ops::decode_gemm_min_slice);
   m.def("set_decode_gemm_row_tiles", &qatext::ops::set_decode_gemm_row_tiles, py::arg("tiles"),
-        "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8).");
+        "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid stays full).");
   m.def("decode_gemm_row_tiles", &qatext::ops::decode_gemm_row_tiles);
   m.def("set_lrqat_fused", &qatext::ops::set_lrqat_fused, py::arg("enabled"),
         "Whether CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise).");

@@ -1,6 +1,8 @@
 """The register-direct decode GEMM on the tiled layout (CUDA, 16-bit x, small M): against the reference
 on both bit widths, groups, odd M, split-K on and off, bias; it really runs, and is deterministic."""
 
+import re
+
 import pytest
 import torch
 
@@ -74,13 +76,13 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
 
 
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
-@pytest.mark.parametrize("min_slice", [1, 3, 5, 64])
+@pytest.mark.parametrize("n,min_slice", [(1088, 1), (1088, 3), (1088, 5), (1088, 64), (4352, 1)])
 @pytest.mark.parametrize("m", [1, 7, 16])
-def test_split_k_slices_of_any_length_match_the_reference(min_slice, m, row_tiles):
+def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, m, row_tiles):
     """From one-wave split-K (64 slices of one tile here) to one slice, with 1, 2 or 4 row tiles per
-    warp (N = 1088: 4 divides only into a partial last block); the last block's reduction takes the
-    splits four at a time and a remainder."""
-    n, k, bits, g = 1088, 4096, 4, 128
+    warp allowed (4352 rows with single-tile slices fill the grid with 4: a partial last column block);
+    the last block's reduction takes the splits four at a time and a remainder."""
+    k, bits, g = 4096, 4, 128
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -89,6 +91,21 @@ def test_split_k_slices_of_any_length_match_the_reference(min_slice, m, row_tile
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
     torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
                                **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_four_row_tiles_per_warp_where_the_grid_stays_full(bits):
+    """A large weight at M = 1 takes the 4-row-tile instance (and still matches the reference); a
+    64-row one, whose grid 4 row tiles would leave empty, keeps 2."""
+    for n, k, row_tiles in [(8192, 16384, 4), (64, 4096, 2)]:
+        packed, tiled, scale, zero = _weight(n, k, bits, 128)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128))  # noqa: B023
+        # decode_gemm_kernel<T, BITS, MT, NT>
+        assert re.findall(r"decode_gemm_kernel<[^<>]*, (\d+)>", names) == [str(row_tiles)], names
+        torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128).float(),
+                                   reference.dequant_matmul(x, packed, scale, zero, bits, 128).float(),
+                                   **TOL[torch.bfloat16])
 
 
 def test_unsupported_inputs_fall_back():

@@ -370,12 +370,12 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   }
 }
 
-// Kernel configuration by token count and N: token tiles MT, row tiles per warp NT.
+// Kernel configuration: token tiles MT, row tiles per warp NT.
 struct Config {
   int mt, nt;
 };
-// The most row tiles per warp that divide N (4 only with one token tile: registers).
-Config config_for(int64_t M, int64_t N, DecodeTuning tuning) {
+// The most row tiles per warp allowed that divide N (4 only with one token tile: registers).
+Config widest_config(int64_t M, int64_t N, DecodeTuning tuning) {
   const int mt = M <= 8 ? 1 : 2;
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
@@ -423,16 +423,30 @@ int blocks_per_sm_for(Config cfg) {
   return cfg.nt == 2 ? blocks_per_sm<BITS, 2, 2>() : blocks_per_sm<BITS, 2, 1>();
 }
 
-// Blocks resident on the GPU at once.
-int64_t resident_blocks(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  const Config cfg = config_for(M, shape.N, tuning);
-  return int64_t(shape.bits == 4 ? blocks_per_sm_for<4>(cfg) : blocks_per_sm_for<2>(cfg)) * sm_count();
+int64_t resident_blocks(Config cfg, int bits) {
+  return int64_t(bits == 4 ? blocks_per_sm_for<4>(cfg) : blocks_per_sm_for<2>(cfg)) * sm_count();
 }
 
-int64_t column_blocks(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  const Config cfg = config_for(M, shape.N, tuning);
+int64_t column_blocks(int64_t M, int64_t N, Config cfg) {
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
-  return (shape.N + cols - 1) / cols * ((M + tokens - 1) / tokens);
+  return (N + cols - 1) / cols * ((M + tokens - 1) / tokens);
+}
+
+// Most K slices of at least min_slice_tiles tiles.
+int64_t most_splits(GroupShape shape, DecodeTuning tuning) {
+  return std::max<int64_t>(1, shape.K / kTileCols / std::max<int64_t>(1, tuning.min_slice_tiles));
+}
+
+// 4 row tiles per warp put twice the bytes in flight per warp, but halve the column blocks: taken
+// only where the K slices still fill one wave of resident blocks (measured: W2 on 28672 x 8192 and
+// 8192 x 28672 gain 6-10%; 11008 x 4096 and 4096 x 11008, which it would leave part-empty, lose 10%).
+Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  Config cfg = widest_config(M, shape.N, tuning);
+  if (cfg.nt == 4 &&
+      column_blocks(M, shape.N, cfg) * most_splits(shape, tuning) < resident_blocks(cfg, shape.bits)) {
+    cfg.nt = 2;
+  }
+  return cfg;
 }
 
 }  // namespace
@@ -444,15 +458,15 @@ bool decode_gemm_supported(GroupShape shape) {
 }
 
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  return column_blocks(M, shape, tuning);
+  return column_blocks(M, shape.N, config_for(M, shape, tuning));
 }
 
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
   // As many K slices as fill one wave of resident blocks (a second, partial wave would double the
   // time), each at least min_slice_tiles long.
-  const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape, tuning);
-  const int64_t most = std::max<int64_t>(1, tiles / std::max<int64_t>(1, tuning.min_slice_tiles));
-  const int64_t want = std::clamp<int64_t>(resident_blocks(M, shape, tuning) / blocks, 1, most);
+  const Config cfg = config_for(M, shape, tuning);
+  const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape.N, cfg);
+  const int64_t want = std::clamp<int64_t>(resident_blocks(cfg, shape.bits) / blocks, 1, most_splits(shape, tuning));
   const int64_t per_split = (tiles + want - 1) / want;
   return (tiles + per_split - 1) / per_split;
 }
@@ -479,7 +493,7 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.tiles_per_group = int(shape.group_size / kTileCols);
   args.tiles_per_split = int((tiles + splits - 1) / splits);
   args.splits = int(splits);
-  const Config cfg = config_for(M, shape.N, tuning);
+  const Config cfg = config_for(M, shape, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
   const void* kernel = shape.bits == 4 ? kernel_for<T, 4>(cfg) : kernel_for<T, 2>(cfg);

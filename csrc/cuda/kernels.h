@@ -71,10 +71,10 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // Split-K partials (fp32 [splits, M, N]) are summed in a fixed order by the last block of each column
 // tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
 // Tuning: K slices of at least min_slice_tiles 64-column tiles; up to max_row_tiles 16-row tiles per
-// warp (1, 2 or 4; 4 only for M <= 8).
+// warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave).
 struct DecodeTuning {
   int64_t min_slice_tiles = 8;
-  int max_row_tiles = 2;
+  int max_row_tiles = 4;
 };
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);

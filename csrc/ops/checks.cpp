@@ -12,7 +12,7 @@ std::atomic<int64_t> g_dw_chunk_elements{int64_t(10) << 20};  // 40 MiB of fp32 
 std::atomic<int64_t> g_dequant_gemm_max_m{64};
 std::atomic<int64_t> g_decode_gemm_max_m{16};
 std::atomic<int64_t> g_decode_gemm_min_slice{8};  // measured: see benchmarks/NOTES.md
-std::atomic<int64_t> g_decode_gemm_row_tiles{2};
+std::atomic<int64_t> g_decode_gemm_row_tiles{4};  // 4 only where the grid stays full
 std::atomic<bool> g_lrqat_fused{true};
 }  // namespace
 
