@@ -3,16 +3,16 @@
 // (16 output rows x 16-deep steps) and the tokens are B (8 per mma), so M <= 8 wastes no rows.
 //
 // Each warp streams NT 16-row tiles of W along its slice of K: per 64 columns one 16-byte (4-bit) or
-// 8-byte (2-bit) copy per lane and tile into the lane's own bytes of a per-warp cp.async ring in
-// shared memory (no barriers), read back into registers. The block's activations for its K slice
-// are copied into shared memory once, up front, and read from there by all its warps. A code pair becomes an exact 16-bit pair q by a shift, one lop3 that masks it into the
+// 8-byte (2-bit) copy per lane and tile, and two 16-byte activation copies per 8 tokens, into the
+// lane's own bytes of a per-warp cp.async ring in shared memory (no barriers), read back into
+// registers. A code pair becomes an exact 16-bit pair q by a shift, one lop3 that masks it into the
 // mantissa of base (128 for bf16, 1024 for fp16) and a 16-bit subtraction of base; the mma
 // accumulates sum_k x q in fp32, and the scale and zero are applied once per row, token and group:
 //   y += s * sum_k x q - z * s * sum_k x     (sum_k x: an mma with an all-ones A).
 // The weight is never rounded to 16 bits: the result is the fp32 product with the exact dequantised
 // weight, as in the reference (dequant + cuBLAS rounds it first).
-// The 8 warps of a block take 8 neighbouring row-tile groups over the same K slice and share one
-// copy of its activations. Split-K over blocks fills one wave of the
+// The 8 warps of a block take 8 neighbouring row-tile groups over the same K slice, so the
+// activations come from L2 once and from L1 eight times. Split-K over blocks fills one wave of the
 // SMs; the last block of a column tile to finish sums the fp32 partials in split order
 // (deterministic) and adds the bias.
 #include <cuda_bf16.h>
@@ -78,7 +78,8 @@ struct Pair<c10::Half> {
 
 // Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
 // cp.async, kStages - 1 stages ahead, and reads them back itself: no barrier, no registers held by
-// loads in flight. Codes are read once and activations once per block (.cg: not kept in L1).
+// loads in flight. Codes are read once (.cg: not kept in L1); activations are shared by the block's
+// warps (.ca: kept in L1).
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 template <int BYTES>
@@ -90,7 +91,7 @@ __device__ __forceinline__ void cp_async_codes(void* dst, const void* src) {
   }
 }
 __device__ __forceinline__ void cp_async_x(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -100,25 +101,20 @@ __device__ __forceinline__ void cp_async_wait() {
 
 constexpr int kStages = 4;
 
-// One warp's stage in shared memory: per row tile its lanes' code bytes (lane-contiguous:
-// conflict-free 8/16-byte accesses).
+// One warp's stage in shared memory: per row tile its lanes' code bytes, then per token tile two
+// 16-byte activation vectors per lane (lane-contiguous: conflict-free 8/16-byte accesses).
 template <int BITS, int MT, int NT>
 struct StageLayout {
   static constexpr int kCodeBytes = 4 * BITS;  // per lane per row tile
-  static constexpr int kBytes = 32 * NT * kCodeBytes;
+  static constexpr int kBytes = 32 * (NT * kCodeBytes + MT * 32);
   static __device__ __forceinline__ int codes(int i, int lane) { return (i * 32 + lane) * kCodeBytes; }
+  static __device__ __forceinline__ int x(int mt, int h, int lane) { return 32 * NT * kCodeBytes + ((mt * 2 + h) * 32 + lane) * 16; }
 };
 
-// The block's activations for its K slice, copied once (every token row of the block's token tile,
-// padded by 16 bytes so that the 8 token rows of a fragment read fall in different banks), at most
-// this many bytes: the host splits K so that a slice fits.
-constexpr int kXSliceBytes = 32 * 1024;
-inline int64_t x_slice_bytes(int64_t rows, int64_t tiles_per_split) { return rows * (tiles_per_split * kTileCols * 2 + 16); }
-
-// Dynamic shared memory of a block: its warps' code rings, then the activation slice.
+// Dynamic shared memory of a block: its warps' rings.
 template <int BITS, int MT, int NT>
 constexpr int decode_smem_bytes() {
-  return kWarps * kStages * StageLayout<BITS, MT, NT>::kBytes + kXSliceBytes;
+  return kWarps * kStages * StageLayout<BITS, MT, NT>::kBytes;
 }
 
 // (a & mask) | base in one instruction (the compiler emits two when both constants are immediates).
@@ -159,24 +155,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   if (active) {
     const uint8_t* codes = args.tiled + int64_t(nt0) * KT * tile_bytes(BITS) + lane * 4 * BITS;
     const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
-    // The block's activation slice, copied by its active warps (the first ones) and shared by them.
-    const int active_warps = min(kWarps, args.N / kTileRows / NT - int(blockIdx.x) * kWarps);
-    const int rows = min(8 * MT, args.M - m0);
-    const int x_stride = args.tiles_per_split * kTileCols * int(sizeof(T)) + 16;
-    uint8_t* xs = smem + kWarps * kStages * L::kBytes;
-    {
-      const int chunks = (t_end - t_begin) * kTileCols * int(sizeof(T)) / 16;  // 16-byte pieces per row
-      const T* src = static_cast<const T*>(args.x) + int64_t(m0) * args.K + t_begin * kTileCols;
-      for (int i = threadIdx.x; i < rows * chunks; i += active_warps * 32) {
-        const int r = i / chunks, ch = i % chunks;
-        cp_async_x(xs + r * x_stride + ch * 16, src + int64_t(r) * args.K + ch * 8);
-      }
-      cp_async_commit();
-    }
-    // Token row of each token tile this lane reads (clamped: rows past M repeat the last one).
-    int xrow[MT];
+    const T* xrow[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) xrow[mt] = min(8 * mt + g, rows - 1) * x_stride + 32 * c;
+    for (int mt = 0; mt < MT; ++mt) {
+      xrow[mt] = static_cast<const T*>(args.x) + int64_t(min(m0 + 8 * mt + g, args.M - 1)) * args.K + 16 * c;
+    }
     uint8_t* warp_smem = smem + warp * kStages * L::kBytes;
     // Issue the copies of tile t into ring slot `slot` (nothing past the slice; the group is still
     // committed so that the wait counts stay aligned).
@@ -187,10 +170,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         for (int i = 0; i < NT; ++i) {
           cp_async_codes<L::kCodeBytes>(st + L::codes(i, lane), codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS));
         }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          cp_async_x(st + L::x(mt, 0, lane), xrow[mt] + t * kTileCols);
+          cp_async_x(st + L::x(mt, 1, lane), xrow[mt] + t * kTileCols + 8);
+        }
       }
       cp_async_commit();
     };
-    const auto read = [&](Stage<BITS, MT, NT>& st, int slot, int t) {
+    const auto read = [&](Stage<BITS, MT, NT>& st, int slot) {
       const uint8_t* src = warp_smem + slot * L::kBytes;
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
@@ -202,11 +190,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
           st.codes[i][0] = v.x, st.codes[i][1] = v.y;
         }
       }
-      const uint8_t* xt = xs + (t - t_begin) * kTileCols * int(sizeof(T));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        st.x[mt][0] = *reinterpret_cast<const uint4*>(xt + xrow[mt]);
-        st.x[mt][1] = *reinterpret_cast<const uint4*>(xt + xrow[mt] + 16);
+        st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
+        st.x[mt][1] = *reinterpret_cast<const uint4*>(src + L::x(mt, 1, lane));
       }
     };
 
@@ -300,12 +287,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) issue(st, t_begin + st);
-    cp_async_wait<kStages - 1>();  // this thread's share of the activation slice landed, and the
-    asm volatile("bar.sync 1, %0;\n" ::"r"(active_warps * 32));  // other active warps' shares too
     for (int t = t_begin, slot = 0; t < t_end; ++t) {
       cp_async_wait<kStages - 2>();  // tile t landed (this lane's own copies)
       Stage<BITS, MT, NT> cur;
-      read(cur, slot, t);
+      read(cur, slot);
       // Refill the slot read one tile ago (its data is in registers already).
       issue(slot == 0 ? kStages - 1 : slot - 1, t + kStages - 1);
       compute(cur, t);
@@ -479,14 +464,9 @@ int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning) {
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
   // As many K slices as fill one wave of resident blocks (a second, partial wave would double the
   // time), each at least min_slice_tiles long.
-  // Each slice's activations must fit the block's shared-memory slice.
   const Config cfg = config_for(M, shape, tuning);
   const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape.N, cfg);
-  const int64_t rows = std::min<int64_t>(8 * cfg.mt, M);
-  const int64_t fit = (kXSliceBytes / rows - 16) / (kTileCols * 2);  // most tiles per slice
-  const int64_t want = std::max(std::clamp<int64_t>(resident_blocks(cfg, shape.bits) / blocks, 1,
-                                                    most_splits(shape, tuning)),
-                                (tiles + fit - 1) / fit);
+  const int64_t want = std::clamp<int64_t>(resident_blocks(cfg, shape.bits) / blocks, 1, most_splits(shape, tuning));
   const int64_t per_split = (tiles + want - 1) / want;
   return (tiles + per_split - 1) / per_split;
 }
@@ -514,10 +494,6 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.tiles_per_split = int((tiles + splits - 1) / splits);
   args.splits = int(splits);
   const Config cfg = config_for(M, shape, tuning);
-  if (x_slice_bytes(std::min<int64_t>(8 * cfg.mt, M), args.tiles_per_split) > kXSliceBytes) {
-    throw std::runtime_error("qatext: decode_gemm: " + std::to_string(splits) + " K slices leave too long a slice for "
-                             "the activation buffer (use decode_gemm_splits)");
-  }
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
   const void* kernel = shape.bits == 4 ? kernel_for<T, 4>(cfg) : kernel_for<T, 2>(cfg);
