@@ -33,7 +33,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--min-slice", type=int, default=None, help="qatext._C.set_decode_gemm_min_slice for the run")
     parser.add_argument("--row-tiles", type=int, default=None, help="qatext._C.set_decode_gemm_row_tiles for the run")

@@ -26,7 +26,7 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
 for (n, k, g), min_slice in itertools.product([(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)],
                                               (1, 8)):
     qatext._C.set_decode_gemm_min_slice(min_slice)
-    for bits in (2, 4):
+    for bits in (2, 3, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
         tiled = ops.tile_packed(packed, bits, k)
         scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01

@@ -52,7 +52,7 @@ def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None
 
 
 def tile_packed(packed, bits: int, in_features: int) -> torch.Tensor:
-    """Packed codes -> the decode GEMM's tiled layout (bits 2 or 4; N % 16 == 0, K % 64 == 0). Exact."""
+    """Packed codes -> the decode GEMM's tiled layout (bits 2, 3 or 4; N % 16 == 0, K % 64 == 0). Exact."""
     return _ops.tile_packed(packed, bits, in_features)
 
 

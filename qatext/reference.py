@@ -112,33 +112,43 @@ def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None
     return y.to(x.dtype)
 
 
-def _tile_positions(rows: int, in_features: int, bits: int, device):
-    """Byte and bit of every code (n, k) in the decode GEMM's tiled layout (see csrc/core/tile_layout.h)."""
+def _tile_planes(bits: int):
+    """(width, byte offset in the tile, lowest code bit) of each plane (see csrc/core/tile_layout.h)."""
+    return [(2, 0, 0), (1, 256, 2)] if bits == 3 else [(bits, 0, 0)]
+
+
+def _tile_positions(rows: int, in_features: int, bits: int, device, width: int, offset: int):
+    """Byte and bit of one plane's field of every code (n, k) in the decode GEMM's tiled layout."""
     n = torch.arange(rows, device=device).unsqueeze(1)
     k = torch.arange(in_features, device=device).unsqueeze(0)
     tile = (n // 16) * (in_features // 64) + k // 64
     g, c = n % 8, (k % 64) // 16
     j, e = (k % 16) // 4, k % 4
-    word, step_in_word = j // (4 // bits), j % (4 // bits)
+    word, step_in_word = j // (4 // width), j % (4 // width)
     reg = (n % 16) // 8 + 2 * (e // 2)
-    bit = bits * (reg + 4 * step_in_word) + 16 * (e % 2)
-    byte = tile * (128 * bits) + (4 * g + c) * (4 * bits) + 4 * word + bit // 8
+    bit = width * (reg + 4 * step_in_word) + 16 * (e % 2)
+    byte = tile * (128 * bits) + offset + (4 * g + c) * (4 * width) + 4 * word + bit // 8
     return byte, bit % 8
 
 
 def tile_packed(packed, bits: int, in_features: int) -> torch.Tensor:
-    """Packed [N, K * bits / 8] -> the same codes in the decode GEMM's tiled layout (bits 2 or 4)."""
+    """Packed [N, K * bits / 8] -> the same codes in the decode GEMM's tiled layout (bits 2, 3 or 4)."""
     rows = packed.shape[0]
-    byte, shift = _tile_positions(rows, in_features, bits, packed.device)
-    codes = unpack(packed, bits, in_features).long() << shift
+    codes = unpack(packed, bits, in_features).long()
     out = torch.zeros(packed.numel(), dtype=torch.long, device=packed.device)
-    out.scatter_add_(0, byte.flatten(), codes.flatten())  # fields are disjoint: the sum is the bitwise or
+    for width, offset, low in _tile_planes(bits):
+        byte, shift = _tile_positions(rows, in_features, bits, packed.device, width, offset)
+        field = ((codes >> low) & ((1 << width) - 1)) << shift
+        out.scatter_add_(0, byte.flatten(), field.flatten())  # fields are disjoint: the sum is the bitwise or
     return out.to(torch.uint8).reshape(packed.shape)
 
 
 def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
-    byte, shift = _tile_positions(tiled.shape[0], in_features, bits, tiled.device)
-    codes = (tiled.flatten().long()[byte] >> shift) & qmax(bits)
+    flat = tiled.flatten().long()
+    codes = 0
+    for width, offset, low in _tile_planes(bits):
+        byte, shift = _tile_positions(tiled.shape[0], in_features, bits, tiled.device, width, offset)
+        codes = codes + (((flat[byte] >> shift) & ((1 << width) - 1)) << low)
     return pack(codes.to(torch.uint8), bits)
 
 

@@ -25,7 +25,7 @@ def _weight(n, k, bits, g):
     return packed, ops.tile_packed(packed, bits, k), scale, zero
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k,g", [(128, 256, 64), (256, 512, 128), (48, 192, -1), (384, 1024, 256), (1040, 128, 64),
                                    (128, 64, -1), (64, 4096, 128)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 40])
@@ -93,7 +93,7 @@ def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, m, row_t
                                **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_four_row_tiles_per_warp_where_the_grid_stays_full(bits):
     """A large weight at M = 1 takes the 4-row-tile instance (and still matches the reference); a
     64-row one, whose grid 4 row tiles would leave empty, keeps 2."""

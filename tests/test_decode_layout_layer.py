@@ -38,9 +38,9 @@ def test_tiled_copy_follows_packed_and_gradients_keep_packed_path():
 
 
 def test_refused_layers():
-    with pytest.raises(ValueError, match="bits must be 2 or 4"):
-        _packed_layer(bits=3).tile_for_decode()
+    with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+        _packed_layer(bits=8).tile_for_decode()
     with pytest.raises(ValueError, match="only mode 'packed'"):
         QuantLinear.from_linear(torch.nn.Linear(128, 32), QuantSpec(4, 64), mode="fake").tile_for_decode()
-    model = torch.nn.Sequential(_packed_layer(4), _packed_layer(3, n=32, k=128))
+    model = torch.nn.Sequential(_packed_layer(4), _packed_layer(8, n=32, k=128))
     assert models.tile_for_decode(model) == 1

@@ -8,7 +8,7 @@ from conftest import random_qparams
 from qatext import ops, reference
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k", [(16, 64), (48, 192), (128, 512), (32, 1024)])
 def test_round_trip_and_reference(device, bits, n, k):
     codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
@@ -32,11 +32,23 @@ def test_tile_position_of_one_code():
     assert tiled.nonzero().flatten().tolist() == [581] and tiled[581].item() == 0xB0
 
 
+def test_tile_position_of_one_3_bit_code():
+    """The same code position, 3 bits, value 0b101: tile 1 starts at byte 384. Low bits 0b01 in the
+    2-bit plane: step j = 1 is the second step of word 0, register 3, so bit 2 * (3 + 4) = 14 of lane
+    4's first word: byte 384 + 8 * 4 + 1 = 417, shift 6. The high bit in the 1-bit plane (at 256):
+    bit 3 + 4 * 1 = 7 of lane 4's word: byte 384 + 256 + 4 * 4 = 656, shift 7."""
+    codes = torch.zeros(16, 128, dtype=torch.uint8)
+    codes[9, 70] = 0b101
+    tiled = ops.tile_packed(ops.pack(codes, 3), 3, 128).flatten()
+    assert tiled.nonzero().flatten().tolist() == [417, 656]
+    assert tiled[417].item() == 0x40 and tiled[656].item() == 0x80
+
+
 @pytest.mark.parametrize("op", ["tile_packed", "untile_packed"])
 def test_bad_shapes_are_value_errors(op):
     fn = getattr(ops, op)
-    with pytest.raises(ValueError, match="bits must be 2 or 4"):
-        fn(torch.zeros(16, 24, dtype=torch.uint8), 3, 64)
+    with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+        fn(torch.zeros(16, 64, dtype=torch.uint8), 8, 64)
     with pytest.raises(ValueError, match="multiple of 16 rows"):
         fn(torch.zeros(20, 32, dtype=torch.uint8), 4, 64)
     with pytest.raises(ValueError, match="in_features must be a positive multiple of 64"):
@@ -47,7 +59,7 @@ def test_bad_shapes_are_value_errors(op):
         fn(torch.zeros(16, 32, dtype=torch.int32), 4, 64)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_dequant_matmul_tiled_matches_dequant_matmul(device, bits):
     n, k, g = 64, 256, 128
     packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device), bits)

@@ -2,11 +2,12 @@
 // (core/tile_layout.h), on mma.sync m16n8k16 with the operands swapped: the weight is the A operand
 // (16 output rows x 16-deep steps) and the tokens are B (8 per mma), so M <= 8 wastes no rows.
 //
-// Each warp streams NT 16-row tiles of W along its slice of K: per 64 columns one 16-byte (4-bit) or
-// 8-byte (2-bit) copy per lane and tile, and two 16-byte activation copies per 8 tokens, into the
+// Each warp streams NT 16-row tiles of W along its slice of K: per 64 columns one 16-byte (4-bit),
+// 8-byte (2-bit) or 8 + 4-byte (3-bit: two planes) copy per lane and tile, and two 16-byte activation copies per 8 tokens, into the
 // lane's own bytes of a per-warp cp.async ring in shared memory (no barriers), read back into
 // registers. A code pair becomes an exact 16-bit pair q by a shift, one lop3 that masks it into the
-// mantissa of base (128 for bf16, 1024 for fp16) and a 16-bit subtraction of base; the mma
+// mantissa of base (128 for bf16, 1024 for fp16; 3 bits: a second shift and lop3 add the high bit)
+// and a 16-bit subtraction of base; the mma
 // accumulates sum_k x q in fp32, and the scale and zero are applied once per row, token and group:
 //   y += s * sum_k x q - z * s * sum_k x     (sum_k x: an mma with an all-ones A).
 // The weight is never rounded to 16 bits: the result is the fp32 product with the exact dequantised
@@ -87,7 +88,7 @@ __device__ __forceinline__ void cp_async_codes(void* dst, const void* src) {
   if constexpr (BYTES == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
   }
 }
 __device__ __forceinline__ void cp_async_x(void* dst, const void* src) {
@@ -102,10 +103,11 @@ __device__ __forceinline__ void cp_async_wait() {
 constexpr int kStages = 4;
 
 // One warp's stage in shared memory: per row tile its lanes' code bytes, then per token tile two
-// 16-byte activation vectors per lane (lane-contiguous: conflict-free 8/16-byte accesses).
+// 16-byte activation vectors per lane (lane-contiguous: conflict-free 8/16-byte accesses). A 3-bit
+// lane's 8 + 4 bytes (its two planes) take a 16-byte slot.
 template <int BITS, int MT, int NT>
 struct StageLayout {
-  static constexpr int kCodeBytes = 4 * BITS;  // per lane per row tile
+  static constexpr int kCodeBytes = BITS == 3 ? 16 : 4 * BITS;  // per lane per row tile
   static constexpr int kBytes = 32 * (NT * kCodeBytes + MT * 32);
   static __device__ __forceinline__ int codes(int i, int lane) { return (i * 32 + lane) * kCodeBytes; }
   static __device__ __forceinline__ int x(int mt, int h, int lane) { return 32 * NT * kCodeBytes + ((mt * 2 + h) * 32 + lane) * 16; }
@@ -153,7 +155,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       for (int e = 0; e < 4; ++e) out[mt][i][e] = 0.f;
 
   if (active) {
-    const uint8_t* codes = args.tiled + int64_t(nt0) * KT * tile_bytes(BITS) + lane * 4 * BITS;
+    // This lane's bytes of a tile (3 bits: of its 2-bit plane; its 1-bit plane at 256 + 4 * lane).
+    const uint8_t* codes = args.tiled + int64_t(nt0) * KT * tile_bytes(BITS) + lane * (BITS == 3 ? 8 : 4 * BITS);
     const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
     const T* xrow[MT];
 #pragma unroll
@@ -168,7 +171,13 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         uint8_t* st = warp_smem + slot * L::kBytes;
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
-          cp_async_codes<L::kCodeBytes>(st + L::codes(i, lane), codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS));
+          const uint8_t* src = codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS);
+          if constexpr (BITS == 3) {
+            cp_async_codes<8>(st + L::codes(i, lane), src);
+            cp_async_codes<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
+          } else {
+            cp_async_codes<L::kCodeBytes>(st + L::codes(i, lane), src);
+          }
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -185,6 +194,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         if constexpr (BITS == 4) {
           const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
           st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z, st.codes[i][3] = v.w;
+        } else if constexpr (BITS == 3) {  // 2-bit plane words, then the 1-bit plane word
+          const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
+          st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z;
         } else {
           const uint2 v = *reinterpret_cast<const uint2*>(src + L::codes(i, lane));
           st.codes[i][0] = v.x, st.codes[i][1] = v.y;
@@ -231,19 +243,29 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         for (int i = 0; i < NT; ++i) accq[mt][i][e] = 0.f;
       }
     const uint32_t ones[4] = {Pair<T>::ones, Pair<T>::ones, Pair<T>::ones, Pair<T>::ones};
-    const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u, base = Pair<T>::code_base;
+    // (3 bits: the 2-bit plane's mask; the high bit is or-ed in at bit 2 of each half.)
+    const uint32_t mask = ((1u << (BITS == 3 ? 2 : BITS)) - 1u) * 0x00010001u, base = Pair<T>::code_base;
+    const uint32_t high_bit = 0x00040004u;
 
     const auto compute = [&](const Stage<BITS, MT, NT>& st, int t) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        constexpr int kStepsPerWord = 4 / BITS;
+        constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;  // (of the 2-bit plane for 3 bits)
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           const uint32_t word = st.codes[i][j / kStepsPerWord];
           uint32_t a[4];
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            a[r] = Pair<T>::sub(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
+            if constexpr (BITS == 3) {
+              uint32_t v = and_or(word >> (2 * (r + 4 * (j % kStepsPerWord))), mask, base);
+              const int hb = r + 4 * j;  // the high bits' position in the 1-bit plane word, moved to bit 2
+              const uint32_t hi = st.codes[i][2];
+              v = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v);
+              a[r] = Pair<T>::sub(v, base);
+            } else {
+              a[r] = Pair<T>::sub(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
+            }
           }
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
@@ -414,7 +436,9 @@ int smem_for_bits(Config cfg) {
   if (cfg.mt == 1) return cfg.nt == 2 ? decode_smem_bytes<BITS, 1, 2>() : decode_smem_bytes<BITS, 1, 1>();
   return cfg.nt == 2 ? decode_smem_bytes<BITS, 2, 2>() : decode_smem_bytes<BITS, 2, 1>();
 }
-int smem_for(Config cfg, int bits) { return bits == 4 ? smem_for_bits<4>(cfg) : smem_for_bits<2>(cfg); }
+int smem_for(Config cfg, int bits) {
+  return bits == 4 ? smem_for_bits<4>(cfg) : bits == 3 ? smem_for_bits<3>(cfg) : smem_for_bits<2>(cfg);
+}
 
 template <int BITS>
 int blocks_per_sm_for(Config cfg) {
@@ -424,7 +448,8 @@ int blocks_per_sm_for(Config cfg) {
 }
 
 int64_t resident_blocks(Config cfg, int bits) {
-  return int64_t(bits == 4 ? blocks_per_sm_for<4>(cfg) : blocks_per_sm_for<2>(cfg)) * sm_count();
+  return int64_t(bits == 4 ? blocks_per_sm_for<4>(cfg) : bits == 3 ? blocks_per_sm_for<3>(cfg) : blocks_per_sm_for<2>(cfg)) *
+         sm_count();
 }
 
 int64_t column_blocks(int64_t M, int64_t N, Config cfg) {
@@ -496,7 +521,9 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const Config cfg = config_for(M, shape, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
-  const void* kernel = shape.bits == 4 ? kernel_for<T, 4>(cfg) : kernel_for<T, 2>(cfg);
+  const void* kernel = shape.bits == 4   ? kernel_for<T, 4>(cfg)
+                       : shape.bits == 3 ? kernel_for<T, 3>(cfg)
+                                         : kernel_for<T, 2>(cfg);
   void* params[] = {&args};
   const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(kDecodeThreads), params, smem_for(cfg, shape.bits), stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));

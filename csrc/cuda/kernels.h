@@ -67,7 +67,7 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
                   float* partial, int64_t M, GroupShape shape, bool grad_input, int64_t splits, cudaStream_t stream);
 
 // Decode GEMM on the tiled layout (cuda/decode_gemm.cu): out [M, N] = x [M, K] @ deq(W)^T + bias, for
-// 16-bit x, bits 2 / 4, N % 16 == 0, K % 64 == 0 and groups of a multiple of 64 (or per-channel).
+// 16-bit x, bits 2 / 3 / 4, N % 16 == 0, K % 64 == 0 and groups of a multiple of 64 (or per-channel).
 // Split-K partials (fp32 [splits, M, N]) are summed in a fixed order by the last block of each column
 // tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
 // Tuning: K slices of at least min_slice_tiles 64-column tiles; up to max_row_tiles 16-row tiles per

@@ -12,7 +12,7 @@ namespace {
 
 // Checks a tiled (or to-be-tiled) weight [N, K * bits / 8]; returns N.
 int64_t check_tileable(const char* op, const char* name, const at::Tensor& t, int64_t bits, int64_t K) {
-  TORCH_CHECK_VALUE(tile_layout_bits_ok(int(bits)), op, ": bits must be 2 or 4 for the tiled layout, got ", bits);
+  TORCH_CHECK_VALUE(tile_layout_bits_ok(int(bits)), op, ": bits must be 2, 3 or 4 for the tiled layout, got ", bits);
   check_dim(op, name, t, 2);
   TORCH_CHECK_VALUE(K > 0 && K % kTileCols == 0, op, ": in_features must be a positive multiple of ", kTileCols,
                     ", got ", K);

@@ -181,7 +181,7 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def tile_for_decode(self) -> "QuantLinear":
-        """Also hold the codes in the decode GEMM's tiled layout (bits 2 or 4; out_features % 16 == 0,
+        """Also hold the codes in the decode GEMM's tiled layout (bits 2, 3 or 4; out_features % 16 == 0,
         in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. A 'packed' layer
         then serves forward passes without gradients (inference, generation) from it; with gradients it
         keeps the packed path. Re-tiled by itself if `packed` changes (load_state_dict, .to())."""
