@@ -423,32 +423,24 @@ int blocks_per_sm() {
   });
 }
 
-template <typename T, int BITS>
-const void* kernel_for(Config cfg) {
-  if (cfg.mt == 1 && cfg.nt == 4) return prepared_kernel<T, BITS, 1, 4>();
-  if (cfg.mt == 1) return cfg.nt == 2 ? prepared_kernel<T, BITS, 1, 2>() : prepared_kernel<T, BITS, 1, 1>();
-  return cfg.nt == 2 ? prepared_kernel<T, BITS, 2, 2>() : prepared_kernel<T, BITS, 2, 1>();
+// f.template operator()<BITS, MT, NT>() for the kernel instance of `bits` and cfg.
+template <typename F>
+auto with_instance(int bits, Config cfg, F&& f) {
+  const auto for_bits = [&]<int BITS>() {
+    if (cfg.mt == 1 && cfg.nt == 4) return f.template operator()<BITS, 1, 4>();
+    if (cfg.mt == 1) return cfg.nt == 2 ? f.template operator()<BITS, 1, 2>() : f.template operator()<BITS, 1, 1>();
+    return cfg.nt == 2 ? f.template operator()<BITS, 2, 2>() : f.template operator()<BITS, 2, 1>();
+  };
+  if (bits == 4) return for_bits.template operator()<4>();
+  return bits == 3 ? for_bits.template operator()<3>() : for_bits.template operator()<2>();
 }
 
-template <int BITS>
-int smem_for_bits(Config cfg) {
-  if (cfg.mt == 1 && cfg.nt == 4) return decode_smem_bytes<BITS, 1, 4>();
-  if (cfg.mt == 1) return cfg.nt == 2 ? decode_smem_bytes<BITS, 1, 2>() : decode_smem_bytes<BITS, 1, 1>();
-  return cfg.nt == 2 ? decode_smem_bytes<BITS, 2, 2>() : decode_smem_bytes<BITS, 2, 1>();
-}
 int smem_for(Config cfg, int bits) {
-  return bits == 4 ? smem_for_bits<4>(cfg) : bits == 3 ? smem_for_bits<3>(cfg) : smem_for_bits<2>(cfg);
-}
-
-template <int BITS>
-int blocks_per_sm_for(Config cfg) {
-  if (cfg.mt == 1 && cfg.nt == 4) return blocks_per_sm<BITS, 1, 4>();
-  if (cfg.mt == 1) return cfg.nt == 2 ? blocks_per_sm<BITS, 1, 2>() : blocks_per_sm<BITS, 1, 1>();
-  return cfg.nt == 2 ? blocks_per_sm<BITS, 2, 2>() : blocks_per_sm<BITS, 2, 1>();
+  return with_instance(bits, cfg, []<int BITS, int MT, int NT>() { return decode_smem_bytes<BITS, MT, NT>(); });
 }
 
 int64_t resident_blocks(Config cfg, int bits) {
-  return int64_t(bits == 4 ? blocks_per_sm_for<4>(cfg) : bits == 3 ? blocks_per_sm_for<3>(cfg) : blocks_per_sm_for<2>(cfg)) *
+  return int64_t(with_instance(bits, cfg, []<int BITS, int MT, int NT>() { return blocks_per_sm<BITS, MT, NT>(); })) *
          sm_count();
 }
 
@@ -521,9 +513,8 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const Config cfg = config_for(M, shape, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
-  const void* kernel = shape.bits == 4   ? kernel_for<T, 4>(cfg)
-                       : shape.bits == 3 ? kernel_for<T, 3>(cfg)
-                                         : kernel_for<T, 2>(cfg);
+  const void* kernel =
+      with_instance(shape.bits, cfg, []<int BITS, int MT, int NT>() { return prepared_kernel<T, BITS, MT, NT>(); });
   void* params[] = {&args};
   const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(kDecodeThreads), params, smem_for(cfg, shape.bits), stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
