@@ -198,12 +198,11 @@ class Wrapped:
             with torch.no_grad():
                 for name, p in self.module.named_parameters():
                     target = targets[name]
-                    if not isinstance(p, DTensor):
-                        target.data = p.detach().to(target.device, target.dtype)
-                        continue
-                    full = p.full_tensor()
-                    p.to_local().untyped_storage().resize_(0)
-                    p.grad = None
+                    full = p.detach()
+                    if isinstance(p, DTensor):
+                        full = p.full_tensor()
+                        p.to_local().untyped_storage().resize_(0)
+                        p.grad = None
                     # integer codes came as carriers over their bytes: a view, not a conversion
                     target.data = (full.to(target.device, target.dtype) if target.is_floating_point()
                                    else full.to(target.device).view(target.dtype))
