@@ -74,6 +74,7 @@ void set_dequant_gemm_max_m(int64_t m);
 // wins up to 16 tokens); larger M untiles the weight and takes dequant_matmul's paths. 0: off.
 int64_t decode_gemm_max_m();
 void set_decode_gemm_max_m(int64_t m);
+// The decode kernel's split-K tuning (cuda::DecodeTuning).
 int64_t decode_gemm_min_slice();
 void set_decode_gemm_min_slice(int64_t tiles);
 int64_t decode_gemm_row_tiles();
