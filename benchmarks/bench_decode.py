@@ -74,7 +74,8 @@ def main():
                 rows.append(row)
                 print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {row['cublas_us']:7.1f} | v4 {row['v4_packed_us']:7.1f} | "
                       f"tiled {row['tiled_us']:7.1f} x{row['tiled_speedup_vs_cublas']:.2f} "
-                      f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e})", flush=True)
+                      f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e})",
+                      flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -57,7 +57,9 @@ template <typename Kernel>
 void opt_in_smem(std::atomic<int> (&memo)[kMaxDevices], Kernel kernel, int smem, const char* what) {
   per_device(memo, [&] {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: ") + what + " shared memory: " + cudaGetErrorString(err));
+    if (err != cudaSuccess) {
+      throw std::runtime_error(std::string("qatext: ") + what + " shared memory: " + cudaGetErrorString(err));
+    }
     return 1;
   });
 }

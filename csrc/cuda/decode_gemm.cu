@@ -3,11 +3,11 @@
 // (16 output rows x 16-deep steps) and the tokens are B (8 per mma), so M <= 8 wastes no rows.
 //
 // Each warp streams NT 16-row tiles of W along its slice of K: per 64 columns one 16-byte (4-bit),
-// 8-byte (2-bit) or 8 + 4-byte (3-bit: two planes) copy per lane and tile, and two 16-byte activation copies per 8 tokens, into the
-// lane's own bytes of a per-warp cp.async ring in shared memory (no barriers), read back into
-// registers. A code pair becomes an exact 16-bit pair q by a shift, one lop3 that masks it into the
-// mantissa of base (128 for bf16, 1024 for fp16; 3 bits: a second shift and lop3 add the high bit)
-// and a 16-bit subtraction of base; the mma
+// 8-byte (2-bit) or 8 + 4-byte (3-bit: two planes) copy per lane and tile, and two 16-byte
+// activation copies per 8 tokens, into the lane's own bytes of a per-warp cp.async ring in shared
+// memory (no barriers), read back into registers. A code pair becomes an exact 16-bit pair q by a
+// shift, one lop3 that masks it into the mantissa of base (128 for bf16, 1024 for fp16; 3 bits: a
+// second shift and lop3 add the high bit) and a 16-bit subtraction of base; the mma
 // accumulates sum_k x q in fp32, and the scale and zero are applied once per row, token and group:
 //   y += s * sum_k x q - z * s * sum_k x     (sum_k x: an mma with an all-ones A).
 // The weight is never rounded to 16 bits: the result is the fp32 product with the exact dequantised
