@@ -1,0 +1,119 @@
+"""save_quantized / load_quantized: a model with QuantLinear layers as safetensors + a JSON layer config,
+with the tokenizer and generation config beside it. Also the directory plumbing every writer shares:
+atomic publication and the tokenizer files that travel with a model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .nn import QuantLinear
+from .quant import QuantSpec
+
+CONFIG_NAME = "qatext_config.json"
+WEIGHTS_NAME = "model.safetensors"
+LAYER_OPTIONS = ("rank", "alpha", "frac_bits", "act_bits", "checkpointing")
+# What a Hugging Face tokenizer (slow or fast, BPE or SentencePiece) and its chat template are saved as.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def quant_layers(model: nn.Module):
+    """(qualified name, QuantLinear) for every quantized layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir):
+    """Yields a fresh temporary directory beside out_dir; on success it replaces out_dir in one rename
+    (an old directory is moved aside first), on error it is removed and out_dir is untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def has_tokenizer(model_dir) -> bool:
+    return any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def write_companions(model: nn.Module, out_dir: Path, tokenizer=None) -> None:
+    """What travels with the weights: the tokenizer (a directory holding one, or an object with
+    save_pretrained) and the model's generation config."""
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).is_file():
+                    shutil.copy2(Path(tokenizer) / name, out_dir / name)
+        else:
+            tokenizer.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)
+
+
+def _layer_config(layer: QuantLinear) -> dict:
+    return {"mode": layer.mode, "spec": layer.spec.to_dict(), "bias": layer.bias is not None,
+            **{k: getattr(layer, k) for k in LAYER_OPTIONS}}
+
+
+def save_quantized(model: nn.Module, out_dir, tokenizer=None) -> Path:
+    """Save a (Hugging Face) model with QuantLinear layers: safetensors + JSON quantization config, the
+    HF config, generation config and, given `tokenizer` (a directory or a tokenizer object), its files."""
+    from safetensors.torch import save_model
+
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("save_quantized: the model has no QuantLinear layers (run quantize_model first)")
+    with atomic_dir(out_dir) as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS_NAME))
+        config = {"format": "qatext", "version": 1, "layers": {n: _layer_config(m) for n, m in layers}}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+        write_companions(model, tmp, tokenizer)
+    return Path(out_dir)
+
+
+def load_quantized(in_dir, device="cpu", dtype=None) -> nn.Module:
+    """Load what save_quantized wrote; the model computes the same logits."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    in_dir = Path(in_dir)
+    if not (in_dir / CONFIG_NAME).exists():
+        raise ValueError(f"load_quantized: {in_dir} has no {CONFIG_NAME} (not saved by save_quantized)")
+    config = json.loads((in_dir / CONFIG_NAME).read_text())
+    hf_config = AutoConfig.from_pretrained(in_dir)
+    model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+    for name, cfg in config["layers"].items():
+        old = model.get_submodule(name)
+        layer = QuantLinear(old.in_features, old.out_features, QuantSpec(**cfg["spec"]), cfg["mode"], bias=cfg["bias"],
+                            dtype=old.weight.dtype, **{k: cfg[k] for k in LAYER_OPTIONS})
+        replace_module(model, name, layer)
+    load_model(model, str(in_dir / WEIGHTS_NAME), device=str(device))
+    if (in_dir / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(in_dir)
+    return model.to(device).eval()
