@@ -7,7 +7,14 @@ import contextlib
 import torch
 
 from . import _C, nn, ops, quant, reference  # noqa: F401  (_C registers torch.ops.qatext)
-from .quant import QuantSpec  # noqa: F401
+from .export import export_model
+from .io import load_quantized, save_quantized
+from .models import merge_model, quantize_model
+from .nn import QuantLinear
+from .quant import QuantSpec
+
+__all__ = ["QuantLinear", "QuantSpec", "build_info", "export_model", "load_quantized", "merge_model", "quantize_model",
+           "save_quantized", "set_value_checks", "value_checks"]
 
 __version__ = "0.1.0"
 

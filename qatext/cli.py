@@ -1,4 +1,4 @@
-"""qatext command line: train | eval | export | demo."""
+"""qatext command line: train | eval | export | demo (also `python -m qatext`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _device(name: str | None) -> torch.device:
 def _load_model(path: str, device):
     from transformers import AutoModelForCausalLM
 
-    from .models import CONFIG_NAME, load_quantized
+    from .io import CONFIG_NAME, load_quantized
 
     p = Path(path)
     if not p.is_dir():
@@ -31,9 +31,10 @@ def _load_model(path: str, device):
 
 def _tokens(model_dir: str, source: str) -> torch.Tensor:
     from . import data
+    from .io import has_tokenizer
 
     text = data.load_text(source)
-    if any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if has_tokenizer(model_dir):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -43,7 +44,8 @@ def _tokens(model_dir: str, source: str) -> torch.Tensor:
 
 def cmd_train(args) -> int:
     from . import data, distributed, methods
-    from .models import merge_model, save_quantized
+    from .io import has_tokenizer, save_quantized
+    from .models import merge_model
     from .quant import QuantSpec
 
     distributed.init_from_env()  # under torchrun: join the group, one GPU per rank
@@ -67,7 +69,7 @@ def cmd_train(args) -> int:
     model, history = methods.run(args.method, model, spec, train_tokens, cfg, **kwargs)
     merge_model(model)
     if distributed.is_main():  # every rank holds the full merged model; one writes it
-        save_quantized(model, out / "model")
+        save_quantized(model, out / "model", tokenizer=args.model if has_tokenizer(args.model) else None)
         (out / "train_log.json").write_text(json.dumps({"method": args.method, "spec": spec.to_dict(),
                                                         "loss": history, "world_size": distributed.world_size()}))
         print(f"saved {out / 'model'}")
@@ -88,10 +90,33 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .models import export_gptq, load_quantized
+    from . import data, evaluate
+    from .export import export_model, round_zeros
+    from .io import has_tokenizer
 
-    model = load_quantized(args.model)
-    print(f"wrote {export_gptq(model, args.output)}")
+    model = _load_model(args.model, torch.device("cpu"))
+    if args.round_zeros:
+        if args.format != "gptq":
+            raise ValueError("--round-zeros changes the model and only serves --format gptq; "
+                             "the default picks a format that keeps it exact")
+        _, val = data.train_val_split(_tokens(args.model, args.data), args.val_fraction)
+        seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
+
+        def ppl():
+            return evaluate.perplexity(model, val, seq_len=seq_len, max_windows=args.max_windows,
+                                       progress=False)["ppl"]
+
+        before = ppl()
+        moved = round_zeros(model)
+        after = ppl()
+        print(f"rounded {moved} fractional zero points: held-out perplexity {before:.4f} -> {after:.4f} "
+              f"({100 * (after / before - 1):+.2f}%, {seq_len}-token windows of {args.data})")
+    result = export_model(model, args.output, format=args.format, checkpoint_format=args.checkpoint_format,
+                          tokenizer=args.model if has_tokenizer(args.model) else None)
+    config = result["quantization_config"]
+    detail = f", checkpoint_format {config['checkpoint_format']}" if "checkpoint_format" in config else ""
+    print(f"wrote {result['path']}: {result['format']} (W{config['bits']} group_size {config['group_size']}{detail}); "
+          f"{result['reason']}")
     return 0
 
 
@@ -142,9 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="export a saved quantized model to the GPTQ checkpoint format")
-    x.add_argument("--model", required=True)
-    x.add_argument("--output", required=True)
+    x = sub.add_parser("export", help="export a saved quantized model to a format other tools load (GPTQ, HQQ)")
+    x.add_argument("--model", required=True, help="a model directory written by `qatext train` (OUTPUT/model)")
+    x.add_argument("--output", required=True, help="directory to write")
+    x.add_argument("--format", default="auto", choices=("auto", "gptq", "hqq"),
+                   help="auto (default): GPTQ when every zero point is an integer, else HQQ (float zeros, exact)")
+    x.add_argument("--checkpoint-format", default=None, choices=("gptq", "gptq_v2"),
+                   help="GPTQ layout: gptq (v1, stores zero - 1; the default unless a zero is 0) or gptq_v2")
+    x.add_argument("--round-zeros", action="store_true",
+                   help="with --format gptq: round fractional zero points (changes the model; the held-out "
+                        "perplexity before and after is printed)")
+    x.add_argument("--data", default="kjv", help="held-out text for --round-zeros: 'kjv' or a UTF-8 text file")
+    x.add_argument("--seq-len", type=int, default=2048, help="--round-zeros evaluation window (capped at the model's)")
+    x.add_argument("--max-windows", type=int, default=32, help="--round-zeros evaluation windows")
+    x.add_argument("--val-fraction", type=float, default=0.05)
     x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="FP vs RTN vs LR-QAT vs QA-LoRA vs EfficientQAT on a small Llama")

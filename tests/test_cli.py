@@ -77,3 +77,73 @@ def test_train_under_torchrun_with_fsdp(tmp_path, tiny_model_dir):
     assert len(log["loss"]) == 3 and log["world_size"] == 2
     assert (out / "checkpoints" / "dcp" / "loop.pt").exists() and (out / "model").is_dir()
     assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "2", "--device", "cpu"]) == 0
+
+
+@pytest.fixture(scope="module")
+def bpe_model_dir(tmp_path_factory):
+    """A tiny Llama with a real byte-level BPE tokenizer trained offline on the bundled corpus."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from qatext import data
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([data.load_kjv()[:200_000]], trainer)
+    path = tmp_path_factory.mktemp("bpe")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.generation_config.max_new_tokens = 17  # something of the user's that must travel
+    model.save_pretrained(path)
+    return path
+
+
+def _train(tmp_path, model_dir, method, *extra):
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--model", str(model_dir), "--bits", "4", "--group-size", "32",
+                 "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--calib-samples", "4", "--device", "cpu",
+                 "--output-dir", str(out), *extra]) == 0
+    return out / "model"
+
+
+def test_saved_and_exported_models_carry_the_tokenizer(tmp_path, bpe_model_dir, capsys):
+    model_dir = _train(tmp_path, bpe_model_dir, "efficientqat")
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "export")]) == 0
+    assert "gptq (W4 group_size 32, checkpoint_format gptq)" in capsys.readouterr().out
+    original = transformers.AutoTokenizer.from_pretrained(bpe_model_dir)
+    text = "In the beginning God created the heaven and the earth."
+    for path in (model_dir, tmp_path / "export"):
+        assert transformers.AutoTokenizer.from_pretrained(path)(text)["input_ids"] == original(text)["input_ids"]
+        assert transformers.GenerationConfig.from_pretrained(path).max_new_tokens == 17
+
+
+def test_export_keeps_qalora_exact_or_rounds_on_request(tmp_path, bpe_model_dir, capsys):
+    model_dir = _train(tmp_path, bpe_model_dir, "qalora", "--lr", "2e-3")
+    capsys.readouterr()
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr().out
+    assert ": hqq (W4 group_size 32)" in out and "fractional zero point" in out
+    assert (tmp_path / "auto" / "qmodel.pt").exists() and (tmp_path / "auto" / "tokenizer.json").exists()
+
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "gptq"), "--format", "gptq"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fractional zero point" in err and "'hqq' (exact)" in err
+    assert not (tmp_path / "gptq").exists()
+
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "gptq"), "--format", "gptq",
+                 "--round-zeros", "--seq-len", "32", "--max-windows", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "fractional zero points: held-out perplexity" in out and ": gptq (W4" in out
+
+
+def test_python_dash_m_qatext():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qatext", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "train" in proc.stdout and "export" in proc.stdout

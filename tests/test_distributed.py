@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from qatext import QuantSpec, data, distributed, methods, models
+from qatext import QuantSpec, data, distributed, load_quantized, methods, models, save_quantized
 from qatext.nn import QuantLinear
 
 transformers = pytest.importorskip("transformers")
@@ -110,7 +110,7 @@ def train_crash_resume_merge(strategy, root):
     model, history = lrqat_run(root / "ckpt", strategy)
     models.merge_model(model)
     if distributed.is_main():
-        models.save_quantized(model, root / "merged")
+        save_quantized(model, root / "merged")
     distributed.barrier()
     return history
 
@@ -221,7 +221,7 @@ def test_sharded_checkpoint_resumes_and_merges_to_one_file(tmp_path, strategy):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(single_history), rtol=1e-4, atol=1e-4)
     models.merge_model(single)
     single.eval()
-    merged = models.load_quantized(tmp_path / "merged")
+    merged = load_quantized(tmp_path / "merged")
     x = _tokens()[:33].unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, single(input_ids=x).logits, rtol=1e-3, atol=1e-3)

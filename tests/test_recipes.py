@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qatext import QuantSpec, data, methods, models, ops
+from qatext import QuantSpec, data, export_model, load_quantized, methods, models, ops, save_quantized
 from qatext.nn import QuantLinear
 
 transformers = pytest.importorskip("transformers")
@@ -48,8 +48,8 @@ def test_method_trains_merges_saves_and_exports(tmp_path, tokens, name):
     assert all(layer.mode == "packed" for _, layer in models.quant_layers(model))
     torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
 
-    models.save_quantized(model, tmp_path / "saved")
-    loaded = models.load_quantized(tmp_path / "saved")
+    save_quantized(model, tmp_path / "saved")
+    loaded = load_quantized(tmp_path / "saved")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, merged, rtol=0, atol=0)
 
@@ -158,7 +158,7 @@ def test_gptq_export_unpacks_to_the_same_weights(tmp_path, bits):
     with torch.no_grad():  # fp16-representable scales so the comparison can be exact
         for _, layer in models.quant_layers(model):
             layer.scale.copy_(layer.scale.half().float())
-    models.export_gptq(model, tmp_path / "gptq")
+    export_model(model, tmp_path / "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "gptq", "bits": bits, "group_size": 32,
                                              "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
@@ -168,12 +168,6 @@ def test_gptq_export_unpacks_to_the_same_weights(tmp_path, bits):
         got = _read_gptq(state, name, bits, layer.in_features, layer.out_features, 32)
         torch.testing.assert_close(got.t(), w, rtol=0, atol=0)
     assert "model.embed_tokens.weight" in state
-
-
-def test_gptq_export_refuses_3_bits(tmp_path):
-    model = models.quantize_model(tiny_llama(), QuantSpec(3, 32), method="packed")
-    with pytest.raises(ValueError, match="bits=3 has no exact GPTQ int32 packing"):
-        models.export_gptq(model, tmp_path / "gptq")
 
 
 @pytest.mark.parametrize("arch", ["MistralConfig", "Qwen2Config"])

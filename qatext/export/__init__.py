@@ -25,6 +25,11 @@ FORMATS = ("gptq", "hqq")
 
 def choose_format(weights: list[QuantizedWeight]) -> tuple[str, str]:
     """(format, why): GPTQ where it is exact, else HQQ."""
+    fractional = sum(w.fractional_groups() for w in weights)
+    if fractional:
+        total = sum(w.zero.numel() for w in weights)
+        return "hqq", (f"{fractional} of {total} groups have fractional zero points (e.g. a merged QA-LoRA adapter), "
+                       "which GPTQ would round; HQQ keeps them exactly")
     try:
         gptq.check(weights, gptq.default_checkpoint_format(weights))
     except ValueError as e:

@@ -1,0 +1,208 @@
+"""Exports leave qatext intact: each method x format x bits is written, read back by the third-party
+loader (GPTQ: transformers + optimum + gptqmodel's torch kernel; HQQ: the hqq library), and computes
+the logits of load_quantized's model (GPTQ: with the scales and biases rounded to fp16, as GPTQ stores
+them; HQQ: exactly)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from test_recipes import FAST, tiny_llama
+
+from qatext import QuantSpec, data, evaluate, export_model, load_quantized, methods, models, ops, save_quantized
+from qatext.export import gptq, hqq, round_zeros
+
+transformers = pytest.importorskip("transformers")
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+needs_gptq_loader = pytest.mark.skipif(not (_has("gptqmodel") and _has("optimum")),
+                                       reason="needs the 'export' extra (optimum, gptqmodel)")
+needs_hqq_loader = pytest.mark.skipif(not _has("hqq"), reason="needs the 'export' extra (hqq)")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return data.ByteTokenizer().encode(data.load_kjv()[:100_000])
+
+
+_TRAINED = {}
+
+
+def trained(name: str, bits: int, tokens, symmetric=False, group_size=32, lr=None, steps=8):
+    """A tiny Llama trained by `name` for a few steps, merged, saved and loaded back (cached)."""
+    key = (name, bits, symmetric, group_size, lr, steps)
+    if key not in _TRAINED:
+        model = tiny_llama(seed=1, tie=False)
+        spec = QuantSpec(bits, group_size, symmetric)
+        cfg = methods.default_config(name, steps=steps, batch_size=4, seq_len=32, progress=False)
+        kwargs = dict(FAST.get(name, {}))
+        if lr is not None:
+            kwargs["lr"] = lr
+        model, _ = methods.run(name, model, spec, tokens, cfg, **kwargs)
+        models.merge_model(model)
+        _TRAINED[key] = model
+    return _TRAINED[key]
+
+
+def roundtrip(model, tmp_path):
+    save_quantized(model, tmp_path / "saved")
+    return load_quantized(tmp_path / "saved")
+
+
+def with_fp16_scales(model):
+    """The model GPTQ stores: scales and biases of the quantized layers rounded to fp16."""
+    with torch.no_grad():
+        for _, layer in models.quant_layers(model):
+            layer.scale.copy_(layer.scale.half().float())
+            if layer.bias is not None:
+                layer.bias.copy_(layer.bias.half().float())
+    return model
+
+
+def load_gptq(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", quantization_config=transformers.GPTQConfig(bits=4, backend="torch"))
+
+
+def load_hqq(path):
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoHQQHFModel.from_quantized(str(path), compute_dtype=torch.float32, device="cpu")
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+# (method, bits, symmetric, group size); every method at 2/3/4 bits, plus 8 bits, symmetric and per-channel.
+CASES = [(m, b, m == "lrqat", 32) for m in ("rtn", "full_qat", "lrqat", "qalora", "efficientqat") for b in (2, 3, 4)]
+CASES += [("rtn", 8, False, 32), ("rtn", 4, True, 32), ("rtn", 3, False, -1), ("full_qat", 4, False, -1)]
+
+
+@needs_gptq_loader
+@pytest.mark.parametrize("method,bits,symmetric,group_size", [c for c in CASES if c[0] != "qalora"])
+def test_gptq_export_loads_in_transformers(tmp_path, tokens, method, bits, symmetric, group_size):
+    model = roundtrip(trained(method, bits, tokens, symmetric, group_size), tmp_path)
+    result = export_model(model, tmp_path / "gptq")
+    assert result["format"] == "gptq"
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"], config["sym"]) == (bits, group_size, symmetric)
+    assert_gptq_loads_as(tmp_path / "gptq", model, tokens[:48].unsqueeze(0))
+
+
+def assert_gptq_loads_as(path, model, x):
+    """Every layer's weight as gptqmodel dequantizes it equals ours with fp16 scales, up to the fp16
+    rounding of (q - z) * s that its kernel may apply (2^-11 relative); then the whole model's logits."""
+    loaded = load_gptq(path)
+    model = with_fp16_scales(model)
+    for name, layer in models.quant_layers(model):
+        ours = ops.dequant(layer.packed, layer.scale, layer.zero, layer.spec.bits, layer.group_size, layer.in_features)
+        theirs = loaded.get_submodule(name).dequantize_weight().t().float()
+        torch.testing.assert_close(theirs, ours, rtol=2**-11, atol=1e-8)
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), rtol=0, atol=1e-3)
+
+
+@needs_hqq_loader
+@pytest.mark.parametrize("method,bits,symmetric,group_size", CASES)
+def test_hqq_export_is_exact(tmp_path, tokens, method, bits, symmetric, group_size):
+    model = roundtrip(trained(method, bits, tokens, symmetric, group_size), tmp_path)
+    result = export_model(model, tmp_path / "hqq", format="hqq")
+    assert result["format"] == "hqq"
+    x = tokens[:48].unsqueeze(0)
+    torch.testing.assert_close(logits(load_hqq(tmp_path / "hqq"), x), logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_hqq_loader
+@pytest.mark.parametrize("lr", [2e-4, 2e-3])
+def test_trained_qalora_exports_its_trained_perplexity(tmp_path, tokens, lr):
+    """QA-LoRA merges into fractional zeros: auto picks HQQ, whose perplexity is the trained one; GPTQ
+    refuses (rounding the zeros would undo the training)."""
+    model = trained("qalora", 4, tokens, lr=lr, steps=40)
+    fractional = sum(int((layer.zero != torch.round(layer.zero)).sum()) for _, layer in models.quant_layers(model))
+    assert fractional > 0
+    result = export_model(model, tmp_path / "auto")
+    assert result["format"] == "hqq" and "fractional zero" in result["reason"]
+    with pytest.raises(ValueError, match="fractional zero point"):
+        export_model(model, tmp_path / "gptq", format="gptq")
+    assert not (tmp_path / "gptq").exists()
+    _, val = data.train_val_split(tokens)
+    ppl = evaluate.perplexity(model, val, seq_len=64, max_windows=16, progress=False)["ppl"]
+    exported = evaluate.perplexity(load_hqq(tmp_path / "auto"), val, seq_len=64, max_windows=16, progress=False)["ppl"]
+    assert exported == pytest.approx(ppl, rel=1e-6)
+
+
+@needs_gptq_loader
+def test_zero_of_zero_exports_as_gptq_v2(tmp_path, tokens):
+    model = roundtrip(trained("rtn", 4, tokens), tmp_path)
+    layer = dict(models.quant_layers(model))["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.zero[0, 0] = 0.0
+    result = export_model(model, tmp_path / "v2")
+    assert result["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    with pytest.raises(ValueError, match="use 'gptq_v2'"):
+        export_model(model, tmp_path / "v1", checkpoint_format="gptq")
+    assert_gptq_loads_as(tmp_path / "v2", model, tokens[:48].unsqueeze(0))
+
+
+def test_round_zeros_makes_gptq_possible(tmp_path, tokens):
+    model = roundtrip(trained("qalora", 4, tokens, lr=2e-3, steps=40), tmp_path)
+    assert round_zeros(model) > 0
+    assert round_zeros(model) == 0
+    assert export_model(model, tmp_path / "gptq", format="gptq")["format"] == "gptq"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_bit_stream_matches_an_independent_reading(bits):
+    """Value i occupies bits [i*b, (i+1)*b) of the stream of 32-bit words (AutoGPTQ's 3-bit layout
+    included: value 10 spans words 0 and 1, value 21 words 1 and 2)."""
+    values = torch.randint(0, 1 << bits, (64, 5))
+    words = gptq.pack_int32(values, bits, 0)
+    assert words.shape == (64 * bits // 32, 5) and words.dtype == torch.int32
+    stream = [(int(w) & 0xFFFFFFFF) >> j & 1 for row in words.tolist() for w in [row[2]] for j in range(32)]
+    read = [sum(stream[i * bits + j] << j for j in range(bits)) for i in range(64)]
+    assert read == values[:, 2].tolist()
+    assert torch.equal(gptq.unpack_int32(words, bits, 64, 0), values)
+
+
+def test_gptq_three_bit_hand_placed():
+    values = torch.zeros(32, 1, dtype=torch.int64)
+    values[10] = 0b101  # bits 30, 31 of word 0 and bit 0 of word 1
+    words = gptq.pack_int32(values, 3, 0)
+    assert [int(w) & 0xFFFFFFFF for w in words[:, 0]] == [0b01 << 30, 0b1, 0]
+
+
+@needs_hqq_loader
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_hqq_packing_is_what_hqq_unpacks(bits):
+    from hqq.core.quantize import Quantizer
+
+    q = torch.randint(0, 1 << bits, (40, 16), dtype=torch.uint8)
+    packing = hqq._PACKING[bits]
+    unpacked = Quantizer.unpack[packing](hqq.pack_rows(q, bits), dtype=torch.uint8)[:40]
+    assert torch.equal(unpacked, q)
+
+
+def test_export_refuses_what_it_cannot_hold(tmp_path, tokens):
+    model = models.quantize_model(tiny_llama(), QuantSpec(5, 32), method="packed")
+    assert export_model(model, tmp_path / "w5")["format"] == "hqq"  # GPTQ has no 5-bit packing
+    with pytest.raises(ValueError, match="GPTQ packs"):
+        export_model(model, tmp_path / "gptq5", format="gptq")
+    with pytest.raises(ValueError, match="format must be"):
+        export_model(model, tmp_path / "x", format="awq")
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        export_model(tiny_llama(), tmp_path / "fp")
+    model = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="lrqat", rank=4, act_bits=8)
+    with pytest.raises(ValueError, match="act_bits=8"):
+        export_model(model, tmp_path / "w4a8")
