@@ -35,7 +35,8 @@ with tempfile.TemporaryDirectory() as tmp:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny")
     run = ["qatext", "train", "--method", "lrqat", "--model", str(tmp / "tiny"), "--bits", "3", "--group-size", "32",
-           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--output-dir", str(tmp / "run")]
+           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--byte-tokens",
+           "--output-dir", str(tmp / "run")]
     subprocess.run(run, check=True)
     assert len(json.loads((tmp / "run" / "train_log.json").read_text())["loss"]) == 3
     subprocess.run(["qatext", "export", "--model", str(tmp / "run" / "model"), "--output", str(tmp / "gptq")], check=True)

@@ -1,4 +1,6 @@
-"""qatext command line: train | eval | export | demo (also `python -m qatext`)."""
+"""qatext command line: train | eval | export | demo (also `python -m qatext`).
+
+Every user mistake ends in one line, `qatext <command>: <what> ...<what to do>`, and exit code 2."""
 
 from __future__ import annotations
 
@@ -16,62 +18,146 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _model_dir(path: str) -> Path:
+    """--model as a Hugging Face model directory, or one line saying what it is instead."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"--model {path} is not a directory; give a Hugging Face model directory")
+    if not (p / "config.json").is_file():
+        if (p / "model" / "config.json").is_file():
+            raise ValueError(f"--model {path} is a qatext run directory; its trained model is {p / 'model'}")
+        raise ValueError(f"--model {path} is not a Hugging Face model directory (no config.json in it)")
+    return p
+
+
 def _load_model(path: str, device):
     from transformers import AutoModelForCausalLM
 
     from .io import CONFIG_NAME, load_quantized
 
-    p = Path(path)
-    if not p.is_dir():
-        raise SystemExit(f"qatext: --model {path!r} is not a directory holding a Hugging Face model")
+    p = _model_dir(path)
     if (p / CONFIG_NAME).exists():
         return load_quantized(p, device=device)
     return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device)
 
 
-def _tokens(model_dir: str, source: str) -> torch.Tensor:
+def _refuse_quantized_input(path: str) -> None:
+    from .io import CONFIG_NAME
+
+    p = _model_dir(path)
+    quantized = json.loads((p / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    if (p / CONFIG_NAME).exists() or quantized:
+        raise ValueError(f"--model {path} is already quantized ({quantized or 'by qatext'}); train from the "
+                         "full-precision model it came from (qatext eval and export take this one)")
+
+
+def _tokenizer(model_dir: str, byte_tokens: bool, model):
+    """(encode: str -> LongTensor, description) for the model's own tokenizer, or bytes on request."""
     from . import data
     from .io import has_tokenizer
 
-    text = data.load_text(source)
-    if has_tokenizer(model_dir):
-        from transformers import AutoTokenizer
+    vocab = model.get_input_embeddings().num_embeddings
+    if byte_tokens:
+        if vocab < 256:
+            raise ValueError(f"--byte-tokens needs an embedding of at least 256 tokens; the model has {vocab}")
+        return data.ByteTokenizer().encode, {"tokenizer": "bytes (UTF-8, --byte-tokens)", "vocab_size": 256}
+    if not has_tokenizer(model_dir):
+        raise ValueError(f"--model {model_dir} has no tokenizer files (tokenizer.json, tokenizer.model, ...); add "
+                         "the model's tokenizer there, or pass --byte-tokens to use UTF-8 bytes as tokens")
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if len(tok) > vocab:
+        raise ValueError(f"the tokenizer in {model_dir} has {len(tok)} tokens but the model embeds only {vocab}")
+
+    def encode(text: str) -> torch.Tensor:
         return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return data.ByteTokenizer().encode(text)
+
+    return encode, {"tokenizer": f"{type(tok).__name__} ({model_dir})", "vocab_size": len(tok)}
+
+
+def _check_seq_len(model, seq_len: int) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's {positions} positions (max_position_embeddings); "
+                         f"use --seq-len {positions} or less")
+
+
+def _positive(**values) -> None:
+    for name, (value, low) in values.items():
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _warn_ignored(args) -> None:
+    uses = {"rank": ("lrqat", "qalora"), "calib_samples": ("efficientqat",),
+            "lr": ("full_qat", "lrqat", "qalora", "efficientqat")}
+    for option, methods in uses.items():
+        if getattr(args, option) is not None and args.method not in methods:
+            print(f"qatext train: warning: --{option.replace('_', '-')} is ignored by --method {args.method}",
+                  file=sys.stderr)
 
 
 def cmd_train(args) -> int:
-    from . import data, distributed, methods
+    from . import data, distributed, methods, runs
     from .io import has_tokenizer, save_quantized
     from .models import merge_model
     from .quant import QuantSpec
 
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    _positive(steps=(args.steps, 1), batch_size=(args.batch_size, 1), seq_len=(args.seq_len, 1),
+              rank=(args.rank, 1), calib_samples=(args.calib_samples, 1), checkpoint_every=(args.checkpoint_every, 0))
+    _warn_ignored(args)
+    spec = QuantSpec(args.bits, args.group_size, args.symmetric)
+    _refuse_quantized_input(args.model)
+    out = Path(args.output_dir)
+    runs.check_run_dir(out)
+
     distributed.init_from_env()  # under torchrun: join the group, one GPU per rank
     device = _device(args.device)
-    spec = QuantSpec(args.bits, args.group_size, args.symmetric)
     model = _load_model(args.model, device)
-    tokens = _tokens(args.model, args.data)
+    _check_seq_len(model, args.seq_len)
+    encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
+    tokens = encode(data.load_text(args.data))
     train_tokens, _ = data.train_val_split(tokens, args.val_fraction)
-    out = Path(args.output_dir)
+    identity = {"method": args.method, "spec": spec.to_dict(), "lr": args.lr, "rank": args.rank,
+                "calib_samples": args.calib_samples, "steps": args.steps, "batch_size": args.batch_size,
+                "seq_len": args.seq_len, "seed": args.seed, "val_fraction": args.val_fraction,
+                "model": runs.model_fingerprint(args.model), "tokenizer": tok_info["tokenizer"],
+                "data": {"source": args.data, "tokens": len(tokens), "sha256": runs.tokens_sha256(tokens)},
+                "world_size": distributed.world_size(),
+                "distributed": args.distributed if distributed.world_size() > 1 else None}
+    resumed = runs.check_resume(out, identity, args.restart)  # every rank, before anything is written
+    distributed.barrier()
+    if distributed.is_main():
+        runs.record_run(out, identity, args.restart)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"qatext train: {args.method} W{spec.bits} group_size {spec.group_size} "
+              f"{'symmetric' if spec.symmetric else 'asymmetric'} on {args.model} ({type(model).__name__}, "
+              f"{params / 1e6:.1f}M parameters), {tok_info['tokenizer']}, {len(train_tokens)} training tokens, "
+              f"{device}; {'resuming from ' + str(out / 'checkpoints') if resumed else 'fresh run'}", flush=True)
+    distributed.barrier()
+
     cfg = methods.default_config(args.method, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  seed=args.seed, checkpoint_dir=str(out / "checkpoints"),
                                  checkpoint_every=args.checkpoint_every, distributed=args.distributed,
                                  activation_checkpointing=args.activation_checkpointing)
     kwargs = {}
-    if args.lr is not None:
+    if args.lr is not None and args.method != "rtn":
         kwargs["e2e_lr" if args.method == "efficientqat" else "lr"] = args.lr
-    if args.rank is not None:
+    if args.rank is not None and args.method in ("lrqat", "qalora"):
         kwargs["rank"] = args.rank
     if args.method == "efficientqat":
-        kwargs["block_ap_kwargs"] = {"n_samples": args.calib_samples, "batch_size": min(args.batch_size, 2)}
+        kwargs["block_ap_kwargs"] = {"n_samples": args.calib_samples or 128, "batch_size": min(args.batch_size, 2)}
     model, history = methods.run(args.method, model, spec, train_tokens, cfg, **kwargs)
     merge_model(model)
     if distributed.is_main():  # every rank holds the full merged model; one writes it
-        save_quantized(model, out / "model", tokenizer=args.model if has_tokenizer(args.model) else None)
-        (out / "train_log.json").write_text(json.dumps({"method": args.method, "spec": spec.to_dict(),
-                                                        "loss": history, "world_size": distributed.world_size()}))
+        # The run owns OUTPUT/model: its earlier files are replaced, anything else there is kept.
+        save_quantized(model, out / "model", tokenizer=args.model if has_tokenizer(args.model) else None,
+                       overwrite=True)
+        log = {**identity, "loss": history}
+        runs.atomic_write_text(out / runs.LOG_NAME, json.dumps(log))
         print(f"saved {out / 'model'}")
     distributed.barrier()
     return 0
@@ -80,12 +166,19 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from . import data, evaluate
 
+    _positive(seq_len=(args.seq_len, 1), batch_size=(args.batch_size, 1), max_windows=(args.max_windows, 1))
     device = _device(args.device)
     model = _load_model(args.model, device)
-    _, val = data.train_val_split(_tokens(args.model, args.data), args.val_fraction)
+    _check_seq_len(model, args.seq_len)
+    encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
+    _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
+    if len(val) <= args.seq_len:
+        raise ValueError(f"the held-out part of --data ({len(val)} tokens, --val-fraction {args.val_fraction}) is "
+                         f"shorter than one window of --seq-len {args.seq_len}; give more text or a shorter --seq-len")
     result = evaluate.perplexity(model, val, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.max_windows)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, **tok_info, **result},
+                     indent=1))
     return 0
 
 
@@ -93,13 +186,16 @@ def cmd_export(args) -> int:
     from . import data, evaluate
     from .export import export_model, round_zeros
     from .io import has_tokenizer
+    from .outdir import check_target
 
+    check_target(args.output, args.overwrite)  # before any work
     model = _load_model(args.model, torch.device("cpu"))
     if args.round_zeros:
         if args.format != "gptq":
             raise ValueError("--round-zeros changes the model and only serves --format gptq; "
                              "the default picks a format that keeps it exact")
-        _, val = data.train_val_split(_tokens(args.model, args.data), args.val_fraction)
+        encode, _ = _tokenizer(args.model, args.byte_tokens, model)
+        _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
         seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
 
         def ppl():
@@ -112,7 +208,7 @@ def cmd_export(args) -> int:
         print(f"rounded {moved} fractional zero points: held-out perplexity {before:.4f} -> {after:.4f} "
               f"({100 * (after / before - 1):+.2f}%, {seq_len}-token windows of {args.data})")
     result = export_model(model, args.output, format=args.format, checkpoint_format=args.checkpoint_format,
-                          tokenizer=args.model if has_tokenizer(args.model) else None)
+                          tokenizer=args.model if has_tokenizer(args.model) else None, overwrite=args.overwrite)
     config = result["quantization_config"]
     detail = f", checkpoint_format {config['checkpoint_format']}" if "checkpoint_format" in config else ""
     print(f"wrote {result['path']}: {result['format']} (W{config['bits']} group_size {config['group_size']}{detail}); "
@@ -130,75 +226,105 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="qatext", description="Quantization-aware training for LLMs")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="qatext", description="Quantization-aware training for LLMs",
+                                     formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="quantize and train a model with one method, save the merged integer model")
-    t.add_argument("--method", required=True, choices=METHODS)
-    t.add_argument("--model", required=True, help="Hugging Face model directory (local)")
+    t = sub.add_parser("train", formatter_class=fmt,
+                       help="quantize and train a model with one method, save the merged integer model")
+    t.add_argument("--method", required=True, choices=METHODS, help="training method")
+    t.add_argument("--model", required=True, help="full-precision Hugging Face model directory (local)")
     t.add_argument("--data", default="kjv", help="'kjv' (bundled corpus) or a UTF-8 text file")
-    t.add_argument("--bits", type=int, default=4)
-    t.add_argument("--group-size", type=int, default=128)
-    t.add_argument("--symmetric", action="store_true")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--lr", type=float, default=None, help="main learning rate (default: the paper's)")
-    t.add_argument("--rank", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=2048)
-    t.add_argument("--calib-samples", type=int, default=128, help="EfficientQAT Block-AP calibration windows")
-    t.add_argument("--checkpoint-every", type=int, default=100)
-    t.add_argument("--val-fraction", type=float, default=0.05)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None)
+    t.add_argument("--byte-tokens", action="store_true",
+                   help="use UTF-8 bytes as tokens (vocab 256) where the model directory has no tokenizer")
+    t.add_argument("--bits", type=int, default=4, help="weight bits, 2..8")
+    t.add_argument("--group-size", type=int, default=128, help="weights per scale along in_features; -1: per channel")
+    t.add_argument("--symmetric", action="store_true", help="fixed zero point 2^(bits-1)")
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=None, help="main learning rate (default: the method's paper value)")
+    t.add_argument("--rank", type=int, default=None, help="adapter rank for lrqat / qalora (default: the paper's)")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (global under torchrun)")
+    t.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
+    t.add_argument("--calib-samples", type=int, default=None, help="EfficientQAT Block-AP calibration windows "
+                   "(default 128)")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="tail of --data held out (never trained on)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
-                   help="under torchrun: DDP or FSDP2 (sharded parameters and checkpoints); --batch-size is global")
+                   help="under torchrun: DDP or FSDP2 (sharded parameters and checkpoints)")
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="decoder layers keep only their input and recompute the rest in backward (less memory)")
-    t.add_argument("--output-dir", required=True, help="checkpoints/ (resumed on rerun), model/, train_log.json")
+    t.add_argument("--restart", action="store_true",
+                   help="start over: delete OUTPUT's checkpoints instead of resuming them")
+    t.add_argument("--output-dir", required=True,
+                   help="run directory: checkpoints/ (a rerun with the same settings resumes), model/, train_log.json")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="perplexity on held-out text (non-overlapping windows)")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", default="kjv")
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--val-fraction", type=float, default=0.05)
-    e.add_argument("--device", default=None)
+    e = sub.add_parser("eval", formatter_class=fmt, help="perplexity on held-out text (non-overlapping windows)")
+    e.add_argument("--model", required=True, help="a model directory (Hugging Face, or OUTPUT/model of qatext train)")
+    e.add_argument("--data", default="kjv", help="'kjv' (bundled corpus) or a UTF-8 text file")
+    e.add_argument("--byte-tokens", action="store_true",
+                   help="use UTF-8 bytes as tokens (vocab 256) where the model directory has no tokenizer")
+    e.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
+    e.add_argument("--val-fraction", type=float, default=0.05, help="tail of --data evaluated")
+    e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="export a saved quantized model to a format other tools load (GPTQ, HQQ)")
+    x = sub.add_parser("export", formatter_class=fmt,
+                       help="export a saved quantized model to a format other tools load (GPTQ, HQQ)")
     x.add_argument("--model", required=True, help="a model directory written by `qatext train` (OUTPUT/model)")
-    x.add_argument("--output", required=True, help="directory to write")
+    x.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier export)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier export in --output (other files there are kept)")
     x.add_argument("--format", default="auto", choices=("auto", "gptq", "hqq"),
-                   help="auto (default): GPTQ when every zero point is an integer, else HQQ (float zeros, exact)")
+                   help="auto: GPTQ when every zero point is an integer, else HQQ (float zeros, exact)")
     x.add_argument("--checkpoint-format", default=None, choices=("gptq", "gptq_v2"),
                    help="GPTQ layout: gptq (v1, stores zero - 1; the default unless a zero is 0) or gptq_v2")
     x.add_argument("--round-zeros", action="store_true",
                    help="with --format gptq: round fractional zero points (changes the model; the held-out "
                         "perplexity before and after is printed)")
     x.add_argument("--data", default="kjv", help="held-out text for --round-zeros: 'kjv' or a UTF-8 text file")
+    x.add_argument("--byte-tokens", action="store_true", help="--round-zeros: UTF-8 bytes as tokens")
     x.add_argument("--seq-len", type=int, default=2048, help="--round-zeros evaluation window (capped at the model's)")
     x.add_argument("--max-windows", type=int, default=32, help="--round-zeros evaluation windows")
-    x.add_argument("--val-fraction", type=float, default=0.05)
+    x.add_argument("--val-fraction", type=float, default=0.05, help="--round-zeros: tail of --data evaluated")
     x.set_defaults(fn=cmd_export)
 
-    d = sub.add_parser("demo", help="FP vs RTN vs LR-QAT vs QA-LoRA vs EfficientQAT on a small Llama")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--device", default=None)
-    d.add_argument("--cache-dir", default=None)
+    d = sub.add_parser("demo", formatter_class=fmt,
+                       help="FP vs RTN vs LR-QAT vs QA-LoRA vs EfficientQAT on a small Llama")
+    d.add_argument("--out", default="demo_out", help="directory for results.{json,md,png}")
+    d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    d.add_argument("--cache-dir", default=None, help="where the pretrained demo model is cached "
+                   "(default ~/.cache/qatext)")
     d.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     d.set_defaults(fn=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
+    from .train import LossNotFinite
+
     args = build_parser().parse_args(argv)
+    prefix = f"qatext {args.command}:"
     try:
         return args.fn(args)
-    except ValueError as e:
-        print(f"qatext {args.command}: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, LossNotFinite) as e:
+        print(f"{prefix} {e}", file=sys.stderr)
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"{prefix}{where}: {e.strerror or e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train":
+            hint = (f"; checkpoints (every --checkpoint-every steps) are in {Path(args.output_dir) / 'checkpoints'}, "
+                    "and rerunning the same command resumes")
+        print(f"\n{prefix} interrupted{hint}", file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

@@ -42,7 +42,13 @@ def load_text(source: str | Path | None) -> str:
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"data: {source!r} is neither 'kjv' nor a readable text file")
-    return path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data: {source} is not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
+    if not text.strip():
+        raise ValueError(f"data: {source} is empty; give a text file with the training or evaluation text")
+    return text
 
 
 def train_val_split(tokens: torch.Tensor, val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:

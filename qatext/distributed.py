@@ -249,4 +249,6 @@ def load_checkpoint(directory, module: nn.Module, opt) -> dict | None:
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(final))
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(final / "loop.pt", weights_only=False)
+    from .train import load_checkpoint_file
+
+    return load_checkpoint_file(final / "loop.pt")

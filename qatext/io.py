@@ -1,19 +1,17 @@
 """save_quantized / load_quantized: a model with QuantLinear layers as safetensors + a JSON layer config,
-with the tokenizer and generation config beside it. Also the directory plumbing every writer shares:
-atomic publication and the tokenizer files that travel with a model."""
+with the tokenizer and generation config beside it (the companions every writer adds)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from .nn import QuantLinear
+from .outdir import written_dir
 from .quant import QuantSpec
 
 CONFIG_NAME = "qatext_config.json"
@@ -33,27 +31,6 @@ def quant_layers(model: nn.Module):
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir):
-    """Yields a fresh temporary directory beside out_dir; on success it replaces out_dir in one rename
-    (an old directory is moved aside first), on error it is removed and out_dir is untouched."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def has_tokenizer(model_dir) -> bool:
@@ -80,15 +57,17 @@ def _layer_config(layer: QuantLinear) -> dict:
             **{k: getattr(layer, k) for k in LAYER_OPTIONS}}
 
 
-def save_quantized(model: nn.Module, out_dir, tokenizer=None) -> Path:
+def save_quantized(model: nn.Module, out_dir, tokenizer=None, overwrite: bool = False) -> Path:
     """Save a (Hugging Face) model with QuantLinear layers: safetensors + JSON quantization config, the
-    HF config, generation config and, given `tokenizer` (a directory or a tokenizer object), its files."""
+    HF config, generation config and, given `tokenizer` (a directory or a tokenizer object), its files.
+    A non-empty out_dir is refused unless qatext wrote it and overwrite=True (then only qatext's files
+    are replaced; see outdir.py)."""
     from safetensors.torch import save_model
 
     layers = quant_layers(model)
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layers (run quantize_model first)")
-    with atomic_dir(out_dir) as tmp:
+    with written_dir(out_dir, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME))
         config = {"format": "qatext", "version": 1, "layers": {n: _layer_config(m) for n, m in layers}}

@@ -64,10 +64,25 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def _atomic_save(obj, path: Path) -> None:
+class LossNotFinite(RuntimeError):
+    """The loss became NaN or infinite; the step's update was not applied."""
+
+
+def save_checkpoint_file(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint_file(path: Path, map_location=None):
+    """torch.load without unpickling arbitrary objects (tensors, containers and numbers only): a file
+    crafted to run code on load, a truncated or a foreign file is refused with one line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (pickle, zip and torch raise many types; all mean the same here)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path} cannot be loaded safely ({why[:160]}); delete it, or rerun with "
+                         "--restart to start over") from None
 
 
 def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfig, loss_fn=None,
@@ -110,10 +125,16 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
         if (state := dist.load_checkpoint(ckpt_dir, module, opt)) is not None:
             restore(state)
     elif ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
-        state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        state = load_checkpoint_file(ckpt_dir / "last.pt", map_location=device)
+        if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
+            raise ValueError(f"checkpoint {ckpt_dir / 'last.pt'} is not a qatext training checkpoint; delete it, "
+                             "or rerun with --restart to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         restore(state)
+
+    if start and cfg.progress and dist.is_main():
+        tqdm.write(f"{desc}: resuming at step {start} of {cfg.steps} from {ckpt_dir}")
 
     def save(step):
         if ckpt_dir is None:
@@ -122,7 +143,7 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
         if wrapped:
             dist.save_checkpoint(ckpt_dir, module, opt, loop_state(step))
         else:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), **loop_state(step)},
+            save_checkpoint_file({"model": model.state_dict(), "optimizer": opt.state_dict(), **loop_state(step)},
                          ckpt_dir / "last.pt")
 
     module.train()
@@ -143,7 +164,8 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
             # forward and backward); the global loss, so every rank stops together on a NaN.
             value = dist.mean_over_ranks(loss).item()
             if not math.isfinite(value):
-                raise RuntimeError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
+                raise LossNotFinite(f"{desc}: loss became {value} at step {step} (lr {sched.get_last_lr()[0]:.2e}); "
+                                    "lower the learning rate")
             if cfg.clip:
                 local_shards.clip_grad_norm(params, cfg.clip)
             local_shards.adamw_step(opt)

@@ -33,11 +33,12 @@ def test_train_eval_export(tmp_path, tiny_model_dir, method, capsys):
     out = tmp_path / "run"
     args = ["train", "--method", method, "--model", str(tiny_model_dir), "--bits", "4", "--group-size", "32",
             "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--calib-samples", "4", "--output-dir", str(out),
-            "--device", "cpu", "--checkpoint-every", "1"]
+            "--device", "cpu", "--checkpoint-every", "1", "--byte-tokens"]
     assert main(args) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["loss"]) == 3 and (out / "checkpoints" / "last.pt").exists()
-    assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "4", "--device", "cpu"]) == 0
+    assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "4", "--device", "cpu",
+                 "--byte-tokens"]) == 0
     assert '"ppl"' in capsys.readouterr().out
     assert main(["export", "--model", str(out / "model"), "--output", str(tmp_path / "gptq")]) == 0
     assert (tmp_path / "gptq" / "model.safetensors").exists()
@@ -49,10 +50,12 @@ def test_bad_arguments(tmp_path, tiny_model_dir, capsys):
     assert main(["train", "--method", "rtn", "--model", str(tiny_model_dir), "--bits", "9",
                  "--output-dir", str(tmp_path)]) == 2
     assert "bits must be an int in 2..8" in capsys.readouterr().err
-    assert main(["train", "--method", "rtn", "--model", str(tiny_model_dir), "--group-size", "48",
-                 "--output-dir", str(tmp_path)]) == 2
+    assert main(["train", "--method", "rtn", "--model", str(tiny_model_dir), "--group-size", "48", "--byte-tokens",
+                 "--seq-len", "64", "--output-dir", str(tmp_path)]) == 2
     assert "must divide in_features" in capsys.readouterr().err
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.txt")]) == 2
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.txt"), "--byte-tokens",
+                 "--seq-len", "64"]) == 2
+    assert "neither 'kjv' nor a readable text file" in capsys.readouterr().err
 
 
 def test_train_under_torchrun_with_fsdp(tmp_path, tiny_model_dir):
@@ -69,14 +72,15 @@ def test_train_under_torchrun_with_fsdp(tmp_path, tiny_model_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "qatext.cli", "train", "--method", "lrqat", "--model", str(tiny_model_dir), "--bits", "4",
            "--group-size", "32", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
-           "--distributed", "fsdp", "--checkpoint-every", "2", "--output-dir", str(out)]
+           "--distributed", "fsdp", "--checkpoint-every", "2", "--byte-tokens", "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["loss"]) == 3 and log["world_size"] == 2
     assert (out / "checkpoints" / "dcp" / "loop.pt").exists() and (out / "model").is_dir()
-    assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "2", "--device", "cpu"]) == 0
+    assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "2", "--device", "cpu",
+                 "--byte-tokens"]) == 0
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_dir, quant_layers, write_companions
+from ..io import quant_layers, write_companions
+from ..outdir import check_target, written_dir
 from . import gptq, hqq
 from .layers import QuantizedWeight, read_quantized
 
@@ -51,22 +52,24 @@ def round_zeros(model: nn.Module) -> int:
 
 
 def export_model(model: nn.Module, out_dir, format: str = "auto", tokenizer=None,
-                 checkpoint_format: str | None = None) -> dict:
+                 checkpoint_format: str | None = None, overwrite: bool = False) -> dict:
     """Write `model` (QuantLinear layers, any mode) to `out_dir` in `format` ('auto', 'gptq', 'hqq'),
     with its config, generation config and, given `tokenizer` (a directory or tokenizer object), the
     tokenizer files. checkpoint_format (GPTQ only): 'gptq' (v1) or 'gptq_v2'; default v1 unless a zero
-    is 0 (giving it means GPTQ). Returns {"format", "reason", "quantization_config", "path"}."""
+    is 0 (giving it means GPTQ). A non-empty out_dir is refused unless qatext wrote it and overwrite=True
+    (then only qatext's files are replaced). Returns {"format", "reason", "quantization_config", "path"}."""
     if format not in ("auto", *FORMATS):
         raise ValueError(f"export: format must be 'auto' or one of {FORMATS}, got {format!r}")
     if checkpoint_format is not None:
         if format == "hqq":
             raise ValueError("export: checkpoint_format applies to format 'gptq' only")
         format = "gptq"
+    check_target(out_dir, overwrite)
     weights = read_quantized(model, format)
     reason = "requested"
     if format == "auto":
         format, reason = choose_format(weights)
-    with atomic_dir(out_dir) as tmp:
+    with written_dir(out_dir, overwrite) as tmp:
         if format == "gptq":
             quant_config = gptq.write(model, weights, tmp, checkpoint_format or gptq.default_checkpoint_format(weights))
         else:

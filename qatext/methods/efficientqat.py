@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from .. import distributed as dist
 from ..data import random_batch
 from ..models import convert_layers, decoder_layers, quant_layers, quantize_model
 from ..quant import QuantSpec
-from ..train import TrainConfig, train
+from ..train import TrainConfig, save_checkpoint_file, load_checkpoint_file, train
 from .common import freeze, layer_params
 
 
@@ -58,8 +59,12 @@ def _run_block(block, h, kwargs):
 
 def block_ap(model, spec: QuantSpec, tokens, n_samples: int = 128, seq_len: int = 2048, batch_size: int = 2,
              epochs: int = 2, quant_lr: float = 1e-4, weight_lr: float | None = None, init: str = "minmax",
-             target_modules=None, seed: int = 0, progress: bool = True):
-    """Quantize `model` block by block; returns it with every block merged to frozen integer codes."""
+             target_modules=None, seed: int = 0, progress: bool = True, checkpoint_dir=None):
+    """Quantize `model` block by block; returns it with every block merged to frozen integer codes.
+
+    With checkpoint_dir, each finished block is saved (with the two streams of calibration activations
+    that the next block starts from, n_samples x seq_len x hidden x 2 tensors) to block_ap.pt, and a
+    rerun resumes after the last finished block with the same result."""
     weight_lr = weight_lr if weight_lr is not None else (2e-5 if spec.bits == 2 else 1e-5)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +78,17 @@ def block_ap(model, spec: QuantSpec, tokens, n_samples: int = 128, seq_len: int 
     q_in = [h.clone() for h in fp_in]
     freeze(model)
     steps = epochs * n_batches
-    for i, block in enumerate(tqdm(blocks, desc=f"Block-AP W{spec.bits}", disable=not (progress and dist.is_main()))):
+    ckpt = Path(checkpoint_dir) / "block_ap.pt" if checkpoint_dir else None
+    done = 0
+    if ckpt is not None and ckpt.exists():
+        state = load_checkpoint_file(ckpt, map_location=device)
+        done, fp_in, q_in = state["done"], state["fp_in"], state["q_in"]
+        for block, block_state in zip(blocks, state["blocks"]):
+            quantize_model(_BlockHolder(block), spec, method="packed", init=init, target_modules=target_modules)
+            block.load_state_dict(block_state)
+    for i in tqdm(range(done, len(blocks)), desc=f"Block-AP W{spec.bits}", initial=done, total=len(blocks),
+                  disable=not (progress and dist.is_main())):
+        block = blocks[i]
         fp_block = copy.deepcopy(block)
         with torch.no_grad():
             fp_out = [_run_block(fp_block, h, kwargs) for h in fp_in]
@@ -100,6 +115,10 @@ def block_ap(model, spec: QuantSpec, tokens, n_samples: int = 128, seq_len: int 
             q_in = [_run_block(block, h, kwargs) for h in q_in]
         fp_in = fp_out
         del fp_block
+        if ckpt is not None and dist.is_main():
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint_file({"done": i + 1, "fp_in": fp_in, "q_in": q_in,
+                          "blocks": [b.state_dict() for b in blocks[:i + 1]]}, ckpt)
     return model
 
 
@@ -124,5 +143,6 @@ def e2e_qp(model, tokens, cfg: TrainConfig, lr: float = 2e-5):
 
 def efficientqat(model, spec: QuantSpec, tokens, cfg: TrainConfig, e2e_lr: float = 2e-5, block_ap_kwargs=None):
     """Block-AP followed by E2E-QP."""
-    block_ap(model, spec, tokens, **{"seq_len": cfg.seq_len, "progress": cfg.progress, **(block_ap_kwargs or {})})
+    block_ap(model, spec, tokens, **{"seq_len": cfg.seq_len, "progress": cfg.progress,
+                                     "checkpoint_dir": cfg.checkpoint_dir, **(block_ap_kwargs or {})})
     return e2e_qp(model, tokens, cfg, lr=e2e_lr)
