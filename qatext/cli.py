@@ -306,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import logging
+
     from .train import LossNotFinite
 
+    # torchao (imported by transformers where installed) registers enums that torch >= 2.14 logs a
+    # deprecation line for, at every start; it is not the user's concern.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     prefix = f"qatext {args.command}:"
     try:

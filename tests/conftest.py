@@ -44,3 +44,39 @@ def random_qparams(n, k, bits, group_size, symmetric, device, dtype=torch.float3
     else:
         zero = torch.randint(0, 1 << bits, shape, device=device).float() + torch.rand(shape, device=device) * 0.1
     return scale.to(dtype), zero.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random-init Llama without tokenizer files (trained with --byte-tokens)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory):
+    """A tiny Llama with a real byte-level BPE tokenizer trained offline on the bundled corpus."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from qatext import data
+
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([data.load_kjv()[:200_000]], trainer)
+    path = tmp_path_factory.mktemp("bpe")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.generation_config.max_new_tokens = 17  # something of the user's that must travel
+    model.save_pretrained(path)
+    return path

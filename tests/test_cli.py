@@ -9,15 +9,6 @@ from qatext.cli import main
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tiny")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
-
-
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
                  "--device", "cpu"]) == 0
@@ -81,30 +72,6 @@ def test_train_under_torchrun_with_fsdp(tmp_path, tiny_model_dir):
     assert (out / "checkpoints" / "dcp" / "loop.pt").exists() and (out / "model").is_dir()
     assert main(["eval", "--model", str(out / "model"), "--seq-len", "32", "--max-windows", "2", "--device", "cpu",
                  "--byte-tokens"]) == 0
-
-
-@pytest.fixture(scope="module")
-def bpe_model_dir(tmp_path_factory):
-    """A tiny Llama with a real byte-level BPE tokenizer trained offline on the bundled corpus."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-
-    from qatext import data
-
-    tok = Tokenizer(BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([data.load_kjv()[:200_000]], trainer)
-    path = tmp_path_factory.mktemp("bpe")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
-    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.generation_config.max_new_tokens = 17  # something of the user's that must travel
-    model.save_pretrained(path)
-    return path
 
 
 def _train(tmp_path, model_dir, method, *extra):

@@ -1,0 +1,287 @@
+"""The command line's edges, run as a user runs it (a subprocess per command): nothing of the user's
+is lost, resume never mixes runs, eval never silently uses another tokenizer, and every common
+mistake ends in one line and exit code 2."""
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+TRAIN = ["--bits", "4", "--group-size", "32", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+         "--calib-samples", "4", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+def qatext(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "qatext", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def last_line(stderr: str) -> str:
+    """The one message qatext ends with (progress bars may stand before it; no traceback may)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("qatext ") and ": warning:" not in line]
+    assert len(ours) == 1 and lines[-1] == ours[0], stderr[-3000:]
+    return ours[0]
+
+
+def one_line_error(proc, *fragments):
+    """Exit code 2 and one `qatext <command>: ...` line, the last, holding every fragment."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its content hash (what must not change)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, bpe_model_dir):
+    """One finished lrqat run with a real tokenizer: OUTPUT/{checkpoints, model, train_log.json}."""
+    out = tmp_path_factory.mktemp("run") / "lrqat"
+    proc = qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", out, *TRAIN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fresh run" in proc.stdout and "BPE" not in proc.stderr
+    return out
+
+
+# ---------------------------------------------------------------- nothing of the user's is lost
+
+
+def test_export_refuses_a_users_directory_and_a_file(tmp_path, trained_run):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "sub").mkdir()
+    (mine / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = snapshot(mine)
+    one_line_error(qatext("export", "--model", trained_run / "model", "--output", mine), "not written by qatext")
+    one_line_error(qatext("export", "--model", trained_run / "model", "--output", mine, "--overwrite"),
+                   "not written by qatext")
+    assert snapshot(mine) == before
+    a_file = tmp_path / "export.txt"
+    a_file.write_text("mine")
+    one_line_error(qatext("export", "--model", trained_run / "model", "--output", a_file), "is a file")
+    assert a_file.read_text() == "mine" and not list(tmp_path.glob(".export.txt*"))
+
+
+def test_export_overwrite_replaces_only_qatexts_files(tmp_path, trained_run):
+    out = tmp_path / "export"
+    assert qatext("export", "--model", trained_run / "model", "--output", out).returncode == 0
+    (out / "README.md").write_text("my model card")
+    one_line_error(qatext("export", "--model", trained_run / "model", "--output", out), "--overwrite")
+    proc = qatext("export", "--model", trained_run / "model", "--output", out, "--overwrite", "--format", "hqq")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "README.md").read_text() == "my model card"
+    assert (out / "qmodel.pt").exists() and not (out / "model.safetensors").exists()  # the GPTQ files went
+
+
+def test_train_rerun_keeps_the_users_files_in_model_dir(tmp_path, bpe_model_dir):
+    out = tmp_path / "run"
+    assert qatext("train", "--method", "rtn", "--model", bpe_model_dir, "--output-dir", out, *TRAIN).returncode == 0
+    (out / "model" / "notes.txt").write_text("mine")
+    proc = qatext("train", "--method", "rtn", "--model", bpe_model_dir, "--output-dir", out, *TRAIN)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model" / "notes.txt").read_text() == "mine"
+
+
+def test_train_refuses_a_foreign_output_dir_and_a_file(tmp_path, bpe_model_dir):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    one_line_error(qatext("train", "--method", "rtn", "--model", bpe_model_dir, "--output-dir", mine, *TRAIN),
+                   "not a qatext run directory")
+    assert snapshot(mine) == {"thesis.tex": hashlib.sha256(b"x").hexdigest()}
+    (tmp_path / "f").write_text("y")
+    one_line_error(qatext("train", "--method", "rtn", "--model", bpe_model_dir, "--output-dir", tmp_path / "f",
+                          *TRAIN), "is a file")
+
+
+# ---------------------------------------------------------------- resume is safe
+
+
+@pytest.mark.parametrize("change,expected", [(["--bits", "3"], "spec.bits 4 -> 3"),
+                                             (["--group-size", "64"], "spec.group_size 32 -> 64"),
+                                             (["--lr", "5e-3"], "lr None -> 0.005")])
+def test_resume_with_other_settings_is_refused(trained_run, bpe_model_dir, change, expected):
+    before = snapshot(trained_run)
+    args = dict(zip(TRAIN[::2], TRAIN[1::2]))
+    args.update(dict(zip(change[::2], change[1::2])))
+    flat = [x for kv in args.items() for x in kv]
+    one_line_error(qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", trained_run, *flat),
+                   expected, "--restart")
+    assert snapshot(trained_run) == before
+
+
+def test_resume_with_another_method_is_refused_and_restart_starts_over(tmp_path, bpe_model_dir):
+    out = tmp_path / "run"
+    assert qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", out, *TRAIN).returncode == 0
+    one_line_error(qatext("train", "--method", "qalora", "--model", bpe_model_dir, "--output-dir", out, *TRAIN),
+                   "method lrqat -> qalora")
+    proc = qatext("train", "--method", "qalora", "--model", bpe_model_dir, "--output-dir", out, *TRAIN, "--restart")
+    assert proc.returncode == 0 and "fresh run" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads((out / "train_log.json").read_text())["method"] == "qalora"
+    assert json.loads((out / "model" / "qatext_config.json").read_text())["layers"]
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", os.urandom(4096)], ids=["empty", "truncated", "random"])
+def test_corrupt_checkpoint_is_one_line(trained_run, bpe_model_dir, tmp_path, content):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "checkpoints" / "last.pt").write_bytes(content)
+    one_line_error(qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", run, *TRAIN),
+                   "last.pt cannot be loaded safely", "--restart")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {_RunsCode.marker}",))
+
+
+def test_checkpoint_crafted_to_run_code_is_refused(trained_run, bpe_model_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    _RunsCode.marker = tmp_path / "pwned"
+    torch.save({"model": _RunsCode(), "optimizer": {}, "step": 1}, run / "checkpoints" / "last.pt",
+               pickle_protocol=2)
+    one_line_error(qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", run, *TRAIN),
+                   "cannot be loaded safely")
+    assert not _RunsCode.marker.exists()
+
+
+def test_block_ap_resumes_after_its_last_finished_block(tmp_path, monkeypatch):
+    """Interrupted after block 1 of 2, a rerun finishes block 2 only and ends with the same model."""
+    from test_recipes import tiny_llama
+
+    from qatext import QuantSpec, data
+
+    eq = sys.modules["qatext.methods.efficientqat"]  # the package exports a function of the same name
+
+    tokens = data.ByteTokenizer().encode(data.load_kjv()[:50_000])
+    kwargs = dict(n_samples=4, seq_len=32, batch_size=2, epochs=1, progress=False)
+    reference = eq.block_ap(tiny_llama(), QuantSpec(3, 32), tokens, **kwargs)
+
+    calls = []
+    real = eq.convert_layers
+
+    def interrupt_second_block(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(eq, "convert_layers", interrupt_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        eq.block_ap(tiny_llama(), QuantSpec(3, 32), tokens, checkpoint_dir=tmp_path, **kwargs)
+    assert torch.load(tmp_path / "block_ap.pt", weights_only=True)["done"] == 1
+    calls.clear()
+    monkeypatch.setattr(eq, "convert_layers", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    resumed = eq.block_ap(tiny_llama(), QuantSpec(3, 32), tokens, checkpoint_dir=tmp_path, **kwargs)
+    assert len(calls) == 1  # only the second block was trained again
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- tokenizer and lengths
+
+
+def test_eval_needs_the_models_tokenizer(tmp_path, tiny_model_dir, trained_run):
+    one_line_error(qatext("eval", "--model", tiny_model_dir, "--seq-len", "32"), "no tokenizer files", "--byte-tokens")
+    proc = qatext("eval", "--model", trained_run / "model", "--seq-len", "32", "--max-windows", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["vocab_size"] == 384 and str(trained_run / "model") in result["tokenizer"]
+    one_line_error(qatext("eval", "--model", trained_run / "model", "--seq-len", "4096"),
+                   "exceeds the model's 128 positions")
+
+
+# ---------------------------------------------------------------- one clear line
+
+
+def test_common_mistakes_are_one_line(tmp_path, bpe_model_dir, trained_run):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (["train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", tmp_path / "a", "--lr", "-1"],
+         "--lr must be a positive number"),
+        (["train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", tmp_path / "a", "--steps", "0"],
+         "--steps must be >= 1"),
+        (["train", "--method", "lrqat", "--model", trained_run / "model", "--output-dir", tmp_path / "b"],
+         "already quantized"),
+        (["eval", "--model", trained_run], f"its trained model is {trained_run / 'model'}"),
+        (["eval", "--model", tmp_path / "nowhere"], "is not a directory"),
+        (["eval", "--model", trained_run / "model", "--data", empty, "--seq-len", "32"], "is empty"),
+        (["eval", "--model", trained_run / "model", "--max-windows", "0"], "--max-windows must be >= 1"),
+        (["export", "--model", bpe_model_dir, "--output", tmp_path / "x"], "no QuantLinear layers"),
+    ]
+    for args, fragment in cases:
+        one_line_error(qatext(*args), fragment)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "x").exists()
+
+
+def test_nan_loss_is_one_line_with_step_and_lr(tmp_path, bpe_model_dir):
+    line = one_line_error(qatext("train", "--method", "full_qat", "--model", bpe_model_dir, "--output-dir",
+                                 tmp_path / "run", *TRAIN, "--lr", "1e30"), "loss became", "at step", "(lr ")
+    assert "lower the learning rate" in line
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoints(tmp_path, bpe_model_dir):
+    args = ["train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", tmp_path / "run",
+            "--bits", "4", "--group-size", "32", "--steps", "100000", "--batch-size", "2", "--seq-len", "32",
+            "--checkpoint-every", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qatext", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert "fresh run" in proc.stdout.readline()
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    line = last_line(err)
+    assert "interrupted" in line and str(tmp_path / "run" / "checkpoints") in line and "resumes" in line
+
+
+def test_help_documents_every_option_with_its_default():
+    import argparse
+
+    from qatext.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, parser in commands.items():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"qatext {name} {action.option_strings}: no help text"
+            if action.default not in (None, False):
+                assert f"(default: {action.default})" in text, f"qatext {name} {action.option_strings}: no default"
+    proc = qatext("train", "--help")
+    assert proc.returncode == 0 and "weight bits, 2..8 (default: 4)" in " ".join(proc.stdout.split())
+
+
+def test_ignored_option_warns(tmp_path, bpe_model_dir):
+    proc = qatext("train", "--method", "full_qat", "--model", bpe_model_dir, "--output-dir", tmp_path / "r", *TRAIN,
+                  "--rank", "8")
+    assert proc.returncode == 0 and "warning: --rank is ignored by --method full_qat" in proc.stderr
