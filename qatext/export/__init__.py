@@ -35,9 +35,6 @@ def choose_format(weights: list[QuantizedWeight]) -> tuple[str, str]:
         gptq.check(weights, gptq.default_checkpoint_format(weights))
     except ValueError as e:
         return "hqq", f"GPTQ would not be exact here: {str(e).removeprefix('export (gptq): ')}"
-    if gptq.scales_lose_precision(weights):
-        return "hqq", (f"some scales lie below {gptq.FP16_MIN_NORMAL:.1e}, where GPTQ's fp16 scales lose precision; "
-                       "HQQ keeps them in fp32")
     return "gptq", "every zero point is an integer, so GPTQ holds the model exactly"
 
 

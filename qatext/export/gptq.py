@@ -16,7 +16,7 @@ import torch
 from .layers import QuantizedWeight, dense_tensors
 
 BITS = (2, 3, 4, 8)
-FP16_MAX, FP16_TINY, FP16_MIN_NORMAL = 65504.0, 2.0**-24, 2.0**-14  # GPTQ's scales are fp16
+FP16_MAX = 65504.0  # GPTQ's scales are fp16
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # the offset subtracted from each zero before packing
 
 
@@ -67,9 +67,9 @@ def check(weights: list[QuantizedWeight], checkpoint_format: str) -> None:
         if (w.in_features * w.bits) % 32 or (w.out_features * w.bits) % 32:
             raise ValueError(f"export (gptq): {w.name} is {w.out_features}x{w.in_features}; GPTQ's int32 packing "
                              f"needs both dimensions times {w.bits} bits to be multiples of 32")
-        if bool((w.scale > FP16_MAX).any()) or bool((w.scale < FP16_TINY).any()):
-            raise ValueError(f"export (gptq): {w.name} has scales outside fp16's range [{FP16_TINY:.1e}, {FP16_MAX}], "
-                             "which GPTQ stores them in; use format 'hqq' (fp32 scales)")
+        if bool((w.scale > FP16_MAX).any()):
+            raise ValueError(f"export (gptq): {w.name} has scales above {FP16_MAX:.0f}, beyond the fp16 GPTQ stores "
+                             "them in; use format 'hqq' (fp32 scales)")
         fractional = w.fractional_groups()
         if fractional:
             raise ValueError(f"export (gptq): {w.name} has {fractional} of {w.zero.numel()} groups with a fractional "
@@ -81,11 +81,6 @@ def check(weights: list[QuantizedWeight], checkpoint_format: str) -> None:
             raise ValueError(f"export (gptq): {w.name} has zero points outside [{low}, {low + (1 << w.bits) - 1}], "
                              f"which checkpoint_format {checkpoint_format!r} cannot store"
                              + ("; use 'gptq_v2'" if checkpoint_format == "gptq" else "; use format 'hqq'"))
-
-
-def scales_lose_precision(weights: list[QuantizedWeight]) -> bool:
-    """Whether some scale is fp16-subnormal, where fp16 keeps fewer than its 11 significant bits."""
-    return any(bool((w.scale < FP16_MIN_NORMAL).any()) for w in weights)
 
 
 def layer_tensors(w: QuantizedWeight, checkpoint_format: str) -> dict[str, torch.Tensor]:
