@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from . import _C, nn, ops, quant, reference  # noqa: F401  (_C registers torch.ops.qatext)
+from . import _C, nn, ops, quant  # noqa: F401  (_C registers torch.ops.qatext)
 from .export import export_model
 from .io import load_quantized, save_quantized
 from .models import merge_model, quantize_model

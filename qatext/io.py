@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 from torch import nn
 
 from .nn import QuantLinear
+from .nn.quant_linear import LayerOptions
 from .outdir import written_dir
 from .quant import QuantSpec
 
 CONFIG_NAME = "qatext_config.json"
 WEIGHTS_NAME = "model.safetensors"
-LAYER_OPTIONS = ("rank", "alpha", "frac_bits", "act_bits", "checkpointing")
+LAYER_OPTIONS = tuple(f.name for f in fields(LayerOptions))
 # What a Hugging Face tokenizer (slow or fast, BPE or SentencePiece) and its chat template are saved as.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",

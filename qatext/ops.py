@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _C  # noqa: F401  (registers torch.ops.qatext)
-from .reference import packed_row_bytes
+from .quant.primitives import packed_row_bytes
 
 _ops = torch.ops.qatext
 

@@ -7,6 +7,11 @@ paper defaults. `default_config(name, **overrides)` gives the optimiser settings
 from __future__ import annotations
 
 from ..train import TrainConfig
+from . import efficientqat as _efficientqat
+from . import full_qat as _full_qat
+from . import lrqat as _lrqat
+from . import ptq as _ptq
+from . import qalora as _qalora
 from .efficientqat import block_ap, e2e_qp, efficientqat
 from .full_qat import full_qat
 from .lrqat import lrqat
@@ -14,23 +19,14 @@ from .ptq import rtn
 from .qalora import qalora
 
 METHODS = ("rtn", "full_qat", "lrqat", "qalora", "efficientqat")
-
-_DEFAULTS = {
-    "rtn": {},
-    "full_qat": dict(schedule="cosine", clip=1.0),
-    "lrqat": dict(schedule="linear", betas=(0.9, 0.95), weight_decay=0.0, clip=1.0),
-    "qalora": dict(schedule="constant", betas=(0.9, 0.999), clip=0.3),
-    "efficientqat": dict(schedule="cosine", clip=1.0),
-}
+_MODULES = {"rtn": _ptq, "full_qat": _full_qat, "lrqat": _lrqat, "qalora": _qalora, "efficientqat": _efficientqat}
 
 
 def default_config(name: str, **overrides) -> TrainConfig:
+    """The TrainConfig of method `name` with its paper's optimiser settings (its TRAIN_DEFAULTS)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
-    cfg = {**_DEFAULTS[name], **overrides}
-    if name == "lrqat" and "warmup_steps" not in overrides:
-        cfg["warmup_steps"] = max(1, cfg.get("steps", 100) // 10)
-    return TrainConfig(**cfg)
+    return TrainConfig(**_MODULES[name].TRAIN_DEFAULTS.config(**overrides))
 
 
 def run(name: str, model, spec, tokens, cfg: TrainConfig, **kwargs):

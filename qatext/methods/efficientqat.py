@@ -23,7 +23,9 @@ from ..data import random_batch
 from ..models import convert_layers, decoder_layers, quant_layers, quantize_model
 from ..quant import QuantSpec
 from ..train import TrainConfig, save_checkpoint_file, load_checkpoint_file, train
-from .common import freeze, layer_params
+from .common import TrainDefaults, freeze, layer_params
+
+TRAIN_DEFAULTS = TrainDefaults(schedule="cosine", clip=1.0)
 
 
 class _StopForward(Exception):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from ..models import quantize_model
 from ..quant import QuantSpec
 from ..train import TrainConfig, train
-from .common import layer_params
+from .common import TrainDefaults, layer_params
+
+TRAIN_DEFAULTS = TrainDefaults(schedule="cosine", clip=1.0)
 
 
 def full_qat(model, spec: QuantSpec, tokens, cfg: TrainConfig, lr: float = 1e-5, quant_lr: float = 1e-4,

@@ -11,7 +11,10 @@ from __future__ import annotations
 from ..models import quantize_model
 from ..quant import QuantSpec
 from ..train import TrainConfig, train
-from .common import freeze, layer_params
+from .common import TrainDefaults, freeze, layer_params
+
+TRAIN_DEFAULTS = TrainDefaults(schedule="linear", betas=(0.9, 0.95), weight_decay=0.0, clip=1.0,
+                               warmup_fraction=0.1)
 
 
 def lrqat(model, spec: QuantSpec, tokens, cfg: TrainConfig, rank: int = 32, alpha: float | None = None,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from ..models import quantize_model
 from ..quant import QuantSpec
+from .common import TrainDefaults
+
+TRAIN_DEFAULTS = TrainDefaults(schedule="linear")  # nothing trains
 
 
 def rtn(model, spec: QuantSpec, init: str = "minmax", target_modules=None):

@@ -10,7 +10,9 @@ from __future__ import annotations
 from ..models import convert_layers, quantize_model
 from ..quant import QuantSpec
 from ..train import TrainConfig, train
-from .common import freeze, layer_params
+from .common import TrainDefaults, freeze, layer_params
+
+TRAIN_DEFAULTS = TrainDefaults(schedule="constant", betas=(0.9, 0.999), clip=0.3)
 
 
 def qalora(model, spec: QuantSpec, tokens, cfg: TrainConfig, rank: int = 64, alpha: float = 16.0, lr: float = 2e-4,
@@ -21,7 +23,3 @@ def qalora(model, spec: QuantSpec, tokens, cfg: TrainConfig, rank: int = 64, alp
     groups = [{"params": layer_params(model, ("lora_a", "lora_b")), "lr": lr}]
     history = train(model, groups, tokens, cfg, desc=f"QA-LoRA W{spec.bits}")
     return model, history
-
-
-def default_config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"schedule": "constant", "clip": 0.3, "betas": (0.9, 0.999), **overrides})

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import _grouped as _grouped_by_size
+from .primitives import grouped, quantize_codes, range_qparams
 from .spec import QuantSpec
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """[N, K] as float [N, K / g, g], after checking that the group divides K."""
-    return _grouped_by_size(w.float(), spec.resolved_group_size(w.shape[1]))
+    return grouped(w.float(), spec.resolved_group_size(w.shape[1]))
 
 
-def _range_qparams(lo, hi, spec: QuantSpec, eps: float = 1e-8):
-    """Scale and (integer) zero mapping [lo, hi] (per group) onto the codes."""
-    if spec.symmetric:
-        absmax = torch.maximum(lo.abs(), hi.abs())
-        scale = torch.clamp(absmax / ((1 << (spec.bits - 1)) - 1), min=eps)
-        return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = torch.clamp((hi - lo) / spec.qmax, min=eps)
-    return scale, torch.clamp(torch.round(-lo / scale), 0, spec.qmax)
+def _range_qparams(lo, hi, spec: QuantSpec):
+    return range_qparams(lo, hi, spec.bits, spec.symmetric)
 
 
 def minmax_qparams(w: torch.Tensor, bits: int | QuantSpec, group_size: int = -1, symmetric: bool = False):
@@ -44,7 +37,7 @@ def lp_search_qparams(w: torch.Tensor, spec: QuantSpec, p: float = 2.0, grid: in
     best_s, best_z = _range_qparams(lo, hi, spec)
     for alpha in torch.linspace(1.0, min_shrink, grid).tolist():
         s, z = _range_qparams(lo * alpha, hi * alpha, spec)
-        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, spec.qmax)
+        q = quantize_codes(wg, s, z, spec.bits)
         err = ((q - z[..., None]) * s[..., None] - wg).abs().pow(p).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -66,5 +59,4 @@ def init_qparams(w: torch.Tensor, spec: QuantSpec, method: str = "minmax"):
 def rtn_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """uint8 codes clamp(round(w / s) + z, 0, 2^b - 1) for integer-valued zeros."""
     wg = _grouped(w, spec)
-    q = torch.clamp(torch.round(wg / scale.float()[..., None]) + zero.float()[..., None], 0, spec.qmax)
-    return q.reshape(w.shape).to(torch.uint8)
+    return quantize_codes(wg, scale.float(), zero.float(), spec.bits).reshape(w.shape).to(torch.uint8)

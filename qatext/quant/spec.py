@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .primitives import qmax
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -21,7 +23,7 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
-        return (1 << self.bits) - 1
+        return qmax(self.bits)
 
     def groups(self, in_features: int) -> int:
         return in_features // self.resolved_group_size(in_features)

@@ -1,0 +1,210 @@
+"""One QuantLinear class per mode: what it stores, how it computes, how it merges into `packed`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..quant import rtn_codes
+from ..quant.primitives import grouped, qmax, ste_round, symmetric_zero
+from .quant_linear import QuantLinear, positive
+
+
+def _f32(device):
+    return dict(device=device, dtype=torch.float32)
+
+
+class FakeQuantLinear(QuantLinear, mode="fake"):
+    """Full QAT and Block-AP: float weight, scale and zero all trained through fq(W)."""
+
+    def _build(self, device, dtype):
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, device=device, dtype=dtype))
+        self.scale = nn.Parameter(torch.ones(self.qshape, **_f32(device)))
+        zero = torch.full(self.qshape, symmetric_zero(self.spec.bits), **_f32(device))
+        if self.spec.symmetric:
+            self.register_buffer("zero", zero)
+        else:
+            self.zero = nn.Parameter(zero)
+
+    def _init_from(self, w, scale, zero):
+        self.weight.copy_(w)
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
+
+    def _zero_for_forward(self) -> torch.Tensor:
+        # Trained zeros stay integer in the forward (straight-through), so merging is exact.
+        return ste_round(self.zero) if isinstance(self.zero, nn.Parameter) else self.zero
+
+    def quantized_weight(self):
+        return ops.fake_quant(self.weight, positive(self.scale), self._zero_for_forward(), self.spec.bits,
+                              self.group_size)
+
+    def _forward(self, x):
+        x = self._input(x)
+        return F.linear(x, self.quantized_weight().to(x.dtype), self._bias_for(x))
+
+    def _merged(self):
+        scale, zero = positive(self.scale.detach().float()), torch.round(self.zero.detach().float())
+        return ops.pack(rtn_codes(self.weight.detach(), scale, zero, self.spec), self.spec.bits), scale, zero
+
+
+class LRQATLinear(QuantLinear, mode="lrqat"):
+    """LR-QAT: frozen P = phi(W0 / s0) (packed codes or uint8 fixed point), trained A, B and scale."""
+
+    OPTIONS = ("rank", "alpha", "frac_bits", "act_bits", "checkpointing")
+
+    def _build(self, device, dtype):
+        if self.rank <= 0:
+            raise ValueError(f"QuantLinear: mode 'lrqat' needs rank > 0, got {self.rank}")
+        p_shape = self.packed_shape if self.frac_bits == 0 else (self.out_features, self.in_features)
+        self.register_buffer("p", torch.zeros(p_shape, device=device, dtype=torch.uint8))
+        self.lora_a = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(self.rank, self.in_features, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
+        self.scale = nn.Parameter(torch.ones(self.qshape, **_f32(device)))
+        self.register_buffer("zero", torch.zeros(self.qshape, **_f32(device)))
+
+    def _init_from(self, w, scale, zero):
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
+        if self.frac_bits == 0:
+            self.p.copy_(ops.pack(rtn_codes(w, scale, zero, self.spec), self.spec.bits))
+        else:  # phi(W0 / s0) in code space as fixed point with frac_bits fractional bits
+            x = grouped(w.float(), self.group_size) / scale[..., None] + zero[..., None]
+            fixed = torch.round(torch.clamp(x, 0, self.spec.qmax) * (1 << self.frac_bits))
+            self.p.copy_(fixed.reshape(w.shape).to(torch.uint8))
+
+    def _p_values(self) -> torch.Tensor:
+        """P in code space as float: the unpacked codes, or the fixed point divided out."""
+        if self.frac_bits == 0:
+            return ops.unpack(self.p, self.spec.bits, self.in_features).float()
+        return self.p.float() / (1 << self.frac_bits)
+
+    def quantized_weight(self):
+        return ops.lrqat_weight(self.p, self.lora_a, self.lora_b, positive(self.scale), self.zero, self.lora_scale,
+                                self.spec.bits, self.group_size, self.frac_bits)
+
+    def _forward(self, x):
+        x = self._input(x)
+        # fp32 adapters (e.g. FSDP's fp32 masters) enter in the 16-bit activation dtype, as one
+        # process's bf16 model has them, so the tensor-core kernels apply; gradients flow back in fp32.
+        half = x.dtype in (torch.bfloat16, torch.float16)
+        a, b = (self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)) if half else (self.lora_a, self.lora_b)
+        return ops.lrqat_linear(x, self.p, a, b, positive(self.scale), self.zero, self.lora_scale, self.spec.bits,
+                                self.group_size, self.frac_bits, self.bias)
+
+    def _merged(self):
+        u = self._p_values() + self.lora_scale * (self.lora_a.float() @ self.lora_b.float())
+        codes = torch.clamp(torch.round(u), 0, qmax(self.spec.bits)).to(torch.uint8)
+        return ops.pack(codes, self.spec.bits), positive(self.scale.detach().float()), self.zero.detach().float()
+
+
+class _FrozenCodes(QuantLinear):
+    """Modes over frozen packed codes: e2eqp (trained scale), qalora (adapter), packed (inference)."""
+
+    TRAINED_SCALE = False
+
+    def _build(self, device, dtype):
+        self.register_buffer("packed", torch.zeros(self.packed_shape, device=device, dtype=torch.uint8))
+        self.register_buffer("zero", torch.zeros(self.qshape, **_f32(device)))
+        scale = torch.ones(self.qshape, **_f32(device))
+        if self.TRAINED_SCALE:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+
+    def _init_from(self, w, scale, zero):
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
+        self.packed.copy_(ops.pack(rtn_codes(w, scale, zero, self.spec), self.spec.bits))
+
+    def quantized_weight(self):
+        return ops.dequant(self.packed, self.scale, self.zero, self.spec.bits, self.group_size, self.in_features)
+
+    def _matmul(self, x):
+        """x @ deq(q)^T + b for an input already through _input."""
+        return ops.dequant_matmul(x, self.packed, positive(self.scale), self.zero, self.spec.bits, self.group_size,
+                                  self._bias_for(x))
+
+    def _forward(self, x):
+        return self._matmul(self._input(x))
+
+    def _merged(self):
+        return self.packed, positive(self.scale.detach().float()), self.zero.detach().float()
+
+
+class E2EQPLinear(_FrozenCodes, mode="e2eqp"):
+    """EfficientQAT's E2E-QP: frozen codes and zeros, trained step sizes."""
+
+    TRAINED_SCALE = True
+
+
+class QALoRALinear(_FrozenCodes, mode="qalora"):
+    """QA-LoRA: frozen group-wise codes, an adapter on the group-pooled input, merged into the zeros."""
+
+    OPTIONS = ("rank", "alpha", "act_bits", "checkpointing")
+
+    def _build(self, device, dtype):
+        if self.rank <= 0:
+            raise ValueError(f"QuantLinear: mode 'qalora' needs rank > 0, got {self.rank}")
+        super()._build(device, dtype)
+        # A sees the group-pooled input [.., K / g]; B [N, r] starts at zero.
+        self.lora_a = nn.Parameter(torch.empty(self.rank, self.qshape[1], device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device, dtype=dtype))
+
+    def quantized_weight(self):
+        w = super().quantized_weight()
+        delta = ops.qalora_delta(self.lora_a, self.lora_b, self.lora_scale, self.group_size)
+        return w + delta[:, :, None].expand(-1, -1, self.group_size).reshape(w.shape)
+
+    def _forward(self, x):
+        x = self._input(x)
+        y = self._matmul(x)
+        # pool_g(x) A^T = x (A / g, each column repeated g times)^T: the pooling folds into the
+        # adapter's first GEMM (no pooled copy of x, fp32 accumulation over all of K).
+        a_pooled = (self.lora_a.to(x.dtype) / self.group_size).repeat_interleave(self.group_size, dim=1)
+        return y + self.lora_scale * F.linear(F.linear(x, a_pooled), self.lora_b.to(x.dtype))
+
+    def _merged(self):
+        packed, scale, zero = super()._merged()
+        return packed, scale, ops.qalora_merged_zero(zero, scale, self.lora_a, self.lora_b, self.lora_scale,
+                                                     self.group_size)
+
+
+class PackedLinear(_FrozenCodes, mode="packed"):
+    """Inference: frozen codes, scales and zeros; no-grad forwards may run from a tiled decode copy."""
+
+    def _forward(self, x):
+        x = self._input(x)
+        if getattr(self, "tiled", None) is not None and not torch.is_grad_enabled():
+            return ops.dequant_matmul_tiled(x, self._current_tiled(), positive(self.scale), self.zero,
+                                            self.spec.bits, self.group_size, self._bias_for(x))
+        return self._matmul(x)
+
+    @torch.no_grad()
+    def tile_for_decode(self) -> PackedLinear:
+        """Also hold the codes in the decode GEMM's tiled layout (bits 2, 3 or 4; out_features % 16 == 0,
+        in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. The layer then
+        serves forward passes without gradients (inference, generation) from it; with gradients it
+        keeps the packed path. Re-tiled by itself if `packed` changes (load_state_dict, .to())."""
+        self.register_buffer("tiled", ops.tile_packed(self.packed, self.spec.bits, self.in_features), persistent=False)
+        self._tiled_from = self._packed_stamp()
+        return self
+
+    def _packed_stamp(self) -> tuple:
+        try:
+            version = self.packed._version
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            version = -1
+        return self.packed.data_ptr(), version
+
+    @torch.no_grad()
+    def _current_tiled(self) -> torch.Tensor:
+        if getattr(self, "_tiled_from", None) != self._packed_stamp():
+            self.tile_for_decode()
+        return self.tiled
