@@ -35,14 +35,14 @@ def main():
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--min-slice", type=int, default=None, help="qatext._C.set_decode_gemm_min_slice for the run")
-    parser.add_argument("--row-tiles", type=int, default=None, help="qatext._C.set_decode_gemm_row_tiles for the run")
+    parser.add_argument("--min-slice", type=int, default=None, help="knob decode_gemm_min_slice for the run")
+    parser.add_argument("--row-tiles", type=int, default=None, help="knob decode_gemm_row_tiles for the run")
     args = parser.parse_args()
     qatext.set_value_checks(False)
     if args.min_slice is not None:
-        qatext._C.set_decode_gemm_min_slice(args.min_slice)
+        qatext.set_tuning(decode_gemm_min_slice=args.min_slice)
     if args.row_tiles is not None:
-        qatext._C.set_decode_gemm_row_tiles(args.row_tiles)
+        qatext.set_tuning(decode_gemm_row_tiles=args.row_tiles)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -79,8 +79,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "decode_gemm_min_slice": qatext._C.decode_gemm_min_slice(),
-                       "decode_gemm_row_tiles": qatext._C.decode_gemm_row_tiles(),
+                       "decode_gemm_min_slice": qatext.get_tuning("decode_gemm_min_slice"),
+                       "decode_gemm_row_tiles": qatext.get_tuning("decode_gemm_row_tiles"),
                        "copy_TBps": bw / 1e12, "rows": rows}, f, indent=1)
 
 

@@ -35,11 +35,9 @@ def main():
         grad_y = torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16)
         packed = ops.pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"), bits)
         zero = torch.full((n, k // g), 8.0, device="cuda")
-        default = qatext._C.dw_chunk_elements()
         blocked = measure(lambda: ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g))
-        qatext._C.set_dw_chunk_elements(max(n, args.tokens) * k)  # one block: the whole dW at once
-        whole = measure(lambda: ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g))
-        qatext._C.set_dw_chunk_elements(default)
+        with qatext.tuning(dw_chunk_elements=max(n, args.tokens) * k):  # one block: the whole dW at once
+            whole = measure(lambda: ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g))
         row = {"M": args.tokens, "N": n, "K": k, "bits": bits, "group_size": g,
                "blocked_ms": blocked[0], "blocked_peak_MiB": blocked[1],
                "dw_path_ms": whole[0], "dw_path_peak_MiB": whole[1],

@@ -32,13 +32,9 @@ def copy_bandwidth() -> float:
 
 
 def with_max_m(m, fn, knob="dequant_gemm_max_m"):
-    """fn() with qatext._C.set_<knob>(m), then the old value back."""
-    old = getattr(qatext._C, knob)()
-    getattr(qatext._C, f"set_{knob}")(m)
-    try:
+    """fn() with tuning knob `knob` set to m, then the old value back."""
+    with qatext.tuning(**{knob: m}):
         return fn()
-    finally:
-        getattr(qatext._C, f"set_{knob}")(old)
 
 
 def random_weight(n, k, bits, g):
@@ -70,7 +66,7 @@ def main():
     qatext.set_value_checks(False)
     torch.manual_seed(0)
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; fused kernel dispatched up to M = {qatext._C.dequant_gemm_max_m()}")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; fused kernel dispatched up to M = {qatext.get_tuning('dequant_gemm_max_m')}")
     rows = []
     for n, k in SHAPES[: args.shapes]:
         g = 128

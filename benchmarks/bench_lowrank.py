@@ -44,7 +44,7 @@ def main():
             p_bytes = p.numel()
             floor = {"fwd": p_bytes + 2 * n * k, "bwd": p_bytes + 4 * n * k}
             for path in ("fused", "fp32_ab"):
-                qatext._C.set_lrqat_fused(path == "fused")
+                qatext.set_tuning(lrqat_fused=path == "fused")
                 for direction, fn in (("fwd", fwd), ("bwd", bwd)):
                     ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=5)
                     bw = floor[direction] / ms / 1e9
@@ -54,7 +54,7 @@ def main():
                     r = rows[-1]
                     print(f"{n}x{k} {r['P']} {path:8s} {direction}: {r['us']:8.1f} us  {bw:5.2f} TB/s "
                           f"({r['pct_of_copy']:.0f}% of copy)", flush=True)
-            qatext._C.set_lrqat_fused(True)
+            qatext.set_tuning(lrqat_fused=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TB_per_s": copy_bw,

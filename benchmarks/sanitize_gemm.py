@@ -10,7 +10,7 @@ import torch
 import qatext
 from qatext import ops
 
-qatext._C.set_dequant_gemm_max_m(512)  # every M here takes the fused kernel
+qatext.set_tuning(dequant_gemm_max_m=512)  # every M here takes the fused kernel
 
 for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
     for bits in (2, 3, 4):
@@ -25,7 +25,7 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
 # (4352 rows in 1-tile slices: 4 row tiles per warp, a partial last column block.)
 for (n, k, g), min_slice in itertools.product([(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)],
                                               (1, 8)):
-    qatext._C.set_decode_gemm_min_slice(min_slice)
+    qatext.set_tuning(decode_gemm_min_slice=min_slice)
     for bits in (2, 3, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
         tiled = ops.tile_packed(packed, bits, k)

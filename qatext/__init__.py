@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import _C, nn, ops, quant  # noqa: F401  (_C registers torch.ops.qatext)
@@ -12,9 +10,10 @@ from .io import load_quantized, save_quantized
 from .models import merge_model, quantize_model
 from .nn import QuantLinear
 from .quant import QuantSpec
+from .knobs import get_tuning, set_tuning, tuning, tuning_table
 
 __all__ = ["QuantLinear", "QuantSpec", "build_info", "export_model", "load_quantized", "merge_model", "quantize_model",
-           "save_quantized", "set_value_checks", "value_checks"]
+           "save_quantized", "set_tuning", "get_tuning", "set_value_checks", "tuning", "tuning_table", "value_checks"]
 
 __version__ = "0.1.0"
 
@@ -33,15 +32,9 @@ def set_value_checks(enabled: bool) -> None:
     They are on by default; each one reads a value back from the GPU, so a tight training loop
     whose inputs are known good may turn them off.
     """
-    _C.set_value_checks(enabled)
+    set_tuning(value_checks=enabled)
 
 
-@contextlib.contextmanager
 def value_checks(enabled: bool):
     """set_value_checks(enabled) for a block, then the previous setting back."""
-    old = _C.value_checks_enabled()
-    _C.set_value_checks(enabled)
-    try:
-        yield
-    finally:
-        _C.set_value_checks(old)
+    return tuning(value_checks=enabled)

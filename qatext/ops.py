@@ -64,7 +64,7 @@ def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
 def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
     """x @ deq(W)^T + bias for a weight in the tiled layout (inference: no backward).
 
-    On CUDA with 16-bit x and at most ``qatext._C.decode_gemm_max_m()`` tokens (16) this is the
+    On CUDA with 16-bit x and at most ``qatext.get_tuning("decode_gemm_max_m")`` tokens (16) this is the
     register-direct decode kernel; otherwise the weight is untiled and takes dequant_matmul's path.
     """
     return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)

@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import qatext
-
 from . import distributed as dist
 from . import local_shards, models
+from .knobs import tuning
 from .data import random_batch
 from .evaluate import causal_lm_loss
 
@@ -154,7 +153,7 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
     # would serialise host and device on every layer; the modules keep scales positive themselves
     # and the loss is checked for finiteness once a step instead.
     recompute = models.checkpointed_layers(module) if cfg.activation_checkpointing else contextlib.nullcontext()
-    with qatext.value_checks(False), recompute:
+    with tuning(value_checks=False), recompute:
         for step in bar:
             batch = dist.local_rows(random_batch(tokens, cfg.batch_size, cfg.seq_len, gen)).to(device)
             loss = loss_fn(module, batch)

@@ -1,5 +1,3 @@
-import contextlib
-
 import pytest
 import torch
 
@@ -13,15 +11,9 @@ DEVICES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@contextlib.contextmanager
 def knob(name: str, value):
-    """qatext._C.set_<name>(value) for the block, then the old value back."""
-    old = getattr(qatext._C, name)()
-    getattr(qatext._C, f"set_{name}")(value)
-    try:
-        yield
-    finally:
-        getattr(qatext._C, f"set_{name}")(old)
+    """One tuning knob set for a block (qatext.tuning)."""
+    return qatext.tuning(**{name: value})
 
 
 @pytest.fixture(params=DEVICES)

@@ -70,10 +70,6 @@ def test_e2eqp_scale_grad_in_row_blocks(device, chunk):
     n, k, bits, g = 33, 256, 4, 128
     packed, scale, zero = _weight(n, k, bits, g, device)
     x, grad_y = torch.randn(7, k, device=device), torch.randn(7, n, device=device)
-    old = qatext._C.dw_chunk_elements()
-    qatext._C.set_dw_chunk_elements(chunk)
-    try:
+    with qatext.tuning(dw_chunk_elements=chunk):
         got = ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g)
-    finally:
-        qatext._C.set_dw_chunk_elements(old)
     torch.testing.assert_close(got, reference.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g), rtol=1e-4, atol=1e-3)

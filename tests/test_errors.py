@@ -133,12 +133,26 @@ def test_non_contiguous_inputs_are_handled():
 def test_tuning_knobs_reject_bad_values():
     import qatext
 
-    with pytest.raises(ValueError, match="m must be >= 0"):
-        qatext._C.set_dequant_gemm_max_m(-1)
-    with pytest.raises(ValueError, match="elements must be positive"):
-        qatext._C.set_dw_chunk_elements(0)
-    with pytest.raises(ValueError, match="set_decode_gemm_min_slice: tiles must be >= 1"):
-        qatext._C.set_decode_gemm_min_slice(0)
-    assert qatext._C.decode_gemm_min_slice() == 8
-    with pytest.raises(ValueError, match="set_decode_gemm_row_tiles: tiles must be 1, 2 or 4"):
-        qatext._C.set_decode_gemm_row_tiles(3)
+    with pytest.raises(ValueError, match=r"dequant_gemm_max_m must be in \[0, "):
+        qatext.set_tuning(dequant_gemm_max_m=-1)
+    with pytest.raises(ValueError, match=r"dw_chunk_elements must be in \[1, "):
+        qatext.set_tuning(dw_chunk_elements=0)
+    with pytest.raises(ValueError, match=r"decode_gemm_min_slice must be in \[1, "):
+        qatext.set_tuning(decode_gemm_min_slice=0)
+    assert qatext.get_tuning("decode_gemm_min_slice") == 8
+    with pytest.raises(ValueError, match="decode_gemm_row_tiles must be 1, 2 or 4"):
+        qatext.set_tuning(decode_gemm_row_tiles=3)
+    with pytest.raises(ValueError, match="unknown knob 'decode_gemm_max_n'; known: value_checks, "):
+        qatext.set_tuning(decode_gemm_max_n=3)
+
+
+def test_tuning_restores_every_knob():
+    import qatext
+
+    before = qatext.get_tuning()
+    assert before == {row["name"]: row["default"] for row in qatext.tuning_table()}
+    with pytest.raises(RuntimeError):
+        with qatext.tuning(value_checks=False, decode_gemm_max_m=64):
+            assert qatext.get_tuning("value_checks") == 0 and qatext.get_tuning("decode_gemm_max_m") == 64
+            raise RuntimeError
+    assert qatext.get_tuning() == before

@@ -77,13 +77,10 @@ def test_fused_matches_reference(n, k, r, bits, g, frac_bits, dtype, _):
 def test_fused_and_fp32_paths_agree_and_knob_switches(_):
     p, a, b, scale, zero = _inputs(64, 1024, 32, 4, 128, 0, torch.bfloat16)
     fused = ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0)
-    qatext._C.set_lrqat_fused(False)
-    try:
+    with qatext.tuning(lrqat_fused=False):
         assert "lrqat_tile_kernel" not in _kernel_names(lambda: ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0))
         plain = ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0)
-    finally:
-        qatext._C.set_lrqat_fused(True)
-    assert qatext._C.lrqat_fused_enabled()
+    assert qatext.get_tuning("lrqat_fused") == 1
     _assert_close_up_to_ties(fused, plain, scale, 128)
 
 

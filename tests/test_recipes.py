@@ -182,7 +182,8 @@ def test_other_architectures(tokens, arch):
     layers = dict(models.quant_layers(model))
     assert len(layers) == 14
     if arch == "Qwen2Config":
-        assert layers["model.layers.0.self_attn.q_proj"].bias is not None
+        bias = layers["model.layers.0.self_attn.q_proj"].bias
+        assert bias is not None and not bias.requires_grad  # frozen means frozen: no wasted gradient
     x = tokens[:33].unsqueeze(0)
     model.eval()
     with torch.no_grad():

@@ -72,7 +72,7 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
 // Tuning: K slices of at least min_slice_tiles 64-column tiles; up to max_row_tiles 16-row tiles per
 // warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave).
-// The ops layer fills it from its knobs (ops/checks.cpp holds the defaults).
+// The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
   int max_row_tiles;

@@ -1,54 +1,9 @@
-#include <atomic>
 #include <sstream>
 
 #include "core/quant_math.h"
 #include "ops/common.h"
 
 namespace qatext::ops {
-
-namespace {
-std::atomic<bool> g_value_checks{true};
-std::atomic<int64_t> g_dw_chunk_elements{int64_t(10) << 20};  // 40 MiB of fp32 dW at a time
-std::atomic<int64_t> g_dequant_gemm_max_m{64};
-std::atomic<int64_t> g_decode_gemm_max_m{16};
-std::atomic<int64_t> g_decode_gemm_min_slice{8};  // measured: see benchmarks/NOTES.md
-std::atomic<int64_t> g_decode_gemm_row_tiles{4};  // 4 only where the grid stays full
-std::atomic<bool> g_lrqat_fused{true};
-}  // namespace
-
-bool lrqat_fused_enabled() { return g_lrqat_fused.load(); }
-void set_lrqat_fused(bool enabled) { g_lrqat_fused.store(enabled); }
-
-int64_t dequant_gemm_max_m() { return g_dequant_gemm_max_m.load(); }
-int64_t decode_gemm_max_m() { return g_decode_gemm_max_m.load(); }
-void set_decode_gemm_max_m(int64_t m) {
-  TORCH_CHECK_VALUE(m >= 0, "qatext.set_decode_gemm_max_m: m must be >= 0, got ", m);
-  g_decode_gemm_max_m.store(m);
-}
-int64_t decode_gemm_min_slice() { return g_decode_gemm_min_slice.load(); }
-void set_decode_gemm_min_slice(int64_t tiles) {
-  TORCH_CHECK_VALUE(tiles >= 1, "qatext.set_decode_gemm_min_slice: tiles must be >= 1, got ", tiles);
-  g_decode_gemm_min_slice.store(tiles);
-}
-int64_t decode_gemm_row_tiles() { return g_decode_gemm_row_tiles.load(); }
-void set_decode_gemm_row_tiles(int64_t tiles) {
-  TORCH_CHECK_VALUE(tiles == 1 || tiles == 2 || tiles == 4, "qatext.set_decode_gemm_row_tiles: tiles must be 1, 2 or 4, got ",
-                    tiles);
-  g_decode_gemm_row_tiles.store(tiles);
-}
-void set_dequant_gemm_max_m(int64_t m) {
-  TORCH_CHECK_VALUE(m >= 0, "qatext.set_dequant_gemm_max_m: m must be >= 0, got ", m);
-  g_dequant_gemm_max_m.store(m);
-}
-
-int64_t dw_chunk_elements() { return g_dw_chunk_elements.load(); }
-void set_dw_chunk_elements(int64_t elements) {
-  TORCH_CHECK_VALUE(elements > 0, "qatext.set_dw_chunk_elements: elements must be positive, got ", elements);
-  g_dw_chunk_elements.store(elements);
-}
-
-bool value_checks_enabled() { return g_value_checks.load(); }
-void set_value_checks(bool enabled) { g_value_checks.store(enabled); }
 
 void fail_no_cuda() {
   TORCH_CHECK(false, "qatext: this build has no CUDA kernels (rebuild with nvcc and a CUDA build of torch)");

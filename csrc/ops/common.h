@@ -9,6 +9,7 @@
 
 #include "core/shape.h"
 #include "cpu/kernels.h"
+#include "ops/tuning.h"
 
 #ifdef QATEXT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -56,33 +57,6 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }
 #endif
-
-// Whether data-dependent checks (scale > 0, codes < 2^bits) run; they synchronise a GPU.
-bool value_checks_enabled();
-void set_value_checks(bool enabled);
-
-// How many fp32 elements of dW the E2E-QP scale gradient materialises at once (rows x K).
-int64_t dw_chunk_elements();
-void set_dw_chunk_elements(int64_t elements);
-
-// Largest token count M for which a CUDA dequant_matmul takes the fused tensor-core kernel;
-// larger M dequantises to 16 bits once and calls cuBLAS. 0 turns the fused kernel off.
-int64_t dequant_gemm_max_m();
-void set_dequant_gemm_max_m(int64_t m);
-
-// Largest token count M for which a CUDA dequant_matmul_tiled takes the decode kernel (measured: it
-// wins up to 16 tokens); larger M untiles the weight and takes dequant_matmul's paths. 0: off.
-int64_t decode_gemm_max_m();
-void set_decode_gemm_max_m(int64_t m);
-// The decode kernel's split-K tuning (cuda::DecodeTuning).
-int64_t decode_gemm_min_slice();
-void set_decode_gemm_min_slice(int64_t tiles);
-int64_t decode_gemm_row_tiles();
-void set_decode_gemm_row_tiles(int64_t tiles);
-
-// Whether CUDA LR-QAT with 16-bit adapters takes the tensor-core kernels (else the fp32 A B path).
-bool lrqat_fused_enabled();
-void set_lrqat_fused(bool enabled);
 
 void check_bits(const char* op, int64_t bits);
 void check_float(const char* op, const char* name, const at::Tensor& t);

@@ -51,7 +51,7 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = a.scalar_type();
   const int64_t r = a.size(1);
-  if (!lrqat_fused_enabled() || !a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) ||
+  if (!tuning(Knob::LrqatFused) || !a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) ||
       !cuda::lrqat_fused_supported(shape, r) || !aligned16(p)) {
     return std::nullopt;
   }

@@ -28,7 +28,7 @@ std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::T
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = a_in.scalar_type();
   const int64_t M = a_in.numel() / std::max<int64_t>(a_in.size(-1), 1);
-  if (!a_in.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || M > dequant_gemm_max_m() ||
+  if (!a_in.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || M > tuning(Knob::DequantGemmMaxM) ||
       !cuda::dequant_gemm_supported(M, shape)) {
     return std::nullopt;
   }
@@ -158,7 +158,7 @@ at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const
   const bool half_inputs_on_cuda = xs.is_cuda() && xs.scalar_type() == gy.scalar_type() &&
                                    (xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf);
   at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
-  int64_t rows = std::max<int64_t>(1, dw_chunk_elements() / std::max<int64_t>(shape.K, 1));
+  int64_t rows = std::max<int64_t>(1, tuning(Knob::DwChunkElements) / std::max<int64_t>(shape.K, 1));
   if (rows >= 128) rows -= rows % 128;  // keeps each block's grad_y columns 16-byte aligned and on cuBLAS tiles
   const int64_t row_bytes = packed_row_bytes(shape.K, bits), G = shape.groups();
   for (int64_t n0 = 0; n0 < shape.N; n0 += rows) {

@@ -54,19 +54,20 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
   const int64_t M = x.numel() / K;
-  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= decode_gemm_max_m() &&
+  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= tuning(Knob::DecodeGemmMaxM) &&
       cuda::decode_gemm_supported(shape)) {
     const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
     const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
-      const cuda::DecodeTuning tuning{decode_gemm_min_slice(), int(decode_gemm_row_tiles())};
-      const int64_t splits = cuda::decode_gemm_splits(M, shape, tuning);
+      const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice),
+                                             int(tuning(Knob::DecodeGemmRowTiles))};
+      const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);
       at::Tensor out = at::empty({M, shape.N}, a.options());
       at::Tensor partial, counters;
       if (splits > 1) {
         partial = at::empty({splits, M, shape.N}, a.options().dtype(at::kFloat));
-        counters = at::zeros({cuda::decode_gemm_counters(M, shape, tuning)}, a.options().dtype(at::kInt));
+        counters = at::zeros({cuda::decode_gemm_counters(M, shape, decode_tuning)}, a.options().dtype(at::kInt));
       }
       const at::OptionalDeviceGuard guard(at::device_of(a));
       dispatch_half(dtype, [&](auto type_tag) {
@@ -77,7 +78,7 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
                                     out.mutable_data_ptr<scalar_t>(),
                                     splits > 1 ? partial.mutable_data_ptr<float>() : nullptr,
                                     splits > 1 ? counters.mutable_data_ptr<int>() : nullptr, M, shape, splits,
-                                    tuning, current_stream(a));
+                                    decode_tuning, current_stream(a));
       });
       auto sizes = x.sizes().vec();
       sizes.back() = shape.N;

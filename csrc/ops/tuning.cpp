@@ -1,0 +1,68 @@
+#include "ops/tuning.h"
+
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <string>
+
+#include <c10/util/Exception.h>
+
+namespace qatext::ops {
+
+namespace {
+
+constexpr int64_t kMax = INT64_MAX;
+
+// The one table. Defaults measured: see benchmarks/NOTES.md.
+constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
+    {"value_checks", 1, 0, 1, "Data-dependent argument checks (scale > 0, codes < 2^bits); each syncs a GPU."},
+    {"dw_chunk_elements", int64_t(10) << 20, 1, kMax,
+     "Cap on the fp32 dW block (rows x K) that e2eqp_scale_grad forms at once (40 MiB)."},
+    {"dequant_gemm_max_m", 64, 0, kMax,
+     "Largest token count for which CUDA dequant_matmul uses the fused kernel (0: never)."},
+    {"decode_gemm_max_m", 16, 0, kMax,
+     "Largest token count for which CUDA dequant_matmul_tiled uses the decode kernel (0: never)."},
+    {"decode_gemm_min_slice", 8, 1, kMax,
+     "Fewest 64-column tiles per K slice of the decode kernel's split-K (else: split to fill one wave)."},
+    {"decode_gemm_row_tiles", 4, 1, 4,
+     "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid "
+     "stays full)."},
+    {"lrqat_fused", 1, 0, 1,
+     "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
+}};
+
+std::atomic<int64_t>* values() {
+  static std::atomic<int64_t> v[int(Knob::Count)];
+  static const bool initialised = [] {
+    for (int i = 0; i < int(Knob::Count); ++i) v[i].store(kKnobs[i].default_value);
+    return true;
+  }();
+  (void)initialised;
+  return v;
+}
+
+}  // namespace
+
+const KnobInfo& knob_info(Knob knob) { return kKnobs[int(knob)]; }
+
+int64_t tuning(Knob knob) { return values()[int(knob)].load(std::memory_order_relaxed); }
+
+void set_tuning(Knob knob, int64_t value) {
+  const KnobInfo& info = knob_info(knob);
+  TORCH_CHECK_VALUE(value >= info.min_value && value <= info.max_value, "qatext.tuning: ", info.name, " must be in [",
+                    info.min_value, ", ", info.max_value, "], got ", value);
+  TORCH_CHECK_VALUE(knob != Knob::DecodeGemmRowTiles || value != 3,
+                    "qatext.tuning: decode_gemm_row_tiles must be 1, 2 or 4, got ", value);
+  values()[int(knob)].store(value, std::memory_order_relaxed);
+}
+
+Knob knob_by_name(const char* name) {
+  std::string known;
+  for (int i = 0; i < int(Knob::Count); ++i) {
+    if (std::strcmp(kKnobs[i].name, name) == 0) return Knob(i);
+    known += (i ? ", " : "") + std::string(kKnobs[i].name);
+  }
+  TORCH_CHECK_VALUE(false, "qatext.tuning: unknown knob '", name, "'; known: ", known);
+}
+
+}  // namespace qatext::ops

@@ -1,0 +1,38 @@
+// Runtime tuning knobs of the ops layer: one table (tuning.cpp) of named integer settings with their
+// defaults, valid values and meaning, read by the ops and bound to Python from the same table.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+namespace qatext::ops {
+
+enum class Knob : int {
+  ValueChecks,         // data-dependent checks (scale > 0, codes < 2^bits); they synchronise a GPU
+  DwChunkElements,     // fp32 elements of dW the E2E-QP scale gradient forms at once (rows x K)
+  DequantGemmMaxM,     // largest M for which CUDA dequant_matmul takes the fused kernel (0: never)
+  DecodeGemmMaxM,      // largest M for which CUDA dequant_matmul_tiled takes the decode kernel (0: never)
+  DecodeGemmMinSlice,  // fewest 64-column tiles per K slice of the decode kernel's split-K
+  DecodeGemmRowTiles,  // most 16-row weight tiles per decode warp: 1, 2 or 4
+  LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
+  Count,
+};
+
+struct KnobInfo {
+  const char* name;
+  int64_t default_value;
+  int64_t min_value;
+  int64_t max_value;
+  const char* doc;
+};
+
+const KnobInfo& knob_info(Knob knob);
+int64_t tuning(Knob knob);
+// Checks the value against the knob's range (and DecodeGemmRowTiles against 1, 2, 4).
+void set_tuning(Knob knob, int64_t value);
+// By name, for the Python binding; an unknown name is a ValueError listing the known ones.
+Knob knob_by_name(const char* name);
+
+inline bool value_checks_enabled() { return tuning(Knob::ValueChecks) != 0; }
+
+}  // namespace qatext::ops
