@@ -1,4 +1,4 @@
-// Decode GEMM, version 5 (small M): y [M, N] = x [M, K] @ deq(W)^T (+ bias), W in the tiled layout
+// Decode GEMM (small M): y [M, N] = x [M, K] @ deq(W)^T (+ bias), W in the tiled layout
 // (core/tile_layout.h), on mma.sync m16n8k16 with the operands swapped: the weight is the A operand
 // (16 output rows x 16-deep steps) and the tokens are B (8 per mma), so M <= 8 wastes no rows.
 //
@@ -28,6 +28,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/mma.cuh"
+#include "cuda/ptx.cuh"
 
 namespace qatext::cuda {
 namespace {
@@ -51,55 +52,10 @@ struct DecodeArgs {
   int splits;
 };
 
-// 16-bit pairs: a code q masked into the mantissa of `code_base` is exactly base + q (base = 128 for
-// bf16, 1024 for fp16); subtracting base in 16 bits is exact too. `ones` is (1, 1).
-// (Feeding base + q to the mma and subtracting base * sum_k x in the epilogue saves that instruction,
-// but the large common term costs fp32 bits in the tensor cores' sums: fp16 results drifted by
-// ~0.003 at K = 4096, more than one output ulp, so it is not done.)
-template <typename T>
-struct Pair;
-template <>
-struct Pair<c10::BFloat16> {
-  static constexpr uint32_t code_base = 0x43004300u;
-  static constexpr uint32_t ones = 0x3F803F80u;
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-};
-template <>
-struct Pair<c10::Half> {
-  static constexpr uint32_t code_base = 0x64006400u;
-  static constexpr uint32_t ones = 0x3C003C00u;
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-};
-
 // Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
 // cp.async, kStages - 1 stages ahead, and reads them back itself: no barrier, no registers held by
 // loads in flight. Codes are read once (.cg: not kept in L1); activations are shared by the block's
 // warps (.ca: kept in L1).
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async_codes(void* dst, const void* src) {
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES));
-  }
-}
-__device__ __forceinline__ void cp_async_x(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 constexpr int kStages = 4;
 
 // One warp's stage in shared memory: per row tile its lanes' code bytes, then per token tile two
@@ -117,13 +73,6 @@ struct StageLayout {
 template <int BITS, int MT, int NT>
 constexpr int decode_smem_bytes() {
   return kWarps * kStages * StageLayout<BITS, MT, NT>::kBytes;
-}
-
-// (a & mask) | base in one instruction (the compiler emits two when both constants are immediates).
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t base) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(base));
-  return d;
 }
 
 template <int BITS, int MT, int NT>
@@ -173,16 +122,16 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         for (int i = 0; i < NT; ++i) {
           const uint8_t* src = codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS);
           if constexpr (BITS == 3) {
-            cp_async_codes<8>(st + L::codes(i, lane), src);
-            cp_async_codes<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
+            cp_async_once<8>(st + L::codes(i, lane), src);
+            cp_async_once<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
           } else {
-            cp_async_codes<L::kCodeBytes>(st + L::codes(i, lane), src);
+            cp_async_once<L::kCodeBytes>(st + L::codes(i, lane), src);
           }
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          cp_async_x(st + L::x(mt, 0, lane), xrow[mt] + t * kTileCols);
-          cp_async_x(st + L::x(mt, 1, lane), xrow[mt] + t * kTileCols + 8);
+          cp_async16_shared(st + L::x(mt, 0, lane), xrow[mt] + t * kTileCols);
+          cp_async16_shared(st + L::x(mt, 1, lane), xrow[mt] + t * kTileCols + 8);
         }
       }
       cp_async_commit();
@@ -242,9 +191,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 #pragma unroll
         for (int i = 0; i < NT; ++i) accq[mt][i][e] = 0.f;
       }
-    const uint32_t ones[4] = {Pair<T>::ones, Pair<T>::ones, Pair<T>::ones, Pair<T>::ones};
+    const uint32_t ones[4] = {Native<T>::ones, Native<T>::ones, Native<T>::ones, Native<T>::ones};
     // (3 bits: the 2-bit plane's mask; the high bit is or-ed in at bit 2 of each half.)
-    const uint32_t mask = ((1u << (BITS == 3 ? 2 : BITS)) - 1u) * 0x00010001u, base = Pair<T>::code_base;
+    const uint32_t mask = ((1u << (BITS == 3 ? 2 : BITS)) - 1u) * 0x00010001u, base = Native<T>::code_base;
     const uint32_t high_bit = 0x00040004u;
 
     const auto compute = [&](const Stage<BITS, MT, NT>& st, int t) {
@@ -262,9 +211,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
               const int hb = r + 4 * j;  // the high bits' position in the 1-bit plane word, moved to bit 2
               const uint32_t hi = st.codes[i][2];
               v = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v);
-              a[r] = Pair<T>::sub(v, base);
+              a[r] = Native<T>::sub2(v, base);
             } else {
-              a[r] = Pair<T>::sub(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
+              a[r] = Native<T>::sub2(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
             }
           }
 #pragma unroll

@@ -1,4 +1,4 @@
-// Group-wise dequant GEMM on the tensor cores, version 4 (small M: decode and short prompts).
+// Group-wise dequant GEMM on the tensor cores (small M: decode and short prompts).
 //
 //   forward    y[M, N]  = x[M, K]  @ deq(W)^T   (reduction over K)
 //   grad input gx[M, K] = gy[M, N] @ deq(W)     (reduction over N)
@@ -20,6 +20,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/ptx.cuh"
 #include "cuda/kernels.h"
 
 namespace qatext::cuda {
@@ -30,31 +31,6 @@ constexpr int kStages = 4;             // cp.async ring depth
 constexpr int kGemmThreads = 256;      // 8 warps, 16 output columns each
 constexpr int kPackedStride = 80;      // bytes per packed tile row in smem (<= 64 used; 80 avoids bank conflicts)
 constexpr int kHalfStride = kTile + 8;  // 16-bit elements per decoded / activation smem row (conflict-free ldmatrix)
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes = 0 writes zeros (rows past M).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
 
 // Exact small-integer to float: the code sits in the mantissa of 2^23.
 __device__ __forceinline__ float code_to_float(uint32_t q) {
@@ -117,7 +93,7 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
       // Tile rows are W rows: output columns (forward) or reduction rows (grad input).
       const int64_t wrow = TRANS ? r0 + row : p0 + row;
       const int64_t col_byte = int64_t(TRANS ? p0 : r0) * BITS / 8 + c * 16;
-      cp_async16(pdst + row * kPackedStride + c * 16, args.packed + wrow * row_bytes + col_byte, 16);
+      cp_async16_zfill(pdst + row * kPackedStride + c * 16, args.packed + wrow * row_bytes + col_byte, 16);
     }
     uint16_t* adst = act_s + slot * (L::kActBytes / 2);
 #pragma unroll
@@ -126,7 +102,7 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
       const int row = i / 16, c = i % 16, m = m0 + row;
       const bool valid = m < args.M;
       const T* src = a + int64_t(valid ? m : 0) * R + r0 + c * 8;
-      cp_async16(adst + row * kHalfStride + c * 8, src, valid ? 16 : 0);
+      cp_async16_zfill(adst + row * kHalfStride + c * 8, src, valid ? 16 : 0);
     }
   };
 

@@ -1,4 +1,4 @@
-// LR-QAT weight reconstruction with the low-rank product on the tensor cores, version 2.
+// LR-QAT weight reconstruction with the low-rank product on the tensor cores.
 //
 //   forward   W[n, k]  = s * (clamp(round(P[n, k] + c * (A B)[n, k]), 0, 2^b - 1) - z)
 //   backward  dU[n, k] = c * s * dW[n, k] * in_range[n, k],   ds[n, g] = sum_k dW[n, k] (q[n, k] - z)
