@@ -10,7 +10,6 @@ scales and zeros, activations and output at the copy bandwidth measured in the r
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -18,6 +17,7 @@ import torch
 import qatext
 from qatext import ops, reference
 from bench_gemm import SHAPES, copy_bandwidth, random_weight, with_max_m
+import timing
 from timing import cuda_graph_time_ms as gpu_time_ms
 from timing import cuda_time_ms
 
@@ -30,15 +30,13 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
+    parser = timing.parser()
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--min-slice", type=int, default=None, help="knob decode_gemm_min_slice for the run")
     parser.add_argument("--row-tiles", type=int, default=None, help="knob decode_gemm_row_tiles for the run")
-    args = parser.parse_args()
-    qatext.set_value_checks(False)
+    args = timing.start(parser)
     if args.min_slice is not None:
         qatext.set_tuning(decode_gemm_min_slice=args.min_slice)
     if args.row_tiles is not None:

@@ -6,13 +6,13 @@ row-blocked version, for one layer at M tokens, bf16: time and peak extra memory
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 import qatext
 from qatext import ops
+import timing
 from timing import cuda_time_ms, peak_extra_mib
 
 LAYERS = [(11008, 4096), (4096, 11008)]  # (N, K): 4096 -> 11008 and 11008 -> 4096
@@ -23,11 +23,9 @@ def measure(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
+    parser = timing.parser()
     parser.add_argument("--tokens", type=int, default=4096)
-    args = parser.parse_args()
-    qatext.set_value_checks(False)
+    args = timing.start(parser)
     rows = []
     for n, k in LAYERS:
         bits, g = 4, 128

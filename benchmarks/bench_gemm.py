@@ -9,13 +9,13 @@ Per row: median us of each path, speedup of qatext's dispatch over cuBLAS, % of 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 import qatext
 from qatext import ops
+import timing
 from timing import cuda_time_ms
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]  # (N, K)
@@ -59,12 +59,9 @@ def tinygemm_fn(x, n, k, g):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
+    parser = timing.parser()
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
-    args = parser.parse_args()
-    qatext.set_value_checks(False)
-    torch.manual_seed(0)
+    args = timing.start(parser)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; fused kernel dispatched up to M = {qatext.get_tuning('dequant_gemm_max_m')}")
     rows = []
@@ -75,22 +72,22 @@ def main():
         for bits in (4, 3, 2):
             weights[bits] = random_weight(n, k, bits, g)
         for m in TOKENS:
-            timing = dict(warmup=2, repeats=10, inner=3) if m >= 2048 else {}
+            repeat = dict(warmup=2, repeats=10, inner=3) if m >= 2048 else {}
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            cublas = cuda_time_ms(lambda: x @ w.t(), **timing)
-            cublas_gx = cuda_time_ms(lambda: gy @ w, **timing)
+            cublas = cuda_time_ms(lambda: x @ w.t(), **repeat)
+            cublas_gx = cuda_time_ms(lambda: gy @ w, **repeat)
             tg = tinygemm_fn(x, n, k, g)
-            tinygemm = cuda_time_ms(tg, **timing) if tg else None
+            tinygemm = cuda_time_ms(tg, **repeat) if tg else None
             for bits, (packed, scale, zero) in weights.items():
                 fwd = lambda: ops.dequant_matmul(x, packed, scale, zero, bits, g)  # noqa: E731
                 bwd = lambda: torch.ops.qatext.dequant_matmul_grad_input(gy, packed, scale, zero, bits, g, k)  # noqa: E731
                 row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, "cublas_us": cublas * 1e3,
                        "cublas_grad_input_us": cublas_gx * 1e3, "tinygemm_w4_us": tinygemm * 1e3 if tinygemm else None}
                 for name, fn in (("fwd", fwd), ("grad_input", bwd)):
-                    row[f"{name}_dispatch_us"] = cuda_time_ms(fn, **timing) * 1e3
-                    row[f"{name}_dequant_cublas_us"] = with_max_m(0, lambda: cuda_time_ms(fn, **timing)) * 1e3  # noqa: B023
-                    row[f"{name}_fused_us"] = (with_max_m(FUSED_UP_TO, lambda: cuda_time_ms(fn, **timing)) * 1e3  # noqa: B023
+                    row[f"{name}_dispatch_us"] = cuda_time_ms(fn, **repeat) * 1e3
+                    row[f"{name}_dequant_cublas_us"] = with_max_m(0, lambda: cuda_time_ms(fn, **repeat)) * 1e3  # noqa: B023
+                    row[f"{name}_fused_us"] = (with_max_m(FUSED_UP_TO, lambda: cuda_time_ms(fn, **repeat)) * 1e3  # noqa: B023
                                                if m <= FUSED_UP_TO else None)
                 floor_bytes = n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)
                 row["floor_us"] = floor_bytes / bw * 1e6  # bw counts every byte moved, as the floor does

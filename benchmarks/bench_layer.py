@@ -8,7 +8,6 @@ layer holds between forward and backward (allocated after forward, less its outp
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -16,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import qatext
 from qatext import QuantSpec, reference
 from qatext.nn import QuantLinear
+import timing
 from timing import cuda_time_ms, peak_extra_mib
 
 LAYERS = [(4096, 11008), (11008, 4096)]  # (in, out)
@@ -74,12 +73,9 @@ def variants(k, n, dtype):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
+    parser = timing.parser()
     parser.add_argument("--tokens", type=int, default=4096)
-    args = parser.parse_args()
-    qatext.set_value_checks(False)
-    torch.manual_seed(0)
+    args = timing.start(parser)
     dtype = torch.bfloat16
     rows = []
     for k, n in LAYERS:

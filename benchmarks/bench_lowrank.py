@@ -7,25 +7,22 @@ floor (read P, write W forward; read P and dW, write dU backward) and copy bandw
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 import qatext
 from qatext import ops
+import timing
 from timing import cuda_time_ms
 
 SHAPES = [(11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
+    parser = timing.parser()
     parser.add_argument("--rank", type=int, default=32)
-    args = parser.parse_args()
-    qatext.set_value_checks(False)
-    torch.manual_seed(0)
+    args = timing.start(parser)
     rows = []
     buf = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     copy_ms = cuda_time_ms(lambda: buf.clone())

@@ -1,11 +1,31 @@
-"""GPU timing shared by the benchmarks: CUDA events around back-to-back calls, median of repeats."""
+"""What the benchmarks share: their start (arguments, value checks off, seed) and GPU timing (CUDA
+events around back-to-back calls, median of repeats)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
+
+import qatext
+
+
+def parser(description: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the common --out (JSON results path)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p
+
+
+def start(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the arguments, turn the per-op value checks off (each would synchronise the GPU, which
+    training runs without), and seed the generators."""
+    args = p.parse_args()
+    qatext.set_value_checks(False)
+    torch.manual_seed(0)
+    return args
 
 
 def cuda_time_ms(fn, warmup=5, repeats=20, inner=10) -> float:

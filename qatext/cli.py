@@ -223,6 +223,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _text_options(p: argparse.ArgumentParser, held_out: str) -> None:
+    """--data, --byte-tokens and --val-fraction: the text a command reads and how it is tokenized."""
+    p.add_argument("--data", default="kjv", help="'kjv' (bundled corpus) or a UTF-8 text file")
+    p.add_argument("--byte-tokens", action="store_true",
+                   help="use UTF-8 bytes as tokens (vocab 256) where the model directory has no tokenizer")
+    p.add_argument("--val-fraction", type=float, default=0.05, help=f"tail of --data {held_out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
@@ -235,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quantize and train a model with one method, save the merged integer model")
     t.add_argument("--method", required=True, choices=METHODS, help="training method")
     t.add_argument("--model", required=True, help="full-precision Hugging Face model directory (local)")
-    t.add_argument("--data", default="kjv", help="'kjv' (bundled corpus) or a UTF-8 text file")
-    t.add_argument("--byte-tokens", action="store_true",
-                   help="use UTF-8 bytes as tokens (vocab 256) where the model directory has no tokenizer")
+    _text_options(t, "held out (never trained on)")
     t.add_argument("--bits", type=int, default=4, help="weight bits, 2..8")
     t.add_argument("--group-size", type=int, default=128, help="weights per scale along in_features; -1: per channel")
     t.add_argument("--symmetric", action="store_true", help="fixed zero point 2^(bits-1)")
@@ -249,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calib-samples", type=int, default=None, help="EfficientQAT Block-AP calibration windows "
                    "(default 128)")
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
-    t.add_argument("--val-fraction", type=float, default=0.05, help="tail of --data held out (never trained on)")
     t.add_argument("--seed", type=int, default=0, help="seed of the batch order")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
@@ -264,13 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", formatter_class=fmt, help="perplexity on held-out text (non-overlapping windows)")
     e.add_argument("--model", required=True, help="a model directory (Hugging Face, or OUTPUT/model of qatext train)")
-    e.add_argument("--data", default="kjv", help="'kjv' (bundled corpus) or a UTF-8 text file")
-    e.add_argument("--byte-tokens", action="store_true",
-                   help="use UTF-8 bytes as tokens (vocab 256) where the model directory has no tokenizer")
+    _text_options(e, "evaluated")
     e.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
-    e.add_argument("--val-fraction", type=float, default=0.05, help="tail of --data evaluated")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     e.set_defaults(fn=cmd_eval)
 
@@ -287,11 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--round-zeros", action="store_true",
                    help="with --format gptq: round fractional zero points (changes the model; the held-out "
                         "perplexity before and after is printed)")
-    x.add_argument("--data", default="kjv", help="held-out text for --round-zeros: 'kjv' or a UTF-8 text file")
-    x.add_argument("--byte-tokens", action="store_true", help="--round-zeros: UTF-8 bytes as tokens")
+    _text_options(x, "evaluated by --round-zeros")
     x.add_argument("--seq-len", type=int, default=2048, help="--round-zeros evaluation window (capped at the model's)")
     x.add_argument("--max-windows", type=int, default=32, help="--round-zeros evaluation windows")
-    x.add_argument("--val-fraction", type=float, default=0.05, help="--round-zeros: tail of --data evaluated")
     x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", formatter_class=fmt,

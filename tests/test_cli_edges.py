@@ -5,7 +5,6 @@ mistake ends in one line and exit code 2."""
 import hashlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
