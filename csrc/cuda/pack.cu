@@ -29,19 +29,13 @@ __global__ void unpack_kernel(const uint8_t* __restrict__ packed, uint8_t* __res
   }
 }
 
-__global__ void tile_packed_kernel(const uint8_t* __restrict__ packed, uint8_t* __restrict__ tiled, int64_t bytes,
-                                   int64_t K, int bits) {
+// One byte of the other layout per thread: the tiled layout gathered from the packed one, or back.
+template <bool kToTiled>
+__global__ void relayout_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, int64_t bytes, int64_t K,
+                                int bits) {
   const int64_t row_bytes = packed_row_bytes(K, bits);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
-    tiled[i] = tiled_byte(packed, row_bytes, i, K, bits);
-  }
-}
-
-__global__ void untile_packed_kernel(const uint8_t* __restrict__ tiled, uint8_t* __restrict__ packed, int64_t bytes,
-                                     int64_t K, int bits) {
-  const int64_t row_bytes = packed_row_bytes(K, bits);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
-    packed[i] = untiled_byte(tiled, i / row_bytes, i % row_bytes, K, bits);
+    dst[i] = kToTiled ? tiled_byte(src, row_bytes, i, K, bits) : untiled_byte(src, i / row_bytes, i % row_bytes, K, bits);
   }
 }
 
@@ -150,18 +144,20 @@ void unpack(const uint8_t* packed, uint8_t* codes, int64_t N, int64_t K, int bit
   check_launch("unpack");
 }
 
-void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, int bits, cudaStream_t stream) {
+template <bool kToTiled>
+void relayout(const uint8_t* src, uint8_t* dst, int64_t N, int64_t K, int bits, cudaStream_t stream) {
   const int64_t bytes = N * packed_row_bytes(K, bits);
   if (bytes == 0) return;
-  tile_packed_kernel<<<grid_for(bytes), kThreads, 0, stream>>>(packed, tiled, bytes, K, bits);
-  check_launch("tile_packed");
+  relayout_kernel<kToTiled><<<grid_for(bytes), kThreads, 0, stream>>>(src, dst, bytes, K, bits);
+  check_launch(kToTiled ? "tile_packed" : "untile_packed");
+}
+
+void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, int bits, cudaStream_t stream) {
+  relayout<true>(packed, tiled, N, K, bits, stream);
 }
 
 void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, int bits, cudaStream_t stream) {
-  const int64_t bytes = N * packed_row_bytes(K, bits);
-  if (bytes == 0) return;
-  untile_packed_kernel<<<grid_for(bytes), kThreads, 0, stream>>>(tiled, packed, bytes, K, bits);
-  check_launch("untile_packed");
+  relayout<false>(tiled, packed, N, K, bits, stream);
 }
 
 template <typename T>

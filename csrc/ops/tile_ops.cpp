@@ -23,24 +23,31 @@ int64_t check_tileable(const char* op, const char* name, const at::Tensor& t, in
   return N;
 }
 
-}  // namespace
 
-at::Tensor tile_packed(const at::Tensor& packed_in, int64_t bits, int64_t in_features) {
-  const int64_t N = check_tileable("qatext.tile_packed", "packed", packed_in, bits, in_features);
-  const at::Tensor packed = packed_in.contiguous();
-  at::Tensor tiled = at::empty_like(packed);
-  QATEXT_DEVICE_CALL(packed, tile_packed, packed.const_data_ptr<uint8_t>(), tiled.mutable_data_ptr<uint8_t>(), N,
-                     in_features, int(bits));
-  return tiled;
+// The codes of `in` in the other layout (to_tiled: packed -> tiled, else back); same bytes, same shape.
+at::Tensor relayout(const char* op, const char* name, const at::Tensor& in_, int64_t bits, int64_t in_features,
+                    bool to_tiled) {
+  const int64_t N = check_tileable(op, name, in_, bits, in_features);
+  const at::Tensor in = in_.contiguous();
+  at::Tensor out = at::empty_like(in);
+  if (to_tiled) {
+    QATEXT_DEVICE_CALL(in, tile_packed, in.const_data_ptr<uint8_t>(), out.mutable_data_ptr<uint8_t>(), N, in_features,
+                       int(bits));
+  } else {
+    QATEXT_DEVICE_CALL(in, untile_packed, in.const_data_ptr<uint8_t>(), out.mutable_data_ptr<uint8_t>(), N,
+                       in_features, int(bits));
+  }
+  return out;
 }
 
-at::Tensor untile_packed(const at::Tensor& tiled_in, int64_t bits, int64_t in_features) {
-  const int64_t N = check_tileable("qatext.untile_packed", "tiled", tiled_in, bits, in_features);
-  const at::Tensor tiled = tiled_in.contiguous();
-  at::Tensor packed = at::empty_like(tiled);
-  QATEXT_DEVICE_CALL(tiled, untile_packed, tiled.const_data_ptr<uint8_t>(), packed.mutable_data_ptr<uint8_t>(), N,
-                     in_features, int(bits));
-  return packed;
+}  // namespace
+
+at::Tensor tile_packed(const at::Tensor& packed, int64_t bits, int64_t in_features) {
+  return relayout("qatext.tile_packed", "packed", packed, bits, in_features, true);
+}
+
+at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_features) {
+  return relayout("qatext.untile_packed", "tiled", tiled, bits, in_features, false);
 }
 
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale_in,
