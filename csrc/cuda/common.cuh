@@ -24,6 +24,14 @@ inline unsigned int grid_for(int64_t n, int threads = kThreads) {
   return unsigned(blocks < 65535 * 32 ? (blocks > 0 ? blocks : 1) : 65535 * 32);
 }
 
+// f.template operator()<BITS>() for bits 2, 3 or 4: the GEMM launchers' dispatch to a kernel instance
+// (each composes its own further template arguments inside f the same way).
+template <typename F>
+auto with_bits(int bits, F&& f) {
+  if (bits == 4) return f.template operator()<4>();
+  return bits == 3 ? f.template operator()<3>() : f.template operator()<2>();
+}
+
 // A value fixed for a device (an attribute, an occupancy, a one-time kernel setting), computed on
 // its first use there: launchers would otherwise pay these runtime queries on every call.
 constexpr int kMaxDevices = 64;

@@ -81,6 +81,30 @@ struct Stage {
   uint4 x[MT][2];            // token g (+ 8 mt): columns 16c .. 16c + 15 of the tile
 };
 
+// This warp's accumulators into the output (one K slice: plus the bias) or into its split's partial
+// sums. Accumulator of a 16-row x 8-token tile: e = 0, 1 at row g, tokens 2c, 2c + 1; e = 2, 3 at
+// row g + 8.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void store_outputs(const DecodeArgs& args, const float (&out)[MT][NT][4], int m0, int nt0,
+                                              int g, int c, const T* bias, T* y) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + 8 * mt + 2 * c + (e & 1), n = (nt0 + i) * kTileRows + g + 8 * (e >> 1);
+        if (m >= args.M) continue;
+        if (args.splits > 1) {
+          args.partial[(int64_t(blockIdx.y) * args.M + m) * args.N + n] = out[mt][i][e];
+        } else {
+          y[int64_t(m) * args.N + n] = T(out[mt][i][e] + (bias != nullptr ? float(bias[n]) : 0.f));
+        }
+      }
+    }
+  }
+}
+
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT; tokens 8 MT blockIdx.z + (0 .. 8 MT).
 template <typename T, int BITS, int MT, int NT>
 __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
@@ -270,27 +294,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     cp_async_wait<0>();
   }
 
-  // Accumulator (16 rows x 8 tokens): e = 0, 1 at row g, tokens 2c, 2c + 1; e = 2, 3 at row g + 8.
   T* y = static_cast<T*>(args.out);
   const T* bias = static_cast<const T*>(args.bias);
-  if (active) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int i = 0; i < NT; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = m0 + 8 * mt + 2 * c + (e & 1), n = (nt0 + i) * kTileRows + g + 8 * (e >> 1);
-          if (m >= args.M) continue;
-          if (args.splits > 1) {
-            args.partial[(int64_t(blockIdx.y) * args.M + m) * args.N + n] = out[mt][i][e];
-          } else {
-            y[int64_t(m) * args.N + n] = T(out[mt][i][e] + (bias != nullptr ? float(bias[n]) : 0.f));
-          }
-        }
-      }
-    }
-  }
+  if (active) store_outputs<T, MT, NT>(args, out, m0, nt0, g, c, bias, y);
   if (args.splits == 1) return;
 
   // The last block of this column tile to finish sums the splits in order.
@@ -375,13 +381,11 @@ int blocks_per_sm() {
 // f.template operator()<BITS, MT, NT>() for the kernel instance of `bits` and cfg.
 template <typename F>
 auto with_instance(int bits, Config cfg, F&& f) {
-  const auto for_bits = [&]<int BITS>() {
+  return with_bits(bits, [&]<int BITS>() {
     if (cfg.mt == 1 && cfg.nt == 4) return f.template operator()<BITS, 1, 4>();
     if (cfg.mt == 1) return cfg.nt == 2 ? f.template operator()<BITS, 1, 2>() : f.template operator()<BITS, 1, 1>();
     return cfg.nt == 2 ? f.template operator()<BITS, 2, 2>() : f.template operator()<BITS, 2, 1>();
-  };
-  if (bits == 4) return for_bits.template operator()<4>();
-  return bits == 3 ? for_bits.template operator()<3>() : for_bits.template operator()<2>();
+  });
 }
 
 int smem_for(Config cfg, int bits) {

@@ -58,6 +58,40 @@ struct SmemLayout {
   static constexpr int kTotal = kStages * (kPackedBytes + kActBytes) + kDecodedBytes;
 };
 
+// This warp's accumulators into the output (one split: plus the bias) or into its split's fp32 partial
+// sums. Accumulator (m16 x n8): c0, c1 at row lane/4, columns 2*(lane%4) + {0, 1}; c2, c3 eight rows
+// down.
+template <typename T, int MT>
+__device__ __forceinline__ void store_outputs(const GemmArgs& args, const float (&acc)[MT][2][4], int P, int p0, int pw,
+                                              int m0, int lane) {
+  const int gr = lane / 4, gc = 2 * (lane % 4);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int p = p0 + pw + 8 * j + gc;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + mt * 16 + gr + 8 * h;
+        if (m >= args.M) continue;
+        const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
+        if (args.partial != nullptr) {
+          float* dst = args.partial + (int64_t(blockIdx.y) * args.M + m) * P + p;
+          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+        } else {
+          float b0 = 0.f, b1 = 0.f;
+          if (args.bias != nullptr) {
+            b0 = float(static_cast<const T*>(args.bias)[p]);
+            b1 = float(static_cast<const T*>(args.bias)[p + 1]);
+          }
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(args.out) + int64_t(m) * P + p) =
+              Native<T>::pack2(v0 + b0, v1 + b1);
+        }
+      }
+    }
+  }
+}
+
 // Blocks per SM the forward kernel is register-budgeted for (its shared memory allows 3 at MT = 1).
 template <int MT, bool TRANS>
 constexpr int kMinBlocks = TRANS ? 1 : (MT == 1 ? 3 : MT == 2 ? 2 : 1);
@@ -298,33 +332,7 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
   }
   cp_async_wait<0>();
 
-  // Accumulator (m16 x n8): c0, c1 at row lane/4, columns 2*(lane%4) + {0, 1}; c2, c3 eight rows down.
-  const int gr = lane / 4, gc = 2 * (lane % 4);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int p = p0 + pw + 8 * j + gc;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = m0 + mt * 16 + gr + 8 * h;
-        if (m >= args.M) continue;
-        const float v0 = acc[mt][j][2 * h], v1 = acc[mt][j][2 * h + 1];
-        if (args.partial != nullptr) {
-          float* dst = args.partial + (int64_t(blockIdx.y) * args.M + m) * P + p;
-          *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
-        } else {
-          float b0 = 0.f, b1 = 0.f;
-          if (args.bias != nullptr) {
-            b0 = float(static_cast<const T*>(args.bias)[p]);
-            b1 = float(static_cast<const T*>(args.bias)[p + 1]);
-          }
-          *reinterpret_cast<uint32_t*>(static_cast<T*>(args.out) + int64_t(m) * P + p) =
-              Native<T>::pack2(v0 + b0, v1 + b1);
-        }
-      }
-    }
-  }
+  store_outputs<T, MT>(args, acc, P, p0, pw, m0, lane);
 }
 
 // out[m, p] = sum over splits, in split order, + bias[p].
@@ -347,18 +355,14 @@ void launch(const GemmArgs& args, dim3 grid, cudaStream_t stream) {
   kernel<<<grid, kGemmThreads, smem, stream>>>(args);
 }
 
-template <typename T, int BITS, bool TRANS>
-void launch_mt(int mt, const GemmArgs& args, dim3 grid, cudaStream_t stream) {
-  if (mt == 1) return launch<T, BITS, 1, TRANS>(args, grid, stream);
-  if (mt == 2) return launch<T, BITS, 2, TRANS>(args, grid, stream);
-  return launch<T, BITS, 4, TRANS>(args, grid, stream);
-}
-
+// The kernel instance of (bits, token tiles mt, direction).
 template <typename T, bool TRANS>
-void launch_bits(int bits, int mt, const GemmArgs& args, dim3 grid, cudaStream_t stream) {
-  if (bits == 4) return launch_mt<T, 4, TRANS>(mt, args, grid, stream);
-  if (bits == 3) return launch_mt<T, 3, TRANS>(mt, args, grid, stream);
-  return launch_mt<T, 2, TRANS>(mt, args, grid, stream);
+void launch_instance(int bits, int mt, const GemmArgs& args, dim3 grid, cudaStream_t stream) {
+  with_bits(bits, [&]<int BITS>() {
+    if (mt == 1) return launch<T, BITS, 1, TRANS>(args, grid, stream);
+    if (mt == 2) return launch<T, BITS, 2, TRANS>(args, grid, stream);
+    return launch<T, BITS, 4, TRANS>(args, grid, stream);
+  });
 }
 
 }  // namespace
@@ -402,9 +406,9 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
   args.iters_per_split = int((iters + splits - 1) / splits);
   const dim3 grid(unsigned(P / kTile), unsigned(splits), unsigned((M + 16 * mt - 1) / (16 * mt)));
   if (grad_input) {
-    launch_bits<T, true>(shape.bits, mt, args, grid, stream);
+    launch_instance<T, true>(shape.bits, mt, args, grid, stream);
   } else {
-    launch_bits<T, false>(shape.bits, mt, args, grid, stream);
+    launch_instance<T, false>(shape.bits, mt, args, grid, stream);
   }
   check_launch("dequant_gemm");
   if (splits > 1) {
