@@ -68,12 +68,12 @@ def main():
             for bits in (2, 3, 4, 8):
                 with torch.enable_grad():
                     model = train(method, bits, train_tokens, args.steps)
-                save_quantized(model, tmp / "saved")
+                save_quantized(model, tmp / "saved", overwrite=True)
                 model = load_quantized(tmp / "saved")
                 ours = model(input_ids=x).logits
                 for fmt in ("gptq", "hqq"):
                     try:
-                        result = export_model(model, tmp / fmt, format=fmt)
+                        result = export_model(model, tmp / fmt, format=fmt, overwrite=True)
                     except ValueError as e:
                         rows.append(dict(method=method, bits=bits, format=fmt, exported=False, why=str(e)[:90]))
                         continue
@@ -95,10 +95,10 @@ def main():
                 return evaluate.perplexity(m, val, seq_len=128, max_windows=64, progress=False)["ppl"]
 
             trained = ppl(model)
-            result = export_model(model, tmp / "auto")
+            result = export_model(model, tmp / "auto", overwrite=True)
             exported = ppl(load(result["format"], result["path"]))
             round_zeros(model)
-            export_model(model, tmp / "rounded", format="gptq")
+            export_model(model, tmp / "rounded", format="gptq", overwrite=True)
             rounded = ppl(load("gptq", tmp / "rounded"))
             qalora_rows.append(dict(lr=lr, auto_format=result["format"], ppl_trained=trained, ppl_exported=exported,
                                     ppl_rtn=ppl(rtn), ppl_gptq_rounded_zeros=rounded,
