@@ -76,12 +76,20 @@ def save_checkpoint_file(obj, path: Path) -> None:
 def load_checkpoint_file(path: Path, map_location=None):
     """torch.load without unpickling arbitrary objects (tensors, containers and numbers only): a file
     crafted to run code on load, a truncated or a foreign file is refused with one line."""
+    import pickle
+
+    fix = "delete it, or rerun with --restart to start over"
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (a crash while it was written?); {fix}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (pickle, zip and torch raise many types; all mean the same here)
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path} cannot be loaded safely ({why[:160]}); delete it, or rerun with "
-                         "--restart to start over") from None
+    except pickle.UnpicklingError as e:
+        if "global" in str(e).lower():  # the weights-only unpickler met a class or function to import
+            raise ValueError(f"checkpoint {path} holds objects other than tensors, numbers and containers, and "
+                             f"loading it could run code: refused; {fix}") from None
+        raise ValueError(f"checkpoint {path} is truncated or not a torch checkpoint (UnpicklingError); {fix}") from None
+    except Exception as e:  # noqa: BLE001 (zip, pickle and torch raise many types; all mean the same here)
+        raise ValueError(f"checkpoint {path} is truncated or not a torch checkpoint ({type(e).__name__}); {fix}") from None
 
 
 def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfig, loss_fn=None,

@@ -139,15 +139,19 @@ def test_resume_with_another_method_is_refused_and_restart_starts_over(tmp_path,
     assert json.loads((out / "model" / "qatext_config.json").read_text())["layers"]
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", os.urandom(4096)], ids=["empty", "truncated", "random"])
-def test_corrupt_checkpoint_is_one_line(trained_run, bpe_model_dir, tmp_path, content):
+@pytest.mark.parametrize("content,why", [(b"", "is empty"), (b"PK\x03\x04 truncated", "is truncated or not a torch"),
+                                         (None, "is truncated or not a torch"),
+                                         (os.urandom(4096), "is truncated or not a torch")],
+                         ids=["empty", "zip-header", "cut-short", "random"])
+def test_corrupt_checkpoint_is_one_line(trained_run, bpe_model_dir, tmp_path, content, why):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    (run / "checkpoints" / "last.pt").write_bytes(content)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(content if content is not None else last.read_bytes()[:1000])  # None: cut short
     one_line_error(qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", run, *TRAIN),
-                   "last.pt cannot be loaded safely", "--restart")
+                   f"last.pt {why}", "--restart")
 
 
 class _RunsCode:
@@ -164,7 +168,7 @@ def test_checkpoint_crafted_to_run_code_is_refused(trained_run, bpe_model_dir, t
     torch.save({"model": _RunsCode(), "optimizer": {}, "step": 1}, run / "checkpoints" / "last.pt",
                pickle_protocol=2)
     one_line_error(qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", run, *TRAIN),
-                   "cannot be loaded safely")
+                   "loading it could run code: refused")
     assert not _RunsCode.marker.exists()
 
 
