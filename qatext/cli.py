@@ -60,7 +60,8 @@ def _tokenizer(model_dir: str, byte_tokens: bool, model):
     if byte_tokens:
         if vocab < 256:
             raise ValueError(f"--byte-tokens needs an embedding of at least 256 tokens; the model has {vocab}")
-        return data.ByteTokenizer().encode, {"tokenizer": "bytes (UTF-8, --byte-tokens)", "vocab_size": 256}
+        return data.ByteTokenizer().encode, {"tokenizer": "bytes (UTF-8, --byte-tokens)", "kind": "bytes",
+                                             "vocab_size": 256}
     if not has_tokenizer(model_dir):
         raise ValueError(f"--model {model_dir} has no tokenizer files (tokenizer.json, tokenizer.model, ...); add "
                          "the model's tokenizer there, or pass --byte-tokens to use UTF-8 bytes as tokens")
@@ -73,7 +74,8 @@ def _tokenizer(model_dir: str, byte_tokens: bool, model):
     def encode(text: str) -> torch.Tensor:
         return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
-    return encode, {"tokenizer": f"{type(tok).__name__} ({model_dir})", "vocab_size": len(tok)}
+    kind = f"{type(tok).__name__}, {len(tok)} tokens"  # not the path: a moved model is the same run
+    return encode, {"tokenizer": f"{type(tok).__name__} ({model_dir})", "kind": kind, "vocab_size": len(tok)}
 
 
 def _check_seq_len(model, seq_len: int) -> None:
@@ -89,13 +91,29 @@ def _positive(**values) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-def _warn_ignored(args) -> None:
-    uses = {"rank": ("lrqat", "qalora"), "calib_samples": ("efficientqat",),
-            "lr": ("full_qat", "lrqat", "qalora", "efficientqat")}
-    for option, methods in uses.items():
-        if getattr(args, option) is not None and args.method not in methods:
+# The train options only some methods take: for each, the methods and the recipe keyword it becomes.
+METHOD_OPTIONS = {
+    "lr": {"full_qat": "lr", "lrqat": "lr", "qalora": "lr", "efficientqat": "e2e_lr"},
+    "rank": {"lrqat": "rank", "qalora": "rank"},
+    "calib_samples": {"efficientqat": "n_samples"},
+}
+
+
+def _method_kwargs(args) -> dict:
+    """The recipe keywords of the options given; an option the method ignores is a warning."""
+    kwargs = {}
+    for option, keywords in METHOD_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.method not in keywords:
             print(f"qatext train: warning: --{option.replace('_', '-')} is ignored by --method {args.method}",
                   file=sys.stderr)
+            continue
+        kwargs[keywords[args.method]] = value
+    if args.method == "efficientqat":  # Block-AP's calibration: its own keywords
+        kwargs["block_ap_kwargs"] = {"n_samples": kwargs.pop("n_samples", 128), "batch_size": min(args.batch_size, 2)}
+    return kwargs
 
 
 def cmd_train(args) -> int:
@@ -108,7 +126,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     _positive(steps=(args.steps, 1), batch_size=(args.batch_size, 1), seq_len=(args.seq_len, 1),
               rank=(args.rank, 1), calib_samples=(args.calib_samples, 1), checkpoint_every=(args.checkpoint_every, 0))
-    _warn_ignored(args)
+    kwargs = _method_kwargs(args)
     spec = QuantSpec(args.bits, args.group_size, args.symmetric)
     _refuse_quantized_input(args.model)
     out = Path(args.output_dir)
@@ -124,7 +142,7 @@ def cmd_train(args) -> int:
     identity = {"method": args.method, "spec": spec.to_dict(), "lr": args.lr, "rank": args.rank,
                 "calib_samples": args.calib_samples, "steps": args.steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "seed": args.seed, "val_fraction": args.val_fraction,
-                "model": runs.model_fingerprint(args.model), "tokenizer": tok_info["tokenizer"],
+                "model": runs.model_fingerprint(args.model), "tokenizer": tok_info["kind"],
                 "data": {"source": args.data, "tokens": len(tokens), "sha256": runs.tokens_sha256(tokens)},
                 "world_size": distributed.world_size(),
                 "distributed": args.distributed if distributed.world_size() > 1 else None}
@@ -143,13 +161,6 @@ def cmd_train(args) -> int:
                                  seed=args.seed, checkpoint_dir=str(out / "checkpoints"),
                                  checkpoint_every=args.checkpoint_every, distributed=args.distributed,
                                  activation_checkpointing=args.activation_checkpointing)
-    kwargs = {}
-    if args.lr is not None and args.method != "rtn":
-        kwargs["e2e_lr" if args.method == "efficientqat" else "lr"] = args.lr
-    if args.rank is not None and args.method in ("lrqat", "qalora"):
-        kwargs["rank"] = args.rank
-    if args.method == "efficientqat":
-        kwargs["block_ap_kwargs"] = {"n_samples": args.calib_samples or 128, "batch_size": min(args.batch_size, 2)}
     model, history = methods.run(args.method, model, spec, train_tokens, cfg, **kwargs)
     merge_model(model)
     if distributed.is_main():  # every rank holds the full merged model; one writes it
@@ -177,7 +188,8 @@ def cmd_eval(args) -> int:
                          f"shorter than one window of --seq-len {args.seq_len}; give more text or a shorter --seq-len")
     result = evaluate.perplexity(model, val, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.max_windows)
-    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, **tok_info, **result},
+    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, "tokenizer": tok_info["tokenizer"],
+                      "vocab_size": tok_info["vocab_size"], **result},
                      indent=1))
     return 0
 

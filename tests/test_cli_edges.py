@@ -288,3 +288,14 @@ def test_ignored_option_warns(tmp_path, bpe_model_dir):
     proc = qatext("train", "--method", "full_qat", "--model", bpe_model_dir, "--output-dir", tmp_path / "r", *TRAIN,
                   "--rank", "8")
     assert proc.returncode == 0 and "warning: --rank is ignored by --method full_qat" in proc.stderr
+
+
+def test_the_same_model_moved_elsewhere_still_resumes(tmp_path, bpe_model_dir, trained_run):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(bpe_model_dir, moved)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    proc = qatext("train", "--method", "lrqat", "--model", moved, "--output-dir", run, *TRAIN)
+    assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stderr[-2000:]
