@@ -1,4 +1,4 @@
-"""qatext command line: train | eval | export | demo (also `python -m qatext`).
+"""qatext command line: train | eval | export | generate | demo (also `python -m qatext`).
 
 Every user mistake ends in one line, `qatext <command>: <what> ...<what to do>`, and exit code 2."""
 
@@ -228,6 +228,38 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Continue a prompt with the model, printing the new text as it is generated."""
+    from transformers import AutoTokenizer, TextStreamer
+
+    from .io import has_tokenizer
+
+    _positive(max_new_tokens=(args.max_new_tokens, 1))
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give the text the model should continue")
+    if not has_tokenizer(args.model):
+        _model_dir(args.model)
+        raise ValueError(f"--model {args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); "
+                         "generation needs the model's tokenizer")
+    device = _device(args.device)
+    model = _load_model(args.model, device)
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and ids.shape[1] + args.max_new_tokens > positions:
+        raise ValueError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} exceed the "
+                         f"model's {positions} positions; shorten either")
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else \
+        {"do_sample": False}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                       streamer=TextStreamer(tok, skip_special_tokens=True),
+                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **sampling)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -305,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seq-len", type=int, default=2048, help="--round-zeros evaluation window (capped at the model's)")
     x.add_argument("--max-windows", type=int, default=32, help="--round-zeros evaluation windows")
     x.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("generate", formatter_class=fmt, help="continue a prompt with a model, streaming the text")
+    g.add_argument("--model", required=True, help="a model directory with its tokenizer (OUTPUT/model, an HF model)")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling at this temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (default: unseeded)")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="FP vs RTN vs LR-QAT vs QA-LoRA vs EfficientQAT on a small Llama")

@@ -299,3 +299,13 @@ def test_the_same_model_moved_elsewhere_still_resumes(tmp_path, bpe_model_dir, t
     shutil.copytree(trained_run, run)
     proc = qatext("train", "--method", "lrqat", "--model", moved, "--output-dir", run, *TRAIN)
     assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_generate_streams_a_continuation(trained_run, tiny_model_dir):
+    proc = qatext("generate", "--model", trained_run / "model", "--prompt", "In the beginning", "--max-new-tokens", "8",
+                  "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("In the beginning") and len(proc.stdout.strip()) > len("In the beginning")
+    one_line_error(qatext("generate", "--model", tiny_model_dir, "--prompt", "x"), "no tokenizer files")
+    one_line_error(qatext("generate", "--model", trained_run / "model", "--prompt", "x", "--max-new-tokens", "999"),
+                   "exceed the model's 128 positions")
