@@ -33,11 +33,15 @@ def _model_dir(path: str) -> Path:
 def _load_model(path: str, device):
     from transformers import AutoModelForCausalLM
 
+    from .export.hqq import WEIGHTS_NAME as HQQ_WEIGHTS
     from .io import CONFIG_NAME, load_quantized
 
     p = _model_dir(path)
     if (p / CONFIG_NAME).exists():
         return load_quantized(p, device=device)
+    if (p / HQQ_WEIGHTS).exists():
+        raise ValueError(f"--model {path} is an HQQ export, which the hqq library loads "
+                         "(AutoHQQHFModel.from_quantized); give the qatext model it was exported from")
     return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device)
 
 
@@ -371,11 +375,11 @@ def main(argv=None) -> int:
     prefix = f"qatext {args.command}:"
     try:
         return args.fn(args)
-    except (ValueError, LossNotFinite) as e:
+    except (ValueError, LossNotFinite, ImportError) as e:  # ImportError: a loader's missing package, named by it
         print(f"{prefix} {e}", file=sys.stderr)
     except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        print(f"{prefix}{where}: {e.strerror or e}", file=sys.stderr)
+        where = f" {e.filename}:" if e.filename else ""
+        print(f"{prefix}{where} {e.strerror or e}", file=sys.stderr)
     except KeyboardInterrupt:
         hint = ""
         if args.command == "train":

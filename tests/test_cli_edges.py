@@ -309,3 +309,11 @@ def test_generate_streams_a_continuation(trained_run, tiny_model_dir):
     one_line_error(qatext("generate", "--model", tiny_model_dir, "--prompt", "x"), "no tokenizer files")
     one_line_error(qatext("generate", "--model", trained_run / "model", "--prompt", "x", "--max-new-tokens", "999"),
                    "exceed the model's 128 positions")
+
+
+def test_an_hqq_export_is_named_not_misread(tmp_path, trained_run):
+    out = tmp_path / "hqq"
+    assert qatext("export", "--model", trained_run / "model", "--output", out, "--format", "hqq").returncode == 0
+    for command in ("eval", "generate"):
+        one_line_error(qatext(command, "--model", out, "--prompt" if command == "generate" else "--seq-len",
+                              "x" if command == "generate" else "32"), "is an HQQ export")
