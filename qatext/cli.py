@@ -192,9 +192,8 @@ def cmd_eval(args) -> int:
                          f"shorter than one window of --seq-len {args.seq_len}; give more text or a shorter --seq-len")
     result = evaluate.perplexity(model, val, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.max_windows)
-    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len, "tokenizer": tok_info["tokenizer"],
-                      "vocab_size": tok_info["vocab_size"], **result},
-                     indent=1))
+    print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len,
+                      "tokenizer": tok_info["tokenizer"], "vocab_size": tok_info["vocab_size"], **result}, indent=1))
     return 0
 
 

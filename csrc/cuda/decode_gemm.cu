@@ -81,6 +81,51 @@ struct Stage {
   uint4 x[MT][2];            // token g (+ 8 mt): columns 16c .. 16c + 15 of the tile
 };
 
+// The mma A fragment (4 registers of 16-bit code pairs, exact) of a row tile at 16-deep step j of its
+// 64 columns: each pair is shifted out of `word` and masked by one lop3 into the mantissa of base,
+// then base is subtracted in 16 bits (3 bits: a second shift and lop3 or the high bit in from `hi`,
+// the 1-bit plane word, at bit 2 of each half).
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_fragment(uint32_t word, uint32_t hi, int j, uint32_t (&a)[4]) {
+  constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;  // (of the 2-bit plane for 3 bits)
+  constexpr uint32_t mask = ((1u << (BITS == 3 ? 2 : BITS)) - 1u) * 0x00010001u, base = Native<T>::code_base;
+  constexpr uint32_t high_bit = 0x00040004u;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    if constexpr (BITS == 3) {
+      uint32_t v = and_or(word >> (2 * (r + 4 * (j % kStepsPerWord))), mask, base);
+      const int hb = r + 4 * j;  // the high bits' position in the 1-bit plane word, moved to bit 2
+      v = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v);
+      a[r] = Native<T>::sub2(v, base);
+    } else {
+      a[r] = Native<T>::sub2(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
+    }
+  }
+}
+
+// At a group's end, fold its sums into the output, out += s * sum_k x q - z * s * sum_k x, and clear them.
+template <int MT, int NT>
+__device__ __forceinline__ void fold_group(const float (&s)[NT][2], const float (&z)[NT][2], float (&accq)[MT][NT][4],
+                                           float (&accx)[MT][4], float (&out)[MT][NT][4]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const float nzs0 = -z[i][0] * s[i][0], nzs1 = -z[i][1] * s[i][1];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      out[mt][i][0] += s[i][0] * accq[mt][i][0] + nzs0 * accx[mt][0];
+      out[mt][i][1] += s[i][0] * accq[mt][i][1] + nzs0 * accx[mt][1];
+      out[mt][i][2] += s[i][1] * accq[mt][i][2] + nzs1 * accx[mt][0];
+      out[mt][i][3] += s[i][1] * accq[mt][i][3] + nzs1 * accx[mt][1];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) accq[mt][i][e] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) accx[mt][e] = 0.f;
+}
+
 // This warp's accumulators into the output (one K slice: plus the bias) or into its split's partial
 // sums. Accumulator of a 16-row x 8-token tile: e = 0, 1 at row g, tokens 2c, 2c + 1; e = 2, 3 at
 // row g + 8.
@@ -216,9 +261,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         for (int i = 0; i < NT; ++i) accq[mt][i][e] = 0.f;
       }
     const uint32_t ones[4] = {Native<T>::ones, Native<T>::ones, Native<T>::ones, Native<T>::ones};
-    // (3 bits: the 2-bit plane's mask; the high bit is or-ed in at bit 2 of each half.)
-    const uint32_t mask = ((1u << (BITS == 3 ? 2 : BITS)) - 1u) * 0x00010001u, base = Native<T>::code_base;
-    const uint32_t high_bit = 0x00040004u;
 
     const auto compute = [&](const Stage<BITS, MT, NT>& st, int t) {
 #pragma unroll
@@ -228,18 +270,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         for (int i = 0; i < NT; ++i) {
           const uint32_t word = st.codes[i][j / kStepsPerWord];
           uint32_t a[4];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            if constexpr (BITS == 3) {
-              uint32_t v = and_or(word >> (2 * (r + 4 * (j % kStepsPerWord))), mask, base);
-              const int hb = r + 4 * j;  // the high bits' position in the 1-bit plane word, moved to bit 2
-              const uint32_t hi = st.codes[i][2];
-              v = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v);
-              a[r] = Native<T>::sub2(v, base);
-            } else {
-              a[r] = Native<T>::sub2(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
-            }
-          }
+          decode_fragment<T, BITS>(word, st.codes[i][BITS == 3 ? 2 : 0], j, a);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             const uint4& v = st.x[mt][j / 2];
@@ -254,25 +285,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       }
       // At a group's end fold the sums into the output: s * sum x q - z * s * sum x.
       const bool group_ends = t + 1 == group_end;
-      if (group_ends) {
-#pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          const float nzs0 = -z[i][0] * s[i][0], nzs1 = -z[i][1] * s[i][1];
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            out[mt][i][0] += s[i][0] * accq[mt][i][0] + nzs0 * accx[mt][0];
-            out[mt][i][1] += s[i][0] * accq[mt][i][1] + nzs0 * accx[mt][1];
-            out[mt][i][2] += s[i][1] * accq[mt][i][2] + nzs1 * accx[mt][0];
-            out[mt][i][3] += s[i][1] * accq[mt][i][3] + nzs1 * accx[mt][1];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) accq[mt][i][e] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) accx[mt][e] = 0.f;
-      }
+      if (group_ends) fold_group<MT, NT>(s, z, accq, accx, out);
       if (group_ends) {
         ++group;
         group_end = min(t_end, group_end + args.tiles_per_group);

@@ -6,7 +6,9 @@
 
 namespace qatext::cuda {
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
 // 16-byte async copy that bypasses L1 (.cg: data read once); src_bytes < 16 zero-fills the rest
 // (0: a row past the end becomes zeros).
