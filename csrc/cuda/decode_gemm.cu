@@ -81,6 +81,55 @@ struct Stage {
   uint4 x[MT][2];            // token g (+ 8 mt): columns 16c .. 16c + 15 of the tile
 };
 
+// Async copies of tile t into this lane's own bytes of a ring slot `st`: its code bytes of each of the
+// warp's row tiles (3 bits: the 2-bit plane, then the 1-bit plane) and its two 16-byte activation
+// vectors per token tile.
+template <typename T, int BITS, int MT, int NT>
+__device__ __forceinline__ void issue_stage(uint8_t* st, const uint8_t* codes, int64_t tile_row_bytes, int t,
+                                            const T* const (&xrow)[MT], int lane) {
+  using L = StageLayout<BITS, MT, NT>;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const uint8_t* src = codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS);
+    if constexpr (BITS == 3) {
+      cp_async_once<8>(st + L::codes(i, lane), src);
+      cp_async_once<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
+    } else {
+      cp_async_once<L::kCodeBytes>(st + L::codes(i, lane), src);
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    cp_async16_shared(st + L::x(mt, 0, lane), xrow[mt] + t * kTileCols);
+    cp_async16_shared(st + L::x(mt, 1, lane), xrow[mt] + t * kTileCols + 8);
+  }
+}
+
+// This lane's code words of each row tile and its activations of each token tile, from its own bytes
+// of a ring slot `src` into registers.
+template <int BITS, int MT, int NT>
+__device__ __forceinline__ void read_stage(const uint8_t* src, int lane, Stage<BITS, MT, NT>& st) {
+  using L = StageLayout<BITS, MT, NT>;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    if constexpr (BITS == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
+      st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z, st.codes[i][3] = v.w;
+    } else if constexpr (BITS == 3) {  // 2-bit plane words, then the 1-bit plane word
+      const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
+      st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(src + L::codes(i, lane));
+      st.codes[i][0] = v.x, st.codes[i][1] = v.y;
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
+    st.x[mt][1] = *reinterpret_cast<const uint4*>(src + L::x(mt, 1, lane));
+  }
+}
+
 // The mma A fragment (4 registers of 16-bit code pairs, exact) of a row tile at 16-deep step j of its
 // 64 columns: each pair is shifted out of `word` and masked by one lop3 into the mantissa of base,
 // then base is subtracted in 16 bits (3 bits: a second shift and lop3 or the high bit in from `hi`,
@@ -185,46 +234,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     // Issue the copies of tile t into ring slot `slot` (nothing past the slice; the group is still
     // committed so that the wait counts stay aligned).
     const auto issue = [&](int slot, int t) {
-      if (t < t_end) {
-        uint8_t* st = warp_smem + slot * L::kBytes;
-#pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          const uint8_t* src = codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS);
-          if constexpr (BITS == 3) {
-            cp_async_once<8>(st + L::codes(i, lane), src);
-            cp_async_once<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
-          } else {
-            cp_async_once<L::kCodeBytes>(st + L::codes(i, lane), src);
-          }
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          cp_async16_shared(st + L::x(mt, 0, lane), xrow[mt] + t * kTileCols);
-          cp_async16_shared(st + L::x(mt, 1, lane), xrow[mt] + t * kTileCols + 8);
-        }
-      }
+      if (t < t_end) issue_stage<T, BITS, MT, NT>(warp_smem + slot * L::kBytes, codes, tile_row_bytes, t, xrow, lane);
       cp_async_commit();
-    };
-    const auto read = [&](Stage<BITS, MT, NT>& st, int slot) {
-      const uint8_t* src = warp_smem + slot * L::kBytes;
-#pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        if constexpr (BITS == 4) {
-          const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
-          st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z, st.codes[i][3] = v.w;
-        } else if constexpr (BITS == 3) {  // 2-bit plane words, then the 1-bit plane word
-          const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
-          st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z;
-        } else {
-          const uint2 v = *reinterpret_cast<const uint2*>(src + L::codes(i, lane));
-          st.codes[i][0] = v.x, st.codes[i][1] = v.y;
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
-        st.x[mt][1] = *reinterpret_cast<const uint4*>(src + L::x(mt, 1, lane));
-      }
     };
 
     // Scales and zeros of rows g and g + 8 of each tile for the current group, loaded a group ahead
@@ -298,7 +309,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     for (int t = t_begin, slot = 0; t < t_end; ++t) {
       cp_async_wait<kStages - 2>();  // tile t landed (this lane's own copies)
       Stage<BITS, MT, NT> cur;
-      read(cur, slot);
+      read_stage<BITS, MT, NT>(warp_smem + slot * L::kBytes, lane, cur);
       // Refill the slot read one tile ago (its data is in registers already).
       issue(slot == 0 ? kStages - 1 : slot - 1, t + kStages - 1);
       compute(cur, t);

@@ -92,81 +92,6 @@ __device__ __forceinline__ void store_outputs(const GemmArgs& args, const float 
   }
 }
 
-// Grad input: decode 64 codes of one packed W-tile row (`src`, 8 chunks of 8) into 16-bit values at
-// `dst`: (q - z) * s = q * s + nzs in fp32 (one FMA), rounded once; s[j], nzs[j] per chunk.
-template <typename T, int BITS>
-__device__ __forceinline__ void decode_row(const uint8_t* src, uint16_t* dst, const float (&s)[8],
-                                           const float (&nzs)[8]) {
-  uint32_t words[2 * BITS + 1];
-#pragma unroll
-  for (int i = 0; i < BITS; ++i) {
-    const uint2 v = *reinterpret_cast<const uint2*>(src + 8 * i);
-    words[2 * i] = v.x;
-    words[2 * i + 1] = v.y;
-  }
-  words[2 * BITS] = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    uint32_t out[4];
-#pragma unroll
-    for (int e = 0; e < 8; e += 2) {
-      float v[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int bit = (8 * j + e + h) * BITS, w = bit >> 5, off = bit & 31;
-        uint32_t q = words[w] >> off;
-        if (off + BITS > 32) q |= words[w + 1] << (32 - off);
-        v[h] = fmaf(code_to_float(q & ((1u << BITS) - 1u)), s[j], nzs[j]);
-      }
-      out[e / 2] = Native<T>::pack2(v[0], v[1]);
-    }
-    *reinterpret_cast<uint4*>(dst + 8 * j) = make_uint4(out[0], out[1], out[2], out[3]);
-  }
-}
-
-// {b0, b1}: an mma B fragment at k-step ks, four codes from one or two 32-bit words of the packed W
-// row `row`, dequantised as (q - z) * s = q * s + nzs in fp32 and rounded once to 16 bits; ft = lane % 4,
-// byte_t_to_2 the __byte_perm selector moving byte ft of a word to byte 2.
-template <typename T, int BITS>
-__device__ __forceinline__ void fragment(const uint32_t* row, int ks, float s, float nzs, int ft, uint32_t byte_t_to_2,
-                                         uint32_t& b0, uint32_t& b1) {
-  const int first_bit = 16 * ks * BITS, word = first_bit >> 5;
-  constexpr uint32_t mask = (1u << BITS) - 1u;
-  const auto value = [&](uint32_t bits) { return fmaf(code_to_float(bits & mask), s, nzs); };
-  if constexpr (BITS == 4) {
-    // Byte t of each word holds codes (2t, 2t+1) resp. (2t+8, 2t+9). A byte permute moves it to
-    // bits 16-23; masked into the mantissa of 128.0f each nibble gives exactly 128 + q, and one FMA
-    // with s and c = -(128 + z) * s gives (q - z) * s (the 128 costs ~2^-17 s of fp32 rounding).
-    const uint2 w = *reinterpret_cast<const uint2*>(row + word);
-    const float c = fmaf(-128.f, s, nzs);
-    const auto value_at_16 = [&](uint32_t bits) {
-      return fmaf(__int_as_float((bits & 0x000F0000u) | 0x43000000u), s, c);
-    };
-    const uint32_t lo = __byte_perm(w.x, 0, byte_t_to_2), hi = __byte_perm(w.y, 0, byte_t_to_2);
-    b0 = Native<T>::pack2(value_at_16(lo), value_at_16(lo >> 4));
-    b1 = Native<T>::pack2(value_at_16(hi), value_at_16(hi >> 4));
-    return;
-  }
-  uint32_t q[4];  // codes 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step, shifted down to bit 0 (masked by value)
-  if constexpr (BITS == 3) {  // codes may straddle words: a 64-bit window
-    const uint64_t window = row[word] | uint64_t(row[word + 1]) << 32;
-    const int base = (first_bit & 31) + 2 * ft * BITS;
-    q[0] = uint32_t(window >> base);
-    q[1] = uint32_t(window >> (base + BITS));
-    q[2] = uint32_t(window >> (base + 8 * BITS));
-    q[3] = uint32_t(window >> (base + 9 * BITS));
-  } else {  // 2 bits: codes 2t, 2t+1 and 2t+8, 2t+9 sit in one word (32-bit shifts)
-    const uint32_t lo = row[word], hi = lo >> 16;
-    const int base = 2 * ft * BITS;
-    q[0] = lo >> base;
-    q[1] = lo >> (base + BITS);
-    q[2] = hi >> base;
-    q[3] = hi >> (base + BITS);
-  }
-  b0 = Native<T>::pack2(value(q[0]), value(q[1]));
-  b1 = Native<T>::pack2(value(q[2]), value(q[3]));
-}
-
 // Blocks per SM the forward kernel is register-budgeted for (its shared memory allows 3 at MT = 1).
 template <int MT, bool TRANS>
 constexpr int kMinBlocks = TRANS ? 1 : (MT == 1 ? 3 : MT == 2 ? 2 : 1);
@@ -238,6 +163,36 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
     }
   };
 
+  // Decode ring slot `slot` into dec_s: value = q * s - z * s in fp32 (one FMA), rounded once.
+  auto decode_stage = [&](int slot, const float (&s)[8], const float (&nzs)[8]) {
+    const uint8_t* src = packed_s + slot * L::kPackedBytes + drow * kPackedStride + dhalf * 8 * BITS;
+    uint32_t words[2 * BITS + 1];
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+      const uint2 v = *reinterpret_cast<const uint2*>(src + 8 * i);
+      words[2 * i] = v.x;
+      words[2 * i + 1] = v.y;
+    }
+    words[2 * BITS] = 0;
+    uint16_t* dst = dec_s + drow * kHalfStride + dhalf * 64;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      uint32_t out[4];
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        float v[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int bit = (8 * j + e + h) * BITS, w = bit >> 5, off = bit & 31;
+          uint32_t q = words[w] >> off;
+          if (off + BITS > 32) q |= words[w + 1] << (32 - off);
+          v[h] = fmaf(code_to_float(q & ((1u << BITS) - 1u)), s[j], nzs[j]);
+        }
+        out[e / 2] = Native<T>::pack2(v[0], v[1]);
+      }
+      *reinterpret_cast<uint4*>(dst + 8 * j) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+  };
 
   float acc[MT][2][4];
 #pragma unroll
@@ -285,6 +240,43 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
       }
     }
   };
+  // {b0, b1} of fragment j at k-step ks: four codes from one or two 32-bit words of the packed row.
+  auto fragment = [&](const uint8_t* packed_slot, int j, int ks, float s, float nzs, uint32_t& b0, uint32_t& b1) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(packed_slot + (pw + 8 * j + fg) * kPackedStride);
+    const int first_bit = 16 * ks * BITS, word = first_bit >> 5;
+    constexpr uint32_t mask = (1u << BITS) - 1u;
+    const auto value = [&](uint32_t bits) { return fmaf(code_to_float(bits & mask), s, nzs); };
+    if constexpr (BITS == 4) {
+      // Byte t of each word holds codes (2t, 2t+1) resp. (2t+8, 2t+9). A byte permute moves it to
+      // bits 16-23; masked into the mantissa of 128.0f each nibble gives exactly 128 + q, and one FMA
+      // with s and c = -(128 + z) * s gives (q - z) * s (the 128 costs ~2^-17 s of fp32 rounding).
+      const uint2 w = *reinterpret_cast<const uint2*>(row + word);
+      const float c = fmaf(-128.f, s, nzs);
+      const auto value_at_16 = [&](uint32_t bits) { return fmaf(__int_as_float((bits & 0x000F0000u) | 0x43000000u), s, c); };
+      const uint32_t lo = __byte_perm(w.x, 0, byte_t_to_2), hi = __byte_perm(w.y, 0, byte_t_to_2);
+      b0 = Native<T>::pack2(value_at_16(lo), value_at_16(lo >> 4));
+      b1 = Native<T>::pack2(value_at_16(hi), value_at_16(hi >> 4));
+      return;
+    }
+    uint32_t q[4];  // codes 2t, 2t + 1, 2t + 8, 2t + 9 of the k-step, shifted down to bit 0 (masked by value)
+    if constexpr (BITS == 3) {  // codes may straddle words: a 64-bit window
+      const uint64_t window = row[word] | uint64_t(row[word + 1]) << 32;
+      const int base = (first_bit & 31) + 2 * ft * BITS;
+      q[0] = uint32_t(window >> base);
+      q[1] = uint32_t(window >> (base + BITS));
+      q[2] = uint32_t(window >> (base + 8 * BITS));
+      q[3] = uint32_t(window >> (base + 9 * BITS));
+    } else {  // 2 bits: codes 2t, 2t+1 and 2t+8, 2t+9 sit in one word (32-bit shifts)
+      const uint32_t lo = row[word], hi = lo >> 16;
+      const int base = 2 * ft * BITS;
+      q[0] = lo >> base;
+      q[1] = lo >> (base + BITS);
+      q[2] = hi >> base;
+      q[3] = hi >> (base + BITS);
+    }
+    b0 = Native<T>::pack2(value(q[0]), value(q[1]));
+    b1 = Native<T>::pack2(value(q[2]), value(q[3]));
+  };
 
   float next_s[2] = {0.f, 0.f}, next_z[2] = {0.f, 0.f};  // forward, one group per stage: stage it + 1's
   if (!TRANS && one_group_per_stage && iters > 0) load_stage_group(0, next_s, next_z);
@@ -313,8 +305,7 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
     if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, it + kStages - 1);
     cp_async_commit();
     if constexpr (TRANS) {
-      decode_row<T, BITS>(packed_s + slot * L::kPackedBytes + drow * kPackedStride + dhalf * 8 * BITS,
-                          dec_s + drow * kHalfStride + dhalf * 64, s, nzs);
+      decode_stage(slot, s, nzs);
       __syncthreads();
     }
     const uint16_t* act = act_s + slot * (L::kActBytes / 2);
@@ -327,11 +318,8 @@ __global__ void __launch_bounds__(kGemmThreads, (kMinBlocks<MT, TRANS>)) dequant
         const int mi = lane / 8;
         ldmatrix_x4_trans(b, dec_s + (k0 + lane % 8 + (mi % 2) * 8) * kHalfStride + pw + (mi / 2) * 8);
       } else {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const uint32_t* row = reinterpret_cast<const uint32_t*>(packed_slot + (pw + 8 * j + fg) * kPackedStride);
-          fragment<T, BITS>(row, k0 / 16, fs[j][k0 / 16], fnzs[j][k0 / 16], ft, byte_t_to_2, b[2 * j], b[2 * j + 1]);
-        }
+        fragment(packed_slot, 0, k0 / 16, fs[0][k0 / 16], fnzs[0][k0 / 16], b[0], b[1]);
+        fragment(packed_slot, 1, k0 / 16, fs[1][k0 / 16], fnzs[1][k0 / 16], b[2], b[3]);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
