@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..quant.primitives import qmax
 from .layers import QuantizedWeight, dense_tensors
 
 BITS = (2, 3, 4, 8)
@@ -45,7 +46,7 @@ def unpack_int32(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.
     spill = (shift + bits > 32).flatten()
     if spill.any():
         value[spill] |= w[word[spill] + 1] << (32 - shift[spill])
-    return (value & ((1 << bits) - 1)).movedim(0, dim).contiguous()
+    return (value & qmax(bits)).movedim(0, dim).contiguous()
 
 
 def default_checkpoint_format(weights: list[QuantizedWeight]) -> str:
@@ -77,8 +78,9 @@ def check(weights: list[QuantizedWeight], checkpoint_format: str) -> None:
                              "change the model. Use format 'hqq' (exact), or round the zeros explicitly "
                              "(--round-zeros) and accept the measured loss")
         low = CHECKPOINT_FORMATS[checkpoint_format]
-        if bool((w.zero < low).any()) or bool((w.zero > low + (1 << w.bits) - 1).any()):
-            raise ValueError(f"export (gptq): {w.name} has zero points outside [{low}, {low + (1 << w.bits) - 1}], "
+        high = low + qmax(w.bits)
+        if bool((w.zero < low).any()) or bool((w.zero > high).any()):
+            raise ValueError(f"export (gptq): {w.name} has zero points outside [{low}, {high}], "
                              f"which checkpoint_format {checkpoint_format!r} cannot store"
                              + ("; use 'gptq_v2'" if checkpoint_format == "gptq" else "; use format 'hqq'"))
 
