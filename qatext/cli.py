@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 
+NEXT_WORD_TASK = "qatext_next_word"  # the local zero-shot task: the next word of held-out text among 4
+
+
 def _device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
@@ -181,7 +184,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from . import data, evaluate
 
-    _positive(seq_len=(args.seq_len, 1), batch_size=(args.batch_size, 1), max_windows=(args.max_windows, 1))
+    _positive(seq_len=(args.seq_len, 1), batch_size=(args.batch_size, 1), max_windows=(args.max_windows, 1),
+              limit=(args.limit, 1))
+    if args.tasks is not None:
+        return _eval_tasks(args)
     device = _device(args.device)
     model = _load_model(args.model, device)
     _check_seq_len(model, args.seq_len)
@@ -194,6 +200,40 @@ def cmd_eval(args) -> int:
                                  max_windows=args.max_windows)
     print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len,
                       "tokenizer": tok_info["tokenizer"], "vocab_size": tok_info["vocab_size"], **result}, indent=1))
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    """lm-eval zero-shot tasks; NEXT_WORD_TASK is built from the held-out part of --data."""
+    import tempfile
+
+    from . import data, zero_shot
+    from .io import has_tokenizer
+
+    zero_shot._lm_eval()  # one line now if lm-eval is missing, before the model loads
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks: give lm-eval task names separated by commas, e.g. --tasks "
+                         f"{NEXT_WORD_TASK},arc_easy")
+    if args.tasks_dir is not None and not Path(args.tasks_dir).is_dir():
+        raise ValueError(f"--tasks-dir {args.tasks_dir} is not a directory of lm-eval task YAML files")
+    _model_dir(args.model)
+    if not has_tokenizer(args.model):
+        raise ValueError(f"--tasks needs the model's tokenizer files in --model {args.model} (lm-eval scores text); "
+                         "add them there")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = _load_model(args.model, _device(args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [args.tasks_dir] if args.tasks_dir else []
+        if NEXT_WORD_TASK in tasks:
+            text = data.load_text(args.data)
+            held_out = text[int(len(text) * (1 - args.val_fraction)):]
+            dirs.append(zero_shot.write_next_word_task(held_out, tmp, name=NEXT_WORD_TASK, n=args.limit or 500))
+        results = zero_shot.run_tasks(model, tokenizer, tasks, tasks_dir=dirs or None, batch_size=args.batch_size,
+                                      limit=args.limit)
+    print(json.dumps({"model": args.model, "tasks": results}, indent=1))
     return 0
 
 
@@ -321,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    e.add_argument("--tasks", default=None,
+                   help="instead of perplexity, lm-eval zero-shot tasks, comma-separated (needs pip install "
+                        f"'qatext[eval]'); {NEXT_WORD_TASK} is built from the held-out part of --data, offline")
+    e.add_argument("--tasks-dir", default=None, help="a directory of your own lm-eval task YAML files")
+    e.add_argument("--limit", type=int, default=None, help="--tasks: at most this many examples per task")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", formatter_class=fmt,
