@@ -301,24 +301,11 @@ def probes(args, setup: Setup) -> None:
 # ---------------------------------------------------------------------------------------------
 # Report: mean and 95% interval per cell, the gap each method recovers, the table and the plot.
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of the 95% t-interval (0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
-
-
 def summarize(cells: list[dict]) -> dict:
     groups: dict = {}
     for c in cells:
         groups.setdefault((c["method"], c.get("config")), []).append(c["ppl"])
-    return {k: interval(v) + (len(v),) for k, v in groups.items()}
+    return {k: evaluate.mean_interval(v) + (len(v),) for k, v in groups.items()}
 
 
 def report(args) -> str:

@@ -1,4 +1,5 @@
-"""Perplexity on held-out text with non-overlapping windows, plus tokens/s and peak memory."""
+"""Perplexity on held-out text with non-overlapping windows, plus tokens/s and peak memory, and the
+interval that a few seeds' results give."""
 
 from __future__ import annotations
 
@@ -51,3 +52,25 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = 2048, batch_size: int
     mean = nll / n
     return {"ppl": math.exp(mean), "nll": mean, "tokens": n * seq_len, "tokens_per_s": n * seq_len / elapsed,
             "peak_memory_mb": peak_memory_mb(device)}
+
+
+def mean_interval(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval: no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _t975(n - 1) * sd / math.sqrt(n)
+
+
+def _t975(df: int) -> float:
+    """The 97.5% quantile of Student's t: exact to 3 decimals for df <= 10, a series beyond."""
+    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+    if df <= len(table):
+        return table[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)

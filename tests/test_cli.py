@@ -16,7 +16,22 @@ def test_demo_quick(tmp_path, capsys):
     assert {(r["method"], r["bits"]) for r in results["runs"]} == {
         (m, b) for m in ("rtn", "lrqat", "qalora", "efficientqat") for b in (4, 3, 2)}
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
-    assert "W2 g64" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "W2 g64" in out
+    assert "SMOKE RUN (--quick)" in out and results["config"]["quick"]  # never presented as a comparison
+
+
+def test_demo_table_reports_intervals():
+    from qatext.demo import CONFIGS, METHOD_NAMES, format_table
+
+    runs = [{"method": m, "bits": s.bits, "group_size": s.group_size, "seed": seed, "ppl": 5.0 + 0.01 * seed}
+            for s in CONFIGS for m in METHOD_NAMES for seed in ((0,) if m == "rtn" else (0, 1, 2))]
+    results = {"fp": {"ppl": 4.9}, "fp_continued": [{"ppl": 4.8}, {"ppl": 4.82}, {"ppl": 4.84}], "runs": runs,
+               "config": {"seeds": 3, "quick": False}}
+    table = format_table(results)
+    assert "SMOKE" not in table
+    assert "4.820 ± 0.050" in table  # the control over 3 seeds: sd 0.02, t 4.303
+    assert "| 5.000 | 5.010 ± 0.025 |" in table  # RTN alone, then a 3-seed cell
 
 
 @pytest.mark.parametrize("method", ["lrqat", "efficientqat"])

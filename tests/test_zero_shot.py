@@ -1,4 +1,5 @@
-"""lm-eval zero-shot tasks on qatext models, offline: the local next-word task and `qatext eval --tasks`."""
+"""Evaluation beyond perplexity: lm-eval zero-shot tasks on qatext models offline (the local next-word task,
+`qatext eval --tasks`), and the interval that a few seeds give."""
 
 import json
 import os
@@ -106,3 +107,15 @@ def test_cli_eval_tasks_needs_a_tokenizer(tmp_path, tiny_model_dir):
     pytest.importorskip("lm_eval")
     r = _qatext("eval", "--model", str(tiny_model_dir), "--tasks", "qatext_next_word", cwd=tmp_path)
     assert r.returncode == 2 and "needs the model's tokenizer files" in r.stderr
+
+
+def test_mean_interval():
+    from qatext.evaluate import mean_interval
+
+    assert mean_interval([3.0]) == (3.0, 0.0)
+    mean, half = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3**0.5)
+    _, half = mean_interval([0.0, 1.0] * 10)  # 19 degrees of freedom: t = 2.093
+    assert half == pytest.approx(2.093 * (20 / 19 / 4) ** 0.5 / 20**0.5, rel=1e-3)
+    with pytest.raises(ValueError):
+        mean_interval([])
