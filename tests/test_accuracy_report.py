@@ -1,0 +1,23 @@
+"""benchmarks/accuracy.py's report, rebuilt from the committed H200 results: the table NOTES quotes."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_report_from_committed_results(tmp_path):
+    for step in ("grid", "sweep", "probes"):
+        shutil.copy(ROOT / "benchmarks" / "results" / f"accuracy_h200_{step}.json", tmp_path / f"{step}.json")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "report", "--work", str(tmp_path),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| W2 g64 | 23.133 | 11.472 ± 0.054 (86%) | 16.091 ± 1.705 (52%) | 13.765 ± 0.069 (69%) |" in table
+    assert "| W3 g128 | 10.898 | 10.119 ± 0.043 (61%) |" in table
+    assert "1e-02: 10.279" in table  # the sweep
+    assert "| lrqat | W2 g64 | lr 0.01, 900 steps | 12.031 | 82% |" in table  # a probe
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
