@@ -41,16 +41,16 @@ class DemoConfig:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 512
-    seq_len: int = 256
-    pretrain_steps: int = 500
+    seq_len: int = 128
+    pretrain_steps: int = 400
     pretrain_lr: float = 4e-3
     batch_size: int = 16
-    qat_steps: int = 60
+    qat_steps: int = 40
     qat_batch_size: int = 8
-    eval_windows: int = 48
+    eval_windows: int = 96
     seed: int = 0
     seeds: int = 3          # seeds per trained method (RTN is deterministic)
-    quick: bool = False     # a smoke run: tiny settings, no comparison drawn
+    smoke: bool = False     # --quick: tiny settings, a check that everything runs, no comparison drawn
     method_kwargs: dict = field(default_factory=lambda: {
         "lrqat": dict(rank=16, lr=2e-3, scale_lr=1e-4, init="l4"),
         "qalora": dict(rank=16, alpha=16.0, lr=2e-3),
@@ -62,7 +62,7 @@ class DemoConfig:
     def quick(cls) -> "DemoConfig":
         """A seconds-long version for tests: same code paths, tiny everything."""
         return cls(hidden=128, layers=2, intermediate=256, seq_len=64, pretrain_steps=30, batch_size=8, qat_steps=4,
-                   qat_batch_size=4, eval_windows=8, seeds=1, quick=True, method_kwargs={
+                   qat_batch_size=4, eval_windows=8, seeds=1, smoke=True, method_kwargs={
                        "lrqat": dict(rank=4), "qalora": dict(rank=4),
                        "efficientqat": dict(block_ap_kwargs=dict(n_samples=8, batch_size=4, epochs=1))})
 
@@ -167,7 +167,7 @@ def format_table(results: dict) -> str:
     fp = results["fp"]["ppl"]
     control, control_half = evaluate.mean_interval([r["ppl"] for r in results["fp_continued"]])
     seeds = results["config"]["seeds"]
-    lines = [QUICK_NOTE, ""] if results["config"]["quick"] else []
+    lines = [QUICK_NOTE, ""] if results["config"]["smoke"] else []
     lines += [f"FP perplexity: {fp:.3f}; FP trained for the same extra steps as each QAT run: "
               f"{_mean_pm(control, control_half)}. Cells: held-out perplexity, mean ± 95% interval over {seeds} seed(s) "
               "(RTN is deterministic); differences inside the intervals are not differences.", "",
@@ -207,7 +207,7 @@ def plot(results: dict, path: Path) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0%"))
     ax.set_ylabel("held-out perplexity vs FP")
     title = "qatext demo: tiny Llama on the King James Bible"
-    if results["config"]["quick"]:
+    if results["config"]["smoke"]:
         title = "SMOKE RUN (--quick): not a comparison"
     ax.set_title(f"{title}\nmean and 95% interval over {results['config']['seeds']} seed(s); FP = {fp:.3f}",
                  fontsize=10)

@@ -18,7 +18,16 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "W2 g64" in out
-    assert "SMOKE RUN (--quick)" in out and results["config"]["quick"]  # never presented as a comparison
+    assert "SMOKE RUN (--quick)" in out and results["config"]["smoke"]  # never presented as a comparison
+
+
+def test_demo_default_is_a_comparison():
+    from dataclasses import asdict
+
+    from qatext.demo import DemoConfig
+
+    cfg = json.loads(json.dumps(asdict(DemoConfig())))  # what results.json records
+    assert cfg["smoke"] is False and cfg["seeds"] >= 3
 
 
 def test_demo_table_reports_intervals():
@@ -27,7 +36,7 @@ def test_demo_table_reports_intervals():
     runs = [{"method": m, "bits": s.bits, "group_size": s.group_size, "seed": seed, "ppl": 5.0 + 0.01 * seed}
             for s in CONFIGS for m in METHOD_NAMES for seed in ((0,) if m == "rtn" else (0, 1, 2))]
     results = {"fp": {"ppl": 4.9}, "fp_continued": [{"ppl": 4.8}, {"ppl": 4.82}, {"ppl": 4.84}], "runs": runs,
-               "config": {"seeds": 3, "quick": False}}
+               "config": {"seeds": 3, "smoke": False}}
     table = format_table(results)
     assert "SMOKE" not in table
     assert "4.820 ± 0.050" in table  # the control over 3 seeds: sd 0.02, t 4.303
