@@ -291,6 +291,9 @@ PROBES = (
     {"method": "full_qat", "config": "W3 g128", "seed": 0, "lr": 2e-4, "steps": 900},
     {"method": "qalora", "config": "W3 g128", "seed": 0, "lr": 2e-2, "steps": 900},
     {"method": "fp_continued", "seed": 0, "lr": 3e-5},
+    # LR-QAT at 900 steps, two more seeds: is the budget the limit?
+    *({"method": "lrqat", "config": c, "seed": s, "lr": 1e-2, "steps": 900} for c in ("W3 g128", "W2 g64")
+      for s in (1, 2)),
 )
 
 
@@ -338,15 +341,20 @@ def report(args) -> str:
             lines.append(f"| {m} | " + ", ".join(f"{c['lr']:.0e}: {c['ppl']:.3f}" for c in row) + " |")
     probes_path = args.work / "probes.json"
     if probes_path.exists():
-        lines += ["", "Probes (seed 0): the same cells with more steps or another setting.", "",
-                  "| method | config | change | perplexity | recovered |", "|---|---|---|---|---|"]
+        lines += ["", "Probes: the same cells with more steps or another setting (mean ± 95% interval over the "
+                  "seeds run).", "", "| method | config | change | seeds | perplexity | recovered |",
+                  "|---|---|---|---|---|---|"]
+        probes: dict = {}
         for c in json.loads(probes_path.read_text())["cells"]:
             change = [f"lr {c['lr']:g}", f"{c.get('steps', base_steps)} steps"]
             change += [f"{k} {v:g}" for k, v in c.get("kwargs", {}).items()]
-            change = ", ".join(change)
-            rtn = stats.get(("rtn", c.get("config")), (None,))[0]
-            share = f"{100 * (rtn - c['ppl']) / (rtn - target):.0f}%" if rtn else "-"
-            lines.append(f"| {c['method']} | {c.get('config') or '-'} | {change} | {c['ppl']:.3f} | {share} |")
+            probes.setdefault((c["method"], c.get("config"), ", ".join(change)), []).append(c["ppl"])
+        for (method, config, change), ppls in probes.items():
+            mean, half = evaluate.mean_interval(ppls)
+            rtn = stats.get(("rtn", config), (None,))[0]
+            share = f"{100 * (rtn - mean) / (rtn - target):.0f}%" if rtn else "-"
+            cell = f"{mean:.3f}" + (f" ± {half:.3f}" if half else "")
+            lines.append(f"| {method} | {config or '-'} | {change} | {len(ppls)} | {cell} | {share} |")
     table = "\n".join(lines)
     (args.work / "accuracy.md").write_text(table + "\n")
     plot(stats, args.work / "accuracy.png")

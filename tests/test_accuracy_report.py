@@ -19,5 +19,5 @@ def test_report_from_committed_results(tmp_path):
     assert "| W2 g64 | 23.133 | 11.472 ± 0.054 (86%) | 16.091 ± 1.705 (52%) | 13.765 ± 0.069 (69%) |" in table
     assert "| W3 g128 | 10.898 | 10.119 ± 0.043 (61%) |" in table
     assert "1e-02: 10.279" in table  # the sweep
-    assert "| lrqat | W2 g64 | lr 0.01, 900 steps | 12.031 | 82% |" in table  # a probe
+    assert "| lrqat | W2 g64 | lr 0.01, 900 steps | 3 | 12.051 ± 0.052 | 82% |" in table  # a probe, 3 seeds
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
