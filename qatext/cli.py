@@ -210,7 +210,7 @@ def _eval_tasks(args) -> int:
     from . import data, zero_shot
     from .io import has_tokenizer
 
-    zero_shot._lm_eval()  # one line now if lm-eval is missing, before the model loads
+    zero_shot.require_lm_eval()  # one line now if lm-eval is missing, before the model loads
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks: give lm-eval task names separated by commas, e.g. --tasks "

@@ -17,7 +17,8 @@ from pathlib import Path
 INSTALL_HINT = "lm-eval is not installed: pip install 'qatext[eval]' (or pip install lm-eval)"
 
 
-def _lm_eval():
+def require_lm_eval():
+    """lm-eval's entry points, or one ImportError that says how to install it."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -31,7 +32,7 @@ def run_tasks(model, tokenizer, tasks, tasks_dir=None, batch_size: int = 8, limi
               num_fewshot: int = 0) -> dict:
     """Scores of `model` on lm-eval `tasks` ({task: {metric: value}}); `tasks_dir` (one directory or a
     list) holds extra task YAMLs, for example from write_next_word_task."""
-    lm_eval, HFLM, TaskManager = _lm_eval()  # noqa: N806 (classes)
+    lm_eval, HFLM, TaskManager = require_lm_eval()  # noqa: N806 (classes)
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("tasks: give at least one lm-eval task name")

@@ -69,6 +69,12 @@ def test_run_tasks_scores_the_quantized_model(tmp_path, bpe_model_dir):
     assert result["acc"] == pytest.approx(sum(hits) / len(hits))
 
 
+def test_missing_lm_eval_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'qatext\[eval\]'"):
+        zero_shot.require_lm_eval()
+
+
 def test_run_tasks_unknown_task(tmp_path, bpe_model_dir):
     pytest.importorskip("lm_eval")
     with pytest.raises(ValueError, match="no_such_task not found"):
