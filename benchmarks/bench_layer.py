@@ -1,9 +1,16 @@
-"""One linear layer forward+backward at M tokens (bf16): LR-QAT, QA-LoRA and E2E-QP in qatext against
-a plain bf16 nn.Linear with a trainable weight, the pure-PyTorch LR-QAT formulation (reference.py under
-torch.utils.checkpoint) and PEFT LoRA on a bf16 base. Time (CUDA events, median) and the memory the
-layer holds between forward and backward (allocated after forward, less its output).
+"""One linear layer forward+backward at M tokens (bf16), the way training runs it: every trainable
+gradient (and the input's) set to None before each step, so no call accumulates into an earlier one.
 
-    python benchmarks/bench_layer.py --out benchmarks/results/layer_h100.json
+qatext's full QAT, LR-QAT, QA-LoRA and E2E-QP against the tools a user would pick instead, each
+configured as its users configure it: a plain bf16 nn.Linear with a trainable weight; torchao QAT
+(FakeQuantizedLinear, int4 g128, QATConfig's prepare step); PEFT LoRA r64 on a bf16 base with bf16
+adapters (autocast_adapter_dtype=False: PEFT's default fp32 adapters would hold an fp32 copy of the
+input); QLoRA (bitsandbytes NF4 base + PEFT LoRA r64, bf16 adapters and compute); and the pure-PyTorch
+LR-QAT formulation (reference.py under torch.utils.checkpoint). A peer that is not installed is
+listed under "skipped" with the reason. Time (CUDA events, median) and the memory the layer holds
+between forward and backward (allocated after forward, less its output).
+
+    python benchmarks/bench_layer.py --out benchmarks/results/layer_h200.json
 """
 
 from __future__ import annotations
@@ -34,16 +41,67 @@ def held_mib(fn, x):
     return held / 2**20
 
 
+def trainable(fn) -> list[torch.Tensor]:
+    return [p for p in getattr(fn, "parameters", lambda: [])() if p.requires_grad]
+
+
 def step(fn, x, grad_y):
+    """One training step's forward + backward, gradients set to None first (as optimizer.zero_grad does)."""
+    params = trainable(fn)
+
     def run():
+        for p in params:
+            p.grad = None
+        x.grad = None
         fn(x).backward(grad_y)
     return run
+
+
+def lora(base: nn.Module, dtype):
+    """PEFT LoRA r64 / alpha 16 on module "0" of `base`, adapters in the base's dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(base, LoraConfig(r=64, lora_alpha=16, target_modules=["0"]), autocast_adapter_dtype=False)
+
+
+def peers(k, n, dtype, weight):
+    """The other tools' layers, by name: a module, or the reason it could not be built."""
+    def torchao_qat():
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+        m = nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=dtype))
+        quantize_(m, QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=128), step="prepare"))
+        return m
+
+    def peft_bf16():
+        return lora(nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)), dtype)
+
+    def qlora():
+        import bitsandbytes as bnb
+
+        base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+        return lora(nn.Sequential(base.cuda()), dtype)
+
+    out = {}
+    for name, build in (("torchao_qat_int4_g128", torchao_qat), ("peft_lora_r64_bf16", peft_bf16),
+                        ("qlora_nf4_peft_r64_bf16", qlora)):
+        try:
+            out[name] = build()
+        except ImportError as e:
+            out[name] = f"not installed ({e.name})"
+    return out
 
 
 def variants(k, n, dtype):
     spec = QuantSpec(4, 128)
     base = nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
     out = {"bf16_linear": base}
+    full = QuantLinear.from_linear(base, spec, "fake")
+    for p in full.parameters():
+        p.requires_grad_(True)  # full QAT trains the weight, its scales and zeros
+    out["full_qat_int4_g128"] = full
     for name, frac in (("lrqat_int4", 0), ("lrqat_q4.4", 4)):
         layer = QuantLinear.from_linear(base, spec, "lrqat", rank=32, alpha=32.0, frac_bits=frac)
         with torch.no_grad():
@@ -57,18 +115,13 @@ def variants(k, n, dtype):
             return F.linear(x, w.to(x.dtype))
         return checkpoint(f, x, use_reentrant=False)
 
+    torch_lrqat.parameters = lr.parameters  # it trains the LR-QAT layer's adapters and scales
     out["torch_lrqat_int4_checkpointed"] = torch_lrqat
     qalora = QuantLinear.from_linear(base, spec, "qalora", rank=64, alpha=16.0)
     qalora.lora_a.requires_grad_(True), qalora.lora_b.requires_grad_(True)
     out["qalora_r64"] = qalora
     out["e2eqp"] = QuantLinear.from_linear(base, spec, "e2eqp")
-    try:
-        from peft import LoraConfig, get_peft_model
-        wrapper = nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=dtype))
-        peft_model = get_peft_model(wrapper, LoraConfig(r=64, lora_alpha=16, target_modules=["0"]))
-        out["peft_lora_r64_bf16_base"] = peft_model
-    except ImportError:
-        pass
+    out.update(peers(k, n, dtype, base.weight))
     return out
 
 
@@ -77,13 +130,15 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096)
     args = timing.start(parser)
     dtype = torch.bfloat16
-    rows = []
+    rows, skipped = [], []
     for k, n in LAYERS:
         x = torch.randn(args.tokens, k, device="cuda", dtype=dtype, requires_grad=True)
         grad_y = torch.randn(args.tokens, n, device="cuda", dtype=dtype)
         for name, fn in variants(k, n, dtype).items():
-            for p in getattr(fn, "parameters", lambda: [])():
-                p.grad = None
+            if isinstance(fn, str):
+                skipped.append({"layer": f"{k}->{n}", "variant": name, "reason": fn})
+                print(f"{k}->{n} {name:32s} skipped: {fn}", flush=True)
+                continue
             run = step(fn, x, grad_y)
             ms = cuda_time_ms(run, warmup=3, repeats=10, inner=3)
             row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "fwd_bwd_ms": ms,
@@ -98,7 +153,8 @@ def main():
                 r["time_vs_bf16_linear"] = r["fwd_bwd_ms"] / base
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                       "skipped": skipped}, f, indent=1)
 
 
 if __name__ == "__main__":
