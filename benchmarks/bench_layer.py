@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qatext import QuantSpec, reference
 from qatext.nn import QuantLinear
+import peers
 import timing
 from timing import cuda_time_ms, peak_extra_mib
 
@@ -57,36 +58,19 @@ def step(fn, x, grad_y):
     return run
 
 
-def lora(base: nn.Module, dtype):
-    """PEFT LoRA r64 / alpha 16 on module "0" of `base`, adapters in the base's dtype."""
-    from peft import LoraConfig, get_peft_model
+def peer_layers(k, n, dtype, weight):
+    """The other tools' layers (benchmarks/peers.py), by name: a module, or why it could not be built."""
+    def linear():
+        lin = nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+        return nn.Sequential(lin)
 
-    return get_peft_model(base, LoraConfig(r=64, lora_alpha=16, target_modules=["0"]), autocast_adapter_dtype=False)
-
-
-def peers(k, n, dtype, weight):
-    """The other tools' layers, by name: a module, or the reason it could not be built."""
-    def torchao_qat():
-        from torchao.quantization import quantize_
-        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
-
-        m = nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=dtype))
-        quantize_(m, QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=128), step="prepare"))
-        return m
-
-    def peft_bf16():
-        return lora(nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)), dtype)
-
-    def qlora():
-        import bitsandbytes as bnb
-
-        base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4")
-        base.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, quant_type="nf4")
-        return lora(nn.Sequential(base.cuda()), dtype)
-
+    builders = {"torchao_qat_int4_g128": lambda: peers.torchao_qat(linear()),
+                "peft_lora_r64_bf16": lambda: peers.lora(linear(), ["0"]),
+                "qlora_nf4_peft_r64_bf16": lambda: peers.lora(peers.nf4(linear()), ["0"])}
     out = {}
-    for name, build in (("torchao_qat_int4_g128", torchao_qat), ("peft_lora_r64_bf16", peft_bf16),
-                        ("qlora_nf4_peft_r64_bf16", qlora)):
+    for name, build in builders.items():
         try:
             out[name] = build()
         except ImportError as e:
@@ -121,7 +105,7 @@ def variants(k, n, dtype):
     qalora.lora_a.requires_grad_(True), qalora.lora_b.requires_grad_(True)
     out["qalora_r64"] = qalora
     out["e2eqp"] = QuantLinear.from_linear(base, spec, "e2eqp")
-    out.update(peers(k, n, dtype, base.weight))
+    out.update(peer_layers(k, n, dtype, base.weight.detach()))
     return out
 
 

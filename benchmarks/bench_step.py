@@ -1,7 +1,12 @@
 """One training step of a LLaMA-2-7B-shaped model (transformers config, random init, bf16), seq 1024,
-batch 1, for one method: peak GPU memory and tokens/s. Run once per method (fresh process, clean peak):
+batch 1, for one method: peak GPU memory and tokens/s. qatext's methods and the tools a user would
+pick instead (benchmarks/peers.py): a bf16 full fine-tune, PEFT LoRA r64 with bf16 adapters, QLoRA
+(bitsandbytes NF4 + PEFT) and torchao QAT (int4 g128 fake quantization, full fine-tune). Full
+fine-tunes (bf16, torchao, qatext's full QAT) use gradient checkpointing, as their users do to fit.
+Run once per method (fresh process, clean peak):
 
-    for m in lrqat lrqat_q44 qalora e2eqp full_qat; do python benchmarks/bench_step.py --method $m --out step_$m.json; done
+    for m in lrqat lrqat_q44 qalora e2eqp full_qat bf16_ft peft_lora qlora torchao_qat; do
+        python benchmarks/bench_step.py --method $m --out step_$m.json; done
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from qatext import QuantSpec, methods, models
 from qatext.evaluate import causal_lm_loss
 from qatext.methods.common import layer_params
 from qatext.train import train
+import peers
 from llama7b import llama_7b
 from timing import StepClock
 
@@ -27,34 +33,49 @@ SETUPS = {
     "e2eqp": ("e2eqp", {}, ("scale",), 1e-5),
     "full_qat": ("fake", {}, ("weight", "scale", "zero"), 1e-5),
 }
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# peer -> (build the trained model from the bf16 one, learning rate, the recipe whose optimiser settings it takes)
+PEERS = {
+    "bf16_ft": (lambda m: m, 1e-5, "full_qat"),
+    "torchao_qat": (peers.torchao_qat, 1e-5, "full_qat"),
+    "peft_lora": (lambda m: peers.lora(m, LORA_TARGETS), 1e-4, "qalora"),
+    "qlora": (lambda m: peers.lora(peers.nf4(m), LORA_TARGETS), 1e-4, "qalora"),
+}
+FULL_FINE_TUNES = ("full_qat", "bf16_ft", "torchao_qat")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=sorted(SETUPS), required=True)
+    parser.add_argument("--method", choices=sorted(SETUPS) + sorted(PEERS), required=True)
     parser.add_argument("--out", default=None)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
     args = parser.parse_args()
     qatext.set_value_checks(False)
-    mode, options, trained, lr = SETUPS[args.method]
     model = llama_7b(args.layers)
-    models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
-    if args.method == "full_qat":
+    if args.method in SETUPS:
+        mode, options, trained, lr = SETUPS[args.method]
+        models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
+        recipe = {"lrqat": "lrqat", "fake": "full_qat", "qalora": "qalora", "e2eqp": "efficientqat"}[mode]
+    else:
+        build, lr, recipe = PEERS[args.method]
+        model = build(model)
+    if args.method in FULL_FINE_TUNES:
         model.gradient_checkpointing_enable()
         for p in model.parameters():
             p.requires_grad_(True)
-        params = [p for p in model.parameters()]
-    else:
+        params = list(model.parameters())
+    elif args.method in SETUPS:
         params = layer_params(model, trained)
+    else:  # PEFT marks its adapters trainable
+        params = [p for p in model.parameters() if p.requires_grad]
     tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))
     clock = StepClock(causal_lm_loss)
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    name = {"lrqat": "lrqat", "fake": "full_qat", "qalora": "qalora", "e2eqp": "efficientqat"}[mode]
-    tcfg = methods.default_config(name, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False)
+    tcfg = methods.default_config(recipe, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False)
     history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
     step_s = clock.seconds_per_step(warmup=2)
     result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
