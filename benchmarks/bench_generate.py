@@ -1,0 +1,119 @@
+"""End-to-end generation: a LLaMA-2-7B-shaped model (random init, no weights here) as qatext leaves it
+after merging (W4 g128, W3 g128, W2 g64 packed layers, tiled for decode), against the same model in
+bf16 and with bitsandbytes NF4 weights (benchmarks/peers.py), in one run. Greedy `generate` with a
+static KV cache, the forward compiled (torch.compile, reduce-overhead: CUDA graphs), a 512-token
+prompt, 128 new tokens, batch 1 and 8. Reported: time to first token (prefill + one step), decode
+tokens/s (per sequence and in all), peak memory.
+
+    python benchmarks/bench_generate.py --out benchmarks/results/generate_h200.json
+    python benchmarks/bench_generate.py --tiny --device cpu --no-compile   # the code paths, in seconds
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import torch
+
+from qatext import QuantSpec, methods, models
+import peers
+import timing
+
+CONFIGS = {"W4 g128": QuantSpec(4, 128, False), "W3 g128": QuantSpec(3, 128, False), "W2 g64": QuantSpec(2, 64, False)}
+
+
+def build_model(tiny: bool, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=1024, max_position_embeddings=1024)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+def variants(base, device):
+    """(name, model) pairs, built one at a time so only one copy is resident beside the bf16 base."""
+    yield "bf16", base
+    for name, spec in CONFIGS.items():
+        model = methods.rtn(copy.deepcopy(base), spec)  # packed integer layers, as merge_model leaves them
+        models.tile_for_decode(model)
+        yield f"qatext {name}", model
+    try:
+        yield "bitsandbytes NF4", peers.nf4(copy.deepcopy(base))
+    except ImportError as e:
+        yield "bitsandbytes NF4", f"not installed ({e.name})"
+
+
+def timed_generate(model, prompt, new_tokens: int, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+    sync()
+    return time.perf_counter() - t0
+
+
+def measure(model, batch: int, prompt_len: int, new_tokens: int, compile_: bool, device, repeats: int) -> dict:
+    model.generation_config.pad_token_id = 0
+    if compile_:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
+    for _ in range(2):  # compile, capture the graphs, warm the caches
+        timed_generate(model, prompt, new_tokens, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first = sorted(timed_generate(model, prompt, 1, device) for _ in range(repeats))[repeats // 2]
+    full = sorted(timed_generate(model, prompt, new_tokens, device) for _ in range(repeats))[repeats // 2]
+    per_token = (full - first) / (new_tokens - 1)
+    return {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "time_to_first_token_s": first,
+            "decode_tokens_per_s": 1 / per_token, "decode_tokens_per_s_all_sequences": batch / per_token,
+            "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+
+
+def main():
+    p = timing.parser(__doc__)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the code paths quickly")
+    p.add_argument("--no-compile", action="store_true", help="eager forward (no torch.compile, no CUDA graphs)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    args = timing.start(p)
+    device = torch.device(args.device)
+    base = build_model(args.tiny, device)
+    rows, skipped = [], []
+    for name, model in variants(base, device):
+        if isinstance(model, str):
+            skipped.append({"variant": name, "reason": model})
+            print(f"{name}: skipped, {model}", flush=True)
+            continue
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, not args.no_compile, device,
+                                              args.repeats)}
+            rows.append(row)
+            print(f"{name:18s} batch {batch}: first token {row['time_to_first_token_s'] * 1e3:7.1f} ms, "
+                  f"{row['decode_tokens_per_s']:7.1f} tokens/s per sequence, peak {row['peak_GB']} GB", flush=True)
+        if model is not base:
+            del model
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+    for row in rows:
+        bf16 = next(r for r in rows if r["variant"] == "bf16" and r["batch"] == row["batch"])
+        row["decode_speed_vs_bf16"] = row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "compiled": not args.no_compile, "rows": rows, "skipped": skipped},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
