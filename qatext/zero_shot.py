@@ -93,8 +93,8 @@ def write_next_word_task(text: str, out_dir, name: str = "next_word", n: int = 5
             continue
         choices = [target] + others
         rng.shuffle(choices)
-        docs.append({"context": " ".join(words[start:start + context_words]),
-                     "choices": [" " + c for c in choices], "label": choices.index(target)})
+        docs.append({"context": " ".join(words[start:start + context_words]), "choices": choices,
+                     "label": choices.index(target)})  # lm-eval puts its target_delimiter, " ", between
         if len(docs) == n:
             break
     out_dir = Path(out_dir)

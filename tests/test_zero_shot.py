@@ -23,7 +23,7 @@ def test_next_word_task_layout(tmp_path):
     for d in docs:
         assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4
         target = d["choices"][d["label"]]
-        assert (d["context"] + target) in text  # the labelled choice is the word that follows the passage
+        assert f"{d['context']} {target}" in text  # the labelled choice is the word that follows the passage
         assert {len(c) for c in d["choices"]} == {len(target)}  # distractors match the target's length
         assert len(d["context"].split()) == 12
     again = zero_shot.write_next_word_task(HELD_OUT, tmp_path / "again", name="nw", n=40, n_choices=4,
@@ -67,7 +67,8 @@ def test_run_tasks_scores_the_quantized_model(tmp_path, bpe_model_dir):
     docs = [json.loads(line) for line in (tasks_dir / "nw_test.jsonl").read_text().splitlines()]
     hits = 0
     for d in docs:
-        scores = sorted(((_loglik(model, tok, d["context"], c), i) for i, c in enumerate(d["choices"])), reverse=True)
+        scores = sorted(((_loglik(model, tok, d["context"], " " + c), i) for i, c in enumerate(d["choices"])),
+                        reverse=True)  # lm-eval scores "context" + " " + choice
         assert scores[0][0] - scores[1][0] > 1e-2  # no near-tie for batching's rounding to flip
         hits += scores[0][1] == d["label"]
     assert result["sample_len"] == 24
