@@ -228,8 +228,7 @@ def _eval_tasks(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [args.tasks_dir] if args.tasks_dir else []
         if NEXT_WORD_TASK in tasks:
-            text = data.load_text(args.data)
-            held_out = text[int(len(text) * (1 - args.val_fraction)):]
+            _, held_out = data.train_val_split(data.load_text(args.data), args.val_fraction)
             dirs.append(zero_shot.write_next_word_task(held_out, tmp, name=NEXT_WORD_TASK, n=args.limit or 500))
         results = zero_shot.run_tasks(model, tokenizer, tasks, tasks_dir=dirs or None, batch_size=args.batch_size,
                                       limit=args.limit)

@@ -51,8 +51,8 @@ def load_text(source: str | Path | None) -> str:
     return text
 
 
-def train_val_split(tokens: torch.Tensor, val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out text is the tail of the corpus (never seen in training)."""
+def train_val_split(tokens, val_fraction: float = 0.05):
+    """Held-out text is the tail of the corpus (never seen in training): of its tokens, or of the text."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     cut = int(len(tokens) * (1 - val_fraction))
