@@ -10,9 +10,12 @@ distractors drawn from the same text; lm-eval scores each choice by its log-like
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
+
+import torch
 
 INSTALL_HINT = "lm-eval is not installed: pip install 'qatext[eval]' (or pip install lm-eval)"
 
@@ -49,13 +52,9 @@ def run_tasks(model, tokenizer, tasks, tasks_dir=None, batch_size: int = 8, limi
             for task, metrics in out["results"].items()}
 
 
-def write_next_word_task(text: str, out_dir, name: str = "next_word", n: int = 500, n_choices: int = 4,
-                         context_words: int = 48, seed: int = 0) -> Path:
-    """Write `name`.yaml and `name`.jsonl to out_dir: `n` passages of `context_words` words from `text`,
-    each followed by its true next word and n_choices - 1 other words of the text (never equal to
-    it). Returns out_dir, for run_tasks(tasks_dir=...)."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"name: a task name of letters, digits and '_' expected, got {name!r}")
+def next_word_docs(text: str, n: int = 500, n_choices: int = 4, context_words: int = 48, seed: int = 0) -> list[dict]:
+    """`n` passages of `context_words` words from `text`, each with its true next word among n_choices
+    words of the text ({"context", "choices", "label"}; the distractors never equal the target)."""
     if n < 1 or n_choices < 2 or context_words < 1:
         raise ValueError(f"n >= 1, n_choices >= 2 and context_words >= 1 expected, got {n}, {n_choices}, "
                          f"{context_words}")
@@ -97,6 +96,16 @@ def write_next_word_task(text: str, out_dir, name: str = "next_word", n: int = 5
                      "label": choices.index(target)})  # lm-eval puts its target_delimiter, " ", between
         if len(docs) == n:
             break
+    return docs
+
+
+def write_next_word_task(text: str, out_dir, name: str = "next_word", n: int = 500, n_choices: int = 4,
+                         context_words: int = 48, seed: int = 0) -> Path:
+    """Write `name`.yaml and `name`.jsonl (next_word_docs) to out_dir. Returns out_dir, for
+    run_tasks(tasks_dir=...)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"name: a task name of letters, digits and '_' expected, got {name!r}")
+    docs = next_word_docs(text, n, n_choices, context_words, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / f"{name}.jsonl"
@@ -114,3 +123,38 @@ def write_next_word_task(text: str, out_dir, name: str = "next_word", n: int = 5
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
         "metadata:\n  version: 1.0\n", encoding="utf-8")
     return out_dir
+
+
+@torch.no_grad()
+def choice_scores(model, encode, docs: list[dict], batch_size: int = 64) -> torch.Tensor:
+    """Log-likelihood of each choice of each doc [docs, choices] (-inf where a doc has fewer), as lm-eval
+    scores a multiple-choice task: the summed log-probabilities of the tokens of context + " " + choice
+    beyond those of the context alone. `encode(str) -> list[int]` is the tokenizer without special
+    tokens. tests/test_zero_shot.py checks the accuracy it gives against lm-eval's."""
+    device = next(model.parameters()).device
+    rows = []  # (doc, choice, token ids, number of context tokens)
+    for d_i, d in enumerate(docs):
+        n_ctx = len(encode(d["context"]))
+        rows += [(d_i, c_i, encode(d["context"] + " " + c), n_ctx) for c_i, c in enumerate(d["choices"])]
+    scores = torch.full((len(docs), max(len(d["choices"]) for d in docs)), -math.inf, dtype=torch.float64)
+    rows.sort(key=lambda r: len(r[2]))  # similar lengths share a batch: little padding
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        ids = torch.zeros(len(chunk), max(len(r[2]) for r in chunk), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            ids[j, :len(r[2])] = torch.tensor(r[2])  # right padding: a causal model never sees it
+        logp = torch.log_softmax(model(input_ids=ids.to(device)).logits.float(), -1)
+        sums = [logp[j, n_ctx - 1:len(tokens) - 1].gather(-1, torch.tensor(tokens[n_ctx:], device=device)[:, None]).sum()
+                for j, (_, _, tokens, n_ctx) in enumerate(chunk)]  # logits at p predict token p + 1
+        for (d_i, c_i, _, _), value in zip(chunk, torch.stack(sums).double().cpu().tolist()):
+            scores[d_i, c_i] = value
+    model.train(was_training)
+    return scores
+
+
+def choice_accuracy(model, encode, docs: list[dict], batch_size: int = 64) -> float:
+    """lm-eval's `acc` of a multiple-choice task (choice_scores' argmax against the labels)."""
+    labels = torch.tensor([d["label"] for d in docs])
+    return (choice_scores(model, encode, docs, batch_size).argmax(1) == labels).double().mean().item()

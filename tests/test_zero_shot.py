@@ -39,15 +39,6 @@ def test_next_word_task_bad_arguments(tmp_path, kwargs, match):
         zero_shot.write_next_word_task(HELD_OUT, tmp_path, **kwargs)
 
 
-def _loglik(model, tok, context: str, continuation: str) -> float:
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = tok(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([ctx + cont])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
-
-
 def test_run_tasks_scores_the_quantized_model(tmp_path, bpe_model_dir):
     """lm-eval's accuracy on a W4 RTN model equals the argmax of the choices' log-likelihoods computed
     here with the same model: the quantized layers are what lm-eval scores."""
@@ -65,14 +56,36 @@ def test_run_tasks_scores_the_quantized_model(tmp_path, bpe_model_dir):
     tasks_dir = zero_shot.write_next_word_task(HELD_OUT, tmp_path, name="nw_test", n=24, context_words=12)
     result = zero_shot.run_tasks(model, tok, ["nw_test"], tasks_dir=tasks_dir, batch_size=4)["nw_test"]
     docs = [json.loads(line) for line in (tasks_dir / "nw_test.jsonl").read_text().splitlines()]
-    hits = 0
-    for d in docs:
-        scores = sorted(((_loglik(model, tok, d["context"], " " + c), i) for i, c in enumerate(d["choices"])),
-                        reverse=True)  # lm-eval scores "context" + " " + choice
-        assert scores[0][0] - scores[1][0] > 1e-2  # no near-tie for batching's rounding to flip
-        hits += scores[0][1] == d["label"]
+    scores = zero_shot.choice_scores(model, lambda text: tok(text, add_special_tokens=False)["input_ids"], docs,
+                                     batch_size=5)
+    top2 = scores.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-2  # no near-tie for batching's rounding to flip
+    hits = (scores.argmax(1) == torch.tensor([d["label"] for d in docs])).sum().item()
     assert result["sample_len"] == 24
+    assert 0 < hits < 24  # the comparison can fail both ways
     assert result["acc"] == pytest.approx(hits / len(docs))
+
+
+def test_choice_scores_sum_the_continuation_tokens(bpe_model_dir):
+    """Each choice's score is the log-likelihood of its own tokens after the context, whatever the batch
+    (padding never leaks in)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bpe_model_dir, local_files_only=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(bpe_model_dir, local_files_only=True).eval()
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    docs = zero_shot.next_word_docs(HELD_OUT, n=6, context_words=10, seed=1)
+    scores = zero_shot.choice_scores(model, encode, docs, batch_size=3)
+    for d_i, d in enumerate(docs):
+        for c_i, c in enumerate(d["choices"]):
+            ctx, whole = encode(d["context"]), encode(d["context"] + " " + c)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+            expected = sum(logp[p - 1, whole[p]].item() for p in range(len(ctx), len(whole)))
+            assert scores[d_i, c_i].item() == pytest.approx(expected, abs=1e-3)
+    assert zero_shot.choice_accuracy(model, encode, docs) == pytest.approx(
+        (scores.argmax(1) == torch.tensor([d["label"] for d in docs])).double().mean().item())
 
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch):
