@@ -16,8 +16,11 @@ def test_report_from_committed_results(tmp_path):
                         "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     table = (tmp_path / "accuracy.md").read_text()
-    assert "| W2 g64 | 23.133 | 11.472 ± 0.054 (86%) | 16.091 ± 1.705 (52%) | 13.765 ± 0.069 (69%) |" in table
-    assert "| W3 g128 | 10.898 | 10.119 ± 0.043 (61%) |" in table
+    assert "control, its best lr 3e-05) 9.532 ± 0.016 (n = 3)" in table  # a control cell in grid and probes counts once
+    assert "| W2 g64 | 23.133 | 11.472 ± 0.054 (86%) | 16.091 ± 1.705 (52%) | 13.765 ± 0.069 (69%) | 12.483 ± 0.040 (78%) |" in table
+    assert "| W3 g128 | 10.898 | 10.119 ± 0.043 (57%) |" in table
+    assert "lrqat: lr 0.01, storage int" in table  # each method's settings, from its cells
     assert "1e-02: 10.279" in table  # the sweep
-    assert "| lrqat | W2 g64 | lr 0.01, 900 steps | 3 | 12.051 ± 0.052 | 82% |" in table  # a probe, 3 seeds
+    assert "| lrqat | W2 g64 | lr 0.01, 900 steps, storage int | 3 | 12.051 ± 0.052 | 81% |" in table  # a probe, 3 seeds
+    assert "| efficientqat | W3 g128 | lr 0.0005, 300 steps, n_samples 1024, batch_size 8, epochs 2, weight_lr 0.0001 | 1 | 9.981 | 67% |" in table
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
