@@ -26,15 +26,17 @@ def build_info() -> dict:
     return info
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Turn the data-dependent checks (scale > 0, codes < 2^bits) on or off.
+def set_value_checks(enabled: bool | int) -> None:
+    """The data-dependent checks (scale > 0 and finite, codes < 2^bits): True (or 2) runs them on every
+    device, False (0) never, 1 (the default) on CPU tensors only.
 
-    They are on by default; each one reads a value back from the GPU, so a tight training loop
-    whose inputs are known good may turn them off.
+    A check on a GPU tensor reads a value back and so synchronises the GPU; by default the ops skip it
+    there, and QuantLinear layers check their own values once instead, where they are loaded
+    (load_quantized). Turn them on to find where a bad scale comes from.
     """
-    set_tuning(value_checks=enabled)
+    set_tuning(value_checks=2 if enabled is True else int(enabled))
 
 
-def value_checks(enabled: bool):
+def value_checks(enabled: bool | int):
     """set_value_checks(enabled) for a block, then the previous setting back."""
-    return tuning(value_checks=enabled)
+    return tuning(value_checks=2 if enabled is True else int(enabled))

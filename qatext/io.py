@@ -9,6 +9,7 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .nn import QuantLinear
@@ -28,6 +29,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def quant_layers(model: nn.Module):
     """(qualified name, QuantLinear) for every quantized layer."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def check_scales(model: nn.Module, where: str) -> None:
+    """Every quantized layer's scales positive and finite, checked once for the whole model (one read
+    from the GPU), so that the ops need not check them, and sync the GPU, on every call."""
+    layers = [(n, m) for n, m in quant_layers(model) if m.scale.numel()]
+    if not layers:
+        return
+    bad = torch.stack([((m.scale <= 0) | ~torch.isfinite(m.scale)).any() for _, m in layers]).cpu()
+    if bad.any():
+        name = layers[int(bad.nonzero()[0])][0]
+        raise ValueError(f"{where}: layer {name} has a scale <= 0, NaN or inf (a damaged file, or a diverged run)")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -95,6 +108,7 @@ def load_quantized(in_dir, device="cpu", dtype=None) -> nn.Module:
                             dtype=old.weight.dtype, **{k: cfg[k] for k in LAYER_OPTIONS})
         replace_module(model, name, layer)
     load_model(model, str(in_dir / WEIGHTS_NAME), device=str(device))
+    check_scales(model, f"load_quantized: {in_dir}")
     if (in_dir / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(in_dir)
     return model.to(device).eval()

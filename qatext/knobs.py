@@ -28,6 +28,13 @@ def set_tuning(**knobs) -> None:
     """Set knobs by name (bools are taken as 0 / 1); each value is checked against its range."""
     for name, value in knobs.items():
         _C.tuning_set(name, int(value))
+        _current[name] = _C.tuning_get(name)
+
+
+def current(name: str) -> int:
+    """A knob's value from a Python copy kept by set_tuning: readable inside code that torch.compile
+    traces (a call into the extension there would break the graph)."""
+    return _current[name]
 
 
 @contextlib.contextmanager
@@ -39,3 +46,6 @@ def tuning(**knobs):
         yield
     finally:
         set_tuning(**old)
+
+
+_current: dict[str, int] = get_tuning()

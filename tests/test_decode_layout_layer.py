@@ -44,3 +44,55 @@ def test_refused_layers():
         QuantLinear.from_linear(torch.nn.Linear(128, 32), QuantSpec(4, 64), mode="fake").tile_for_decode()
     model = torch.nn.Sequential(_packed_layer(4), _packed_layer(8, n=32, k=128))
     assert models.tile_for_decode(model) == 1
+
+
+def test_packed_layer_decodes_on_its_own(device):
+    """No call needed: a no-grad 16-bit forward of few tokens on a GPU takes the decode kernel on a tiled
+    copy it makes itself; more tokens, gradients or a CPU keep the packed path (and make no copy)."""
+    layer = _packed_layer(4, n=64, k=256, device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        x_long = torch.randn(64, 256, device=device, dtype=torch.bfloat16)
+        y_long = layer(x_long)
+        assert getattr(layer, "tiled", None) is None  # prefill-sized: the packed path
+        x = torch.randn(3, 256, device=device, dtype=torch.bfloat16)
+        y = layer(x)
+    expected = layer._matmul(x.detach()).detach()
+    assert (getattr(layer, "tiled", None) is not None) == (device == "cuda")
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)  # bf16 outputs of two fp32 accumulations
+    torch.testing.assert_close(y_long, layer._matmul(x_long).detach())
+    y = layer(x.requires_grad_(True))  # gradients: the packed path, which has a backward
+    y.float().sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_inference_never_syncs_the_gpu():
+    """Value checks run where they are free: a packed layer's prefill and decode forwards read nothing
+    back from the GPU by default (torch raises on a synchronising call in this mode)."""
+    layer = _packed_layer(4, n=64, k=256, device="cuda").to(torch.bfloat16)
+    layer.tile_for_decode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            layer(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16))
+            layer(torch.randn(200, 256, device="cuda", dtype=torch.bfloat16))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_load_refuses_a_damaged_scale(tmp_path, tiny_model_dir):
+    """load_quantized checks every layer's scales once (so the ops need not sync on every call)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qatext import load_quantized, methods, save_quantized
+
+    model = methods.rtn(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QuantSpec(4, 32))
+    save_quantized(model, tmp_path / "q")
+    weights = load_file(tmp_path / "q" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.scale"
+    weights[name][0, 0] = float("nan")
+    save_file(weights, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layer model.layers.1.mlp.down_proj has a scale <= 0, NaN or inf"):
+        load_quantized(tmp_path / "q")

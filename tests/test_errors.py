@@ -96,11 +96,24 @@ def test_non_positive_or_nan_scale(bad):
 def test_value_checks_can_be_turned_off():
     s, z = QP()
     s[0, 0] = 0.0
-    qatext.set_value_checks(False)
-    try:
+    with qatext.value_checks(False):
         ops.fake_quant(W(), s, z, 4, 32)  # no error: the caller vouches for its inputs
-    finally:
-        qatext.set_value_checks(True)
+    assert qatext.get_tuning("value_checks") == 1  # the default back: host tensors checked
+
+
+def test_value_check_levels(device):
+    """1 (the default) checks host tensors only, where it is free; True (2) every device."""
+    s, z = QP()
+    s[0, 0] = 0.0
+    s, z, w = s.to(device), z.to(device), W().to(device)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            ops.fake_quant(w, s, z, 4, 32)
+    else:
+        ops.fake_quant(w, s, z, 4, 32)  # no GPU sync by default
+    with qatext.value_checks(True), pytest.raises(ValueError, match="scale must be positive and finite"):
+        ops.fake_quant(w, s, z, 4, 32)
+    assert qatext.get_tuning("value_checks") == 1
 
 
 def test_grad_shape_mismatch():

@@ -15,7 +15,9 @@ constexpr int64_t kMax = INT64_MAX;
 
 // The one table. Defaults measured: see benchmarks/NOTES.md.
 constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
-    {"value_checks", 1, 0, 1, "Data-dependent argument checks (scale > 0, codes < 2^bits); each syncs a GPU."},
+    {"value_checks", 1, 0, 2,
+     "Data-dependent argument checks (scale > 0, codes < 2^bits): 0 never; 1 on CPU tensors, where they are "
+     "free (QuantLinear checks its own once when made or loaded); 2 also on a GPU, where each one syncs it."},
     {"dw_chunk_elements", int64_t(10) << 20, 1, kMax,
      "Cap on the fp32 dW block (rows x K) that e2eqp_scale_grad forms at once (40 MiB)."},
     {"dequant_gemm_max_m", 64, 0, kMax,

@@ -8,7 +8,7 @@
 namespace qatext::ops {
 
 enum class Knob : int {
-  ValueChecks,         // data-dependent checks (scale > 0, codes < 2^bits); they synchronise a GPU
+  ValueChecks,         // data-dependent checks (scale > 0, codes < 2^bits): 0 off, 1 host tensors, 2 all
   DwChunkElements,     // fp32 elements of dW the E2E-QP scale gradient forms at once (rows x K)
   DequantGemmMaxM,     // largest M for which CUDA dequant_matmul takes the fused kernel (0: never)
   DecodeGemmMaxM,      // largest M for which CUDA dequant_matmul_tiled takes the decode kernel (0: never)
@@ -33,6 +33,12 @@ void set_tuning(Knob knob, int64_t value);
 // By name, for the Python binding; an unknown name is a ValueError listing the known ones.
 Knob knob_by_name(const char* name);
 
-inline bool value_checks_enabled() { return tuning(Knob::ValueChecks) != 0; }
+// Whether to run a data-dependent check on a tensor: level 1 (the default) checks host tensors only,
+// where reading a value back is free; level 2 also tensors on a GPU, where each check synchronises it
+// (the layers check their own values once, where they are made or loaded).
+inline bool value_checks_enabled(bool on_accelerator) {
+  const int64_t level = tuning(Knob::ValueChecks);
+  return level >= 2 || (level == 1 && !on_accelerator);
+}
 
 }  // namespace qatext::ops

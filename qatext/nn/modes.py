@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import knobs, ops
 from ..quant import rtn_codes
 from ..quant.primitives import grouped, qmax, ste_round, symmetric_zero
 from .quant_linear import QuantLinear, positive
@@ -177,21 +177,39 @@ class QALoRALinear(_FrozenCodes, mode="qalora"):
 
 
 class PackedLinear(_FrozenCodes, mode="packed"):
-    """Inference: frozen codes, scales and zeros; no-grad forwards may run from a tiled decode copy."""
+    """Inference: frozen codes, scales and zeros. Each forward takes the fastest path by itself: on a
+    GPU, without gradients, with a 16-bit input of at most `decode_gemm_max_m` tokens (decode), the
+    decode kernel on a tiled copy of the codes; otherwise the packed path (fused kernel or dequant +
+    cuBLAS, see dequant_matmul)."""
+
+    def _build(self, device, dtype):
+        super()._build(device, dtype)
+        # The decode kernel's layout needs bits 2..4, N % 16 == 0 and K % 64 == 0.
+        self._tileable = self.spec.bits in (2, 3, 4) and self.out_features % 16 == 0 and self.in_features % 64 == 0
 
     def _forward(self, x):
         x = self._input(x)
-        if getattr(self, "tiled", None) is not None and not torch.is_grad_enabled():
+        if self._decodes(x):
             return ops.dequant_matmul_tiled(x, self._current_tiled(), positive(self.scale), self.zero,
                                             self.spec.bits, self.group_size, self._bias_for(x))
         return self._matmul(x)
 
+    def _decodes(self, x) -> bool:
+        if torch.is_grad_enabled() or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if not self._tileable or x.numel() > knobs.current("decode_gemm_max_m") * self.in_features:
+            return False
+        # Traced by torch.compile, the copy must exist already (models.tile_for_decode before compiling).
+        return not torch.compiler.is_compiling() or getattr(self, "tiled", None) is not None
+
     @torch.no_grad()
     def tile_for_decode(self) -> PackedLinear:
-        """Also hold the codes in the decode GEMM's tiled layout (bits 2, 3 or 4; out_features % 16 == 0,
-        in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. The layer then
-        serves forward passes without gradients (inference, generation) from it; with gradients it
-        keeps the packed path. Re-tiled by itself if `packed` changes (load_state_dict, .to())."""
+        """Hold the codes also in the decode GEMM's tiled layout now (bits 2, 3 or 4; out_features % 16 == 0,
+        in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. Decode forwards make
+        it by themselves on first use; call this before torch.compile or CUDA-graph capture. Re-tiled by
+        itself if `packed` changes (load_state_dict, .to())."""
+        if not self._tileable:
+            ops.tile_packed(self.packed, self.spec.bits, self.in_features)  # raises the op's own message
         self.register_buffer("tiled", ops.tile_packed(self.packed, self.spec.bits, self.in_features), persistent=False)
         self._tiled_from = self._packed_stamp()
         return self
@@ -205,6 +223,8 @@ class PackedLinear(_FrozenCodes, mode="packed"):
 
     @torch.no_grad()
     def _current_tiled(self) -> torch.Tensor:
-        if getattr(self, "_tiled_from", None) != self._packed_stamp():
+        if torch.compiler.is_compiling():  # no data pointers there; tile_for_decode ran before compiling
+            return self.tiled
+        if getattr(self, "tiled", None) is None or getattr(self, "_tiled_from", None) != self._packed_stamp():
             self.tile_for_decode()
         return self.tiled
