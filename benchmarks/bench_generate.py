@@ -1,7 +1,9 @@
 """End-to-end generation: a LLaMA-2-7B-shaped model (random init, no weights here) as qatext leaves it
 after merging (W4 g128, W3 g128, W2 g64 packed layers, tiled for decode), against the same model in
 bf16 and with bitsandbytes NF4 weights (benchmarks/peers.py), in one run. Greedy `generate` with a
-static KV cache, the forward compiled (torch.compile, reduce-overhead: CUDA graphs), a 512-token
+static KV cache, the decode steps compiled the way transformers compiles them for a static cache
+(its CompileConfig, here with fullgraph=True so a graph break fails loudly; reduce-overhead: CUDA
+graphs; the prefill runs eagerly), a 512-token
 prompt, 128 new tokens, batch 1 and 8. Reported: time to first token (prefill + one step), decode
 tokens/s (per sequence and in all), peak memory.
 
@@ -51,27 +53,28 @@ def variants(base, device):
         yield "bitsandbytes NF4", f"not installed ({e.name})"
 
 
-def timed_generate(model, prompt, new_tokens: int, device) -> float:
+def timed_generate(model, prompt, new_tokens: int, device, compile_: bool) -> float:
+    from transformers import CompileConfig
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+                   min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                   disable_compile=not compile_, compile_config=CompileConfig(fullgraph=True) if compile_ else None)
     sync()
     return time.perf_counter() - t0
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, compile_: bool, device, repeats: int) -> dict:
     model.generation_config.pad_token_id = 0
-    if compile_:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
     for _ in range(2):  # compile, capture the graphs, warm the caches
-        timed_generate(model, prompt, new_tokens, device)
+        timed_generate(model, prompt, new_tokens, device, compile_)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    first = sorted(timed_generate(model, prompt, 1, device) for _ in range(repeats))[repeats // 2]
-    full = sorted(timed_generate(model, prompt, new_tokens, device) for _ in range(repeats))[repeats // 2]
+    first = sorted(timed_generate(model, prompt, 1, device, compile_) for _ in range(repeats))[repeats // 2]
+    full = sorted(timed_generate(model, prompt, new_tokens, device, compile_) for _ in range(repeats))[repeats // 2]
     per_token = (full - first) / (new_tokens - 1)
     return {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "time_to_first_token_s": first,
             "decode_tokens_per_s": 1 / per_token, "decode_tokens_per_s_all_sequences": batch / per_token,
