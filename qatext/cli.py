@@ -103,6 +103,7 @@ METHOD_OPTIONS = {
     "lr": {"full_qat": "lr", "lrqat": "lr", "qalora": "lr", "efficientqat": "e2e_lr"},
     "rank": {"lrqat": "rank", "qalora": "rank"},
     "calib_samples": {"efficientqat": "n_samples"},
+    "lrqat_storage": {"lrqat": "storage"},
 }
 
 
@@ -151,6 +152,7 @@ def cmd_train(args) -> int:
                 "seq_len": args.seq_len, "seed": args.seed, "val_fraction": args.val_fraction,
                 "model": runs.model_fingerprint(args.model), "tokenizer": tok_info["kind"],
                 "data": {"source": args.data, "tokens": len(tokens), "sha256": runs.tokens_sha256(tokens)},
+                **({"lrqat_storage": args.lrqat_storage} if args.lrqat_storage else {}),  # older runs lack it
                 "world_size": distributed.world_size(),
                 "distributed": args.distributed if distributed.world_size() > 1 else None}
     resumed = runs.check_resume(out, identity, args.restart)  # every rank, before anything is written
@@ -336,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     t.add_argument("--lr", type=float, default=None, help="main learning rate (default: the method's paper value)")
     t.add_argument("--rank", type=int, default=None, help="adapter rank for lrqat / qalora (default: the paper's)")
+    t.add_argument("--lrqat-storage", choices=("int", "fixed"), default=None,
+                   help="LR-QAT's frozen P: int, packed b-bit codes (the least memory; the default), or fixed, "
+                        "uint8 fixed point with 8 - b fractional bits (the paper's Q4.4; recovers far more at 2 and "
+                        "3 bits, see README Accuracy)")
     t.add_argument("--batch-size", type=int, default=8, help="sequences per step (global under torchrun)")
     t.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
     t.add_argument("--calib-samples", type=int, default=None, help="EfficientQAT Block-AP calibration windows "

@@ -290,6 +290,25 @@ def test_ignored_option_warns(tmp_path, bpe_model_dir):
     assert proc.returncode == 0 and "warning: --rank is ignored by --method full_qat" in proc.stderr
 
 
+def test_lrqat_storage_reaches_the_layers_and_a_changed_one_is_refused(tmp_path, bpe_model_dir):
+    out = tmp_path / "r"
+    proc = qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", out, *TRAIN,
+                  "--lrqat-storage", "fixed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "checkpoints" / "run.json").read_text())["lrqat_storage"] == "fixed"
+    from qatext.cli import _method_kwargs, build_parser
+
+    args = build_parser().parse_args(["train", "--method", "lrqat", "--model", "m", "--output-dir", "o",
+                                      "--lrqat-storage", "fixed"])
+    assert _method_kwargs(args) == {"storage": "fixed"}  # what methods.lrqat receives
+    proc = qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", out, *TRAIN,
+                  "--lrqat-storage", "int")
+    assert proc.returncode == 2 and "lrqat_storage" in proc.stderr and "Traceback" not in proc.stderr
+    warned = qatext("train", "--method", "qalora", "--model", bpe_model_dir, "--output-dir", tmp_path / "q", *TRAIN,
+                    "--lrqat-storage", "fixed")
+    assert warned.returncode == 0 and "warning: --lrqat-storage is ignored by --method qalora" in warned.stderr
+
+
 def test_the_same_model_moved_elsewhere_still_resumes(tmp_path, bpe_model_dir, trained_run):
     import shutil
 
