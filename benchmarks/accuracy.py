@@ -285,17 +285,31 @@ def sweep(args, setup: Setup) -> None:
     run_cells(args, setup, cells, "sweep")
 
 
-def best_lrs(work: Path) -> dict:
-    """Each method's learning rate with the lowest sweep perplexity (the paper default without a sweep)."""
-    path = work / "sweep.json"
-    if not path.exists():
+def at_grid_settings(cell: dict, setup: Setup) -> bool:
+    """Whether a sweep or probe cell ran exactly as the grid would run it (its kwargs, if any, equal to
+    method_kwargs' and its steps the grid's), so that its learning rate can stand for the grid's."""
+    if cell["method"] not in TRAINED or cell.get("steps", setup.qat_steps) != setup.qat_steps:
+        return False
+    grid_kwargs = method_kwargs(cell["method"], cell["lr"], cell["seed"], False)
+    return {**grid_kwargs, **cell.get("kwargs", {})} == grid_kwargs
+
+
+def best_lrs(work: Path, setup: Setup, smoke: bool = False) -> dict:
+    """Each method's learning rate with the lowest perplexity among the sweep's and probes' cells run at
+    the grid's settings."""
+    cells = [c for name in ("sweep", "probes") if (work / f"{name}.json").exists()
+             for c in json.loads((work / f"{name}.json").read_text())["cells"] if at_grid_settings(c, setup)]
+    if smoke:
         return {m: LR_SWEEP[m][0] for m in TRAINED}
-    cells = json.loads(path.read_text())["cells"]
+    missing = [m for m in TRAINED if not any(c["method"] == m for c in cells)]
+    if missing:
+        raise SystemExit(f"accuracy: no sweep cells of {', '.join(missing)} at the grid's settings in {work}; run "
+                         "the sweep step (or copy its JSON there) first: the grid runs each method at its best lr")
     return {m: min((c for c in cells if c["method"] == m), key=lambda c: c["ppl"])["lr"] for m in TRAINED}
 
 
 def grid(args, setup: Setup) -> None:
-    lrs = best_lrs(args.work)
+    lrs = best_lrs(args.work, setup, args.smoke)
     cells = [{"method": "fp", "seed": 0}]
     cells += [{"method": "fp_continued", "seed": s, "lr": CONTROL_LR} for s in range(setup.seeds)]
     for config in CONFIGS:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +26,24 @@ def test_report_from_committed_results(tmp_path):
     assert "| lrqat | W2 g64 | lr 0.01, 900 steps, storage int | 3 | 12.051 ± 0.052 | 81% |" in table  # a probe, 3 seeds
     assert "| efficientqat | W3 g128 | lr 0.0005, 300 steps, n_samples 1024, batch_size 8, epochs 2, weight_lr 0.0001 | 1 | 9.981 | 67% |" in table
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
+def test_grid_takes_each_methods_best_lr_at_its_own_settings(tmp_path):
+    """The grid's learning rates come from sweep and probe cells that ran as the grid runs (LR-QAT's
+    fixed-point P, the larger Block-AP), never from cells at other settings; without any, it stops."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="run the sweep step"):
+        accuracy.best_lrs(tmp_path, accuracy.Setup())
+    for step in ("sweep", "probes"):
+        shutil.copy(ROOT / "benchmarks" / "results" / f"accuracy_h200_{step}.json", tmp_path / f"{step}.json")
+    lrs = accuracy.best_lrs(tmp_path, accuracy.Setup())
+    # lrqat: the fixed-point probes (1e-2 best of 3e-3, 1e-2, 3e-2), not the integer-P sweep;
+    # efficientqat: the one Block-AP-1024 cell at the grid's weight lr (5e-4).
+    assert lrs == {"full_qat": 2e-4, "lrqat": 1e-2, "qalora": 2e-2, "efficientqat": 5e-4}
+    shutil.copy(ROOT / "benchmarks" / "results" / "accuracy_h200_sweep.json", tmp_path / "probes.json")
+    with pytest.raises(SystemExit, match="lrqat, efficientqat"):
+        accuracy.best_lrs(tmp_path, accuracy.Setup())  # the sweep alone ran them at other settings
