@@ -208,8 +208,6 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. Decode forwards make
         it by themselves on first use; call this before torch.compile or CUDA-graph capture. Re-tiled by
         itself if `packed` changes (load_state_dict, .to())."""
-        if not self._tileable:
-            ops.tile_packed(self.packed, self.spec.bits, self.in_features)  # raises the op's own message
         self.register_buffer("tiled", ops.tile_packed(self.packed, self.spec.bits, self.in_features), persistent=False)
         self._tiled_from = self._packed_stamp()
         return self
