@@ -42,34 +42,41 @@ PEERS = {
     "qlora": (lambda m: peers.lora(peers.nf4(m), LORA_TARGETS), 1e-4, "qalora"),
 }
 FULL_FINE_TUNES = ("full_qat", "bf16_ft", "torchao_qat")
+METHODS = sorted(SETUPS) + sorted(PEERS)
+
+
+def build(method: str, layers: int = 32, device="cuda"):
+    """(model, trained parameters, recipe, lr) of `method` on the 7B-shaped model, as a user trains it."""
+    model = llama_7b(layers, device)
+    if method in SETUPS:
+        mode, options, trained, lr = SETUPS[method]
+        models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
+        recipe = {"lrqat": "lrqat", "fake": "full_qat", "qalora": "qalora", "e2eqp": "efficientqat"}[mode]
+    else:
+        make, lr, recipe = PEERS[method]
+        model = make(model)
+    if method in FULL_FINE_TUNES:
+        model.gradient_checkpointing_enable()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+    elif method in SETUPS:
+        params = layer_params(model, trained)
+    else:  # PEFT marks its adapters trainable
+        params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, recipe, lr
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=sorted(SETUPS) + sorted(PEERS), required=True)
+    parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--out", default=None)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
     args = parser.parse_args()
     qatext.set_value_checks(False)
-    model = llama_7b(args.layers)
-    if args.method in SETUPS:
-        mode, options, trained, lr = SETUPS[args.method]
-        models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
-        recipe = {"lrqat": "lrqat", "fake": "full_qat", "qalora": "qalora", "e2eqp": "efficientqat"}[mode]
-    else:
-        build, lr, recipe = PEERS[args.method]
-        model = build(model)
-    if args.method in FULL_FINE_TUNES:
-        model.gradient_checkpointing_enable()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        params = list(model.parameters())
-    elif args.method in SETUPS:
-        params = layer_params(model, trained)
-    else:  # PEFT marks its adapters trainable
-        params = [p for p in model.parameters() if p.requires_grad]
+    model, params, recipe, lr = build(args.method, args.layers)
     tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))
     clock = StepClock(causal_lm_loss)
 
