@@ -296,10 +296,10 @@ def at_grid_settings(cell: dict, setup: Setup) -> bool:
 def best_lrs(work: Path, setup: Setup, smoke: bool = False) -> dict:
     """Each method's learning rate with the lowest perplexity among the sweep's and probes' cells run at
     the grid's settings."""
-    cells = [c for name in ("sweep", "probes") if (work / f"{name}.json").exists()
-             for c in json.loads((work / f"{name}.json").read_text())["cells"] if at_grid_settings(c, setup)]
     if smoke:
         return {m: LR_SWEEP[m][0] for m in TRAINED}
+    cells = [c for name in ("sweep", "probes") if (work / f"{name}.json").exists()
+             for c in json.loads((work / f"{name}.json").read_text())["cells"] if at_grid_settings(c, setup)]
     missing = [m for m in TRAINED if not any(c["method"] == m for c in cells)]
     if missing:
         raise SystemExit(f"accuracy: no sweep cells of {', '.join(missing)} at the grid's settings in {work}; run "

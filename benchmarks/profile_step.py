@@ -47,8 +47,9 @@ def main():
         tcfg = methods.default_config(recipe, steps=steps + 1, batch_size=1, seq_len=args.seq_len, progress=False)
         train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=loss_fn)
     key = "device_time_total" if on_gpu else "cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=args.rows))
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
     rows = [{"op": e.key, "calls_per_step": e.count / args.active, "ms_per_step": getattr(e, key) / 1e3 / args.active,
              "self_ms_per_step": getattr(e, "self_" + key) / 1e3 / args.active} for e in events]
     if args.out:

@@ -91,13 +91,7 @@ def merge_model(model: nn.Module) -> nn.Module:
 def tile_for_decode(model: nn.Module) -> int:
     """QuantLinear.tile_for_decode on every 'packed' layer whose shape and bits allow it (the others
     keep the packed path); returns how many were tiled."""
-    tiled = 0
-    for _, layer in quant_layers(model):
-        if layer.mode != "packed":
-            continue
-        try:
-            layer.tile_for_decode()
-            tiled += 1
-        except ValueError:
-            continue
-    return tiled
+    layers = [layer for _, layer in quant_layers(model) if layer.mode == "packed" and layer._tileable]
+    for layer in layers:
+        layer.tile_for_decode()
+    return len(layers)
