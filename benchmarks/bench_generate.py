@@ -94,29 +94,38 @@ def main():
     device = torch.device(args.device)
     base = build_model(args.tiny, device)
     rows, skipped = [], []
+
+    def save():  # after every row: a run stopped at its time limit keeps what it measured
+        for row in rows:
+            bf16 = next((r for r in rows if r["variant"] == "bf16" and r["batch"] == row["batch"]), None)
+            row["decode_speed_vs_bf16"] = bf16 and row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"]
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           "torch": torch.__version__, "compiled": not args.no_compile, "rows": rows,
+                           "skipped": skipped}, f, indent=1)
+
     for name, model in variants(base, device):
         if isinstance(model, str):
             skipped.append({"variant": name, "reason": model})
             print(f"{name}: skipped, {model}", flush=True)
             continue
         for batch in (int(b) for b in args.batches.split(",")):
-            row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, not args.no_compile, device,
-                                              args.repeats)}
+            try:
+                row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, not args.no_compile,
+                                                  device, args.repeats)}
+            except Exception as e:  # noqa: BLE001 (a peer that cannot run this way is reported, not fatal)
+                skipped.append({"variant": name, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:500]})
+                print(f"{name} batch {batch}: failed, {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             rows.append(row)
             print(f"{name:18s} batch {batch}: first token {row['time_to_first_token_s'] * 1e3:7.1f} ms, "
                   f"{row['decode_tokens_per_s']:7.1f} tokens/s per sequence, peak {row['peak_GB']} GB", flush=True)
+            save()
         if model is not base:
             del model
             torch.cuda.empty_cache() if device.type == "cuda" else None
-    for row in rows:
-        bf16 = next(r for r in rows if r["variant"] == "bf16" and r["batch"] == row["batch"])
-        row["decode_speed_vs_bf16"] = row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "compiled": not args.no_compile, "rows": rows, "skipped": skipped},
-                      f, indent=1)
-
+    save()
 
 if __name__ == "__main__":
     main()

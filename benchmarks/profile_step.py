@@ -39,7 +39,9 @@ def main():
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     tokens = torch.randint(0, model.config.vocab_size, (100_000,))
     steps = args.warmup + args.active
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.active)) as prof:
+    cycles = []  # the active steps' averages, kept when the cycle closes (the profiler clears its events then)
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.active, repeat=1),
+                 on_trace_ready=lambda prof: cycles.append(prof.key_averages())) as prof:
         def loss_fn(m, batch):  # the profiler's step boundary is each step's start
             prof.step()
             return causal_lm_loss(m, batch)
@@ -47,7 +49,7 @@ def main():
         tcfg = methods.default_config(recipe, steps=steps + 1, batch_size=1, seq_len=args.seq_len, progress=False)
         train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=loss_fn)
     key = "device_time_total" if on_gpu else "cpu_time_total"
-    averages = prof.key_averages()
+    averages = cycles[0]
     print(averages.table(sort_by=key, row_limit=args.rows))
     events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
     rows = [{"op": e.key, "calls_per_step": e.count / args.active, "ms_per_step": getattr(e, key) / 1e3 / args.active,
