@@ -2,8 +2,8 @@
 after merging (W4 g128, W3 g128, W2 g64 packed layers, tiled for decode), against the same model in
 bf16 and with bitsandbytes NF4 weights (benchmarks/peers.py), in one run. Greedy `generate` with a
 static KV cache, the decode steps compiled the way transformers compiles them for a static cache
-(its CompileConfig, here with fullgraph=True so a graph break fails loudly; reduce-overhead: CUDA
-graphs; the prefill runs eagerly), a 512-token
+(the prefill eagerly, each decode step one torch.compile'd call, fullgraph so a graph break fails
+loudly, mode reduce-overhead: CUDA graphs), a 512-token
 prompt, 128 new tokens, batch 1 and 8. Reported: time to first token (prefill + one step), decode
 tokens/s (per sequence and in all), peak memory.
 
@@ -41,44 +41,85 @@ def build_model(tiny: bool, device):
 
 
 def variants(base, device):
-    """(name, model) pairs, built one at a time so only one copy is resident beside the bf16 base."""
+    """(name, model) pairs, built one at a time so only one copy is resident beside the bf16 base; the
+    peers first, so a run stopped at its time limit still has them."""
     yield "bf16", base
-    for name, spec in CONFIGS.items():
-        model = methods.rtn(copy.deepcopy(base), spec)  # packed integer layers, as merge_model leaves them
-        models.tile_for_decode(model)
-        yield f"qatext {name}", model
     try:
         yield "bitsandbytes NF4", peers.nf4(copy.deepcopy(base))
     except ImportError as e:
         yield "bitsandbytes NF4", f"not installed ({e.name})"
+    for name, spec in CONFIGS.items():
+        model = methods.rtn(copy.deepcopy(base), spec)  # packed integer layers, as merge_model leaves them
+        models.tile_for_decode(model)
+        yield f"qatext {name}", model
 
 
-def timed_generate(model, prompt, new_tokens: int, device, compile_: bool) -> float:
-    from transformers import CompileConfig
+def model_bytes(model) -> int:
+    """What the model holds (parameters and buffers, a decode copy included): peak_GB also counts the
+    bf16 base the variants are made from, which stays resident."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
+
+class Generator:
+    """Greedy generation with a static KV cache, the way gpt-fast and transformers' static-cache guide
+    run it: the prefill eagerly, each decode step one compiled call (torch.compile, mode
+    reduce-overhead: CUDA graphs) that reads the cache in place. One cache per batch shape, reset
+    between runs, so the graphs are captured once and replayed."""
+
+    def __init__(self, model, compile_: bool):
+        self.model, self.caches, self.step = model, {}, self._step
+        if compile_:
+            torch._dynamo.reset()  # a fresh compile per model: the recompile limit counts across models
+            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+
+    def _step(self, token, position, cache):
+        logits = self.model(input_ids=token, cache_position=position, past_key_values=cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        from transformers import StaticCache
+
+        batch, length = prompt.shape
+        key = (batch, length + new_tokens)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=length + new_tokens)
+        cache = self.caches[key]
+        cache.reset()
+        positions = torch.arange(length + new_tokens, device=prompt.device)
+        token = self._step(prompt, positions[:length], cache)
+        out = [token]
+        for i in range(length, length + new_tokens - 1):
+            torch.compiler.cudagraph_mark_step_begin()
+            token = self.step(token, positions[i:i + 1], cache).clone()  # the graph's output is overwritten next step
+            out.append(token)
+        return torch.cat(out, dim=1)
+
+
+def timed_generate(generate: Generator, prompt, new_tokens: int, device) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                   disable_compile=not compile_, compile_config=CompileConfig(fullgraph=True) if compile_ else None)
+    generate(prompt, new_tokens)
     sync()
     return time.perf_counter() - t0
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, compile_: bool, device, repeats: int) -> dict:
-    model.generation_config.pad_token_id = 0
+    generate = Generator(model, compile_)
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
     for _ in range(2):  # compile, capture the graphs, warm the caches
-        timed_generate(model, prompt, new_tokens, device, compile_)
+        timed_generate(generate, prompt, new_tokens, device)
+    check = min(new_tokens, 16)  # the compiled steps decode what the eager forward does (ties aside)
+    same = (generate(prompt, check) == Generator(model, False)(prompt, check)).float().mean().item()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    first = sorted(timed_generate(model, prompt, 1, device, compile_) for _ in range(repeats))[repeats // 2]
-    full = sorted(timed_generate(model, prompt, new_tokens, device, compile_) for _ in range(repeats))[repeats // 2]
+    first = sorted(timed_generate(generate, prompt, 1, device) for _ in range(repeats))[repeats // 2]
+    full = sorted(timed_generate(generate, prompt, new_tokens, device) for _ in range(repeats))[repeats // 2]
     per_token = (full - first) / (new_tokens - 1)
     return {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "time_to_first_token_s": first,
             "decode_tokens_per_s": 1 / per_token, "decode_tokens_per_s_all_sequences": batch / per_token,
-            "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+            "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+            "tokens_same_as_eager": same, "model_GB": model_bytes(model) / 1e9}
 
 
 def main():
