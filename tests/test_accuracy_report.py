@@ -19,9 +19,10 @@ def test_report_from_committed_results(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     table = (tmp_path / "accuracy.md").read_text()
     assert "control, its best lr 3e-05) 9.532 ± 0.016 (n = 3)" in table  # a control cell in grid and probes counts once
-    assert "| W2 g64 | 23.133 | 11.472 ± 0.054 (86%) | 16.091 ± 1.705 (52%) | 13.765 ± 0.069 (69%) | 12.483 ± 0.040 (78%) |" in table
-    assert "| W3 g128 | 10.898 | 10.119 ± 0.043 (57%) |" in table
-    assert "lrqat: lr 0.01, storage int" in table  # each method's settings, from its cells
+    assert "| W2 g64 | 23.133 | 11.472 ± 0.054 (86%) | 11.714 ± 0.032 (84%) | 13.765 ± 0.069 (69%) | 11.752 ± 0.036 (84%) |" in table
+    assert "| W3 g128 | 10.898 | 10.119 ± 0.043 (57%) | 10.110 ± 0.016 (58%) | 10.455 ± 0.009 (32%) | 9.986 ± 0.013 (67%) |" in table
+    assert "lrqat: lr 0.01; qalora: lr 0.02; efficientqat: lr 0.0005." in table  # each method's settings, from its cells
+    assert "| W2 g64 | 72.7 | 79.3 ± 0.7 | 79.5 ± 0.8 | 77.5 ± 0.7 | 79.1 ± 0.9 |" in table  # next-word accuracy
     assert "1e-02: 10.279" in table  # the sweep
     assert "| lrqat | W2 g64 | lr 0.01, 900 steps, storage int | 3 | 12.051 ± 0.052 | 81% |" in table  # a probe, 3 seeds
     assert "| efficientqat | W3 g128 | lr 0.0005, 300 steps, n_samples 1024, batch_size 8, epochs 2, weight_lr 0.0001 | 1 | 9.981 | 67% |" in table
