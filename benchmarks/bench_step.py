@@ -85,9 +85,11 @@ def main():
     tcfg = methods.default_config(recipe, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False)
     history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
     step_s = clock.seconds_per_step(warmup=2)
+    forward_host_ms, forward_gpu_ms = clock.forward_host_and_gpu_ms(warmup=2)
     result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
               "seq_len": args.seq_len, "step_s": step_s, "tokens_per_s": args.seq_len / step_s,
-              "peak_GB": torch.cuda.max_memory_allocated() / 1e9,
+              "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,
+              "forward_gpu_ms": forward_gpu_ms,
               "trained_params_M": sum(p.numel() for p in params) / 1e6, "loss": history}
     print(json.dumps(result))
     if args.out:

@@ -91,7 +91,7 @@ class StepClock:
     the last step's peak is that of the ones before it, the same work)."""
 
     def __init__(self, loss_fn):
-        self.loss_fn, self.stamps = loss_fn, []
+        self.loss_fn, self.stamps, self.forwards = loss_fn, [], []
         self.setup_peak = self.step_peak = self.resident = 0
 
     def __call__(self, model, batch):
@@ -103,7 +103,20 @@ class StepClock:
             torch.cuda.reset_peak_memory_stats()
         else:
             self.step_peak = max(self.step_peak, torch.cuda.max_memory_allocated())
-        return self.loss_fn(model, batch)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = self.loss_fn(model, batch)
+        end.record()
+        self.forwards.append((time.perf_counter() - self.stamps[-1], start, end))
+        return loss
+
+    def forward_host_and_gpu_ms(self, warmup: int = 2) -> tuple[float, float]:
+        """Medians after warm-up of the forward's host time (Python and launches, the queue starting
+        empty) and of its GPU time: a host time above the GPU time means the step is host-bound."""
+        torch.cuda.synchronize()
+        rows = self.forwards[warmup:]
+        return (1e3 * statistics.median(host for host, _, _ in rows),
+                statistics.median(start.elapsed_time(end) for _, start, end in rows))
 
     def seconds_per_step(self, warmup: int = 2) -> float:
         """Call after training: the mean step time after `warmup` steps (the last step ends now)."""

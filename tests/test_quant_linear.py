@@ -134,3 +134,22 @@ def test_lp_search_never_worse_than_minmax(p):
         return (ops.fake_quant(w, s, z, 3, 64) - w).abs().pow(p).sum()
     assert err(*quant.lp_search_qparams(w, spec, p=p)) <= err(*quant.minmax_qparams(w, spec))
     assert err(*quant.lp_search_qparams(w, spec, p=p)) < 0.95 * err(*quant.minmax_qparams(w, spec))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_qalora_bf16_forward_matches_its_float_weight(spec):
+    """The bf16 forward (the input pooled per group in bf16, the adapter's factor on the add) equals x
+    times the layer's fp32 weight (codes, scale, zero and the pooled adapter) to bf16 accuracy."""
+    _, layer = _layer("qalora", spec)
+    _perturb(layer)
+    with torch.no_grad():
+        layer.lora_b.normal_(0, 4.0)  # an adapter large enough that a wrong pooling or factor shows
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(7, 96, dtype=torch.bfloat16)
+    want = x.float() @ layer.quantized_weight().float().T + layer.bias.float()
+    # Each of the output, the base GEMM's weight and the pooled input is rounded to bf16 once (2^-8
+    # relative), on sums of 96 terms of either sign: well inside 3% of the output's scale.
+    tol = 0.03 * want.abs().max().item()
+    torch.testing.assert_close(layer(x).float(), want, rtol=0, atol=tol)
+    base = x.float() @ ops.dequant(layer.packed, layer.scale, layer.zero, spec.bits, spec.group_size, 96).T
+    assert (want - base - layer.bias.float()).abs().max() > 3 * tol  # the adapter's share is far above the tolerance

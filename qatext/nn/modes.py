@@ -125,9 +125,14 @@ class _FrozenCodes(QuantLinear):
     def quantized_weight(self):
         return ops.dequant(self.packed, self.scale, self.zero, self.spec.bits, self.group_size, self.in_features)
 
+    def _scale(self) -> torch.Tensor:
+        """The scale the kernels read: clamped positive only where an optimiser moves it (a frozen one
+        was checked when made or loaded, and the clamp would cost three launches a forward)."""
+        return positive(self.scale) if self.TRAINED_SCALE else self.scale
+
     def _matmul(self, x):
         """x @ deq(q)^T + b for an input already through _input."""
-        return ops.dequant_matmul(x, self.packed, positive(self.scale), self.zero, self.spec.bits, self.group_size,
+        return ops.dequant_matmul(x, self.packed, self._scale(), self.zero, self.spec.bits, self.group_size,
                                   self._bias_for(x))
 
     def _forward(self, x):
@@ -165,10 +170,11 @@ class QALoRALinear(_FrozenCodes, mode="qalora"):
     def _forward(self, x):
         x = self._input(x)
         y = self._matmul(x)
-        # pool_g(x) A^T = x (A / g, each column repeated g times)^T: the pooling folds into the
-        # adapter's first GEMM (no pooled copy of x, fp32 accumulation over all of K).
-        a_pooled = (self.lora_a.to(x.dtype) / self.group_size).repeat_interleave(self.group_size, dim=1)
-        return y + self.lora_scale * F.linear(F.linear(x, a_pooled), self.lora_b.to(x.dtype))
+        # The adapter sees the input pooled over each group [.., K / g] (a sum, fp32 inside); the
+        # pooling's 1 / g and the adapter's scale are one factor on its output, applied by the add.
+        pooled = x.unflatten(-1, (-1, self.group_size)).sum(-1)
+        delta = F.linear(F.linear(pooled, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return torch.add(y, delta, alpha=self.lora_scale / self.group_size)
 
     def _merged(self):
         packed, scale, zero = super()._merged()
@@ -190,7 +196,7 @@ class PackedLinear(_FrozenCodes, mode="packed"):
     def _forward(self, x):
         x = self._input(x)
         if self._decodes(x):
-            return ops.dequant_matmul_tiled(x, self._current_tiled(), positive(self.scale), self.zero,
+            return ops.dequant_matmul_tiled(x, self._current_tiled(), self._scale(), self.zero,
                                             self.spec.bits, self.group_size, self._bias_for(x))
         return self._matmul(x)
 
