@@ -1,13 +1,14 @@
 """End-to-end generation: a LLaMA-2-7B-shaped model (random init, no weights here) as qatext leaves it
 after merging (W4 g128, W3 g128, W2 g64 packed layers, tiled for decode), against the same model in
-bf16 and with bitsandbytes NF4 weights (benchmarks/peers.py), in one run. Greedy `generate` with a
-static KV cache, the decode steps compiled the way transformers compiles them for a static cache
-(the prefill eagerly, each decode step one torch.compile'd call, fullgraph so a graph break fails
-loudly, mode reduce-overhead: CUDA graphs), a 512-token
-prompt, 128 new tokens, batch 1 and 8. Reported: time to first token (prefill + one step), decode
-tokens/s (per sequence and in all), peak memory.
+bf16 and with bitsandbytes NF4 weights (benchmarks/peers.py), in one run. Greedy decoding with a
+static KV cache (Generator: the prefill eagerly, each decode step one torch.compile'd call, fullgraph
+so a graph break fails loudly, mode reduce-overhead: CUDA graphs), a 512-token prompt, 128 new
+tokens, batch 1 and 8. Reported: time to first token (prefill + one step), decode tokens/s (per
+sequence and in all), peak memory, the weights' bytes, and whether the compiled step decodes the
+eager step's first token.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate_h200.json
+    python benchmarks/bench_generate.py --variants "qatext W4 g128" --batches 1   # a part of the run
     python benchmarks/bench_generate.py --tiny --device cpu --no-compile   # the code paths, in seconds
 """
 
