@@ -3,7 +3,7 @@ batch 1, for one method: peak GPU memory and tokens/s. qatext's methods and the 
 pick instead (benchmarks/peers.py): a bf16 full fine-tune, PEFT LoRA r64 with bf16 adapters, QLoRA
 (bitsandbytes NF4 + PEFT) and torchao QAT (int4 g128 fake quantization, full fine-tune). Full
 fine-tunes (bf16, torchao, qatext's full QAT) use gradient checkpointing, as their users do to fit.
-Run once per method (fresh process, clean peak):
+Run once per method (fresh process, clean peak; --compile runs every method's decoder layers compiled):
 
     for m in lrqat lrqat_q44 qalora e2eqp full_qat bf16_ft peft_lora qlora torchao_qat; do
         python benchmarks/bench_step.py --method $m --out step_$m.json; done
@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true",
+                        help="decoder layers as torch.compile'd graphs (TrainConfig.compile), the same for every method")
     args = parser.parse_args()
     qatext.set_value_checks(False)
     model, params, recipe, lr = build(args.method, args.layers)
@@ -82,12 +84,13 @@ def main():
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    tcfg = methods.default_config(recipe, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False)
+    tcfg = methods.default_config(recipe, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False,
+                                  compile=args.compile)
     history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
     step_s = clock.seconds_per_step(warmup=2)
     forward_host_ms, forward_gpu_ms = clock.forward_host_and_gpu_ms(warmup=2)
     result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
-              "seq_len": args.seq_len, "step_s": step_s, "tokens_per_s": args.seq_len / step_s,
+              "seq_len": args.seq_len, "compiled": args.compile, "step_s": step_s, "tokens_per_s": args.seq_len / step_s,
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,
               "forward_gpu_ms": forward_gpu_ms,
               "trained_params_M": sum(p.numel() for p in params) / 1e6, "loss": history}

@@ -169,7 +169,7 @@ def cmd_train(args) -> int:
     cfg = methods.default_config(args.method, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  seed=args.seed, checkpoint_dir=str(out / "checkpoints"),
                                  checkpoint_every=args.checkpoint_every, distributed=args.distributed,
-                                 activation_checkpointing=args.activation_checkpointing)
+                                 activation_checkpointing=args.activation_checkpointing, compile=args.compile)
     model, history = methods.run(args.method, model, spec, train_tokens, cfg, **kwargs)
     merge_model(model)
     if distributed.is_main():  # every rank holds the full merged model; one writes it
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: DDP or FSDP2 (sharded parameters and checkpoints)")
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="decoder layers keep only their input and recompute the rest in backward (less memory)")
+    t.add_argument("--compile", action="store_true",
+                   help="decoder layers run as torch.compile'd graphs: faster when the GPU waits on Python (small "
+                   "batches); the first steps compile")
     t.add_argument("--restart", action="store_true",
                    help="start over: delete OUTPUT's checkpoints instead of resuming them")
     t.add_argument("--output-dir", required=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import torch
 from torch import nn
 
 from .io import quant_layers, replace_module
@@ -22,21 +23,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextlib.contextmanager
-def checkpointed_layers(model: nn.Module):
-    """Within the block, every decoder layer keeps only its input for backward and recomputes the
-    rest there (torch.utils.checkpoint, non-reentrant): activation memory falls from every layer's
-    intermediates to one layer's. Under FSDP2 the recomputation runs on the parameters FSDP gathered
-    for the layer's backward. A KV cache would be filled twice, so `config.use_cache` is off inside."""
-    from torch.utils.checkpoint import checkpoint
-
+def _layer_forwards(model: nn.Module, wrap):
+    """Within the block, every decoder layer's forward is wrap(forward); restored on leaving."""
     layers = list(decoder_layers(model))
     own = [layer.__dict__.get("forward") for layer in layers]
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
     for layer in layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-    if use_cache:
-        config.use_cache = False
+        layer.forward = wrap(layer.forward)
     try:
         yield model
     finally:
@@ -45,8 +37,34 @@ def checkpointed_layers(model: nn.Module):
                 del layer.forward
             else:
                 layer.forward = forward
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module):
+    """Within the block, every decoder layer keeps only its input for backward and recomputes the
+    rest there (torch.utils.checkpoint, non-reentrant): activation memory falls from every layer's
+    intermediates to one layer's. Under FSDP2 the recomputation runs on the parameters FSDP gathered
+    for the layer's backward. A KV cache would be filled twice, so `config.use_cache` is off inside."""
+    from torch.utils.checkpoint import checkpoint
+
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
+    try:
+        with _layer_forwards(model, lambda forward: functools.partial(checkpoint, forward, use_reentrant=False)):
+            yield model
+    finally:
         if use_cache:
             config.use_cache = use_cache
+
+
+def compiled_layers(model: nn.Module):
+    """Within the block, every decoder layer runs as torch.compile'd graphs, forward and backward:
+    its elementwise ops fused and no Python per op, for steps the host cannot issue as fast as the GPU
+    runs them (small batches, many layers). The first steps compile (about a minute on a 7B model);
+    the layers are the same modules (state dicts and checkpoints unchanged)."""
+    return _layer_forwards(model, torch.compile)
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", target_modules=None,

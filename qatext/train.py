@@ -39,6 +39,7 @@ class TrainConfig:
     progress: bool = True
     distributed: str = "ddp"  # under torchrun: 'ddp' or 'fsdp' (FSDP2); ignored in one process
     activation_checkpointing: bool = False  # decoder layers recompute their activations in backward
+    compile: bool = False  # decoder layers run as torch.compile'd graphs (models.compiled_layers)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -161,7 +162,8 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
     # would serialise host and device on every layer; the modules keep scales positive themselves
     # and the loss is checked for finiteness once a step instead.
     recompute = models.checkpointed_layers(module) if cfg.activation_checkpointing else contextlib.nullcontext()
-    with tuning(value_checks=False), recompute:
+    compiled = models.compiled_layers(module) if cfg.compile else contextlib.nullcontext()
+    with tuning(value_checks=False), compiled, recompute:  # recomputation runs the compiled layers
         for step in bar:
             batch = dist.local_rows(random_batch(tokens, cfg.batch_size, cfg.seq_len, gen)).to(device)
             loss = loss_fn(module, batch)
