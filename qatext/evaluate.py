@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a [B, T + 1] batch."""
-    logits = model(input_ids=batch[:, :-1]).logits
+    """Mean next-token cross-entropy of a [B, T + 1] batch (no KV cache: nothing generates after it)."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
