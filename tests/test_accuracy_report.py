@@ -1,5 +1,6 @@
 """benchmarks/accuracy.py's report, rebuilt from the committed H200 results: the table NOTES quotes."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def test_grid_takes_each_methods_best_lr_at_its_own_settings(tmp_path):
     # lrqat: the fixed-point probes (1e-2 best of 3e-3, 1e-2, 3e-2), not the integer-P sweep;
     # efficientqat: the one Block-AP-1024 cell at the grid's weight lr (5e-4).
     assert lrs == {"full_qat": 2e-4, "lrqat": 1e-2, "qalora": 2e-2, "efficientqat": 5e-4}
+    # A cell of another config at the grid's settings does not compete, however low its perplexity.
+    probes = json.loads((tmp_path / "probes.json").read_text())
+    probes["cells"].append({"method": "qalora", "config": "W4 g128", "seed": 0, "lr": 5e-2, "ppl": 1.0})
+    (tmp_path / "probes.json").write_text(json.dumps(probes))
+    assert accuracy.best_lrs(tmp_path, accuracy.Setup())["qalora"] == 2e-2
     shutil.copy(ROOT / "benchmarks" / "results" / "accuracy_h200_sweep.json", tmp_path / "probes.json")
     with pytest.raises(SystemExit, match="lrqat, efficientqat"):
         accuracy.best_lrs(tmp_path, accuracy.Setup())  # the sweep alone ran them at other settings
