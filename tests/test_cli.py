@@ -1,6 +1,7 @@
 """The command line end to end: demo (quick), train with resume, eval, export; clear errors."""
 
 import json
+import math
 
 import pytest
 
@@ -142,3 +143,15 @@ def test_python_dash_m_qatext():
 
     proc = subprocess.run([sys.executable, "-m", "qatext", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "train" in proc.stdout and "export" in proc.stdout
+
+
+def test_train_compile_flag_trains_and_is_not_part_of_the_runs_identity(tmp_path, tiny_model_dir, capsys):
+    """--compile runs the decoder layers compiled; a rerun without it resumes the same run (it changes
+    how the steps run, not what they compute), instead of being refused as a changed run."""
+    model_dir = _train(tmp_path, tiny_model_dir, "qalora", "--byte-tokens", "--compile")
+    log = json.loads((tmp_path / "qalora" / "train_log.json").read_text())
+    assert len(log["loss"]) == 6 and all(math.isfinite(v) for v in log["loss"])
+    assert (model_dir / "model.safetensors").exists() or any(model_dir.glob("*.safetensors"))
+    capsys.readouterr()
+    _train(tmp_path, tiny_model_dir, "qalora", "--byte-tokens")
+    assert "resuming from" in capsys.readouterr().out
