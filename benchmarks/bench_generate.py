@@ -73,11 +73,14 @@ class Generator:
     reduce-overhead: CUDA graphs) that reads the cache in place. One cache per batch shape, reset
     between runs, so the graphs are captured once and replayed."""
 
-    def __init__(self, model, compile_: bool):
+    def __init__(self, model, backend: str | None):
+        """backend: None (eager), "inductor" (fused kernels in CUDA graphs, ~100 s to compile a 7B model)
+        or "cudagraphs" (the eager kernels captured in CUDA graphs: seconds to compile)."""
         self.model, self.caches, self.step = model, {}, self._step
-        if compile_:
+        if backend:
             torch._dynamo.reset()  # a fresh compile per model: the recompile limit counts across models
-            self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+            options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+            self.step = torch.compile(self._step, fullgraph=True, **options)
 
     def _step(self, token, position, cache):
         logits = self.model(input_ids=token, cache_position=position, past_key_values=cache, use_cache=True).logits
@@ -111,14 +114,14 @@ def timed_generate(generate: Generator, prompt, new_tokens: int, device) -> floa
     return time.perf_counter() - t0
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, compile_: bool, device, repeats: int) -> dict:
-    generate = Generator(model, compile_)
+def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | None, device, repeats: int) -> dict:
+    generate = Generator(model, backend)
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
     for _ in range(2):  # compile, capture the graphs, warm the caches
         timed_generate(generate, prompt, new_tokens, device)
     # The compiled step decodes what the eager forward does: the first decoded token of every sequence
     # (later ones diverge at the first near-tie of a random-init model, so whole sequences say little).
-    same = (generate(prompt, 2)[:, 1] == Generator(model, False)(prompt, 2)[:, 1]).float().mean().item()
+    same = (generate(prompt, 2)[:, 1] == Generator(model, None)(prompt, 2)[:, 1]).float().mean().item()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     first = sorted(timed_generate(generate, prompt, 1, device) for _ in range(repeats))[repeats // 2]
@@ -135,6 +138,9 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the code paths quickly")
     p.add_argument("--no-compile", action="store_true", help="eager forward (no torch.compile, no CUDA graphs)")
+    p.add_argument("--backend", default="inductor", choices=("inductor", "cudagraphs"),
+                   help="the decode step's compiler: inductor (fused kernels, in CUDA graphs) or cudagraphs (the "
+                   "eager kernels in CUDA graphs; far faster to compile)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of: " + ", ".join(VARIANTS) + " (each compiles for ~100 s on a 7B "
@@ -157,7 +163,7 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                           "torch": torch.__version__, "compiled": not args.no_compile, "rows": rows,
+                           "torch": torch.__version__, "compiled": None if args.no_compile else args.backend, "rows": rows,
                            "skipped": skipped}, f, indent=1)
 
     for name, model in variants(base, wanted):
@@ -167,7 +173,7 @@ def main():
             continue
         for batch in (int(b) for b in args.batches.split(",")):
             try:
-                row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, not args.no_compile,
+                row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, None if args.no_compile else args.backend,
                                                   device, args.repeats)}
             except Exception as e:  # noqa: BLE001 (a peer that cannot run this way is reported, not fatal)
                 skipped.append({"variant": name, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:500]})

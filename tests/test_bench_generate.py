@@ -17,7 +17,7 @@ def _run(*args):
 
 def test_tiny_run_measures_each_variant_against_bf16(tmp_path):
     out = tmp_path / "generate.json"
-    r = _run("--prompt", "8", "--new-tokens", "3", "--repeats", "1", "--batches", "1,2",
+    r = _run("--prompt", "8", "--new-tokens", "12", "--repeats", "3", "--batches", "1,2",
              "--variants", "qatext W4 g128,qatext W2 g64", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
