@@ -9,7 +9,7 @@ eager step's first token.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate_h200.json
     python benchmarks/bench_generate.py --variants "qatext W4 g128" --batches 1   # a part of the run
-    python benchmarks/bench_generate.py --tiny --device cpu --no-compile   # the code paths, in seconds
+    python benchmarks/bench_generate.py --tiny --device cpu --backend eager   # the code paths, in seconds
 """
 
 from __future__ import annotations
@@ -137,10 +137,9 @@ def main():
     p = timing.parser(__doc__)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the code paths quickly")
-    p.add_argument("--no-compile", action="store_true", help="eager forward (no torch.compile, no CUDA graphs)")
-    p.add_argument("--backend", default="inductor", choices=("inductor", "cudagraphs"),
-                   help="the decode step's compiler: inductor (fused kernels, in CUDA graphs) or cudagraphs (the "
-                   "eager kernels in CUDA graphs; far faster to compile)")
+    p.add_argument("--backend", default="inductor", choices=("inductor", "cudagraphs", "eager"),
+                   help="the decode step: compiled by inductor (fused kernels, in CUDA graphs), its eager kernels "
+                   "in CUDA graphs (cudagraphs: far faster to compile), or eager (no compile, no graphs)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of: " + ", ".join(VARIANTS) + " (each compiles for ~100 s on a 7B "
@@ -152,6 +151,7 @@ def main():
     wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
     if unknown := wanted - set(VARIANTS):
         p.error(f"--variants: unknown {sorted(unknown)}; expected a comma-separated subset of {', '.join(VARIANTS)}")
+    backend = None if args.backend == "eager" else args.backend
     device = torch.device(args.device)
     base = build_model(args.tiny, device)
     rows, skipped = [], []
@@ -163,8 +163,8 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                           "torch": torch.__version__, "compiled": None if args.no_compile else args.backend, "rows": rows,
-                           "skipped": skipped}, f, indent=1)
+                           "torch": torch.__version__, "backend": args.backend, "rows": rows, "skipped": skipped},
+                          f, indent=1)
 
     for name, model in variants(base, wanted):
         if isinstance(model, str):
@@ -173,8 +173,8 @@ def main():
             continue
         for batch in (int(b) for b in args.batches.split(",")):
             try:
-                row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, None if args.no_compile else args.backend,
-                                                  device, args.repeats)}
+                row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, backend, device,
+                                                  args.repeats)}
             except Exception as e:  # noqa: BLE001 (a peer that cannot run this way is reported, not fatal)
                 skipped.append({"variant": name, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:500]})
                 print(f"{name} batch {batch}: failed, {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -187,6 +187,7 @@ def main():
             del model
             torch.cuda.empty_cache() if device.type == "cuda" else None
     save()
+
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_generate.py"
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--no-compile", *args],
+    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--backend", "eager", *args],
                           capture_output=True, text=True, timeout=600)
 
 
