@@ -34,9 +34,14 @@ def set_value_checks(enabled: bool | int) -> None:
     there, and QuantLinear layers check their own values once instead, where they are loaded
     (load_quantized). Turn them on to find where a bad scale comes from.
     """
-    set_tuning(value_checks=2 if enabled is True else int(enabled))
+    set_tuning(value_checks=_check_level(enabled))
 
 
 def value_checks(enabled: bool | int):
     """set_value_checks(enabled) for a block, then the previous setting back."""
-    return tuning(value_checks=2 if enabled is True else int(enabled))
+    return tuning(value_checks=_check_level(enabled))
+
+
+def _check_level(enabled: bool | int) -> int:
+    """True asks for every device (level 2), not the default's CPU-only level 1 that int(True) would give."""
+    return 2 if enabled is True else int(enabled)

@@ -145,7 +145,7 @@ def choice_scores(model, encode, docs: list[dict], batch_size: int = 64) -> torc
         ids = torch.zeros(len(chunk), max(len(r[2]) for r in chunk), dtype=torch.long)
         for j, r in enumerate(chunk):
             ids[j, :len(r[2])] = torch.tensor(r[2])  # right padding: a causal model never sees it
-        logp = torch.log_softmax(model(input_ids=ids.to(device)).logits.float(), -1)
+        logp = torch.log_softmax(model(input_ids=ids.to(device), use_cache=False).logits.float(), -1)
         sums = [logp[j, n_ctx - 1:len(tokens) - 1].gather(-1, torch.tensor(tokens[n_ctx:], device=device)[:, None]).sum()
                 for j, (_, _, tokens, n_ctx) in enumerate(chunk)]  # logits at p predict token p + 1
         for (d_i, c_i, _, _), value in zip(chunk, torch.stack(sums).double().cpu().tolist()):
