@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--compile", action="store_true",
-                        help="decoder layers as torch.compile'd graphs (TrainConfig.compile), the same for every method")
+                        help="decoder layers as torch.compile'd graphs (TrainConfig.compile), for every method")
     args = parser.parse_args()
     qatext.set_value_checks(False)
     model, params, recipe, lr = build(args.method, args.layers)
@@ -90,7 +90,8 @@ def main():
     step_s = clock.seconds_per_step(warmup=2)
     forward_host_ms, forward_gpu_ms = clock.forward_host_and_gpu_ms(warmup=2)
     result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
-              "seq_len": args.seq_len, "compiled": args.compile, "step_s": step_s, "tokens_per_s": args.seq_len / step_s,
+              "seq_len": args.seq_len, "compiled": args.compile, "step_s": step_s,
+              "tokens_per_s": args.seq_len / step_s,
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,
               "forward_gpu_ms": forward_gpu_ms,
               "trained_params_M": sum(p.numel() for p in params) / 1e6, "loss": history}
