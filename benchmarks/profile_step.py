@@ -32,6 +32,7 @@ def main():
     p.add_argument("--active", type=int, default=2, help="profiled steps")
     p.add_argument("--rows", type=int, default=25, help="ops in the printed table")
     p.add_argument("--out", default=None, help="JSON: every op's time per step")
+    p.add_argument("--compile", action="store_true", help="decoder layers compiled (TrainConfig.compile)")
     args = p.parse_args()
     qatext.set_value_checks(False)
     model, params, recipe, lr = build(args.method, args.layers, args.device)
@@ -46,7 +47,8 @@ def main():
             prof.step()
             return causal_lm_loss(m, batch)
 
-        tcfg = methods.default_config(recipe, steps=steps + 1, batch_size=1, seq_len=args.seq_len, progress=False)
+        tcfg = methods.default_config(recipe, steps=steps + 1, batch_size=1, seq_len=args.seq_len, progress=False,
+                                      compile=args.compile)
         train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=loss_fn)
     key = "device_time_total" if on_gpu else "cpu_time_total"
     averages = cycles[0]
@@ -57,7 +59,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"method": args.method, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                       "layers": args.layers, "seq_len": args.seq_len, "time": key, "ops": rows}, f, indent=1)
+                       "layers": args.layers, "seq_len": args.seq_len, "compiled": args.compile, "time": key, "ops": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

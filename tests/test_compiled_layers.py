@@ -6,6 +6,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from qatext import QuantSpec, data, methods, models
+from qatext.evaluate import causal_lm_loss
+from qatext.io import quant_layers
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,3 +36,28 @@ def test_compiled_layers_train_on_the_eager_curve(activation_checkpointing):
     assert eager_graphs == 0 and graphs >= 1 and restored
     # Inductor fuses and reorders fp32 sums: the losses agree to float rounding, not bitwise.
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_lrqat_layers_keep_no_weight_for_backward():
+    # LR-QAT recomputes each N x K weight in backward; compiled, the weight must not become a tensor
+    # the step keeps (as two ops, the compiler merged the recomputation with the forward's weight and
+    # kept it: twice the memory of a 7B step).
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    models.quantize_model(model, QuantSpec(4, 128), method="lrqat", rank=8, alpha=8.0)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[-1] in ("lora_a", "lora_b", "scale"))
+    weights = {tuple(layer.p.shape[:1]) + (layer.in_features,) for _, layer in quant_layers(model)}
+    weights |= {shape[::-1] for shape in weights}
+    batch = torch.randint(0, cfg.vocab_size, (1, 33))
+    torch._dynamo.reset()
+    kept = []
+    with models.compiled_layers(model):
+        for _ in range(2):  # the first layer's input needs no gradient: a second graph
+            kept.clear()
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+                loss = causal_lm_loss(model, batch)
+            loss.backward()
+    assert kept and not weights & set(kept), sorted(weights & set(kept))

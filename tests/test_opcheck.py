@@ -42,6 +42,8 @@ def _cases(device):
         "lrqat_weight": [(packed, rg(a), rg(b), rg(scale), zero, 0.5, bits, g, 0),
                          (q44, a.bfloat16(), b.bfloat16(), scale, zero, 0.5, bits, g, 4)],
         "lrqat_weight_backward": [(torch.randn_like(w), packed, a, b, scale, zero, 0.5, bits, g, 0)],
+        "lrqat_linear": [(rg(x), packed, rg(a), rg(b), rg(scale), zero, rg(torch.randn(n, device=device)), 0.5, bits,
+                          g, 0), (x.bfloat16(), q44, a.bfloat16(), b.bfloat16(), scale, zero, None, 0.5, bits, g, 4)],
     }
 
 
