@@ -86,6 +86,7 @@ class Generator:
         logits = self.model(input_ids=token, cache_position=position, past_key_values=cache, use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
+    @torch.no_grad()  # as transformers' generate runs
     def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         from transformers import StaticCache
 

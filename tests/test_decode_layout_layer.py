@@ -63,6 +63,12 @@ def test_packed_layer_decodes_on_its_own(device):
     y = layer(x.requires_grad_(True))  # gradients: the packed path, which has a backward
     y.float().sum().backward()
     assert x.grad is not None
+    # Grad mode on but nothing needing a gradient (a decode loop without no_grad): still the decode path.
+    fresh = _packed_layer(4, n=64, k=256, device=device).to(torch.bfloat16)
+    fresh.bias.requires_grad_(False)  # frozen, as in a model loaded for inference
+    assert torch.is_grad_enabled()
+    y = fresh(x.detach())
+    assert (getattr(fresh, "tiled", None) is not None) == (device == "cuda") and not y.requires_grad
 
 
 @pytest.mark.cuda

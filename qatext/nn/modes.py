@@ -184,7 +184,7 @@ class QALoRALinear(_FrozenCodes, mode="qalora"):
 
 class PackedLinear(_FrozenCodes, mode="packed"):
     """Inference: frozen codes, scales and zeros. Each forward takes the fastest path by itself: on a
-    GPU, without gradients, with a 16-bit input of at most `decode_gemm_max_m` tokens (decode), the
+    GPU, where no gradient is needed, with a 16-bit input of at most `decode_gemm_max_m` tokens (decode), the
     decode kernel on a tiled copy of the codes; otherwise the packed path (fused kernel or dequant +
     cuBLAS, see dequant_matmul)."""
 
@@ -201,7 +201,10 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         return self._matmul(x)
 
     def _decodes(self, x) -> bool:
-        if torch.is_grad_enabled() or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        # Grad mode alone does not rule the decode kernel out (a loop without no_grad over frozen
+        # weights): only a gradient that something would need, which it has no backward for.
+        needs_grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if (needs_grad and torch.is_grad_enabled()) or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
             return False
         if not self._tileable or x.numel() > knobs.current("decode_gemm_max_m") * self.in_features:
             return False
