@@ -96,18 +96,26 @@ def qalora_merged_zero(zero, scale, lora_a, lora_b, lora_scale: float, group_siz
 def lrqat_linear(x, p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int = 0,
                  bias=None) -> torch.Tensor:
     """x @ lrqat_weight(...)^T + bias, holding only x for backward: the N x K weight lives during the
-    forward GEMM and is recomputed for grad_x (LR-QAT's built-in checkpointing). One op, so that under
-    torch.compile the weight stays inside it: as two ops, the compiler merged the backward's
-    recomputation with the forward's weight and saved that instead (2x the step's memory on a 7B model)."""
-    return _ops.lrqat_linear(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
+    forward GEMM and is recomputed for grad_x (LR-QAT's built-in checkpointing)."""
+    args = (x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
+    # Compiled, one opaque op keeps the weight inside it: traced as two ops, the compiler merged the
+    # backward's recomputation with the forward's weight and kept that (2x a 7B step's memory). Eager,
+    # an autograd.Function costs half the host time per call of a Python custom op.
+    if torch.compiler.is_compiling():
+        return _ops.lrqat_linear(*args)
+    return _LrqatLinear.apply(*args)
+
+
+def _lrqat_linear_forward(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
+    w = _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("qatext::lrqat_linear", mutates_args=())
 def _lrqat_linear(x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                   zero: torch.Tensor, bias: torch.Tensor | None, lora_scale: float, bits: int, group_size: int,
                   frac_bits: int) -> torch.Tensor:
-    w = _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return _lrqat_linear_forward(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
 
 
 @_lrqat_linear.register_fake
@@ -140,6 +148,15 @@ def _lrqat_linear_backward(ctx, grad_y):
 
 
 _lrqat_linear.register_autograd(_lrqat_linear_backward, setup_context=_lrqat_linear_setup)
+
+
+class _LrqatLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _lrqat_linear_setup(ctx, inputs, None)
+        return _lrqat_linear_forward(*inputs)
+
+    backward = staticmethod(_lrqat_linear_backward)
 
 
 # ----------------------------------------------------------------------------- fake kernels
