@@ -238,6 +238,8 @@ def _(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
 
 
 # ----------------------------------------------------------------------------- autograd
+# dequant_matmul's autograd is registered in C++ (csrc/ops/autograd.cpp): QA-LoRA and E2E-QP call it
+# once per linear per step, and a Python autograd kernel doubled its host time in host-bound steps.
 
 
 def _fake_quant_setup(ctx, inputs, output):
@@ -266,36 +268,6 @@ def _per_token_backward(ctx, grad):
 
 torch.library.register_autograd(
     "qatext::fake_quant_per_token", _per_token_backward, setup_context=_per_token_setup
-)
-
-
-def _dequant_matmul_setup(ctx, inputs, output):
-    x, packed, scale, zero, ctx.bits, ctx.group_size, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, packed, scale, zero)
-
-
-def _dequant_matmul_backward(ctx, grad_y):
-    x, packed, scale, zero = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "qatext.dequant_matmul: zero is frozen (only x, scale and bias are differentiable); "
-            "call zero.requires_grad_(False)"
-        )
-    grad_x = grad_scale = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.dequant_matmul_grad_input(
-            grad_y, packed, scale, zero, ctx.bits, ctx.group_size, x.shape[-1]
-        )
-    if ctx.needs_input_grad[2]:
-        grad_scale = _ops.e2eqp_scale_grad(x, grad_y, packed, zero, ctx.bits, ctx.group_size).to(scale.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[6]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return grad_x, None, grad_scale, None, None, None, grad_bias
-
-
-torch.library.register_autograd(
-    "qatext::dequant_matmul", _dequant_matmul_backward, setup_context=_dequant_matmul_setup
 )
 
 
