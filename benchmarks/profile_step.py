@@ -59,7 +59,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"method": args.method, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                       "layers": args.layers, "seq_len": args.seq_len, "compiled": args.compile, "time": key, "ops": rows}, f, indent=1)
+                       "layers": args.layers, "seq_len": args.seq_len, "compiled": args.compile, "time": key,
+                       "ops": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
