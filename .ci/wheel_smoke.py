@@ -34,11 +34,15 @@ with tempfile.TemporaryDirectory() as tmp:
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny")
-    run = ["qatext", "train", "--method", "lrqat", "--model", str(tmp / "tiny"), "--bits", "3", "--group-size", "32",
-           "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--byte-tokens",
-           "--output-dir", str(tmp / "run")]
-    subprocess.run(run, check=True)
-    assert len(json.loads((tmp / "run" / "train_log.json").read_text())["loss"]) == 3
+
+    def train(method: str, out: Path) -> None:
+        subprocess.run(["qatext", "train", "--method", method, "--model", str(tmp / "tiny"), "--bits", "3",
+                        "--group-size", "32", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
+                        "--byte-tokens", "--output-dir", str(out)], check=True)
+        assert len(json.loads((out / "train_log.json").read_text())["loss"]) == 3
+
+    train("lrqat", tmp / "run")
+    train("qalora", tmp / "qalora")  # its backward runs the C++ autograd (dequant_matmul) of the wheel's _C
     subprocess.run(["qatext", "export", "--model", str(tmp / "run" / "model"), "--output", str(tmp / "gptq")], check=True)
     config = json.loads((tmp / "gptq" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 3, config
