@@ -96,67 +96,10 @@ def qalora_merged_zero(zero, scale, lora_a, lora_b, lora_scale: float, group_siz
 def lrqat_linear(x, p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int = 0,
                  bias=None) -> torch.Tensor:
     """x @ lrqat_weight(...)^T + bias, holding only x for backward: the N x K weight lives during the
-    forward GEMM and is recomputed for grad_x (LR-QAT's built-in checkpointing)."""
-    args = (x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
-    # Compiled, one opaque op keeps the weight inside it: traced as two ops, the compiler merged the
-    # backward's recomputation with the forward's weight and kept that (2x a 7B step's memory). Eager,
-    # an autograd.Function costs half the host time per call of a Python custom op.
-    if torch.compiler.is_compiling():
-        return _ops.lrqat_linear(*args)
-    return _LrqatLinear.apply(*args)
-
-
-def _lrqat_linear_forward(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
-    w = _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-@torch.library.custom_op("qatext::lrqat_linear", mutates_args=())
-def _lrqat_linear(x: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor, bias: torch.Tensor | None, lora_scale: float, bits: int, group_size: int,
-                  frac_bits: int) -> torch.Tensor:
-    return _lrqat_linear_forward(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
-
-
-@_lrqat_linear.register_fake
-def _(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
-    return x.new_empty((*x.shape[:-1], a.shape[0]))
-
-
-def _lrqat_linear_setup(ctx, inputs, output):
-    x, p, a, b, scale, zero, bias, *qargs = inputs
-    ctx.qargs = tuple(qargs)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, p, a, b, scale, zero)
-
-
-def _lrqat_linear_backward(ctx, grad_y):
-    x, p, a, b, scale, zero = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    gy = grad_y.reshape(-1, grad_y.shape[-1])
-    grad_x = grad_a = grad_b = grad_scale = grad_bias = None
-    if need[0]:
-        w = _ops.lrqat_weight(p, a, b, scale, zero, *ctx.qargs)
-        grad_x = (gy @ w.to(gy.dtype)).view(*grad_y.shape[:-1], w.shape[1]).to(x.dtype)
-        del w
-    if need[2] or need[3] or need[4]:
-        grad_w = gy.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # N x K, freed after the next line
-        grad_a, grad_b, grad_scale = _ops.lrqat_weight_backward(grad_w, p, a, b, scale, zero, *ctx.qargs)
-    if ctx.bias_dtype is not None and need[6]:
-        grad_bias = gy.sum(0).to(ctx.bias_dtype)
-    return grad_x, None, grad_a, grad_b, grad_scale, None, grad_bias, None, None, None, None
-
-
-_lrqat_linear.register_autograd(_lrqat_linear_backward, setup_context=_lrqat_linear_setup)
-
-
-class _LrqatLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _lrqat_linear_setup(ctx, inputs, None)
-        return _lrqat_linear_forward(*inputs)
-
-    backward = staticmethod(_lrqat_linear_backward)
+    forward GEMM and is recomputed for grad_x (LR-QAT's built-in checkpointing). One op with its
+    autograd in C++, so that torch.compile cannot merge the recomputation with the forward's weight
+    and keep it (as two ops it did: 2x a 7B step's memory)."""
+    return _ops.lrqat_linear(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -237,9 +180,15 @@ def _(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
     return _empty(a.shape, a), _empty(b.shape, b), _empty(scale.shape, scale)
 
 
+@torch.library.register_fake("qatext::lrqat_linear")
+def _(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
+    return _empty((*x.shape[:-1], a.shape[0]), x)
+
+
 # ----------------------------------------------------------------------------- autograd
-# dequant_matmul's autograd is registered in C++ (csrc/ops/autograd.cpp): QA-LoRA and E2E-QP call it
-# once per linear per step, and a Python autograd kernel doubled its host time in host-bound steps.
+# dequant_matmul's and lrqat_linear's autograd are registered in C++ (csrc/ops/autograd.cpp): each
+# trained linear calls one of them per step, and a Python autograd kernel doubled their host time in
+# host-bound steps.
 
 
 def _fake_quant_setup(ctx, inputs, output):

@@ -1,6 +1,6 @@
-// Autograd of dequant_matmul in C++: the QA-LoRA and E2E-QP layers call it once per linear per
-// step, and a Python autograd kernel cost it about as much host time again as the GEMM's own launch
-// path (the 7B step is host-bound: benchmarks/NOTES.md).
+// Autograd of the ops each trained linear calls once per step (dequant_matmul: QA-LoRA and E2E-QP;
+// lrqat_linear: LR-QAT), in C++: a Python autograd kernel cost about as much host time again as the
+// op's own launch path, and the 7B steps are host-bound (benchmarks/NOTES.md).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -13,8 +13,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Edge indices of apply's tensor arguments (x, packed, scale, zero, bias).
-constexpr size_t kX = 0, kScale = 2, kZero = 3, kBias = 4;
 
 // Through the dispatcher, not the C++ functions: under torch.compile / AOT tracing the tensors are
 // fake and the ops' fake kernels must answer.
@@ -24,6 +22,9 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 }
 
 class DequantMatmulFunction : public torch::autograd::Function<DequantMatmulFunction> {
+  // Edge indices of apply's tensor arguments (x, packed, scale, zero, bias).
+  static constexpr size_t kX = 0, kScale = 2, kZero = 3, kBias = 4;
+
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
                             const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group_size,
@@ -64,14 +65,77 @@ class DequantMatmulFunction : public torch::autograd::Function<DequantMatmulFunc
   }
 };
 
+// LR-QAT's linear: holds x, P, A, B, s, z for backward, never the N x K weight, which backward
+// recomputes (the paper's built-in checkpointing). One op, so that torch.compile cannot merge the
+// recomputation with the forward's weight and keep it.
+class LrqatLinearFunction : public torch::autograd::Function<LrqatLinearFunction> {
+  // Edge indices of apply's tensor arguments (x, p, a, b, scale, zero, bias).
+  static constexpr size_t kX = 0, kA = 2, kB = 3, kScale = 4, kBias = 6;
+
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& p, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& scale, const at::Tensor& zero,
+                            const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits,
+                            int64_t group_size, int64_t frac_bits) {
+    ctx->save_for_backward({x, p, a, b, scale, zero});
+    ctx->saved_data["lora_scale"] = lora_scale;
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["frac_bits"] = frac_bits;
+    ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined() ? c10::IValue(bias->scalar_type())
+                                                                         : c10::IValue();
+    static const auto op = op_handle<decltype(lrqat_linear)>("qatext::lrqat_linear");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &p = saved[1], &a = saved[2], &b = saved[3], &scale = saved[4], &zero = saved[5];
+    const double lora_scale = ctx->saved_data["lora_scale"].toDouble();
+    const int64_t bits = ctx->saved_data["bits"].toInt(), group_size = ctx->saved_data["group_size"].toInt();
+    const int64_t frac_bits = ctx->saved_data["frac_bits"].toInt();
+    const c10::IValue bias_dtype = ctx->saved_data["bias_dtype"];
+    static const auto weight_op = op_handle<decltype(lrqat_weight)>("qatext::lrqat_weight");
+    static const auto weight_backward_op = op_handle<decltype(lrqat_weight_backward)>("qatext::lrqat_weight_backward");
+    const at::Tensor gy = grads[0].reshape({-1, grads[0].size(-1)});
+    at::Tensor grad_x, grad_a, grad_b, grad_scale, grad_bias;
+    if (ctx->needs_input_grad(kX)) {
+      const at::Tensor w = weight_op.call(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+      grad_x = at::mm(gy, w.to(gy.scalar_type())).view(x.sizes()).to(x.scalar_type());
+    }
+    if (ctx->needs_input_grad(kA) || ctx->needs_input_grad(kB) || ctx->needs_input_grad(kScale)) {
+      const at::Tensor grad_w = at::mm(gy.t(), x.reshape({-1, x.size(-1)}).to(gy.scalar_type()));  // N x K
+      std::tie(grad_a, grad_b, grad_scale) =
+          weight_backward_op.call(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+    }
+    if (!bias_dtype.isNone() && ctx->needs_input_grad(kBias)) {
+      grad_bias = gy.sum(0).to(bias_dtype.toScalarType());
+    }
+    // One entry per forward argument: x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits.
+    return {grad_x, at::Tensor(), grad_a, grad_b, grad_scale, at::Tensor(), grad_bias,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 at::Tensor dequant_matmul_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                    const at::Tensor& zero, int64_t bits, int64_t group_size,
                                    const std::optional<at::Tensor>& bias) {
   return DequantMatmulFunction::apply(x, packed, scale, zero, bits, group_size, bias);
 }
 
+at::Tensor lrqat_linear_autograd(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                                 const at::Tensor& scale, const at::Tensor& zero,
+                                 const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits,
+                                 int64_t group_size, int64_t frac_bits) {
+  return LrqatLinearFunction::apply(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits);
+}
+
 }  // namespace
 
 }  // namespace qatext::ops
 
-TORCH_LIBRARY_IMPL(qatext, Autograd, m) { m.impl("dequant_matmul", &qatext::ops::dequant_matmul_autograd); }
+TORCH_LIBRARY_IMPL(qatext, Autograd, m) {
+  m.impl("dequant_matmul", &qatext::ops::dequant_matmul_autograd);
+  m.impl("lrqat_linear", &qatext::ops::lrqat_linear_autograd);
+}

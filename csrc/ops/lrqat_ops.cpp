@@ -143,4 +143,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
   return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), grad_scale.to(scale_in.scalar_type())};
 }
 
+at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                        const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                        double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits) {
+  // The N x K weight lives only for this GEMM; backward recomputes it (csrc/ops/autograd.cpp).
+  const at::Tensor w = lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == w.size(1), "qatext.lrqat_linear: x's last dimension must equal ",
+                    "the weight's columns (", w.size(1), "), got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  return at::linear(x, w.to(dtype), bias.has_value() ? std::optional<at::Tensor>(bias->to(dtype)) : bias);
+}
+
 }  // namespace qatext::ops

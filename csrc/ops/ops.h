@@ -41,5 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
     const at::Tensor& grad_w, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
     const at::Tensor& scale, const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
     int64_t frac_bits);
+at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                        const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                        double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits);
 
 }  // namespace qatext::ops

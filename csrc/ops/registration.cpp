@@ -27,6 +27,8 @@ TORCH_LIBRARY(qatext, m) {
         " int group_size, int frac_bits) -> Tensor");
   m.def("lrqat_weight_backward(Tensor grad_w, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero,"
         " float lora_scale, int bits, int group_size, int frac_bits) -> (Tensor, Tensor, Tensor)");
+  m.def("lrqat_linear(Tensor x, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero, Tensor? bias,"
+        " float lora_scale, int bits, int group_size, int frac_bits) -> Tensor");
 }
 
 #define QATEXT_IMPLS(m)                                                       \
@@ -44,7 +46,8 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("dequant_matmul_tiled", &qatext::ops::dequant_matmul_tiled);         \
   m.impl("e2eqp_scale_grad", &qatext::ops::e2eqp_scale_grad);                 \
   m.impl("lrqat_weight", &qatext::ops::lrqat_weight);                         \
-  m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward)
+  m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward);       \
+  m.impl("lrqat_linear", &qatext::ops::lrqat_linear)
 
 TORCH_LIBRARY_IMPL(qatext, CPU, m) { QATEXT_IMPLS(m); }
 
