@@ -1,4 +1,5 @@
-"""Python face of the compiled kernels: ``torch.ops.qatext.*`` with fake kernels and autograd.
+"""Python face of the compiled kernels: ``torch.ops.qatext.*`` and their fake kernels (their
+autograd is registered in C++, csrc/ops/autograd.cpp: one home, and no Python per call).
 
 Every op here has a pure-PyTorch twin in :mod:`qatext.reference` with the same arguments.
 ``group_size=-1`` means per-channel. Scales and zeros may be any float dtype; the kernels compute
@@ -183,54 +184,3 @@ def _(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
 @torch.library.register_fake("qatext::lrqat_linear")
 def _(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
     return _empty((*x.shape[:-1], a.shape[0]), x)
-
-
-# ----------------------------------------------------------------------------- autograd
-# dequant_matmul's and lrqat_linear's autograd are registered in C++ (csrc/ops/autograd.cpp): each
-# trained linear calls one of them per step, and a Python autograd kernel doubled their host time in
-# host-bound steps.
-
-
-def _fake_quant_setup(ctx, inputs, output):
-    w, scale, zero, ctx.bits, ctx.group_size = inputs
-    ctx.save_for_backward(w, scale, zero)
-
-
-def _fake_quant_backward(ctx, grad):
-    w, scale, zero = ctx.saved_tensors
-    grad_w, grad_scale, grad_zero = _ops.fake_quant_backward(grad, w, scale, zero, ctx.bits, ctx.group_size)
-    return grad_w, grad_scale, grad_zero, None, None
-
-
-torch.library.register_autograd("qatext::fake_quant", _fake_quant_backward, setup_context=_fake_quant_setup)
-
-
-def _per_token_setup(ctx, inputs, output):
-    x, ctx.bits, ctx.symmetric = inputs
-    ctx.save_for_backward(x)
-
-
-def _per_token_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return _ops.fake_quant_per_token_backward(grad, x, ctx.bits, ctx.symmetric), None, None
-
-
-torch.library.register_autograd(
-    "qatext::fake_quant_per_token", _per_token_backward, setup_context=_per_token_setup
-)
-
-
-def _lrqat_setup(ctx, inputs, output):
-    p, a, b, scale, zero, ctx.lora_scale, ctx.bits, ctx.group_size, ctx.frac_bits = inputs
-    ctx.save_for_backward(p, a, b, scale, zero)
-
-
-def _lrqat_backward(ctx, grad_w):
-    p, a, b, scale, zero = ctx.saved_tensors
-    grad_a, grad_b, grad_scale = _ops.lrqat_weight_backward(
-        grad_w, p, a, b, scale, zero, ctx.lora_scale, ctx.bits, ctx.group_size, ctx.frac_bits
-    )
-    return None, grad_a, grad_b, grad_scale, None, None, None, None, None
-
-
-torch.library.register_autograd("qatext::lrqat_weight", _lrqat_backward, setup_context=_lrqat_setup)

@@ -1,6 +1,7 @@
-// Autograd of the ops each trained linear calls once per step (dequant_matmul: QA-LoRA and E2E-QP;
-// lrqat_linear: LR-QAT), in C++: a Python autograd kernel cost about as much host time again as the
-// op's own launch path, and the 7B steps are host-bound (benchmarks/NOTES.md).
+// Autograd of every differentiable qatext op, in C++. Each trained linear calls one of them per step
+// (fake_quant: full QAT and Block-AP; dequant_matmul: QA-LoRA and E2E-QP; lrqat_linear: LR-QAT), and
+// a Python autograd kernel cost about as much host time again as the op's own launch path: the 7B
+// steps are host-bound (benchmarks/NOTES.md). Backwards call the ops through the dispatcher.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -13,13 +14,83 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-
 // Through the dispatcher, not the C++ functions: under torch.compile / AOT tracing the tensors are
 // fake and the ops' fake kernels must answer.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+// fq(w) with the straight-through gradients to w, scale and zero (DESIGN: one quantizer formula).
+class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& w, const at::Tensor& scale,
+                            const at::Tensor& zero, int64_t bits, int64_t group_size) {
+    ctx->save_for_backward({w, scale, zero});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group_size"] = group_size;
+    static const auto op = op_handle<decltype(fake_quant)>("qatext::fake_quant");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(w, scale, zero, bits, group_size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static const auto op = op_handle<decltype(fake_quant_backward)>("qatext::fake_quant_backward");
+    auto [grad_w, grad_scale, grad_zero] = op.call(grads[0], saved[0], saved[1], saved[2],
+                                                   ctx->saved_data["bits"].toInt(),
+                                                   ctx->saved_data["group_size"].toInt());
+    return {grad_w, grad_scale, grad_zero, at::Tensor(), at::Tensor()};
+  }
+};
+
+class FakeQuantPerTokenFunction : public torch::autograd::Function<FakeQuantPerTokenFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t bits, bool symmetric) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["symmetric"] = symmetric;
+    static const auto op = op_handle<decltype(fake_quant_per_token)>("qatext::fake_quant_per_token");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(x, bits, symmetric);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        op_handle<decltype(fake_quant_per_token_backward)>("qatext::fake_quant_per_token_backward");
+    return {op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["bits"].toInt(),
+                    ctx->saved_data["symmetric"].toBool()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+// LR-QAT's reconstructed weight (for merging and inspection; training calls lrqat_linear).
+class LrqatWeightFunction : public torch::autograd::Function<LrqatWeightFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                            const at::Tensor& scale, const at::Tensor& zero, double lora_scale, int64_t bits,
+                            int64_t group_size, int64_t frac_bits) {
+    ctx->save_for_backward({p, a, b, scale, zero});
+    ctx->saved_data["lora_scale"] = lora_scale;
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["frac_bits"] = frac_bits;
+    static const auto op = op_handle<decltype(lrqat_weight)>("qatext::lrqat_weight");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static const auto op = op_handle<decltype(lrqat_weight_backward)>("qatext::lrqat_weight_backward");
+    auto [grad_a, grad_b, grad_scale] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                ctx->saved_data["lora_scale"].toDouble(), ctx->saved_data["bits"].toInt(),
+                ctx->saved_data["group_size"].toInt(), ctx->saved_data["frac_bits"].toInt());
+    return {at::Tensor(), grad_a, grad_b, grad_scale, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
 
 class DequantMatmulFunction : public torch::autograd::Function<DequantMatmulFunction> {
   // Edge indices of apply's tensor arguments (x, packed, scale, zero, bias).
@@ -136,6 +207,17 @@ at::Tensor lrqat_linear_autograd(const at::Tensor& x, const at::Tensor& p, const
 }  // namespace qatext::ops
 
 TORCH_LIBRARY_IMPL(qatext, Autograd, m) {
-  m.impl("dequant_matmul", &qatext::ops::dequant_matmul_autograd);
-  m.impl("lrqat_linear", &qatext::ops::lrqat_linear_autograd);
+  using namespace qatext::ops;
+  m.impl("fake_quant", [](const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                          int64_t group_size) { return FakeQuantFunction::apply(w, scale, zero, bits, group_size); });
+  m.impl("fake_quant_per_token", [](const at::Tensor& x, int64_t bits, bool symmetric) {
+    return FakeQuantPerTokenFunction::apply(x, bits, symmetric);
+  });
+  m.impl("lrqat_weight", [](const at::Tensor& p, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                            const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
+                            int64_t frac_bits) {
+    return LrqatWeightFunction::apply(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+  });
+  m.impl("dequant_matmul", &dequant_matmul_autograd);
+  m.impl("lrqat_linear", &lrqat_linear_autograd);
 }
