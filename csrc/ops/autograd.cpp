@@ -21,7 +21,7 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// fq(w) with the straight-through gradients to w, scale and zero (DESIGN: one quantizer formula).
+// fq(w) with the straight-through gradients to w, scale and zero (the formula: qatext/quant/primitives.py).
 class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& w, const at::Tensor& scale,
