@@ -189,19 +189,6 @@ class LrqatLinearFunction : public torch::autograd::Function<LrqatLinearFunction
   }
 };
 
-at::Tensor dequant_matmul_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                                   const at::Tensor& zero, int64_t bits, int64_t group_size,
-                                   const std::optional<at::Tensor>& bias) {
-  return DequantMatmulFunction::apply(x, packed, scale, zero, bits, group_size, bias);
-}
-
-at::Tensor lrqat_linear_autograd(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
-                                 const at::Tensor& scale, const at::Tensor& zero,
-                                 const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits,
-                                 int64_t group_size, int64_t frac_bits) {
-  return LrqatLinearFunction::apply(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits);
-}
-
 }  // namespace
 
 }  // namespace qatext::ops
@@ -218,6 +205,14 @@ TORCH_LIBRARY_IMPL(qatext, Autograd, m) {
                             int64_t frac_bits) {
     return LrqatWeightFunction::apply(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
   });
-  m.impl("dequant_matmul", &dequant_matmul_autograd);
-  m.impl("lrqat_linear", &lrqat_linear_autograd);
+  m.impl("dequant_matmul", [](const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                              const at::Tensor& zero, int64_t bits, int64_t group_size,
+                              const std::optional<at::Tensor>& bias) {
+    return DequantMatmulFunction::apply(x, packed, scale, zero, bits, group_size, bias);
+  });
+  m.impl("lrqat_linear", [](const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                            const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
+                            double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits) {
+    return LrqatLinearFunction::apply(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits);
+  });
 }
