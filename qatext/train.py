@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
@@ -113,10 +112,7 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
     module = wrapped.module if wrapped else model
     param_groups = wrapped.param_groups if wrapped else param_groups
     params = [p for g in param_groups for p in g["params"]]
-    # Fused AdamW (one kernel per step, as transformers' default optimiser) where every parameter is a
-    # plain CUDA tensor; sharded (DTensor) and CPU parameters take the default foreach path.
-    fused = all(p.is_cuda and type(p) is nn.Parameter for p in params) or None
-    opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[float] = []
