@@ -371,7 +371,9 @@ PROBES = (
     {"method": "efficientqat", "config": "W3 g128", "seed": 0, "lr": 5e-4,
      "kwargs": _block_ap(n_samples=4096, weight_lr=1e-4)},
     # Each of those moved W3 by 2-4 points (to 74-75% at most); together, over 3 seeds: the paper's
-    # 4096 windows with 4 Block-AP epochs and 3x the E2E-QP steps, and LR-QAT at 10x its steps.
+    # 4096 windows with 4 Block-AP epochs and 3x the E2E-QP steps, and LR-QAT at 10x its steps. These
+    # and the seven above ran on a second pretraining (fused AdamW, FP 9.655), beside the grid's
+    # baselines re-run on it: results/accuracy_h200_model2_probes.json.
     *({"method": "efficientqat", "config": "W3 g128", "seed": s, "lr": 5e-4, "steps": 900,
        "kwargs": _block_ap(seed=s, n_samples=4096, weight_lr=1e-4, epochs=4)} for s in (0, 1, 2)),
     *({"method": "lrqat", "config": "W3 g128", "seed": s, "lr": 1e-2, "steps": 3000} for s in (1, 2)),
