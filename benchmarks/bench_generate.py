@@ -46,24 +46,29 @@ VARIANTS = ("bf16", "bitsandbytes NF4") + tuple(f"qatext {name}" for name in CON
 
 def variants(base, wanted):
     """(name, model) pairs in `wanted` (VARIANTS' order: the peers first, so a run stopped at its time
-    limit still has them), built one at a time so only one copy is resident beside the bf16 base."""
+    limit still has them), built one at a time from the bf16 base, which waits in host memory while a
+    variant is measured: each variant's peak memory is its own."""
+    device = next(base.parameters()).device
     for name in (v for v in VARIANTS if v in wanted):
         if name == "bf16":
             yield name, base
-        elif name == "bitsandbytes NF4":
+            continue
+        if name == "bitsandbytes NF4":
             try:
-                yield name, peers.nf4(copy.deepcopy(base))
+                model = peers.nf4(copy.deepcopy(base))
             except ImportError as e:
                 yield name, f"not installed ({e.name})"
+                continue
         else:
             model = methods.rtn(copy.deepcopy(base), CONFIGS[name.removeprefix("qatext ")])  # as merge_model leaves it
             models.tile_for_decode(model)
-            yield name, model
+        base.to("cpu")
+        yield name, model
+        base.to(device)
 
 
 def model_bytes(model) -> int:
-    """What the model holds (parameters and buffers, a decode copy included): peak_GB also counts the
-    bf16 base the variants are made from, which stays resident."""
+    """What the model holds (parameters and buffers, a decode copy included)."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
