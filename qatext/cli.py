@@ -33,7 +33,7 @@ def _model_dir(path: str) -> Path:
     return p
 
 
-def _load_model(path: str, device):
+def _load_model(path: str, device, decode_layout: bool | None = None):
     from transformers import AutoModelForCausalLM
 
     from .export.hqq import WEIGHTS_NAME as HQQ_WEIGHTS
@@ -41,7 +41,7 @@ def _load_model(path: str, device):
 
     p = _model_dir(path)
     if (p / CONFIG_NAME).exists():
-        return load_quantized(p, device=device)
+        return load_quantized(p, device=device, decode_layout=decode_layout)
     if (p / HQQ_WEIGHTS).exists():
         raise ValueError(f"--model {path} is an HQQ export, which the hqq library loads "
                          "(AutoHQQHFModel.from_quantized); give the qatext model it was exported from")
@@ -142,7 +142,7 @@ def cmd_train(args) -> int:
 
     distributed.init_from_env()  # under torchrun: join the group, one GPU per rank
     device = _device(args.device)
-    model = _load_model(args.model, device)
+    model = _load_model(args.model, device, decode_layout=False)
     _check_seq_len(model, args.seq_len)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
     tokens = encode(data.load_text(args.data))
@@ -191,7 +191,7 @@ def cmd_eval(args) -> int:
     if args.tasks is not None:
         return _eval_tasks(args)
     device = _device(args.device)
-    model = _load_model(args.model, device)
+    model = _load_model(args.model, device, decode_layout=False)
     _check_seq_len(model, args.seq_len)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
     _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
@@ -226,7 +226,7 @@ def _eval_tasks(args) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = _load_model(args.model, _device(args.device))
+    model = _load_model(args.model, _device(args.device), decode_layout=False)
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [args.tasks_dir] if args.tasks_dir else []
         if NEXT_WORD_TASK in tasks:

@@ -91,8 +91,14 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, overwrite: bool = 
     return Path(out_dir)
 
 
-def load_quantized(in_dir, device="cpu", dtype=None) -> nn.Module:
-    """Load what save_quantized wrote; the model computes the same logits."""
+def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None = None) -> nn.Module:
+    """Load what save_quantized wrote; the model computes the same logits.
+
+    decode_layout: also lay each packed layer's codes out for the decode kernel now, once
+    (models.tile_for_decode: bits / 8 more bytes per weight), so that few-token forwards take it even
+    under torch.compile or CUDA graphs, which cannot make it themselves. None (default): on a CUDA
+    device, where that kernel runs; pass False for a model that never decodes (perplexity, scoring).
+    """
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -111,4 +117,9 @@ def load_quantized(in_dir, device="cpu", dtype=None) -> nn.Module:
     check_scales(model, f"load_quantized: {in_dir}")
     if (in_dir / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(in_dir)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if decode_layout if decode_layout is not None else torch.device(device).type == "cuda":
+        from .models import tile_for_decode  # models imports this module
+
+        tile_for_decode(model)
+    return model

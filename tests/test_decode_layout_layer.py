@@ -102,3 +102,24 @@ def test_load_refuses_a_damaged_scale(tmp_path, tiny_model_dir):
     save_file(weights, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="layer model.layers.1.mlp.down_proj has a scale <= 0, NaN or inf"):
         load_quantized(tmp_path / "q")
+
+
+def test_load_lays_out_for_decode_once_on_a_gpu(tmp_path, tiny_model_dir, device):
+    """load_quantized makes the decode layout at load time on a GPU (torch.compile and CUDA graphs cannot
+    make it inside a forward), or when asked; on a CPU, or with decode_layout=False, it holds none."""
+    from transformers import AutoModelForCausalLM
+
+    from qatext import load_quantized, methods, ops, save_quantized
+    from qatext.io import quant_layers
+
+    save_quantized(methods.rtn(AutoModelForCausalLM.from_pretrained(tiny_model_dir), QuantSpec(4, 32)), tmp_path / "q")
+
+    def tiled(model):
+        return [getattr(layer, "tiled", None) is not None for _, layer in quant_layers(model)]
+
+    by_default = tiled(load_quantized(tmp_path / "q", device=device))
+    assert len(by_default) == 14 and by_default == [device == "cuda"] * 14
+    assert not any(tiled(load_quantized(tmp_path / "q", device=device, decode_layout=False)))
+    asked = load_quantized(tmp_path / "q", device=device, decode_layout=True)
+    for _, layer in quant_layers(asked):
+        assert torch.equal(layer.tiled, ops.tile_packed(layer.packed, 4, layer.in_features))
