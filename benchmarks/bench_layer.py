@@ -11,6 +11,7 @@ listed under "skipped" with the reason. Time (CUDA events, median) and the memor
 between forward and backward (allocated after forward, less its output).
 
     python benchmarks/bench_layer.py --out benchmarks/results/layer_h200.json
+    python benchmarks/bench_layer.py --profile --out layer_ops.json   # and where each variant's time goes
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def variants(k, n, dtype):
 def main():
     parser = timing.parser()
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--profile", action="store_true",
+                        help="also each variant's ops by device time per step (torch.profiler), in its row")
     args = timing.start(parser)
     dtype = torch.bfloat16
     rows, skipped = [], []
@@ -128,6 +131,8 @@ def main():
             row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "fwd_bwd_ms": ms,
                    "held_for_backward_MiB": held_mib(fn, x), "step_peak_extra_MiB": peak_extra_mib(run),
                    "weight_NxK_bf16_MiB": n * k * 2 / 2**20}
+            if args.profile:
+                row["ops"] = timing.profile_ops(run)
             rows.append(row)
             print(f"{k}->{n} {name:32s} {ms * 1e3:8.0f} us  held {row['held_for_backward_MiB']:7.1f} MiB  "
                   f"peak +{row['step_peak_extra_MiB']:7.1f} MiB", flush=True)

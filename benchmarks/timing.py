@@ -83,6 +83,24 @@ def peak_extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def profile_ops(fn, steps: int = 3, rows: int = 30) -> list[dict]:
+    """fn()'s ops by time per call after one warm-up call, most first (device time on a GPU, host time
+    otherwise): set beside another variant's, what one spends that the other does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(steps):
+            fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+    key = "device_time_total" if on_gpu else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return [{"op": e.key, "calls": e.count / steps, "us": getattr(e, key) / steps,
+             "self_us": getattr(e, "self_" + key) / steps} for e in events]
+
+
 class StepClock:
     """A loss_fn wrapper for qatext.train that stamps the start of every step (synchronised), so
     seconds per step can be taken after warm-up steps. It also splits peak memory: `setup_peak`

@@ -1,0 +1,23 @@
+"""benchmarks/timing.py's op table: each op's calls and time per call of the profiled function."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import timing
+
+
+def test_profile_ops_counts_each_op_per_call():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # profile_ops times the GPU where there is one
+    a, b = torch.randn(64, 64, device=device), torch.randn(64, 64, device=device)
+
+    def fn():
+        return (a @ b).relu() @ b
+
+    rows = timing.profile_ops(fn, steps=4)
+    mm = next(r for r in rows if r["op"] == "aten::mm")
+    assert mm["calls"] == 2 and 0 < mm["self_us"] <= mm["us"]
+    assert next(r for r in rows if r["op"] == "aten::relu")["calls"] == 1
+    assert [r["us"] for r in rows] == sorted((r["us"] for r in rows), reverse=True)
