@@ -120,7 +120,8 @@ def timed_generate(generate: Generator, prompt, new_tokens: int, device) -> floa
     return time.perf_counter() - t0
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | None, device, repeats: int) -> dict:
+def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | None, device, repeats: int,
+            profile: bool = False) -> dict:
     generate = Generator(model, backend)
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
     for _ in range(2):  # compile, capture the graphs, warm the caches
@@ -136,7 +137,10 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | 
     return {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "time_to_first_token_s": first,
             "decode_tokens_per_s": 1 / per_token, "decode_tokens_per_s_all_sequences": batch / per_token,
             "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
-            "first_token_same_as_eager": same, "model_GB": model_bytes(model) / 1e9}
+            "first_token_same_as_eager": same, "model_GB": model_bytes(model) / 1e9,
+            # one whole generate (its prefill included) by op: where a variant's time per token goes
+            **({"ops_per_generate": timing.profile_ops(lambda: generate(prompt, new_tokens), steps=1)}
+               if profile else {})}
 
 
 def main():
@@ -153,6 +157,8 @@ def main():
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="also each row's ops by device time over one generate (torch.profiler), in the row")
     args = timing.start(p)
     wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
     if unknown := wanted - set(VARIANTS):
@@ -180,7 +186,7 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             try:
                 row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, backend, device,
-                                                  args.repeats)}
+                                                  args.repeats, args.profile)}
             except Exception as e:  # noqa: BLE001 (a peer that cannot run this way is reported, not fatal)
                 skipped.append({"variant": name, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:500]})
                 print(f"{name} batch {batch}: failed, {type(e).__name__}: {str(e)[:300]}", flush=True)
