@@ -12,6 +12,8 @@ Run once per method (fresh process, clean peak; --compile runs every method's de
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 
 import torch
@@ -76,6 +78,9 @@ def main():
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--compile", action="store_true",
                         help="decoder layers as torch.compile'd graphs (TrainConfig.compile), for every method")
+    parser.add_argument("--compile-mode", default=None, choices=("reduce-overhead", "max-autotune"),
+                        help="with --compile: the layers compiled in this torch.compile mode instead of the default "
+                        "(reduce-overhead: in CUDA graphs, forward and backward; an experiment, not a train option)")
     args = parser.parse_args()
     qatext.set_value_checks(False)
     model, params, recipe, lr = build(args.method, args.layers)
@@ -84,13 +89,18 @@ def main():
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    by_mode = args.compile and args.compile_mode is not None
     tcfg = methods.default_config(recipe, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False,
-                                  compile=args.compile)
-    history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
+                                  compile=args.compile and not by_mode)
+    # The same layer wrapping as TrainConfig.compile, in another torch.compile mode.
+    compiled = (models._layer_forwards(model, functools.partial(torch.compile, mode=args.compile_mode)) if by_mode
+                else contextlib.nullcontext())
+    with compiled:
+        history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
     step_s = clock.seconds_per_step(warmup=2)
     forward_host_ms, forward_gpu_ms = clock.forward_host_and_gpu_ms(warmup=2)
     result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
-              "seq_len": args.seq_len, "compiled": args.compile, "step_s": step_s,
+              "seq_len": args.seq_len, "compiled": args.compile, "compile_mode": args.compile_mode, "step_s": step_s,
               "tokens_per_s": args.seq_len / step_s,
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,
               "forward_gpu_ms": forward_gpu_ms,
