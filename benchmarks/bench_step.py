@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 
 import torch
@@ -93,8 +92,7 @@ def main():
     tcfg = methods.default_config(recipe, steps=args.steps, batch_size=1, seq_len=args.seq_len, progress=False,
                                   compile=args.compile and not by_mode)
     # The same layer wrapping as TrainConfig.compile, in another torch.compile mode.
-    compiled = (models._layer_forwards(model, functools.partial(torch.compile, mode=args.compile_mode)) if by_mode
-                else contextlib.nullcontext())
+    compiled = models.compiled_layers(model, mode=args.compile_mode) if by_mode else contextlib.nullcontext()
     with compiled:
         history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
     step_s = clock.seconds_per_step(warmup=2)

@@ -59,12 +59,13 @@ def checkpointed_layers(model: nn.Module):
             config.use_cache = use_cache
 
 
-def compiled_layers(model: nn.Module):
+def compiled_layers(model: nn.Module, mode: str | None = None):
     """Within the block, every decoder layer runs as torch.compile'd graphs, forward and backward:
     its elementwise ops fused and no Python per op, for steps the host cannot issue as fast as the GPU
     runs them (small batches, many layers). The first steps compile (about a minute on a 7B model);
-    the layers are the same modules (state dicts and checkpoints unchanged)."""
-    return _layer_forwards(model, torch.compile)
+    the layers are the same modules (state dicts and checkpoints unchanged). `mode`: torch.compile's
+    (None: its default)."""
+    return _layer_forwards(model, functools.partial(torch.compile, mode=mode))
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", target_modules=None,
