@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import qatext
 from qatext import QuantSpec, methods, models
 import peers
 import timing
@@ -175,7 +176,8 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                           "torch": torch.__version__, "backend": args.backend, "rows": rows, "skipped": skipped},
+                           "torch": torch.__version__, "backend": args.backend, "tuning": qatext.get_tuning(),
+                           "rows": rows, "skipped": skipped},
                           f, indent=1)
 
     for name, model in variants(base, wanted):

@@ -13,16 +13,24 @@ import qatext
 
 
 def parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser with the common --out (JSON results path)."""
+    """An argument parser with the common --out (JSON results path) and --tuning (knobs for the run)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--tuning", default="", metavar="KNOB=VALUE,...",
+                   help="qatext tuning knobs for the whole run (qatext.tuning_table() lists them)")
     return p
 
 
 def start(p: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the arguments, turn the per-op value checks off (each would synchronise the GPU, which
-    training runs without), and seed the generators."""
+    """Parse the arguments, set the --tuning knobs, turn the per-op value checks off (each would
+    synchronise the GPU, which training runs without), and seed the generators."""
     args = p.parse_args()
+    for item in filter(None, (s.strip() for s in args.tuning.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            qatext.set_tuning(**{name.strip(): int(value)})
+        except ValueError as e:
+            p.error(f"--tuning {item!r}: {e}; expected KNOB=INTEGER pairs separated by commas")
     qatext.set_value_checks(False)
     torch.manual_seed(0)
     return args

@@ -130,3 +130,55 @@ def test_quant_linear_decodes_through_the_kernel():
         assert "decode_gemm_kernel" in _kernel_names(lambda: layer(x))
         torch.testing.assert_close(layer(x).float(), expected.float(), rtol=2e-2, atol=3e-2)
 
+
+
+@pytest.mark.parametrize("programmatic", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 2, 1 << 30])
+def test_chained_calls_read_what_the_previous_kernel_wrote(programmatic, prefetch):
+    """Decode GEMMs back to back, each reading the one before's output, after a torch kernel that
+    writes the first input: with programmatic dependent launch a kernel starts before its predecessor
+    ends, so this fails if anything is read before the wait. Eager and in a CUDA graph; on a fresh
+    stream, whose first call inside the capture gets a zeroed counter tensor, not the workspace. The
+    split-K counters are left zero, so every replay matches (and the hints change no value)."""
+    k, bits, g, depth = 2048, 4, 128, 6
+    weights = [(packed, tiled, scale * 0.14, zero) for packed, tiled, scale, zero in  # outputs stay ~1
+               (_weight(k, k, bits, g) for _ in range(depth))]
+    x0 = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+
+    def chain(x):
+        y = x * 0.5 + 1  # a torch kernel right before the first decode GEMM
+        for _, tiled, scale, zero in weights:
+            y = ops.dequant_matmul_tiled(y, tiled, scale, zero, bits, g)
+        return y
+
+    expected = x0 * 0.5 + 1
+    for packed, _, scale, zero in weights:
+        expected = reference.dequant_matmul(expected, packed, scale, zero, bits, g)
+    with (knob("decode_gemm_programmatic_launch", programmatic), knob("decode_gemm_prefetch_tiles", prefetch)):
+        eager = [chain(x0) for _ in range(3)]
+        stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            static_x = x0.clone()
+            with torch.cuda.graph(graph, stream=stream):
+                static_y = chain(static_x)
+        replays = []
+        for _ in range(3):
+            graph.replay()
+            replays.append(static_y.clone())
+    for y in eager[1:] + replays:
+        assert torch.equal(y, eager[0])
+    torch.testing.assert_close(eager[0].float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_hints_and_launch_mode_change_no_value():
+    n, k, bits, g = 4352, 4096, 3, 128
+    _, tiled, scale, zero = _weight(n, k, bits, g)
+    x = torch.randn(5, k, device="cuda", dtype=torch.float16)
+    results = []
+    for programmatic in (0, 1):
+        for prefetch in (0, 1, 1 << 30):
+            with (knob("decode_gemm_programmatic_launch", programmatic), knob("decode_gemm_prefetch_tiles", prefetch)):
+                results.append(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
+    for y in results[1:]:
+        assert torch.equal(y, results[0])

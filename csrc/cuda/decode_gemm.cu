@@ -23,6 +23,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "core/tile_layout.h"
 #include "cuda/common.cuh"
@@ -45,11 +48,12 @@ struct DecodeArgs {
   const void* bias;       // [N] or nullptr
   void* out;              // [M, N]
   float* partial;         // [splits, M, N] when splits > 1
-  int* counters;          // [gridDim.z * gridDim.x], zero on entry, when splits > 1
+  int* counters;          // [gridDim.z * gridDim.x], zero on entry and left zero, when splits > 1
   int M, N, K, G;
   int tiles_per_group;    // 64-column tiles per quantization group
   int tiles_per_split;
   int splits;
+  int prefetch_tiles;     // 64-column tiles of its K slice each warp pulls into L2 before the wait
 };
 
 // Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
@@ -213,6 +217,33 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   const int t_end = min(KT, t_begin + args.tiles_per_split);
   const bool active = nt0 < args.N / kTileRows;  // N % (16 NT) == 0: a warp's tiles are all in or all out
 
+  // Programmatic dependent launch: a decode GEMM queued next may start launching now, and this one may
+  // have started before the previous kernel finished. Until the wait, only hints to L2 (coherent, so
+  // never stale): the first tiles of each row tile's codes in this slice, and the first group's scales
+  // and zeros. Everything else (activations, weights into shared memory, every write) comes after.
+  grid_launch_dependents();
+  const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
+  if (active && args.prefetch_tiles > 0) {
+    if (lane < NT) {
+      const int tiles = min(t_end - t_begin, args.prefetch_tiles);
+      prefetch_l2_bulk(args.tiled + (nt0 + lane) * tile_row_bytes + int64_t(t_begin) * tile_bytes(BITS),
+                       uint32_t(tiles * tile_bytes(BITS)));
+    }
+    if (c == 0) {  // rows g and g + 8 of each tile, as load_qparams reads them
+      const int64_t group0 = t_begin / args.tiles_per_group;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t at = int64_t((nt0 + i) * kTileRows + g + 8 * h) * args.G + group0;
+          prefetch_l2(args.scale + at);
+          prefetch_l2(args.zero + at);
+        }
+      }
+    }
+  }
+  grid_dependency_wait();
+
   float out[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -223,8 +254,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 
   if (active) {
     // This lane's bytes of a tile (3 bits: of its 2-bit plane; its 1-bit plane at 256 + 4 * lane).
-    const uint8_t* codes = args.tiled + int64_t(nt0) * KT * tile_bytes(BITS) + lane * (BITS == 3 ? 8 : 4 * BITS);
-    const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
+    const uint8_t* codes = args.tiled + nt0 * tile_row_bytes + lane * (BITS == 3 ? 8 : 4 * BITS);
     const T* xrow[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -327,7 +357,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   __shared__ int last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(args.counters + blockIdx.z * gridDim.x + blockIdx.x, 1) == args.splits - 1;
+  if (threadIdx.x == 0) {
+    int* counter = args.counters + blockIdx.z * gridDim.x + blockIdx.x;
+    last = atomicAdd(counter, 1) == args.splits - 1;
+    if (last) *counter = 0;  // every split has counted: zero again for the next launch (no memset per call)
+  }
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -465,6 +499,34 @@ int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
   return (tiles + per_split - 1) / per_split;
 }
 
+int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream) {
+  // Raw device memory, outside the caching allocator and its graph pools, kept for the process (a
+  // stream's buffer is reused by every later call on it; the kernel leaves it zero).
+  constexpr int64_t kCapacity = 16384;
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, int*> buffers;
+  if (count > kCapacity) return nullptr;
+  int device = 0;
+  cudaGetDevice(&device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, stream);
+  if (const auto it = buffers.find(key); it != buffers.end()) return it->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) return nullptr;
+  int* buffer = nullptr;
+  if (cudaMalloc(&buffer, kCapacity * sizeof(int)) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the caller falls back to a zeroed tensor
+    return nullptr;
+  }
+  if (cudaMemsetAsync(buffer, 0, kCapacity * sizeof(int), stream) != cudaSuccess) {
+    cudaGetLastError();
+    cudaFree(buffer);
+    return nullptr;
+  }
+  buffers.emplace(key, buffer);
+  return buffer;
+}
+
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
                  float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
@@ -490,10 +552,27 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const Config cfg = config_for(M, shape, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
+  // Tiles each warp prefetches into L2 per row tile, within half the L2 for the whole grid (beyond it
+  // the later tiles would be evicted before their turn and read twice).
+  const int64_t slices = shape.N / kTileRows * splits * tile_bytes(shape.bits);
+  args.prefetch_tiles = int(std::clamp<int64_t>(l2_bytes() / 2 / slices, 0, std::min<int64_t>(tuning.prefetch_tiles,
+                                                                                              args.tiles_per_split)));
   const void* kernel =
       with_instance(shape.bits, cfg, []<int BITS, int MT, int NT>() { return prepared_kernel<T, BITS, MT, NT>(); });
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kDecodeThreads);
+  config.dynamicSmemBytes = size_t(smem_for(cfg, shape.bits));
+  config.stream = stream;
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  if (tuning.programmatic_launch && compute_major() >= 9) {
+    config.attrs = pdl;
+    config.numAttrs = 1;
+  }
   void* params[] = {&args};
-  const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(kDecodeThreads), params, smem_for(cfg, shape.bits), stream);
+  const cudaError_t err = cudaLaunchKernelExC(&config, kernel, params);
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
   check_launch("decode_gemm");
 }

@@ -69,17 +69,25 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // Decode GEMM on the tiled layout (cuda/decode_gemm.cu): out [M, N] = x [M, K] @ deq(W)^T + bias, for
 // 16-bit x, bits 2 / 3 / 4, N % 16 == 0, K % 64 == 0 and groups of a multiple of 64 (or per-channel).
 // Split-K partials (fp32 [splits, M, N]) are summed in a fixed order by the last block of each column
-// tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry.
+// tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry, and are left
+// zero, so one buffer per stream serves every call (decode_gemm_counter_workspace).
 // Tuning: K slices of at least min_slice_tiles 64-column tiles; up to max_row_tiles 16-row tiles per
-// warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave).
+// warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave); up to prefetch_tiles
+// tiles of each warp's slice hinted into L2 before the wait on the previous kernel; launched as a
+// programmatic dependent launch (sm_90) when programmatic_launch is set.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
   int max_row_tiles;
+  int64_t prefetch_tiles;
+  bool programmatic_launch;
 };
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning);
+// A zeroed counter buffer of at least `count` for calls on `stream` (made on its first use there and
+// kept), or nullptr when there is none yet and the stream is capturing a graph, or count is too large.
+int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
                  float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,

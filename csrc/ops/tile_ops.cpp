@@ -67,16 +67,23 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
     const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
-      const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice),
-                                             int(tuning(Knob::DecodeGemmRowTiles))};
+      const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)),
+                                             tuning(Knob::DecodeGemmPrefetch),
+                                             tuning(Knob::DecodeGemmProgrammaticLaunch) != 0};
+      const at::OptionalDeviceGuard guard(at::device_of(a));
       const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);
       at::Tensor out = at::empty({M, shape.N}, a.options());
-      at::Tensor partial, counters;
+      at::Tensor partial, zeroed;
+      int* counters = nullptr;
       if (splits > 1) {
         partial = at::empty({splits, M, shape.N}, a.options().dtype(at::kFloat));
-        counters = at::zeros({cuda::decode_gemm_counters(M, shape, decode_tuning)}, a.options().dtype(at::kInt));
+        const int64_t count = cuda::decode_gemm_counters(M, shape, decode_tuning);
+        counters = cuda::decode_gemm_counter_workspace(count, current_stream(a));
+        if (counters == nullptr) {  // none for this stream yet while it captures a graph: a zeroed tensor
+          zeroed = at::zeros({count}, a.options().dtype(at::kInt));
+          counters = zeroed.mutable_data_ptr<int>();
+        }
       }
-      const at::OptionalDeviceGuard guard(at::device_of(a));
       dispatch_half(dtype, [&](auto type_tag) {
         using scalar_t = decltype(type_tag);
         cuda::decode_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), w.const_data_ptr<uint8_t>(),
@@ -84,7 +91,7 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
                                     b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                     out.mutable_data_ptr<scalar_t>(),
                                     splits > 1 ? partial.mutable_data_ptr<float>() : nullptr,
-                                    splits > 1 ? counters.mutable_data_ptr<int>() : nullptr, M, shape, splits,
+                                    counters, M, shape, splits,
                                     decode_tuning, current_stream(a));
       });
       auto sizes = x.sizes().vec();
