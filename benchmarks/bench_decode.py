@@ -5,8 +5,7 @@ layout, small M, g128, same run; with a correctness check against the reference 
 
 Per row: median us (CUDA events around a CUDA graph of 20 calls: GPU time, as a decode loop under
 graphs sees it; eager dispatch costs ~20-40 us of host time per call at these sizes), speedup over cuBLAS, % of the memory floor (weight,
-scales and zeros, activations and output at the copy bandwidth measured in the run); the tiled kernel
-also without its programmatic launch and L2 hints ("plain": what a call after a non-decode kernel gets).
+scales and zeros, activations and output at the copy bandwidth measured in the run).
 Knobs for the run: --tuning, e.g. --tuning decode_gemm_min_slice=4,decode_gemm_row_tiles=2.
 """
 
@@ -58,11 +57,6 @@ def main():
                     lambda: ops.dequant_matmul(x, packed, scale, zero, bits, g))) * 1e3  # noqa: B023
                 row["tiled_us"] = with_decode_max_m(64, lambda: gpu_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
-                # Without the programmatic launch and the L2 hints: graph-timed calls back to back overlap
-                # each other's start with them, which a decode GEMM after a norm or an activation cannot.
-                with qatext.tuning(decode_gemm_programmatic_launch=0, decode_gemm_prefetch_tiles=0):
-                    row["tiled_plain_us"] = with_decode_max_m(64, lambda: gpu_time_ms(  # noqa: B023
-                        lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
                 # Eager back-to-back calls: bounded by host dispatch at these sizes (for the host cost).
                 row["tiled_eager_us"] = with_decode_max_m(64, lambda: cuda_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
@@ -73,7 +67,6 @@ def main():
                 rows.append(row)
                 print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {row['cublas_us']:7.1f} | v4 {row['v4_packed_us']:7.1f} | "
                       f"tiled {row['tiled_us']:7.1f} x{row['tiled_speedup_vs_cublas']:.2f} "
-                      f"(plain {row['tiled_plain_us']:7.1f}) "
                       f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e})",
                       flush=True)
     if args.out:

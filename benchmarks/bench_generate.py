@@ -158,6 +158,8 @@ def main():
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--also-tuning", default="", metavar="KNOB=VALUE,...",
+                   help="measure each qatext variant again with these knobs (compiled anew), as a row of its own")
     p.add_argument("--profile", action="store_true",
                    help="also each row's ops by device time over one generate (torch.profiler), in the row")
     args = timing.start(p)
@@ -180,23 +182,30 @@ def main():
                            "rows": rows, "skipped": skipped},
                           f, indent=1)
 
+    try:
+        also = {k.strip(): int(v) for k, _, v in (i.partition("=") for i in args.also_tuning.split(",") if i.strip())}
+    except ValueError:
+        p.error(f"--also-tuning: expected KNOB=INTEGER pairs separated by commas, got {args.also_tuning!r}")
     for name, model in variants(base, wanted):
         if isinstance(model, str):
             skipped.append({"variant": name, "reason": model})
             print(f"{name}: skipped, {model}", flush=True)
             continue
-        for batch in (int(b) for b in args.batches.split(",")):
-            try:
-                row = {"variant": name, **measure(model, batch, args.prompt, args.new_tokens, backend, device,
-                                                  args.repeats, args.profile)}
-            except Exception as e:  # noqa: BLE001 (a peer that cannot run this way is reported, not fatal)
-                skipped.append({"variant": name, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:500]})
-                print(f"{name} batch {batch}: failed, {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            rows.append(row)
-            print(f"{name:18s} batch {batch}: first token {row['time_to_first_token_s'] * 1e3:7.1f} ms, "
-                  f"{row['decode_tokens_per_s']:7.1f} tokens/s per sequence, peak {row['peak_GB']} GB", flush=True)
-            save()
+        settings = [(name, {})] + ([(f"{name} [{args.also_tuning}]", also)] if also and name.startswith("qatext") else [])
+        for label, knobs in settings:
+            for batch in (int(b) for b in args.batches.split(",")):
+                try:
+                    with qatext.tuning(**knobs):
+                        row = {"variant": label, "tuning": knobs, **measure(
+                            model, batch, args.prompt, args.new_tokens, backend, device, args.repeats, args.profile)}
+                except Exception as e:  # noqa: BLE001 (a peer that cannot run this way is reported, not fatal)
+                    skipped.append({"variant": label, "batch": batch, "reason": f"{type(e).__name__}: {e}"[:500]})
+                    print(f"{label} batch {batch}: failed, {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                rows.append(row)
+                print(f"{label:18s} batch {batch}: first token {row['time_to_first_token_s'] * 1e3:7.1f} ms, "
+                      f"{row['decode_tokens_per_s']:7.1f} tokens/s per sequence, peak {row['peak_GB']} GB", flush=True)
+                save()
         if model is not base:
             del model
             torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -59,16 +59,7 @@ inline int sm_count() {
   });
 }
 
-// L2 bytes and the compute capability's major version of the current device.
-inline int l2_bytes() {
-  static std::atomic<int> memo[kMaxDevices];
-  return per_device(memo, [] {
-    int device = 0, bytes = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device);
-    return bytes > 0 ? bytes : 1;
-  });
-}
+// The compute capability's major version of the current device.
 inline int compute_major() {
   static std::atomic<int> memo[kMaxDevices];
   return per_device(memo, [] {

@@ -53,7 +53,6 @@ struct DecodeArgs {
   int tiles_per_group;    // 64-column tiles per quantization group
   int tiles_per_split;
   int splits;
-  int prefetch_tiles;     // 64-column tiles of its K slice each warp pulls into L2 before the wait
 };
 
 // Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
@@ -218,30 +217,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   const bool active = nt0 < args.N / kTileRows;  // N % (16 NT) == 0: a warp's tiles are all in or all out
 
   // Programmatic dependent launch: a decode GEMM queued next may start launching now, and this one may
-  // have started before the previous kernel finished. Until the wait, only hints to L2 (coherent, so
-  // never stale): the first tiles of each row tile's codes in this slice, and the first group's scales
-  // and zeros. Everything else (activations, weights into shared memory, every write) comes after.
+  // have started before the previous kernel finished: everything it reads or writes comes after the wait.
+  // (Hinting the slice's first codes into L2 before the wait was measured 10-15% slower: NOTES.)
   grid_launch_dependents();
-  const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
-  if (active && args.prefetch_tiles > 0) {
-    if (lane < NT) {
-      const int tiles = min(t_end - t_begin, args.prefetch_tiles);
-      prefetch_l2_bulk(args.tiled + (nt0 + lane) * tile_row_bytes + int64_t(t_begin) * tile_bytes(BITS),
-                       uint32_t(tiles * tile_bytes(BITS)));
-    }
-    if (c == 0) {  // rows g and g + 8 of each tile, as load_qparams reads them
-      const int64_t group0 = t_begin / args.tiles_per_group;
-#pragma unroll
-      for (int i = 0; i < NT; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t at = int64_t((nt0 + i) * kTileRows + g + 8 * h) * args.G + group0;
-          prefetch_l2(args.scale + at);
-          prefetch_l2(args.zero + at);
-        }
-      }
-    }
-  }
   grid_dependency_wait();
 
   float out[MT][NT][4];
@@ -254,6 +232,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 
   if (active) {
     // This lane's bytes of a tile (3 bits: of its 2-bit plane; its 1-bit plane at 256 + 4 * lane).
+    const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
     const uint8_t* codes = args.tiled + nt0 * tile_row_bytes + lane * (BITS == 3 ? 8 : 4 * BITS);
     const T* xrow[MT];
 #pragma unroll
@@ -552,11 +531,6 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const Config cfg = config_for(M, shape, tuning);
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
-  // Tiles each warp prefetches into L2 per row tile, within half the L2 for the whole grid (beyond it
-  // the later tiles would be evicted before their turn and read twice).
-  const int64_t slices = shape.N / kTileRows * splits * tile_bytes(shape.bits);
-  args.prefetch_tiles = int(std::clamp<int64_t>(l2_bytes() / 2 / slices, 0, std::min<int64_t>(tuning.prefetch_tiles,
-                                                                                              args.tiles_per_split)));
   const void* kernel =
       with_instance(shape.bits, cfg, []<int BITS, int MT, int NT>() { return prepared_kernel<T, BITS, MT, NT>(); });
   cudaLaunchConfig_t config{};

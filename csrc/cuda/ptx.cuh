@@ -65,18 +65,6 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
-// Hints that [p, p + bytes) be fetched into L2 (16-byte aligned, bytes % 16 == 0; sm_90 bulk copy
-// engine, elsewhere a no-op). L2 is where global writes become coherent, so this never makes a later
-// read stale, even before grid_dependency_wait.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
 // (a & mask) | base in one instruction (the compiler emits two when both constants are immediates).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t base) {
   uint32_t d;

@@ -68,7 +68,6 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
       const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)),
-                                             tuning(Knob::DecodeGemmPrefetch),
                                              tuning(Knob::DecodeGemmProgrammaticLaunch) != 0};
       const at::OptionalDeviceGuard guard(at::device_of(a));
       const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);

@@ -29,12 +29,9 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"decode_gemm_row_tiles", 4, 1, 4,
      "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid "
      "stays full)."},
-    {"decode_gemm_prefetch_tiles", int64_t(1) << 30, 0, int64_t(1) << 30,
-     "Most 64-column tiles of its K slice each decode warp hints into L2 before waiting on the previous "
-     "kernel (within half the L2 for the whole grid; 0: none)."},
     {"decode_gemm_programmatic_launch", 1, 0, 1,
-     "Launch the decode kernel as a programmatic dependent launch on sm_90+: its L2 prefetch overlaps the "
-     "previous kernel's end (and a decode kernel's whole run), and its activations are read after."},
+     "Launch the decode kernel as a programmatic dependent launch on sm_90+: it may start while the previous "
+     "kernel ends, and waits for it before reading anything."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
 }};
