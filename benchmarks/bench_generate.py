@@ -186,6 +186,8 @@ def main():
         also = {k.strip(): int(v) for k, _, v in (i.partition("=") for i in args.also_tuning.split(",") if i.strip())}
     except ValueError:
         p.error(f"--also-tuning: expected KNOB=INTEGER pairs separated by commas, got {args.also_tuning!r}")
+    if unknown := set(also) - set(qatext.get_tuning()):
+        p.error(f"--also-tuning: unknown knob(s) {sorted(unknown)}; qatext.tuning_table() lists them")
     for name, model in variants(base, wanted):
         if isinstance(model, str):
             skipped.append({"variant": name, "reason": model})

@@ -39,3 +39,26 @@ def test_unknown_variant_is_one_line():
     assert r.returncode == 2
     assert "--variants: unknown ['W4']" in r.stderr and "qatext W4 g128" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tuning_knobs_for_the_run_and_a_second_measurement(tmp_path):
+    """--tuning sets knobs for the whole run (recorded in the JSON); --also-tuning measures each qatext
+    variant again under other knobs, as a row of its own with those knobs named."""
+    out = tmp_path / "generate.json"
+    r = _run("--prompt", "8", "--new-tokens", "4", "--repeats", "1", "--batches", "1", "--variants", "qatext W4 g128",
+             "--tuning", "decode_gemm_min_slice=4", "--also-tuning", "decode_gemm_max_m=0", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["tuning"]["decode_gemm_min_slice"] == 4 and result["tuning"]["decode_gemm_max_m"] == 16
+    assert [(row["variant"], row["tuning"]) for row in result["rows"]] == [
+        ("bf16", {}), ("qatext W4 g128", {}), ("qatext W4 g128 [decode_gemm_max_m=0]", {"decode_gemm_max_m": 0})]
+
+
+def test_bad_tuning_is_one_line():
+    for flag, value, expected in [("--tuning", "no_such_knob=1", "--tuning 'no_such_knob=1'"),
+                                  ("--tuning", "decode_gemm_min_slice=x", "expected KNOB=INTEGER"),
+                                  ("--also-tuning", "decode_gemm_max_m", "--also-tuning: expected KNOB=INTEGER"),
+                                  ("--also-tuning", "no_such_knob=1", "--also-tuning: unknown knob(s) ['no_such_knob']")]:
+        r = _run(flag, value)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert expected in r.stderr and "Traceback" not in r.stderr

@@ -59,17 +59,6 @@ inline int sm_count() {
   });
 }
 
-// The compute capability's major version of the current device.
-inline int compute_major() {
-  static std::atomic<int> memo[kMaxDevices];
-  return per_device(memo, [] {
-    int device = 0, major = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    return major > 0 ? major : 1;
-  });
-}
-
 // Opt `kernel` into `smem` bytes of dynamic shared memory (needed above 48 KB), once per device and
 // kernel (each kernel instance calls this from its own function, so `memo` is per instance).
 template <typename Kernel>

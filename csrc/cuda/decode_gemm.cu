@@ -216,12 +216,6 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   const int t_end = min(KT, t_begin + args.tiles_per_split);
   const bool active = nt0 < args.N / kTileRows;  // N % (16 NT) == 0: a warp's tiles are all in or all out
 
-  // Programmatic dependent launch: a decode GEMM queued next may start launching now, and this one may
-  // have started before the previous kernel finished: everything it reads or writes comes after the wait.
-  // (Hinting the slice's first codes into L2 before the wait was measured 10-15% slower: NOTES.)
-  grid_launch_dependents();
-  grid_dependency_wait();
-
   float out[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -533,20 +527,8 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
   const void* kernel =
       with_instance(shape.bits, cfg, []<int BITS, int MT, int NT>() { return prepared_kernel<T, BITS, MT, NT>(); });
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(kDecodeThreads);
-  config.dynamicSmemBytes = size_t(smem_for(cfg, shape.bits));
-  config.stream = stream;
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  if (tuning.programmatic_launch && compute_major() >= 9) {
-    config.attrs = pdl;
-    config.numAttrs = 1;
-  }
   void* params[] = {&args};
-  const cudaError_t err = cudaLaunchKernelExC(&config, kernel, params);
+  const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(kDecodeThreads), params, smem_for(cfg, shape.bits), stream);
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
   check_launch("decode_gemm");
 }

@@ -50,21 +50,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
-// Programmatic dependent launch (sm_90; no-ops elsewhere and when the kernel was launched without it).
-// launch_dependents: the next kernel in the stream may start launching once every block of this grid
-// has issued it. wait: blocks until the previous kernel in the stream has finished and its writes
-// are visible; nothing a kernel reads from an earlier kernel, or writes, may come before it.
-__device__ __forceinline__ void grid_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // (a & mask) | base in one instruction (the compiler emits two when both constants are immediates).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t base) {
   uint32_t d;

@@ -67,8 +67,7 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
     const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
-      const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)),
-                                             tuning(Knob::DecodeGemmProgrammaticLaunch) != 0};
+      const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles))};
       const at::OptionalDeviceGuard guard(at::device_of(a));
       const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);
       at::Tensor out = at::empty({M, shape.N}, a.options());

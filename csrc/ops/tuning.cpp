@@ -29,9 +29,6 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"decode_gemm_row_tiles", 4, 1, 4,
      "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid "
      "stays full)."},
-    {"decode_gemm_programmatic_launch", 1, 0, 1,
-     "Launch the decode kernel as a programmatic dependent launch on sm_90+: it may start while the previous "
-     "kernel ends, and waits for it before reading anything."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
 }};

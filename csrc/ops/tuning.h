@@ -14,7 +14,6 @@ enum class Knob : int {
   DecodeGemmMaxM,      // largest M for which CUDA dequant_matmul_tiled takes the decode kernel (0: never)
   DecodeGemmMinSlice,  // fewest 64-column tiles per K slice of the decode kernel's split-K
   DecodeGemmRowTiles,  // most 16-row weight tiles per decode warp: 1, 2 or 4
-  DecodeGemmProgrammaticLaunch,  // decode kernel as a programmatic dependent launch (sm_90): 0 or 1
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   Count,
 };
