@@ -475,9 +475,9 @@ int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
 int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream) {
   // Raw device memory, outside the caching allocator and its graph pools, kept for the process (a
   // stream's buffer is reused by every later call on it; the kernel leaves it zero). Calls on one
-  // stream run in order, so they never share it at once; a graph uses its capture stream's buffer,
-  // so it must not replay while that stream runs decode calls of its own (torch's graphs replay in
-  // order on the stream that captured them, or on the caller's, which then waits for it).
+  // stream run in order, so they never use it at once. A graph keeps the buffer of the stream it was
+  // captured on: replaying it on another stream at the same time as decode calls on that one would
+  // share the counters (one generate loop per graph, as torch.compile runs them, never does).
   constexpr int64_t kCapacity = 16384;
   static std::mutex mutex;
   static std::map<std::pair<int, cudaStream_t>, int*> buffers;
