@@ -166,6 +166,12 @@ def main():
     wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
     if unknown := wanted - set(VARIANTS):
         p.error(f"--variants: unknown {sorted(unknown)}; expected a comma-separated subset of {', '.join(VARIANTS)}")
+    also = timing.knob_settings(p, "--also-tuning", args.also_tuning)
+    try:
+        with qatext.tuning(**also):  # each value in its knob's range, before any model is built
+            pass
+    except ValueError as e:
+        p.error(f"--also-tuning: {e}")
     backend = None if args.backend == "eager" else args.backend
     device = torch.device(args.device)
     base = build_model(args.tiny, device)
@@ -182,12 +188,6 @@ def main():
                            "rows": rows, "skipped": skipped},
                           f, indent=1)
 
-    try:
-        also = {k.strip(): int(v) for k, _, v in (i.partition("=") for i in args.also_tuning.split(",") if i.strip())}
-    except ValueError:
-        p.error(f"--also-tuning: expected KNOB=INTEGER pairs separated by commas, got {args.also_tuning!r}")
-    if unknown := set(also) - set(qatext.get_tuning()):
-        p.error(f"--also-tuning: unknown knob(s) {sorted(unknown)}; qatext.tuning_table() lists them")
     for name, model in variants(base, wanted):
         if isinstance(model, str):
             skipped.append({"variant": name, "reason": model})

@@ -21,16 +21,29 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def knob_settings(p: argparse.ArgumentParser, flag: str, text: str) -> dict[str, int]:
+    """{knob: value} from "KNOB=VALUE,..." (a flag's value); a malformed pair or an unknown knob is one
+    line from the parser naming the flag."""
+    knobs = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            knobs[name.strip()] = int(value)
+        except ValueError:
+            p.error(f"{flag} {item!r}: expected KNOB=INTEGER pairs separated by commas")
+    if unknown := set(knobs) - set(qatext.get_tuning()):
+        p.error(f"{flag}: unknown knob(s) {sorted(unknown)}; qatext.tuning_table() lists them")
+    return knobs
+
+
 def start(p: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse the arguments, set the --tuning knobs, turn the per-op value checks off (each would
     synchronise the GPU, which training runs without), and seed the generators."""
     args = p.parse_args()
-    for item in filter(None, (s.strip() for s in args.tuning.split(","))):
-        name, _, value = item.partition("=")
-        try:
-            qatext.set_tuning(**{name.strip(): int(value)})
-        except ValueError as e:
-            p.error(f"--tuning {item!r}: {e}; expected KNOB=INTEGER pairs separated by commas")
+    try:
+        qatext.set_tuning(**knob_settings(p, "--tuning", args.tuning))
+    except ValueError as e:  # a value out of the knob's range
+        p.error(f"--tuning: {e}")
     qatext.set_value_checks(False)
     torch.manual_seed(0)
     return args

@@ -55,10 +55,12 @@ def test_tuning_knobs_for_the_run_and_a_second_measurement(tmp_path):
 
 
 def test_bad_tuning_is_one_line():
-    for flag, value, expected in [("--tuning", "no_such_knob=1", "--tuning 'no_such_knob=1'"),
-                                  ("--tuning", "decode_gemm_min_slice=x", "expected KNOB=INTEGER"),
-                                  ("--also-tuning", "decode_gemm_max_m", "--also-tuning: expected KNOB=INTEGER"),
-                                  ("--also-tuning", "no_such_knob=1", "--also-tuning: unknown knob(s) ['no_such_knob']")]:
+    for flag, value, expected in [("--tuning", "no_such_knob=1", "--tuning: unknown knob(s) ['no_such_knob']"),
+                                  ("--tuning", "decode_gemm_min_slice=x", "--tuning 'decode_gemm_min_slice=x': expected"),
+                                  ("--tuning", "decode_gemm_min_slice=0", "decode_gemm_min_slice must be in [1, "),
+                                  ("--also-tuning", "decode_gemm_max_m", "--also-tuning 'decode_gemm_max_m': expected"),
+                                  ("--also-tuning", "no_such_knob=1", "--also-tuning: unknown knob(s) ['no_such_knob']"),
+                                  ("--also-tuning", "decode_gemm_row_tiles=3", "decode_gemm_row_tiles must be 1, 2 or 4")]:
         r = _run(flag, value)
         assert r.returncode == 2, r.stderr[-2000:]
         assert expected in r.stderr and "Traceback" not in r.stderr
