@@ -103,6 +103,15 @@ def lrqat_linear(x, p, a, b, scale, zero, lora_scale: float, bits: int, group_si
     return _ops.lrqat_linear(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits)
 
 
+def qalora_linear(x, packed, scale, zero, lora_a, lora_b, lora_scale: float, bits: int, group_size: int,
+                  bias=None) -> torch.Tensor:
+    """QA-LoRA's linear: x @ deq(W)^T + bias + (lora_scale / g) (pool_g(x) A^T) B^T, pool_g summing each
+    group of g inputs; the codes, scale and zero frozen. One op with its autograd in C++ (the layer's
+    ops one by one cost host time a host-bound step does not have); holds the pooled input and the
+    adapter's hidden for backward, not x."""
+    return _ops.qalora_linear(x, packed, scale, zero, lora_a, lora_b, bias, lora_scale, bits, group_size)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 
 
@@ -184,3 +193,8 @@ def _(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
 @torch.library.register_fake("qatext::lrqat_linear")
 def _(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
     return _empty((*x.shape[:-1], a.shape[0]), x)
+
+
+@torch.library.register_fake("qatext::qalora_linear")
+def _(x, packed, scale, zero, a, b, bias, lora_scale, bits, group_size):
+    return _empty((*x.shape[:-1], b.shape[0]), x)

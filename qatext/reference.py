@@ -112,6 +112,16 @@ def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None
     return y.to(x.dtype)
 
 
+def qalora_linear(x, packed, scale, zero, lora_a, lora_b, lora_scale: float, bits: int, group_size: int, bias=None):
+    """QA-LoRA: x @ deq(W)^T + bias + (lora_scale / g) (pool_g(x) A^T) B^T, pool_g summing each group of
+    g inputs; differentiable in x, A, B and bias."""
+    k = x.shape[-1]
+    g = k if group_size == -1 else group_size
+    pooled = x.float().unflatten(-1, (k // g, g)).sum(-1)
+    delta = (pooled @ lora_a.float().t()) @ lora_b.float().t()
+    return (dequant_matmul(x.float(), packed, scale, zero, bits, group_size, bias) + lora_scale / g * delta).to(x.dtype)
+
+
 def _tile_planes(bits: int):
     """(width, byte offset in the tile, lowest code bit) of each plane (see csrc/core/tile_layout.h)."""
     return [(2, 0, 0), (1, 256, 2)] if bits == 3 else [(bits, 0, 0)]

@@ -23,6 +23,7 @@ def _cases(device):
     scale2, zero2 = random_qparams(n2, k2, 4, 64, False, device)
     x2 = torch.randn(3, k2, device=device)
     rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    qa_a, qa_b = torch.randn(4, k // g, device=device), torch.randn(n, 4, device=device)  # QA-LoRA's adapter
     return {
         "fake_quant": [(rg(w), rg(scale), rg(zero), bits, g), (w.bfloat16(), scale[:, :1], zero[:, :1], 2, -1)],
         "fake_quant_backward": [(torch.randn_like(w), w, scale, zero, bits, g)],
@@ -44,6 +45,10 @@ def _cases(device):
         "lrqat_weight_backward": [(torch.randn_like(w), packed, a, b, scale, zero, 0.5, bits, g, 0)],
         "lrqat_linear": [(rg(x), packed, rg(a), rg(b), rg(scale), zero, rg(torch.randn(n, device=device)), 0.5, bits,
                           g, 0), (x.bfloat16(), q44, a.bfloat16(), b.bfloat16(), scale, zero, None, 0.5, bits, g, 4)],
+        "qalora_linear": [(rg(x), packed, scale, zero, rg(qa_a), rg(qa_b), rg(torch.randn(n, device=device)), 0.5, bits,
+                           g),
+                          (rg(x.bfloat16()), packed, scale[:, :1], zero[:, :1], rg(qa_a[:, :1]), qa_b.bfloat16(), None,
+                           2.0, bits, -1)],
     }
 
 

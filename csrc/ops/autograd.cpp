@@ -1,10 +1,11 @@
 // Autograd of every differentiable qatext op, in C++. Each trained linear calls one of them per step
-// (fake_quant: full QAT and Block-AP; dequant_matmul: QA-LoRA and E2E-QP; lrqat_linear: LR-QAT), and
-// a Python autograd kernel cost about as much host time again as the op's own launch path: the 7B
-// steps are host-bound (benchmarks/NOTES.md). Backwards call the ops through the dispatcher.
+// (fake_quant: full QAT and Block-AP; qalora_linear: QA-LoRA; dequant_matmul: E2E-QP; lrqat_linear:
+// LR-QAT), and a Python autograd kernel cost about as much host time again as the op's own launch
+// path: the 7B steps are host-bound (benchmarks/NOTES.md). Backwards call the ops through the dispatcher.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/common.h"
 #include "ops/ops.h"
 
 namespace qatext::ops {
@@ -13,13 +14,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// Through the dispatcher, not the C++ functions: under torch.compile / AOT tracing the tensors are
-// fake and the ops' fake kernels must answer.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // fq(w) with the straight-through gradients to w, scale and zero (the formula: qatext/quant/primitives.py).
 class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
@@ -189,6 +183,70 @@ class LrqatLinearFunction : public torch::autograd::Function<LrqatLinearFunction
   }
 };
 
+// QA-LoRA's linear (ops/qalora_ops.cpp): holds the pooled input [.., K / g] and the adapter's hidden
+// h = pooled @ A^T [.., r] for backward, not x; the codes, scale and zero are frozen.
+class QaloraLinearFunction : public torch::autograd::Function<QaloraLinearFunction> {
+  // Edge indices of apply's tensor arguments (x, packed, scale, zero, a, b, bias).
+  static constexpr size_t kX = 0, kScale = 2, kZero = 3, kA = 4, kB = 5, kBias = 6;
+
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
+                            const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
+                            const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits,
+                            int64_t group_size) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const QaloraParts parts = qalora_parts(x, packed, scale, zero, a, b, bias, lora_scale, bits, group_size);
+    ctx->save_for_backward({packed, scale, zero, a, b, parts.pooled, parts.h});
+    ctx->saved_data["alpha"] = parts.alpha;
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group_size"] = parts.group_size;
+    ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined() ? c10::IValue(bias->scalar_type())
+                                                                         : c10::IValue();
+    return parts.out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &packed = saved[0], &scale = saved[1], &zero = saved[2], &a = saved[3], &b = saved[4];
+    const at::Tensor &pooled = saved[5], &h = saved[6];
+    const int64_t bits = ctx->saved_data["bits"].toInt(), g = ctx->saved_data["group_size"].toInt();
+    const c10::IValue bias_dtype = ctx->saved_data["bias_dtype"];
+    TORCH_CHECK(!ctx->needs_input_grad(kScale) && !ctx->needs_input_grad(kZero),
+                "qatext.qalora_linear: scale and zero are frozen (x, a, b and bias are differentiable); "
+                "call requires_grad_(False) on them");
+    const at::Tensor& gy = grads[0];
+    const auto dtype = gy.scalar_type();
+    // What autograd ran for the ops one by one: the add's alpha on the adapter's gradient, then each
+    // linear's, then the pooling's (each group's gradient spread over its g inputs).
+    const at::Tensor g_delta = at::mul(gy, ctx->saved_data["alpha"].toDouble());
+    const at::Tensor g_h = at::matmul(g_delta, in_dtype(b, dtype));
+    at::Tensor grad_x, grad_a, grad_b, grad_bias;
+    if (ctx->needs_input_grad(kX)) {
+      static const auto grad_input_op =
+          op_handle<decltype(dequant_matmul_grad_input)>("qatext::dequant_matmul_grad_input");
+      const at::Tensor g_pooled = at::matmul(g_h, in_dtype(a, dtype));
+      auto grouped = g_pooled.sizes().vec();
+      grouped.push_back(g);
+      auto x_sizes = gy.sizes().vec();
+      x_sizes.back() = pooled.size(-1) * g;
+      grad_x = at::add(grad_input_op.call(gy, packed, scale, zero, bits, g, x_sizes.back()),
+                       g_pooled.unsqueeze(-1).expand(grouped).reshape(x_sizes));
+    }
+    if (ctx->needs_input_grad(kA)) {
+      grad_a = in_dtype(at::mm(flatten_rows(g_h).t(), flatten_rows(pooled)), a.scalar_type());
+    }
+    if (ctx->needs_input_grad(kB)) {
+      grad_b = in_dtype(at::mm(flatten_rows(g_delta).t(), flatten_rows(h)), b.scalar_type());
+    }
+    if (!bias_dtype.isNone() && ctx->needs_input_grad(kBias)) {
+      grad_bias = in_dtype(flatten_rows(gy).sum(0), bias_dtype.toScalarType());
+    }
+    // One entry per forward argument: x, packed, scale, zero, a, b, bias, lora_scale, bits, group_size.
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), grad_a, grad_b, grad_bias,
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 }  // namespace qatext::ops
@@ -214,5 +272,11 @@ TORCH_LIBRARY_IMPL(qatext, Autograd, m) {
                             const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
                             double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits) {
     return LrqatLinearFunction::apply(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits);
+  });
+  m.impl("qalora_linear", [](const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                             const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
+                             const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits,
+                             int64_t group_size) {
+    return QaloraLinearFunction::apply(x, packed, scale, zero, a, b, bias, lora_scale, bits, group_size);
   });
 }

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <initializer_list>
 #include <optional>
@@ -37,6 +38,13 @@
                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace qatext::ops {
+
+// An op of the library through the dispatcher, not its C++ function: under torch.compile / AOT
+// tracing the tensors are fake and the ops' fake kernels must answer.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 // Calls body(c10::Half()) for float16, else body(c10::BFloat16()): the 16-bit tensor-core kernels.
 template <typename Body>
@@ -92,5 +100,10 @@ void check_matmul_inputs(const char* op, const at::Tensor& x, const char* weight
 inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
 
 inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// t in dtype, without a dispatched op when it already is (code that runs above the backend kernels,
+// where a tracing mode would see `to` return its input).
+inline at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
 
 }  // namespace qatext::ops

@@ -45,4 +45,19 @@ at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tens
                         const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
                         double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits);
 
+// QA-LoRA's linear (ops/qalora_ops.cpp), and its forward with what backward keeps: the input pooled
+// over each group [.., K / g] and the adapter's hidden pooled @ A^T [.., r] (the ops called through the
+// dispatcher, so fake tensors trace it).
+at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                         const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
+                         const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits, int64_t group_size);
+struct QaloraParts {
+  at::Tensor out, pooled, h;
+  int64_t group_size;  // resolved (-1: K)
+  double alpha;        // lora_scale / group_size: the adapter's factor
+};
+QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                         const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
+                         const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits, int64_t group_size);
+
 }  // namespace qatext::ops

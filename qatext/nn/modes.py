@@ -168,13 +168,10 @@ class QALoRALinear(_FrozenCodes, mode="qalora"):
         return w + delta[:, :, None].expand(-1, -1, self.group_size).reshape(w.shape)
 
     def _forward(self, x):
+        # The adapter sees the input pooled over each group [.., K / g] (ops.qalora_linear).
         x = self._input(x)
-        y = self._matmul(x)
-        # The adapter sees the input pooled over each group [.., K / g] (a sum, fp32 inside); the
-        # pooling's 1 / g and the adapter's scale are one factor on its output, applied by the add.
-        pooled = x.unflatten(-1, (-1, self.group_size)).sum(-1)
-        delta = F.linear(F.linear(pooled, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
-        return torch.add(y, delta, alpha=self.lora_scale / self.group_size)
+        return ops.qalora_linear(x, self.packed, self.scale, self.zero, self.lora_a, self.lora_b, self.lora_scale,
+                                 self.spec.bits, self.group_size, self._bias_for(x))
 
     def _merged(self):
         packed, scale, zero = super()._merged()
