@@ -9,6 +9,8 @@ eager step's first token.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate_h200.json
     python benchmarks/bench_generate.py --variants "qatext W4 g128" --batches 1   # a part of the run
+    python benchmarks/bench_generate.py --batches 1 --variants "qatext W4 g128" \
+        --also-tuning decode_gemm_min_slice=4   # each qatext row again under other knobs, same run
     python benchmarks/bench_generate.py --tiny --device cpu --backend eager   # the code paths, in seconds
 """
 
