@@ -7,8 +7,9 @@ configured as its users configure it: a plain bf16 nn.Linear with a trainable we
 adapters (autocast_adapter_dtype=False: PEFT's default fp32 adapters would hold an fp32 copy of the
 input); QLoRA (bitsandbytes NF4 base + PEFT LoRA r64, bf16 adapters and compute); and the pure-PyTorch
 LR-QAT formulation (reference.py under torch.utils.checkpoint). A peer that is not installed is
-listed under "skipped" with the reason. Time (CUDA events, median) and the memory the layer holds
-between forward and backward (allocated after forward, less its output).
+listed under "skipped" with the reason. Time (CUDA events, median), the host's time for one step
+started on an idle GPU (the 7B steps are host-bound), and the memory the layer holds between forward
+and backward (allocated after forward, less its output).
 
     python benchmarks/bench_layer.py --out benchmarks/results/layer_h200.json
     python benchmarks/bench_layer.py --profile --out layer_ops.json   # and where each variant's time goes
@@ -129,12 +130,14 @@ def main():
             run = step(fn, x, grad_y)
             ms = cuda_time_ms(run, warmup=3, repeats=10, inner=3)
             row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "fwd_bwd_ms": ms,
+                   "host_us": timing.host_time_us(run),  # what a host-bound step pays for this layer
                    "held_for_backward_MiB": held_mib(fn, x), "step_peak_extra_MiB": peak_extra_mib(run),
                    "weight_NxK_bf16_MiB": n * k * 2 / 2**20}
             if args.profile:
                 row["ops"] = timing.profile_ops(run)
             rows.append(row)
-            print(f"{k}->{n} {name:32s} {ms * 1e3:8.0f} us  held {row['held_for_backward_MiB']:7.1f} MiB  "
+            print(f"{k}->{n} {name:32s} {ms * 1e3:8.0f} us (host {row['host_us']:5.0f} us)  "
+                  f"held {row['held_for_backward_MiB']:7.1f} MiB  "
                   f"peak +{row['step_peak_extra_MiB']:7.1f} MiB", flush=True)
         base = next(r["fwd_bwd_ms"] for r in rows if r["layer"] == f"{k}->{n}" and r["variant"] == "bf16_linear")
         for r in rows:

@@ -67,6 +67,23 @@ def cuda_time_ms(fn, warmup=5, repeats=20, inner=10) -> float:
     return statistics.median(times)
 
 
+def host_time_us(fn, warmup=3, repeats=20) -> float:
+    """Median microseconds the host spends in one fn() call started on an idle GPU (synchronised
+    before each call, none inside it): the Python, dispatch and launch cost a host-bound training step
+    pays per call. On a CPU the kernels run inside the call, so it is the whole time."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    sync()
+    return statistics.median(times)
+
+
 def cuda_graph_time_ms(fn, repeats=20, inner=20) -> float:
     """Median milliseconds of one fn() call replayed from a CUDA graph of `inner` calls: GPU time only,
     as a decode loop under CUDA graphs sees it (host-side dispatch would otherwise dominate a 10 us op)."""

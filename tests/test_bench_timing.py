@@ -1,6 +1,7 @@
 """benchmarks/timing.py's op table: each op's calls and time per call of the profiled function."""
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,3 +22,16 @@ def test_profile_ops_counts_each_op_per_call():
     assert mm["calls"] == 2 and 0 < mm["self_us"] <= mm["us"]
     assert next(r for r in rows if r["op"] == "aten::relu")["calls"] == 1
     assert [r["us"] for r in rows] == sorted((r["us"] for r in rows), reverse=True)
+
+
+def test_host_time_is_the_time_inside_one_call():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 2e-3:  # 2 ms of host work
+            pass
+
+    us = timing.host_time_us(fn, warmup=1, repeats=5)
+    assert len(calls) == 6 and 2000 <= us < 20000
