@@ -7,6 +7,9 @@ Per row: median us (CUDA events around a CUDA graph of 20 calls: GPU time, as a 
 graphs sees it; eager dispatch costs ~20-40 us of host time per call at these sizes), speedup over cuBLAS, % of the memory floor (weight,
 scales and zeros, activations and output at the copy bandwidth measured in the run).
 Knobs for the run: --tuning, e.g. --tuning decode_gemm_min_slice=4,decode_gemm_row_tiles=2.
+Each weight is tuned as a layer tunes it (ops.tune_decode_gemm): `tiled_us` is the default path, with the
+variant it chose; each variant is also timed alone (`variants_us`), so a row shows whether the default
+is the fastest.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def with_decode_max_m(m, fn):
 
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
+VARIANTS = [(4, 0), (4, 1), (8, 0), (8, 1)]  # ring stages, cluster split-K
 
 
 def main():
@@ -46,6 +50,7 @@ def main():
         for bits in args.bits:
             packed, scale, zero = random_weight(n, k, bits, g)
             tiled = ops.tile_packed(packed, bits, k)
+            ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
             x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
             got = with_decode_max_m(64, lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))  # noqa: B023
             err = (got.float() - reference.dequant_matmul(x, packed, scale, zero, bits, g).float()).abs().max().item()
@@ -57,6 +62,14 @@ def main():
                     lambda: ops.dequant_matmul(x, packed, scale, zero, bits, g))) * 1e3  # noqa: B023
                 row["tiled_us"] = with_decode_max_m(64, lambda: gpu_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
+                row["variant"] = ops.decode_gemm_choice("cuda", n, k, bits, g, m)
+                row["variants_us"] = {}
+                for stages, cluster in VARIANTS:
+                    with qatext.tuning(decode_gemm_autotune=0, decode_gemm_stages=stages, decode_gemm_cluster=cluster):
+                        row["variants_us"][f"stages={stages},cluster={cluster}"] = with_decode_max_m(
+                            64, lambda: gpu_time_ms(
+                                lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
+                row["tiled_vs_best_variant"] = row["tiled_us"] / min(row["variants_us"].values())
                 # Eager back-to-back calls: bounded by host dispatch at these sizes (for the host cost).
                 row["tiled_eager_us"] = with_decode_max_m(64, lambda: cuda_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
@@ -67,7 +80,8 @@ def main():
                 rows.append(row)
                 print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {row['cublas_us']:7.1f} | v4 {row['v4_packed_us']:7.1f} | "
                       f"tiled {row['tiled_us']:7.1f} x{row['tiled_speedup_vs_cublas']:.2f} "
-                      f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e})",
+                      f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e}) | "
+                      f"{row['tiled_vs_best_variant']:.2f}x the best variant",
                       flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
 // The Python module qatext._C: importing it registers the ops; it also reports how it was built.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <sstream>
 #include <string>
@@ -8,6 +9,7 @@
 
 #include "build_info.h"
 #include "ops/common.h"
+#include "ops/decode_autotune.h"
 
 namespace py = pybind11;
 
@@ -47,6 +49,11 @@ PYBIND11_MODULE(_C, m) {
         qatext::ops::set_tuning(qatext::ops::knob_by_name(name.c_str()), value);
       },
       py::arg("name"), py::arg("value"));
+  // Not an op: it times kernels (and synchronises), once per shape, where a layer takes its decode layout.
+  m.def("tune_decode_gemm", &qatext::ops::tune_decode_gemm, py::arg("tiled"), py::arg("scale"), py::arg("zero"),
+        py::arg("bits"), py::arg("group_size"), py::arg("in_features"));
+  m.def("decode_gemm_choice", &qatext::ops::decode_gemm_choice, py::arg("device"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("tokens"));
   m.def("tuning_table", [] {
     py::list table;
     for (int i = 0; i < int(qatext::ops::Knob::Count); ++i) {

@@ -75,22 +75,85 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
     torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=6e-2)  # its weight is rounded to bf16
 
 
+@pytest.mark.parametrize("stages,cluster", [(4, 0), (4, 1), (8, 0), (8, 1)])
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
-@pytest.mark.parametrize("n,min_slice", [(1088, 1), (1088, 3), (1088, 5), (1088, 64), (4352, 1)])
+@pytest.mark.parametrize("n,min_slice,g", [(1088, 1, 128), (1088, 3, 128), (1088, 3, 256), (1088, 64, 128),
+                                           (4352, 1, 128), (1088, 7, -1), (1088, 2, 64)])
 @pytest.mark.parametrize("m", [1, 7, 16])
-def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, m, row_tiles):
+def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, row_tiles, stages, cluster):
     """From one-wave split-K (64 slices of one tile here) to one slice, with 1, 2 or 4 row tiles per
     warp allowed (4352 rows with single-tile slices fill the grid with 4: a partial last column block);
-    the last block's reduction takes the splits four at a time and a remainder."""
-    k, bits, g = 4096, 4, 128
+    the last block's reduction takes the splits four at a time and a remainder. Slices that start inside
+    a group (4-tile groups over 3-tile slices, per-channel) and groups of one tile carry each
+    group's scales and zeros; rings of 4 and 8 stages, longer and shorter than a slice; the slices summed
+    through a cluster where they fit one, else through global partials."""
+    k, bits = 4096, 4
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     with (knob("decode_gemm_max_m", 64), knob("decode_gemm_min_slice", min_slice),
-          knob("decode_gemm_row_tiles", row_tiles)):
+          knob("decode_gemm_row_tiles", row_tiles), knob("decode_gemm_stages", stages),
+          knob("decode_gemm_cluster", cluster)):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
     torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
                                **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (1024, 4096, 8), (2048, 1024, 3), (4096, 4096, 16)])
+def test_cluster_split_k_equals_the_global_partials_bit_for_bit(n, k, m):
+    """Both split-K paths add the slices in the same order after the bias, so they agree exactly. The
+    cluster path (sm_90) keeps its partials in shared memory: no fp32 [splits, M, N] buffer is made."""
+    bits, g = 4, 128
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    results, peaks = {}, {}
+    for cluster in (0, 1):
+        with knob("decode_gemm_cluster", cluster):
+            ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)  # warm: the counter buffer
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            results[cluster] = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
+            peaks[cluster] = torch.cuda.max_memory_allocated() - base
+    assert torch.equal(results[0], results[1])
+    torch.testing.assert_close(results[1].float(), reference.dequant_matmul(x, packed, scale, zero, bits, g,
+                                                                            bias).float(), **TOL[torch.bfloat16])
+    if torch.cuda.get_device_capability()[0] >= 9 and m <= 8:  # one token tile: the grid's clusters fit
+        assert peaks[1] < peaks[0], peaks
+
+
+def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
+    """tune_decode_gemm times the variants once per weight shape; every later call of that shape takes
+    the one it chose for its token bucket (1, up to 8, more), deterministic and within the reference's
+    tolerance. A second call measures nothing new."""
+    n, k, bits, g = 2112, 2048, 4, 128  # a shape no other test tunes
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
+    ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
+    choices = {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in (1, 5, 8, 13, 16)}
+    assert all(c is not None and c["stages"] in (4, 8) for c in choices.values()), choices
+    assert choices[5] == choices[8] and choices[13] == choices[16]
+    ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
+    assert {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in choices} == choices
+    for m in choices:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
+        assert torch.equal(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g), y)
+        torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g).float(),
+                                   **TOL[torch.bfloat16])
+
+
+def test_a_forward_never_tunes_tile_for_decode_does():
+    """A layer that tiles itself on its first decode forward does not time kernels there (that would
+    synchronise the GPU); tile_for_decode() does, once per shape."""
+    linear = torch.nn.Linear(1024, 1056, bias=False).cuda().bfloat16()  # a shape no other test tunes
+    layer = QuantLinear.from_linear(linear, QuantSpec(4, 128), mode="fake").to_packed()
+    with torch.no_grad():
+        layer(torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16))
+    assert ops.decode_gemm_choice("cuda", 1056, 1024, 4, 128, 1) is None
+    layer.tile_for_decode()
+    assert ops.decode_gemm_choice("cuda", 1056, 1024, 4, 128, 1) is not None
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -101,8 +164,8 @@ def test_four_row_tiles_per_warp_where_the_grid_stays_full(bits):
         packed, tiled, scale, zero = _weight(n, k, bits, 128)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128))  # noqa: B023
-        # decode_gemm_kernel<T, BITS, MT, NT>
-        assert re.findall(r"decode_gemm_kernel<[^<>]*, (\d+)>", names) == [str(row_tiles)], names
+        # decode_gemm_kernel<T, BITS, MT, NT, S>
+        assert re.findall(r"decode_gemm_kernel<[^<>]*, (\d+), \d+>", names) == [str(row_tiles)], names
         torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128).float(),
                                    reference.dequant_matmul(x, packed, scale, zero, bits, 128).float(),
                                    **TOL[torch.bfloat16])

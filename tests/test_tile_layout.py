@@ -71,3 +71,15 @@ def test_dequant_matmul_tiled_matches_dequant_matmul(device, bits):
     torch.testing.assert_close(y, reference.dequant_matmul(x, packed, scale, zero, bits, g, bias), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.dequant_matmul_tiled(x, ops.tile_packed(packed, bits, k), scale, zero, bits, g, bias[:-1])
+
+
+def test_tune_decode_gemm_checks_its_arguments_and_leaves_cpu_weights_alone():
+    """Tuning is for CUDA weights the decode kernel takes; on a CPU it checks its arguments and does
+    nothing else (no choice is recorded)."""
+    n, k, bits, g = 64, 128, 4, 64
+    tiled = ops.tile_packed(ops.pack(torch.randint(0, 16, (n, k), dtype=torch.uint8), bits), bits, k)
+    scale, zero = torch.rand(n, k // g) + 0.1, torch.zeros(n, k // g)
+    ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
+    assert ops.decode_gemm_choice("cpu", n, k, bits, g, 1) is None
+    with pytest.raises(ValueError, match=r"qatext.tune_decode_gemm: scale must have shape \[64, 2\]"):
+        ops.tune_decode_gemm(tiled, scale[:, :1], zero, bits, g, k)

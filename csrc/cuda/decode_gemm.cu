@@ -14,8 +14,11 @@
 // weight, as in the reference (dequant + cuBLAS rounds it first).
 // The 8 warps of a block take 8 neighbouring row-tile groups over the same K slice, so the
 // activations come from L2 once and from L1 eight times. Split-K over blocks fills one wave of the
-// SMs; the last block of a column tile to finish sums the fp32 partials in split order
-// (deterministic) and adds the bias.
+// SMs. The K slices of a column tile either form one thread-block cluster (sm_90, at most 8 slices, where
+// the grid's clusters are all resident at once): each block leaves its fp32 sums in its own shared
+// memory and the cluster's blocks share the sum over slices (through distributed shared memory); or
+// else the last block of a column tile to finish sums the fp32 partials from global memory. Both add
+// the slices in split order after the bias (deterministic, and the same result either way).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -53,13 +56,14 @@ struct DecodeArgs {
   int tiles_per_group;    // 64-column tiles per quantization group
   int tiles_per_split;
   int splits;
+  int cluster;            // the splits of a column tile form a cluster: partials stay in shared memory
 };
 
-// Each lane copies its own codes and activations of a stage into its own bytes of shared memory with
-// cp.async, kStages - 1 stages ahead, and reads them back itself: no barrier, no registers held by
-// loads in flight. Codes are read once (.cg: not kept in L1); activations are shared by the block's
-// warps (.ca: kept in L1).
-constexpr int kStages = 4;
+// Each lane copies its own codes and activations of a stage into its own bytes of a per-warp ring of
+// S stages in shared memory with cp.async, S - 1 stages ahead, and reads them back itself: no
+// barrier, no registers held by loads in flight. Codes are read once (.cg: not kept in L1);
+// activations are shared by the block's warps (.ca: kept in L1). S = 8 puts a whole 8-tile K slice in
+// flight at once (one block per SM); S = 4 leaves room for 2-3 blocks per SM.
 
 // One warp's stage in shared memory: per row tile its lanes' code bytes, then per token tile two
 // 16-byte activation vectors per lane (lane-contiguous: conflict-free 8/16-byte accesses). A 3-bit
@@ -73,9 +77,9 @@ struct StageLayout {
 };
 
 // Dynamic shared memory of a block: its warps' rings.
-template <int BITS, int MT, int NT>
+template <int BITS, int MT, int NT, int S>
 constexpr int decode_smem_bytes() {
-  return kWarps * kStages * StageLayout<BITS, MT, NT>::kBytes;
+  return kWarps * S * StageLayout<BITS, MT, NT>::kBytes;
 }
 
 template <int BITS, int MT, int NT>
@@ -202,8 +206,53 @@ __device__ __forceinline__ void store_outputs(const DecodeArgs& args, const floa
   }
 }
 
+// Split-K through the cluster of a column tile's K slices (cluster rank = blockIdx.y = the slice): each
+// warp leaves its fp32 sums at the start of its own ring (which it no longer reads), and after a
+// cluster barrier the block of rank r sums its share of the column tile's outputs over the slices, in
+// slice order after the bias, reading the other blocks' shared memory. A second barrier keeps every
+// block's shared memory alive until all have read it.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void cluster_reduce(const DecodeArgs& args, const float (&out)[MT][NT][4], uint8_t* smem,
+                                               int ring_bytes, int m0, const T* bias, T* y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kPerWarp = MT * NT * 4 * 32;  // a warp's sums: [mt][i][e][lane]
+  constexpr int kMaxSplits = 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* mine = reinterpret_cast<float*>(smem + warp * ring_bytes);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mine[((mt * NT + i) * 4 + e) * 32 + lane] = out[mt][i][e];
+  cluster_arrive_release();
+  cluster_wait();
+  const int total = kWarps * kPerWarp, share = (total + args.splits - 1) / args.splits;
+  const int end = min(total, (int(blockIdx.y) + 1) * share);
+  for (int j = int(blockIdx.y) * share + threadIdx.x; j < end; j += kDecodeThreads) {
+    const int w = j / kPerWarp, r = j % kPerWarp, l = r % 32, e = (r / 32) % 4, i = (r / 128) % NT, mt = r / (128 * NT);
+    const int m = m0 + 8 * mt + 2 * (l % 4) + (e & 1);
+    const int n = ((blockIdx.x * kWarps + w) * NT + i) * kTileRows + l / 4 + 8 * (e >> 1);
+    if (m >= args.M || n >= args.N) continue;
+    const uint32_t local = smem_addr(smem + w * ring_bytes) + 4 * r;
+    float part[kMaxSplits];
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) part[sp] = sp < args.splits ? ld_cluster_f32(cluster_map(local, sp)) : 0.f;
+    float v = bias != nullptr ? float(bias[n]) : 0.f;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      if (sp < args.splits) v += part[sp];
+    }
+    y[int64_t(m) * args.N + n] = T(v);
+  }
+  // The values read above are in registers (used): nothing left to order, only to wait for.
+  cluster_arrive_relaxed();
+  cluster_wait();
+#endif
+}
+
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT; tokens 8 MT blockIdx.z + (0 .. 8 MT).
-template <typename T, int BITS, int MT, int NT>
+template <typename T, int BITS, int MT, int NT, int S>
 __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
   using L = StageLayout<BITS, MT, NT>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -233,7 +282,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     for (int mt = 0; mt < MT; ++mt) {
       xrow[mt] = static_cast<const T*>(args.x) + int64_t(min(m0 + 8 * mt + g, args.M - 1)) * args.K + 16 * c;
     }
-    uint8_t* warp_smem = smem + warp * kStages * L::kBytes;
+    uint8_t* warp_smem = smem + warp * S * L::kBytes;
     // Issue the copies of tile t into ring slot `slot` (nothing past the slice; the group is still
     // committed so that the wait counts stay aligned).
     const auto issue = [&](int slot, int t) {
@@ -308,21 +357,25 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     };
 
 #pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) issue(st, t_begin + st);
+    for (int st = 0; st < S - 1; ++st) issue(st, t_begin + st);
     for (int t = t_begin, slot = 0; t < t_end; ++t) {
-      cp_async_wait<kStages - 2>();  // tile t landed (this lane's own copies)
+      cp_async_wait<S - 2>();  // tile t landed (this lane's own copies)
       Stage<BITS, MT, NT> cur;
       read_stage<BITS, MT, NT>(warp_smem + slot * L::kBytes, lane, cur);
       // Refill the slot read one tile ago (its data is in registers already).
-      issue(slot == 0 ? kStages - 1 : slot - 1, t + kStages - 1);
+      issue(slot == 0 ? S - 1 : slot - 1, t + S - 1);
       compute(cur, t);
-      slot = slot == kStages - 1 ? 0 : slot + 1;
+      slot = slot == S - 1 ? 0 : slot + 1;
     }
     cp_async_wait<0>();
   }
 
   T* y = static_cast<T*>(args.out);
   const T* bias = static_cast<const T*>(args.bias);
+  if (args.cluster) {
+    cluster_reduce<T, MT, NT>(args, out, smem, S * L::kBytes, m0, bias, y);
+    return;
+  }
   if (active) store_outputs<T, MT, NT>(args, out, m0, nt0, g, c, bias, y);
   if (args.splits == 1) return;
 
@@ -378,53 +431,60 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   }
 }
 
-// Kernel configuration: token tiles MT, row tiles per warp NT.
+// Kernel configuration: token tiles MT, row tiles per warp NT, ring stages S.
 struct Config {
-  int mt, nt;
+  int mt, nt, stages;
 };
 // The most row tiles per warp allowed that divide N (4 only with one token tile: registers).
 Config widest_config(int64_t M, int64_t N, DecodeTuning tuning) {
   const int mt = M <= 8 ? 1 : 2;
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
-  return {mt, nt};
+  return {mt, nt, tuning.stages >= 8 ? 8 : 4};
 }
 
-template <typename T, int BITS, int MT, int NT>
+template <typename T, int BITS, int MT, int NT, int S>
 const void* prepared_kernel() {
   static std::atomic<int> prepared[kMaxDevices];
-  opt_in_smem(prepared, decode_gemm_kernel<T, BITS, MT, NT>, decode_smem_bytes<BITS, MT, NT>(), "decode_gemm");
-  return reinterpret_cast<const void*>(decode_gemm_kernel<T, BITS, MT, NT>);
+  opt_in_smem(prepared, decode_gemm_kernel<T, BITS, MT, NT, S>, decode_smem_bytes<BITS, MT, NT, S>(), "decode_gemm");
+  return reinterpret_cast<const void*>(decode_gemm_kernel<T, BITS, MT, NT, S>);
 }
 
 // Blocks of one instance resident per SM (the bf16 instances stand for fp16: same registers).
-template <int BITS, int MT, int NT>
+template <int BITS, int MT, int NT, int S>
 int blocks_per_sm() {
   static std::atomic<int> memo[kMaxDevices];
   return per_device(memo, [] {
     int per_sm = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, prepared_kernel<c10::BFloat16, BITS, MT, NT>(),
-                                                  kDecodeThreads, decode_smem_bytes<BITS, MT, NT>());
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, prepared_kernel<c10::BFloat16, BITS, MT, NT, S>(),
+                                                  kDecodeThreads, decode_smem_bytes<BITS, MT, NT, S>());
     return std::max(per_sm, 1);
   });
 }
 
-// f.template operator()<BITS, MT, NT>() for the kernel instance of `bits` and cfg.
+// f.template operator()<BITS, MT, NT, S>() for the kernel instance of `bits` and cfg.
 template <typename F>
 auto with_instance(int bits, Config cfg, F&& f) {
+  const auto with_stages = [&]<int BITS, int MT, int NT>() {
+    return cfg.stages == 8 ? f.template operator()<BITS, MT, NT, 8>() : f.template operator()<BITS, MT, NT, 4>();
+  };
   return with_bits(bits, [&]<int BITS>() {
-    if (cfg.mt == 1 && cfg.nt == 4) return f.template operator()<BITS, 1, 4>();
-    if (cfg.mt == 1) return cfg.nt == 2 ? f.template operator()<BITS, 1, 2>() : f.template operator()<BITS, 1, 1>();
-    return cfg.nt == 2 ? f.template operator()<BITS, 2, 2>() : f.template operator()<BITS, 2, 1>();
+    if (cfg.mt == 1 && cfg.nt == 4) return with_stages.template operator()<BITS, 1, 4>();
+    if (cfg.mt == 1) {
+      return cfg.nt == 2 ? with_stages.template operator()<BITS, 1, 2>() : with_stages.template operator()<BITS, 1, 1>();
+    }
+    return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
   });
 }
 
 int smem_for(Config cfg, int bits) {
-  return with_instance(bits, cfg, []<int BITS, int MT, int NT>() { return decode_smem_bytes<BITS, MT, NT>(); });
+  return with_instance(bits, cfg,
+                       []<int BITS, int MT, int NT, int S>() { return decode_smem_bytes<BITS, MT, NT, S>(); });
 }
 
 int64_t resident_blocks(Config cfg, int bits) {
-  return int64_t(with_instance(bits, cfg, []<int BITS, int MT, int NT>() { return blocks_per_sm<BITS, MT, NT>(); })) *
+  return int64_t(with_instance(bits, cfg,
+                               []<int BITS, int MT, int NT, int S>() { return blocks_per_sm<BITS, MT, NT, S>(); })) *
          sm_count();
 }
 
@@ -450,6 +510,46 @@ Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning) {
   return cfg;
 }
 
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+
+// Clusters of `splits` blocks of an instance that can be resident at once (0 before sm_90).
+template <int BITS, int MT, int NT, int S>
+int resident_clusters(int splits) {
+  static std::atomic<int> memo[kMaxClusterSplits + 1][kMaxDevices];
+  return per_device(memo[splits], [splits] {
+    int device = 0, major = 0, clusters = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (major < 9) return -1;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(splits), attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(1, unsigned(splits), 1);
+    config.blockDim = dim3(kDecodeThreads);
+    config.dynamicSmemBytes = decode_smem_bytes<BITS, MT, NT, S>();
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    if (cudaOccupancyMaxActiveClusters(&clusters, prepared_kernel<c10::BFloat16, BITS, MT, NT, S>(), &config) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return -1;
+    }
+    return clusters > 0 ? clusters : -1;  // (-1: none; 0 would read as "not yet known")
+  });
+}
+
+// Whether the K slices of each column tile form a cluster: asked for, 2 to 8 slices, and every
+// cluster of the grid resident at once (a cluster waits for a whole group of free SMs, so a second
+// wave of them would serialise).
+bool use_cluster(int64_t M, GroupShape shape, int64_t splits, Config cfg, DecodeTuning tuning) {
+  if (!tuning.cluster_reduce || splits < 2 || splits > kMaxClusterSplits) return false;
+  const int resident = with_instance(shape.bits, cfg, [splits]<int BITS, int MT, int NT, int S>() {
+    return resident_clusters<BITS, MT, NT, S>(int(splits));
+  });
+  return column_blocks(M, shape.N, cfg) <= resident;
+}
+
 }  // namespace
 
 bool decode_gemm_supported(GroupShape shape) {
@@ -460,6 +560,10 @@ bool decode_gemm_supported(GroupShape shape) {
 
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning) {
   return column_blocks(M, shape.N, config_for(M, shape, tuning));
+}
+
+bool decode_gemm_cluster(int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning) {
+  return use_cluster(M, shape, splits, config_for(M, shape, tuning), tuning);
 }
 
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
@@ -526,12 +630,23 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.tiles_per_split = int((tiles + splits - 1) / splits);
   args.splits = int(splits);
   const Config cfg = config_for(M, shape, tuning);
+  args.cluster = use_cluster(M, shape, splits, cfg, tuning) ? 1 : 0;
   const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
-  const void* kernel =
-      with_instance(shape.bits, cfg, []<int BITS, int MT, int NT>() { return prepared_kernel<T, BITS, MT, NT>(); });
+  const void* kernel = with_instance(
+      shape.bits, cfg, []<int BITS, int MT, int NT, int S>() { return prepared_kernel<T, BITS, MT, NT, S>(); });
   void* params[] = {&args};
-  const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(kDecodeThreads), params, smem_for(cfg, shape.bits), stream);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(splits), attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kDecodeThreads);
+  config.dynamicSmemBytes = size_t(smem_for(cfg, shape.bits));
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = args.cluster ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelExC(&config, kernel, params);
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
   check_launch("decode_gemm");
 }

@@ -72,15 +72,20 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // tile to finish; counters ([column tiles * token tiles] int32) must be zero on entry, and are left
 // zero, so one buffer per stream serves every call (decode_gemm_counter_workspace).
 // Tuning: K slices of at least min_slice_tiles 64-column tiles; up to max_row_tiles 16-row tiles per
-// warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave).
+// warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave); a copy ring of `stages`
+// (4 or 8) per warp; the K slices of a column tile summed through a thread-block cluster where
+// cluster_reduce allows it and decode_gemm_cluster says so (no partials or counters needed then).
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
   int max_row_tiles;
+  int stages;
+  bool cluster_reduce;
 };
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning);
+bool decode_gemm_cluster(int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning);
 // A zeroed counter buffer of at least `count` for calls on `stream` (made on its first use there and
 // kept), or nullptr when there is none yet and the stream is capturing a graph, or count is too large.
 int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);

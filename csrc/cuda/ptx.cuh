@@ -50,6 +50,23 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
+// Thread-block clusters (sm_90): a barrier over the cluster's threads, whose arrive releases this
+// thread's shared-memory writes to the cluster (or orders nothing: relaxed) and whose wait acquires
+// the others'; and loads from a block's shared memory at an address mapped to another block's.
+__device__ __forceinline__ void cluster_arrive_release() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::); }
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ uint32_t cluster_map(uint32_t shared_addr, uint32_t rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(mapped) : "r"(shared_addr), "r"(rank));
+  return mapped;
+}
+__device__ __forceinline__ float ld_cluster_f32(uint32_t cluster_addr) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(cluster_addr) : "memory");
+  return v;
+}
+
 // (a & mask) | base in one instruction (the compiler emits two when both constants are immediates).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t base) {
   uint32_t d;

@@ -4,6 +4,7 @@
 #include "core/quant_math.h"
 #include "core/tile_layout.h"
 #include "ops/common.h"
+#include "ops/decode_autotune.h"
 #include "ops/ops.h"
 
 namespace qatext::ops {
@@ -50,6 +51,36 @@ at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_featu
   return relayout("qatext.untile_packed", "tiled", tiled, bits, in_features, false);
 }
 
+#ifdef QATEXT_WITH_CUDA
+at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                         const at::Tensor& b, GroupShape shape, const cuda::DecodeTuning& decode_tuning) {
+  const int64_t M = a.size(0);
+  const at::OptionalDeviceGuard guard(at::device_of(a));
+  const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);
+  at::Tensor out = at::empty({M, shape.N}, a.options());
+  at::Tensor partial, zeroed;
+  int* counters = nullptr;
+  if (splits > 1 && !cuda::decode_gemm_cluster(M, shape, splits, decode_tuning)) {
+    partial = at::empty({splits, M, shape.N}, a.options().dtype(at::kFloat));
+    const int64_t count = cuda::decode_gemm_counters(M, shape, decode_tuning);
+    counters = cuda::decode_gemm_counter_workspace(count, current_stream(a));
+    if (counters == nullptr) {  // none for this stream yet while it captures a graph: a zeroed tensor
+      zeroed = at::zeros({count}, a.options().dtype(at::kInt));
+      counters = zeroed.mutable_data_ptr<int>();
+    }
+  }
+  dispatch_half(a.scalar_type(), [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    cuda::decode_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), w.const_data_ptr<uint8_t>(),
+                                scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
+                                b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+                                partial.defined() ? partial.mutable_data_ptr<float>() : nullptr, counters, M, shape,
+                                splits, decode_tuning, current_stream(a));
+  });
+  return out;
+}
+#endif
+
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale_in,
                                 const at::Tensor& zero_in, int64_t bits, int64_t group_size,
                                 const std::optional<at::Tensor>& bias) {
@@ -64,34 +95,10 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
   if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= tuning(Knob::DecodeGemmMaxM) &&
       cuda::decode_gemm_supported(shape)) {
     const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
-    const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
-      const cuda::DecodeTuning decode_tuning{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles))};
-      const at::OptionalDeviceGuard guard(at::device_of(a));
-      const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);
-      at::Tensor out = at::empty({M, shape.N}, a.options());
-      at::Tensor partial, zeroed;
-      int* counters = nullptr;
-      if (splits > 1) {
-        partial = at::empty({splits, M, shape.N}, a.options().dtype(at::kFloat));
-        const int64_t count = cuda::decode_gemm_counters(M, shape, decode_tuning);
-        counters = cuda::decode_gemm_counter_workspace(count, current_stream(a));
-        if (counters == nullptr) {  // none for this stream yet while it captures a graph: a zeroed tensor
-          zeroed = at::zeros({count}, a.options().dtype(at::kInt));
-          counters = zeroed.mutable_data_ptr<int>();
-        }
-      }
-      dispatch_half(dtype, [&](auto type_tag) {
-        using scalar_t = decltype(type_tag);
-        cuda::decode_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), w.const_data_ptr<uint8_t>(),
-                                    scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
-                                    b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                    out.mutable_data_ptr<scalar_t>(),
-                                    splits > 1 ? partial.mutable_data_ptr<float>() : nullptr,
-                                    counters, M, shape, splits,
-                                    decode_tuning, current_stream(a));
-      });
+      at::Tensor out = decode_matmul(a, w, as_float(scale_in), as_float(zero_in), b, shape,
+                                     decode_tuning_for(a.get_device(), shape, M));
       auto sizes = x.sizes().vec();
       sizes.back() = shape.N;
       return out.view(sizes);

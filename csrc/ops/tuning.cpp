@@ -29,6 +29,14 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"decode_gemm_row_tiles", 4, 1, 4,
      "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid "
      "stays full)."},
+    {"decode_gemm_stages", 4, 4, 8,
+     "Stages of each decode warp's copy ring: 4 or 8 (8: a whole 8-tile K slice in flight, one block per SM)."},
+    {"decode_gemm_cluster", 0, 0, 1,
+     "Decode split-K of at most 8 slices summed in a thread-block cluster (sm_90, where the grid's clusters are "
+     "all resident), else through global partials and a counter."},
+    {"decode_gemm_autotune", 1, 0, 1,
+     "Decode ring depth and split-K reduction as measured fastest for the weight's shape by tune_decode_gemm "
+     "(run where a layer takes its decode layout), in place of decode_gemm_stages / decode_gemm_cluster."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
 }};
@@ -55,6 +63,8 @@ void set_tuning(Knob knob, int64_t value) {
                     info.min_value, ", ", info.max_value, "], got ", value);
   TORCH_CHECK_VALUE(knob != Knob::DecodeGemmRowTiles || value != 3,
                     "qatext.tuning: decode_gemm_row_tiles must be 1, 2 or 4, got ", value);
+  TORCH_CHECK_VALUE(knob != Knob::DecodeGemmStages || value == 4 || value == 8,
+                    "qatext.tuning: decode_gemm_stages must be 4 or 8, got ", value);
   values()[int(knob)].store(value, std::memory_order_relaxed);
 }
 

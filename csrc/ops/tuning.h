@@ -14,6 +14,9 @@ enum class Knob : int {
   DecodeGemmMaxM,      // largest M for which CUDA dequant_matmul_tiled takes the decode kernel (0: never)
   DecodeGemmMinSlice,  // fewest 64-column tiles per K slice of the decode kernel's split-K
   DecodeGemmRowTiles,  // most 16-row weight tiles per decode warp: 1, 2 or 4
+  DecodeGemmStages,    // stages of each decode warp's copy ring: 4 or 8
+  DecodeGemmCluster,   // decode split-K summed through a thread-block cluster where it fits (sm_90)
+  DecodeGemmAutotune,  // decode ring depth and split-K reduction from tune_decode_gemm's measurements
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   Count,
 };
@@ -28,7 +31,7 @@ struct KnobInfo {
 
 const KnobInfo& knob_info(Knob knob);
 int64_t tuning(Knob knob);
-// Checks the value against the knob's range (and DecodeGemmRowTiles against 1, 2, 4).
+// Checks the value against the knob's range (DecodeGemmRowTiles against 1, 2, 4; DecodeGemmStages 4, 8).
 void set_tuning(Knob knob, int64_t value);
 // By name, for the Python binding; an unknown name is a ValueError listing the known ones.
 Knob knob_by_name(const char* name);

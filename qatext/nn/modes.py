@@ -209,13 +209,17 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         return not torch.compiler.is_compiling() or getattr(self, "tiled", None) is not None
 
     @torch.no_grad()
-    def tile_for_decode(self) -> PackedLinear:
+    def tile_for_decode(self, tune: bool = True) -> PackedLinear:
         """Hold the codes also in the decode GEMM's tiled layout now (bits 2, 3 or 4; out_features % 16 == 0,
         in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. Decode forwards make
         it by themselves on first use; call this before torch.compile or CUDA-graph capture. Re-tiled by
-        itself if `packed` changes (load_state_dict, .to())."""
+        itself if `packed` changes (load_state_dict, .to()). On a GPU, `tune` also times the decode
+        kernel's variants for this weight shape once (ops.tune_decode_gemm; it synchronises the GPU)."""
         self.register_buffer("tiled", ops.tile_packed(self.packed, self.spec.bits, self.in_features), persistent=False)
         self._tiled_from = self._packed_stamp()
+        if tune and self.tiled.is_cuda:
+            ops.tune_decode_gemm(self.tiled, self._scale(), self.zero, self.spec.bits, self.group_size,
+                                 self.in_features)
         return self
 
     def _packed_stamp(self) -> tuple:
@@ -230,5 +234,5 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         if torch.compiler.is_compiling():  # no data pointers there; tile_for_decode ran before compiling
             return self.tiled
         if getattr(self, "tiled", None) is None or getattr(self, "_tiled_from", None) != self._packed_stamp():
-            self.tile_for_decode()
+            self.tile_for_decode(tune=False)  # a forward never synchronises the GPU to time kernels
         return self.tiled

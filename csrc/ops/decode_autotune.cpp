@@ -1,0 +1,155 @@
+// Measured choice of the decode kernel's ring depth (4 or 8 stages) and split-K reduction (a cluster
+// or global partials) per weight shape and token bucket. Which is fastest depends on the shape and the
+// GPU (benchmarks/NOTES.md, decode GEMM version 8: each wins somewhere by 10-25% and loses elsewhere),
+// so it is timed once per device and shape ahead of inference, as cuBLAS and Triton pick their kernels
+// by measurement.
+#include "ops/decode_autotune.h"
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#ifdef QATEXT_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace qatext::ops {
+
+#ifdef QATEXT_WITH_CUDA
+namespace {
+
+struct Variant {
+  int stages;
+  bool cluster;
+};
+constexpr std::array<Variant, 4> kVariants{{{4, false}, {4, true}, {8, false}, {8, true}}};
+
+// Token buckets (one token; one 8-token tile; two), each timed at its largest M.
+constexpr std::array<int64_t, 3> kBucketTokens{1, 8, 16};
+int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
+
+using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int>;  // device, N, K, bits, group size, bucket
+Key key(int device, GroupShape shape, int b) { return {device, shape.N, shape.K, shape.bits, shape.group_size, b}; }
+
+std::mutex& table_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::map<Key, Variant>& table() {
+  static std::map<Key, Variant> choices;
+  return choices;
+}
+
+cuda::DecodeTuning knob_tuning() {
+  return {tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)), int(tuning(Knob::DecodeGemmStages)),
+          tuning(Knob::DecodeGemmCluster) != 0};
+}
+
+cuda::DecodeTuning with_variant(cuda::DecodeTuning t, Variant v) {
+  t.stages = v.stages;
+  t.cluster_reduce = v.cluster;
+  return t;
+}
+
+// The fastest variant at M tokens. Each variant's 10 back-to-back calls are captured in a CUDA graph
+// on a side stream (eager calls at these sizes would time the host's dispatch, not the kernel; a decode
+// loop runs under graphs anyway), after one eager call there that makes the stream's split-K counters;
+// each graph is replayed three times, interleaved with the others so that clock changes hit every
+// variant alike, and its best replay counts.
+Variant fastest(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero, GroupShape shape, int64_t M) {
+  const at::Tensor a = at::randn({M, shape.K}, w.options().dtype(at::kBFloat16));
+  c10::cuda::device_synchronize();  // a is ready for the side stream
+  const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, w.get_device());
+  const c10::cuda::CUDAStreamGuard on_side(side);
+  std::array<std::unique_ptr<at::cuda::CUDAGraph>, kVariants.size()> graphs;
+  for (size_t v = 0; v < kVariants.size(); ++v) {
+    const cuda::DecodeTuning t = with_variant(knob_tuning(), kVariants[v]);
+    decode_matmul(a, w, scale, zero, at::Tensor(), shape, t);
+    graphs[v] = std::make_unique<at::cuda::CUDAGraph>();
+    graphs[v]->capture_begin();
+    for (int call = 0; call < 10; ++call) decode_matmul(a, w, scale, zero, at::Tensor(), shape, t);
+    graphs[v]->capture_end();
+    graphs[v]->replay();  // warm
+  }
+  cudaEvent_t start = nullptr, stop = nullptr;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::array<float, kVariants.size()> best;
+  best.fill(std::numeric_limits<float>::infinity());
+  for (int round = 0; round < 3; ++round) {
+    for (size_t v = 0; v < kVariants.size(); ++v) {
+      cudaEventRecord(start, side.stream());
+      graphs[v]->replay();
+      cudaEventRecord(stop, side.stream());
+      cudaEventSynchronize(stop);
+      float ms = 0.f;
+      if (cudaEventElapsedTime(&ms, start, stop) == cudaSuccess) best[v] = std::min(best[v], ms);
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  size_t pick = 0;
+  for (size_t v = 1; v < kVariants.size(); ++v) pick = best[v] < best[pick] ? v : pick;
+  return kVariants[pick];
+}
+
+}  // namespace
+
+cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
+  const cuda::DecodeTuning knobs = knob_tuning();
+  if (tuning(Knob::DecodeGemmAutotune) == 0) return knobs;
+  const std::lock_guard<std::mutex> lock(table_mutex());
+  const auto it = table().find(key(device, shape, bucket(M)));
+  return it == table().end() ? knobs : with_variant(knobs, it->second);
+}
+#endif
+
+std::pair<int, bool> decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size,
+                                        int64_t M) {
+#ifdef QATEXT_WITH_CUDA
+  const GroupShape shape = make_shape("qatext.decode_gemm_choice", N, K, bits, group_size);
+  const std::lock_guard<std::mutex> lock(table_mutex());
+  const auto it = table().find(key(device, shape, bucket(M)));
+  if (it != table().end()) return {it->second.stages, it->second.cluster};
+#else
+  (void)device, (void)N, (void)K, (void)bits, (void)group_size, (void)M;
+#endif
+  return {0, false};
+}
+
+void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                      int64_t group_size, int64_t in_features) {
+  const GroupShape shape =
+      check_packed_weight("qatext.tune_decode_gemm", tiled, scale, zero, bits, group_size, in_features);
+#ifdef QATEXT_WITH_CUDA
+  if (!tiled.is_cuda() || tuning(Knob::DecodeGemmAutotune) == 0 || !cuda::decode_gemm_supported(shape)) return;
+  const at::OptionalDeviceGuard guard(at::device_of(tiled));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(current_stream(tiled), &capture) != cudaSuccess ||
+      capture != cudaStreamCaptureStatusNone) {
+    return;
+  }
+  const int device = tiled.get_device();
+  const at::Tensor w = tiled.contiguous(), s = as_float(scale), z = as_float(zero);
+  for (int b = 0; b < int(kBucketTokens.size()) && kBucketTokens[b] <= tuning(Knob::DecodeGemmMaxM); ++b) {
+    {
+      const std::lock_guard<std::mutex> lock(table_mutex());
+      if (table().count(key(device, shape, b)) != 0) continue;
+    }
+    const Variant v = fastest(w, s, z, shape, kBucketTokens[b]);
+    const std::lock_guard<std::mutex> lock(table_mutex());
+    table()[key(device, shape, b)] = v;
+  }
+#else
+  (void)shape;
+#endif
+}
+
+}  // namespace qatext::ops
