@@ -126,7 +126,7 @@ def test_cluster_split_k_equals_the_global_partials_bit_for_bit(n, k, m):
 def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
     """tune_decode_gemm times the variants once per weight shape; every later call of that shape takes
     the one it chose for its token bucket (1, up to 8, more), deterministic and within the reference's
-    tolerance. A second call measures nothing new."""
+    tolerance. A second call measures nothing new; other split-K knobs find no choice."""
     n, k, bits, g = 2112, 2048, 4, 128  # a shape no other test tunes
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
@@ -136,6 +136,8 @@ def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
     assert choices[5] == choices[8] and choices[13] == choices[16]
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     assert {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in choices} == choices
+    with knob("decode_gemm_min_slice", 4):  # timed under other split-K knobs: not carried over
+        assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
     for m in choices:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)

@@ -35,8 +35,13 @@ constexpr std::array<Variant, 4> kVariants{{{4, false}, {4, true}, {8, false}, {
 constexpr std::array<int64_t, 3> kBucketTokens{1, 8, 16};
 int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
 
-using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int>;  // device, N, K, bits, group size, bucket
-Key key(int device, GroupShape shape, int b) { return {device, shape.N, shape.K, shape.bits, shape.group_size, b}; }
+// device, N, K, bits, group size, token bucket, and the knobs the variants were timed under (min slice,
+// row tiles): a choice measured under other split-K knobs does not carry over.
+using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int, int64_t, int64_t>;
+Key key(int device, GroupShape shape, int b) {
+  return {device, shape.N, shape.K, shape.bits, shape.group_size, b, tuning(Knob::DecodeGemmMinSlice),
+          tuning(Knob::DecodeGemmRowTiles)};
+}
 
 std::mutex& table_mutex() {
   static std::mutex mutex;

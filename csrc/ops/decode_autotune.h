@@ -22,7 +22,8 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
 
 // Times the decode kernel's variants on this weight (random activations of 1, 8 and 16 tokens, each
 // bucket up to decode_gemm_max_m) and keeps the fastest per bucket for every later call on a weight of
-// this shape. Synchronises the GPU, so it runs where a layer takes its decode layout, not in a forward.
+// this shape under the same split-K knobs (decode_gemm_min_slice, decode_gemm_row_tiles). Synchronises
+// the GPU, so it runs where a layer takes its decode layout, not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
 // measured, or with decode_gemm_autotune off.
 void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
