@@ -42,6 +42,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kDecodeThreads = 32 * kWarps;
 constexpr int kColsPerBlock = kWarps * kTileRows;  // output features per block
+constexpr int kMaxClusterSplits = 8;               // K slices summed in a cluster: the portable cluster size
 
 struct DecodeArgs {
   const void* x;          // [M, K]
@@ -216,7 +217,6 @@ __device__ __forceinline__ void cluster_reduce(const DecodeArgs& args, const flo
                                                int ring_bytes, int m0, const T* bias, T* y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kPerWarp = MT * NT * 4 * 32;  // a warp's sums: [mt][i][e][lane]
-  constexpr int kMaxSplits = 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* mine = reinterpret_cast<float*>(smem + warp * ring_bytes);
 #pragma unroll
@@ -235,12 +235,12 @@ __device__ __forceinline__ void cluster_reduce(const DecodeArgs& args, const flo
     const int n = ((blockIdx.x * kWarps + w) * NT + i) * kTileRows + l / 4 + 8 * (e >> 1);
     if (m >= args.M || n >= args.N) continue;
     const uint32_t local = smem_addr(smem + w * ring_bytes) + 4 * r;
-    float part[kMaxSplits];
+    float part[kMaxClusterSplits];
 #pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) part[sp] = sp < args.splits ? ld_cluster_f32(cluster_map(local, sp)) : 0.f;
+    for (int sp = 0; sp < kMaxClusterSplits; ++sp) part[sp] = sp < args.splits ? ld_cluster_f32(cluster_map(local, sp)) : 0.f;
     float v = bias != nullptr ? float(bias[n]) : 0.f;
 #pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
+    for (int sp = 0; sp < kMaxClusterSplits; ++sp) {
       if (sp < args.splits) v += part[sp];
     }
     y[int64_t(m) * args.N + n] = T(v);
@@ -510,9 +510,26 @@ Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning) {
   return cfg;
 }
 
-constexpr int kMaxClusterSplits = 8;  // the portable cluster size
+// A launch of the decode kernel over `grid`, the K slices (gridDim.y) of each column tile one
+// thread-block cluster when `cluster` (config points at attr: not copyable).
+struct DecodeLaunch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t config{};
+  DecodeLaunch(dim3 grid, int smem, cudaStream_t stream, bool cluster) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = 1, attr.val.clusterDim.y = grid.y, attr.val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = dim3(kDecodeThreads);
+    config.dynamicSmemBytes = size_t(smem);
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = cluster ? 1 : 0;
+  }
+  DecodeLaunch(const DecodeLaunch&) = delete;
+  DecodeLaunch& operator=(const DecodeLaunch&) = delete;
+};
 
-// Clusters of `splits` blocks of an instance that can be resident at once (0 before sm_90).
+// Clusters of `splits` blocks of an instance that can be resident at once (-1: none, or before sm_90).
 template <int BITS, int MT, int NT, int S>
 int resident_clusters(int splits) {
   static std::atomic<int> memo[kMaxClusterSplits + 1][kMaxDevices];
@@ -521,17 +538,9 @@ int resident_clusters(int splits) {
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (major < 9) return -1;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(splits), attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(1, unsigned(splits), 1);
-    config.blockDim = dim3(kDecodeThreads);
-    config.dynamicSmemBytes = decode_smem_bytes<BITS, MT, NT, S>();
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    if (cudaOccupancyMaxActiveClusters(&clusters, prepared_kernel<c10::BFloat16, BITS, MT, NT, S>(), &config) !=
-        cudaSuccess) {
+    const DecodeLaunch launch(dim3(1, unsigned(splits), 1), decode_smem_bytes<BITS, MT, NT, S>(), nullptr, true);
+    if (cudaOccupancyMaxActiveClusters(&clusters, prepared_kernel<c10::BFloat16, BITS, MT, NT, S>(),
+                                       &launch.config) != cudaSuccess) {
       cudaGetLastError();
       return -1;
     }
@@ -636,17 +645,8 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const void* kernel = with_instance(
       shape.bits, cfg, []<int BITS, int MT, int NT, int S>() { return prepared_kernel<T, BITS, MT, NT, S>(); });
   void* params[] = {&args};
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(splits), attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(kDecodeThreads);
-  config.dynamicSmemBytes = size_t(smem_for(cfg, shape.bits));
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = args.cluster ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelExC(&config, kernel, params);
+  const DecodeLaunch launch(grid, smem_for(cfg, shape.bits), stream, args.cluster != 0);
+  const cudaError_t err = cudaLaunchKernelExC(&launch.config, kernel, params);
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
   check_launch("decode_gemm");
 }
