@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <tuple>
 
 #ifdef QATEXT_WITH_CUDA
@@ -43,13 +44,19 @@ Key key(int device, GroupShape shape, int b) {
           tuning(Knob::DecodeGemmRowTiles)};
 }
 
-std::mutex& table_mutex() {
-  static std::mutex mutex;
-  return mutex;
+// The table of choices, read by every decode call and written by the tuner (any thread).
+std::mutex table_mutex;
+std::map<Key, Variant> table;
+
+std::optional<Variant> measured(const Key& k) {
+  const std::lock_guard<std::mutex> lock(table_mutex);
+  const auto it = table.find(k);
+  return it == table.end() ? std::nullopt : std::optional<Variant>(it->second);
 }
-std::map<Key, Variant>& table() {
-  static std::map<Key, Variant> choices;
-  return choices;
+
+void remember(const Key& k, Variant v) {
+  const std::lock_guard<std::mutex> lock(table_mutex);
+  table[k] = v;
 }
 
 cuda::DecodeTuning knob_tuning() {
@@ -110,9 +117,8 @@ Variant fastest(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& 
 cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
   const cuda::DecodeTuning knobs = knob_tuning();
   if (tuning(Knob::DecodeGemmAutotune) == 0) return knobs;
-  const std::lock_guard<std::mutex> lock(table_mutex());
-  const auto it = table().find(key(device, shape, bucket(M)));
-  return it == table().end() ? knobs : with_variant(knobs, it->second);
+  const std::optional<Variant> v = measured(key(device, shape, bucket(M)));
+  return v ? with_variant(knobs, *v) : knobs;
 }
 #endif
 
@@ -120,9 +126,7 @@ std::pair<int, bool> decode_gemm_choice(int device, int64_t N, int64_t K, int64_
                                         int64_t M) {
 #ifdef QATEXT_WITH_CUDA
   const GroupShape shape = make_shape("qatext.decode_gemm_choice", N, K, bits, group_size);
-  const std::lock_guard<std::mutex> lock(table_mutex());
-  const auto it = table().find(key(device, shape, bucket(M)));
-  if (it != table().end()) return {it->second.stages, it->second.cluster};
+  if (const std::optional<Variant> v = measured(key(device, shape, bucket(M)))) return {v->stages, v->cluster};
 #else
   (void)device, (void)N, (void)K, (void)bits, (void)group_size, (void)M;
 #endif
@@ -144,13 +148,7 @@ void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
   const int device = tiled.get_device();
   const at::Tensor w = tiled.contiguous(), s = as_float(scale), z = as_float(zero);
   for (int b = 0; b < int(kBucketTokens.size()) && kBucketTokens[b] <= tuning(Knob::DecodeGemmMaxM); ++b) {
-    {
-      const std::lock_guard<std::mutex> lock(table_mutex());
-      if (table().count(key(device, shape, b)) != 0) continue;
-    }
-    const Variant v = fastest(w, s, z, shape, kBucketTokens[b]);
-    const std::lock_guard<std::mutex> lock(table_mutex());
-    table()[key(device, shape, b)] = v;
+    if (!measured(key(device, shape, b))) remember(key(device, shape, b), fastest(w, s, z, shape, kBucketTokens[b]));
   }
 #else
   (void)shape;
