@@ -222,15 +222,13 @@ class QaloraLinearFunction : public torch::autograd::Function<QaloraLinearFuncti
     const at::Tensor g_h = at::matmul(g_delta, in_dtype(b, dtype));
     at::Tensor grad_x, grad_a, grad_b, grad_bias;
     if (ctx->needs_input_grad(kX)) {
-      static const auto grad_input_op =
-          op_handle<decltype(dequant_matmul_grad_input)>("qatext::dequant_matmul_grad_input");
       const at::Tensor g_pooled = at::matmul(g_h, in_dtype(a, dtype));
       auto grouped = g_pooled.sizes().vec();
       grouped.push_back(g);
       auto x_sizes = gy.sizes().vec();
       x_sizes.back() = pooled.size(-1) * g;
-      grad_x = at::add(grad_input_op.call(gy, packed, scale, zero, bits, g, x_sizes.back()),
-                       g_pooled.unsqueeze(-1).expand(grouped).reshape(x_sizes));
+      grad_x = dequant_matmul_plus(gy, packed, scale, zero, bits, g, std::nullopt,
+                                   g_pooled.unsqueeze(-1).expand(grouped).reshape(x_sizes), 1.0, /*grad_input=*/true);
     }
     if (ctx->needs_input_grad(kA)) {
       grad_a = in_dtype(at::mm(flatten_rows(g_h).t(), flatten_rows(pooled)), a.scalar_type());

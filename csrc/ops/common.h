@@ -97,7 +97,7 @@ void check_matmul_inputs(const char* op, const at::Tensor& x, const char* weight
                          const std::optional<at::Tensor>& bias);
 
 // [..., K] as [rows, K].
-inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape_symint({c10::SymInt(-1), t.sym_size(-1)}); }
 
 inline at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 // t in dtype, without a dispatched op when it already is (code that runs above the backend kernels,

@@ -26,6 +26,13 @@ at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const a
 at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& scale,
                                      const at::Tensor& zero, int64_t bits, int64_t group_size,
                                      int64_t in_features);
+// dequant_matmul(a, ...) (grad_input: dequant_matmul_grad_input) + beta * acc, through the dispatcher
+// (it runs inside other ops' autograd, also on fake tensors). acc is a temporary of the result's shape
+// and dtype that the call may overwrite: on the cuBLAS path the sum is the GEMM's epilogue.
+at::Tensor dequant_matmul_plus(const at::Tensor& a, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& acc, double beta,
+                               bool grad_input);
 at::Tensor tile_packed(const at::Tensor& packed, int64_t bits, int64_t in_features);
 at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_features);
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,

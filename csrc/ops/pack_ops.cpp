@@ -19,19 +19,35 @@ at::Tensor dequant_checked(const at::Tensor& packed_in, const at::Tensor& scale_
   return out;
 }
 
-// The fused tensor-core GEMM for 16-bit a on CUDA at small M (see cuda/dequant_gemm.cu); nullopt
-// where it does not apply, and the caller dequantises and calls cuBLAS.
+// Whether a (16-bit, on CUDA, small M) takes the fused tensor-core GEMM (see cuda/dequant_gemm.cu);
+// metadata only, so it answers for fake tensors too (no, where tracing left the row count symbolic).
+bool fused_dequant_gemm_applies(const at::Tensor& a, const GroupShape& shape) {
+#ifdef QATEXT_WITH_CUDA
+  const auto dtype = a.scalar_type();
+  if (!a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < a.dim(); ++d) {
+    const std::optional<int64_t> n = a.sym_size(d).maybe_as_int();
+    if (!n) return false;
+    M *= *n;
+  }
+  return M <= tuning(Knob::DequantGemmMaxM) && cuda::dequant_gemm_supported(M, shape);
+#else
+  (void)a, (void)shape;
+  return false;
+#endif
+}
+
+// The fused tensor-core GEMM where it applies; nullopt elsewhere, and the caller dequantises and
+// calls cuBLAS.
 std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::Tensor& packed_in,
                                              const at::Tensor& scale_in, const at::Tensor& zero_in,
                                              const GroupShape& shape, const std::optional<at::Tensor>& bias,
                                              bool grad_input) {
 #ifdef QATEXT_WITH_CUDA
+  if (!fused_dequant_gemm_applies(a_in, shape)) return std::nullopt;
   const auto dtype = a_in.scalar_type();
   const int64_t M = a_in.numel() / std::max<int64_t>(a_in.size(-1), 1);
-  if (!a_in.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || M > tuning(Knob::DequantGemmMaxM) ||
-      !cuda::dequant_gemm_supported(M, shape)) {
-    return std::nullopt;
-  }
   const at::Tensor a = flatten_rows(a_in).contiguous(), packed = packed_in.contiguous();
   const at::Tensor scale = as_float(scale_in), zero = as_float(zero_in);
   if (!aligned16(a) || !aligned16(packed)) return std::nullopt;
@@ -118,6 +134,33 @@ at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const a
   // Otherwise dequantise to x's dtype once, then one cuBLAS / CPU GEMM.
   const at::Tensor w = dequant_checked(packed, scale, zero, shape, x.scalar_type());
   return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias);
+}
+
+at::Tensor dequant_matmul_plus(const at::Tensor& a, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& acc, double beta,
+                               bool grad_input) {
+  const char* op = grad_input ? "qatext.dequant_matmul_grad_input" : "qatext.dequant_matmul";
+  static const auto matmul_op = op_handle<decltype(dequant_matmul)>("qatext::dequant_matmul");
+  static const auto grad_input_op = op_handle<decltype(dequant_matmul_grad_input)>("qatext::dequant_matmul_grad_input");
+  static const auto dequant_op = op_handle<decltype(dequant)>("qatext::dequant");
+  check_dim(op, "packed", packed, 2);
+  const int64_t K = grad_input ? acc.size(-1) : a.size(-1);
+  const GroupShape shape = make_shape(op, packed.size(0), K, bits, group_size);
+  if (fused_dequant_gemm_applies(a, shape)) {  // the fused kernel's output, then one add
+    const at::Tensor y = grad_input ? grad_input_op.call(a, packed, scale, zero, bits, group_size, K)
+                                    : matmul_op.call(a, packed, scale, zero, bits, group_size, bias);
+    return at::add(y, acc, beta);
+  }
+  if (!grad_input) check_matmul_inputs(op, a, "packed", packed, bias);
+  check_float(op, grad_input ? "grad_y" : "x", a);
+  // beta * acc + a @ W in the GEMM's epilogue (cuBLAS beta), in acc's memory: the output is written
+  // once, where a separate add reads two M x P tensors and writes a third.
+  const at::Tensor w = dequant_op.call(packed, scale, zero, bits, group_size, K, a.scalar_type());
+  const at::Tensor out = flatten_rows(acc).contiguous();  // a copy only where acc is a broadcast view
+  out.addmm_(flatten_rows(a), grad_input ? w : w.t(), beta, 1.0);
+  if (bias.has_value()) out.add_(in_dtype(*bias, out.scalar_type()));
+  return out.view_symint(acc.sym_sizes());
 }
 
 at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& scale,

@@ -13,14 +13,14 @@ QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at
                          const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
                          const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits, int64_t group_size) {
   const char* op = "qatext.qalora_linear";
-  static const auto dequant_matmul_op = op_handle<decltype(dequant_matmul)>("qatext::dequant_matmul");
-  const at::Tensor y = dequant_matmul_op.call(x, packed, scale, zero, bits, group_size, bias);  // checks x, W
-  const int64_t K = x.size(-1), g = resolve_group_size(op, group_size, K);
+  check_matmul_inputs(op, x, "packed", packed, bias);
+  check_dim(op, "packed", packed, 2);
+  const int64_t K = x.size(-1), N = packed.size(0), g = resolve_group_size(op, group_size, K);
   check_dim(op, "a", a, 2);
   check_dim(op, "b", b, 2);
-  TORCH_CHECK_VALUE(a.size(1) == K / g && b.size(0) == y.size(-1) && b.size(1) == a.size(0), op,
+  TORCH_CHECK_VALUE(a.size(1) == K / g && b.size(0) == N && b.size(1) == a.size(0), op,
                     ": a must be [rank, in_features / group_size] = [r, ", K / g, "] and b [out_features, r] = [",
-                    y.size(-1), ", r], got a ", a.sizes(), " and b ", b.sizes());
+                    N, ", r], got a ", a.sizes(), " and b ", b.sizes());
   check_same_device(op, {{"x", &x}, {"a", &a}, {"b", &b}});
   auto grouped = x.sizes().vec();
   grouped.back() = K / g;
@@ -30,7 +30,8 @@ QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at
   parts.alpha = lora_scale / double(g);  // the pooling's 1 / g and the adapter's scale, one factor
   parts.pooled = x.reshape(grouped).sum(-1);
   parts.h = at::linear(parts.pooled, in_dtype(a, x.scalar_type()));
-  parts.out = at::add(y, at::linear(parts.h, in_dtype(b, x.scalar_type())), parts.alpha);
+  parts.out = dequant_matmul_plus(x, packed, scale, zero, bits, group_size, bias,
+                                  at::linear(parts.h, in_dtype(b, x.scalar_type())), parts.alpha, /*grad_input=*/false);
   return parts;
 }
 
