@@ -11,6 +11,7 @@ from torch import nn
 
 from .io import quant_layers, replace_module
 from .nn import QuantLinear
+from .nn.shared_input import share_inputs
 from .quant import QuantSpec
 
 
@@ -109,8 +110,12 @@ def merge_model(model: nn.Module) -> nn.Module:
 
 def tile_for_decode(model: nn.Module) -> int:
     """QuantLinear.tile_for_decode on every 'packed' layer whose shape and bits allow it (the others
-    keep the packed path); returns how many were tiled."""
+    keep the packed path), and one decode GEMM for each set of siblings that read the same input (q/k/v,
+    gate/up: nn.shared_input); returns how many layers were tiled."""
     layers = [layer for _, layer in quant_layers(model) if layer.mode == "packed" and layer._tileable]
     for layer in layers:
         layer.tile_for_decode()
+    for parent in list(model.modules()):
+        for group in share_inputs(parent):
+            group.tune()
     return len(layers)

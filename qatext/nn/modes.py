@@ -12,6 +12,7 @@ from .. import knobs, ops
 from ..quant import rtn_codes
 from ..quant.primitives import grouped, qmax, ste_round, symmetric_zero
 from .quant_linear import QuantLinear, positive
+from .shared_input import version_stamp
 
 
 def _f32(device):
@@ -193,6 +194,9 @@ class PackedLinear(_FrozenCodes, mode="packed"):
     def _forward(self, x):
         x = self._input(x)
         if self._decodes(x):
+            shared = getattr(self, "_shared_input", None)  # (group, index): one GEMM with siblings
+            if shared is not None:
+                return shared[0].output(shared[1], x)
             return ops.dequant_matmul_tiled(x, self._current_tiled(), self._scale(), self.zero,
                                             self.spec.bits, self.group_size, self._bias_for(x))
         return self._matmul(x)
@@ -223,11 +227,7 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         return self
 
     def _packed_stamp(self) -> tuple:
-        try:
-            version = self.packed._version
-        except RuntimeError:  # an inference-mode tensor has no version counter
-            version = -1
-        return self.packed.data_ptr(), version
+        return version_stamp(self.packed)
 
     @torch.no_grad()
     def _current_tiled(self) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""Sibling packed layers that read the same input (q/k/v, gate/up) served by one decode GEMM.
+
+A decode GEMM has a fixed cost (its ramp and split-K tail) beside its bytes, paid once per call; q, k
+and v, and gate and up, read the same activations, so one call over their weights concatenated along
+N does the work of three (two). `SharedInputProjections` holds that concatenation (the tiled codes,
+scales, zeros and biases; the members' own tiled copies become views of it) as a submodule of the
+members' parent, non-persistent: state dicts and checkpoints are unchanged. The first member called
+with an input computes every member's output; the others take theirs for the same input tensor (an
+identity check, so a member fed anything else computes its own). Under torch.compile the bookkeeping
+traces away into one GEMM and slices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+
+# Sibling layers (last name component) that read their parent's one input in the model families
+# qatext trains (Llama, Mistral, Qwen2 / 3, Gemma, ...).
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def version_stamp(t: torch.Tensor) -> tuple[int, int]:
+    """(data pointer, version): changes when t is replaced or written in place."""
+    try:
+        version = t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        version = -1
+    return t.data_ptr(), version
+
+
+def can_share_input(layers) -> bool:
+    """Whether these packed layers can be served by one decode GEMM: same input width, quantization,
+    device and dtypes, decode-tileable, no activation fake-quant (which would give each its own
+    input), all with a bias or none."""
+    first = layers[0]
+    return all(
+        layer.mode == "packed" and layer._tileable and layer.act_bits is None
+        and layer.in_features == first.in_features and layer.spec == first.spec
+        and layer.packed.device == first.packed.device and layer.scale.dtype == first.scale.dtype
+        and (layer.bias is None) == (first.bias is None)
+        and (layer.bias is None or layer.bias.dtype == first.bias.dtype)
+        for layer in layers)
+
+
+class SharedInputProjections(nn.Module):
+    """One decode GEMM for `members` (packed layers reading one input); see the module docstring."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.__dict__["members"] = tuple(members)  # not submodules: they stay where the model has them
+        first = members[0]
+        self.bits, self.group_size, self.in_features = first.spec.bits, first.group_size, first.in_features
+        self.sizes = [m.out_features for m in members]
+        self._input = self._outputs = None
+        self._left = 0
+        self._build()
+        for index, member in enumerate(members):
+            member._shared_input = (self, index)
+
+    def _stamp(self) -> tuple:
+        return tuple(version_stamp(t) for m in self.members for t in (m.packed, m.scale, m.zero, m.bias)
+                     if t is not None)
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        """Concatenate the members' current weights; their tiled copies become views of ours."""
+        members = self.members
+        tiled = torch.cat([m._current_tiled() for m in members])
+        self.register_buffer("tiled", tiled, persistent=False)
+        self.register_buffer("scale", torch.cat([m._scale() for m in members]), persistent=False)
+        self.register_buffer("zero", torch.cat([m.zero for m in members]), persistent=False)
+        bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+        self.register_buffer("bias", bias, persistent=False)
+        for member, view in zip(members, tiled.split(self.sizes)):
+            member.register_buffer("tiled", view, persistent=False)
+        self._built_from = self._stamp()
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Member `index`'s decode output for x (x through the member's _input)."""
+        if self._input is not x:
+            # Eagerly, a member's weights that changed (load_state_dict, .to()) are concatenated
+            # again; a compiled graph is traced after models.tile_for_decode, on current weights.
+            if not torch.compiler.is_compiling() and self._built_from != self._stamp():
+                self._build()
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = ops.dequant_matmul_tiled(x, self.tiled, self.scale, self.zero, self.bits, self.group_size, bias)
+            self._outputs, self._input, self._left = y.split(self.sizes, dim=-1), x, len(self.sizes)
+        out = self._outputs[index]
+        self._left -= 1
+        if self._left == 0:  # every member served: hold no activations between forwards
+            self._input = self._outputs = None
+        return out
+
+    def tune(self) -> None:
+        """Time the decode kernel's variants for the concatenated shape (ops.tune_decode_gemm)."""
+        if self.tiled.is_cuda:
+            ops.tune_decode_gemm(self.tiled, self.scale, self.zero, self.bits, self.group_size, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={'+'.join(map(str, self.sizes))}, bits={self.bits}"
+
+
+def share_inputs(parent: nn.Module) -> list[SharedInputProjections]:
+    """Group `parent`'s children named in SHARED_INPUT_NAMES that can share a decode GEMM; each group
+    is registered on the parent as `decode_<names>` (e.g. decode_q_k_v)."""
+    groups = []
+    for names in SHARED_INPUT_NAMES:
+        layers = [getattr(parent, name, None) for name in names]
+        if any(getattr(layer, "mode", None) != "packed" for layer in layers) or not can_share_input(layers):
+            continue
+        name = "decode_" + "_".join(n.removesuffix("_proj") for n in names)
+        group = getattr(parent, name, None)
+        if isinstance(group, SharedInputProjections) and group.members == tuple(layers):
+            group._build()  # grouped already: the members' current weights
+        else:
+            group = SharedInputProjections(layers)
+            parent.add_module(name, group)
+        groups.append(group)
+    return groups
