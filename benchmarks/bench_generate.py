@@ -71,8 +71,11 @@ def variants(base, wanted):
 
 
 def model_bytes(model) -> int:
-    """What the model holds (parameters and buffers, a decode copy included)."""
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    """What the model holds (parameters and buffers, a decode copy included), each storage once: a
+    layer's tiled codes are a view of its shared-input group's."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    return sum(storages.values())
 
 
 class Generator:
