@@ -2,6 +2,7 @@
 layout, small M, g128, same run; with a correctness check against the reference on every shape.
 
     python benchmarks/bench_decode.py --out benchmarks/results/decode_h100.json
+    python benchmarks/bench_decode.py --nk 12288 4096 --nk 22016 4096 --bits 4 --tokens 1 8   # other shapes
 
 Per row: median us (CUDA events around a CUDA graph of 20 calls: GPU time, as a decode loop under
 graphs sees it; eager dispatch costs ~20-40 us of host time per call at these sizes), speedup over cuBLAS, % of the memory floor (weight,
@@ -37,6 +38,8 @@ VARIANTS = [(4, 0), (4, 1), (8, 0), (8, 1)]  # ring stages, cluster split-K
 def main():
     parser = timing.parser()
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
+    parser.add_argument("--nk", type=int, nargs=2, action="append", metavar=("N", "K"),
+                        help="this weight shape instead (repeatable), e.g. --nk 12288 4096 for q/k/v as one GEMM")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     args = timing.start(parser)
@@ -44,7 +47,7 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
-    for n, k in SHAPES[: args.shapes]:
+    for n, k in args.nk or SHAPES[: args.shapes]:
         g = 128
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for bits in args.bits:
