@@ -115,3 +115,29 @@ def test_layers_that_cannot_share_stay_separate():
     models.tile_for_decode(model)
     assert not hasattr(mlp, "decode_gate_up") and hasattr(model.model.layers[0].self_attn, "decode_q_k_v")
     assert getattr(mlp.up_proj, "_shared_input", None) is None
+
+
+def test_biased_projections_and_a_second_tiling(monkeypatch, count_decode_calls):
+    """Qwen2's q/k/v carry biases: the group adds them. Tiling again rebuilds the same groups."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    monkeypatch.setattr(PackedLinear, "_decodes", lambda self, x: True)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    model = _packed(Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval().requires_grad_(False))
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.bias is not None
+    with torch.no_grad():
+        attn.q_proj.bias.normal_()
+    ids = torch.randint(0, 100, (1, 3))
+    with torch.no_grad():
+        expected = model(ids).logits
+        models.tile_for_decode(model)
+        group = attn.decode_q_k_v
+        models.tile_for_decode(model)
+        assert attn.decode_q_k_v is group and attn.q_proj._shared_input[0] is group
+        count_decode_calls.clear()
+        got = model(ids).logits
+    assert count_decode_calls == [256, 128, 512, 128]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
