@@ -152,8 +152,11 @@ at::Tensor dequant_matmul_plus(const at::Tensor& a, const at::Tensor& packed, co
                                     : matmul_op.call(a, packed, scale, zero, bits, group_size, bias);
     return at::add(y, acc, beta);
   }
-  if (!grad_input) check_matmul_inputs(op, a, "packed", packed, bias);
-  check_float(op, grad_input ? "grad_y" : "x", a);
+  if (grad_input) {
+    check_float(op, "grad_y", a);
+  } else {
+    check_matmul_inputs(op, a, "packed", packed, bias);
+  }
   // beta * acc + a @ W in the GEMM's epilogue (cuBLAS beta), in acc's memory: the output is written
   // once, where a separate add reads two M x P tensors and writes a third.
   const at::Tensor w = dequant_op.call(packed, scale, zero, bits, group_size, K, a.scalar_type());

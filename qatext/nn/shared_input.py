@@ -37,7 +37,7 @@ def can_share_input(layers) -> bool:
     input), all with a bias or none."""
     first = layers[0]
     return all(
-        layer.mode == "packed" and layer._tileable and layer.act_bits is None
+        layer._tileable and layer.act_bits is None
         and layer.in_features == first.in_features and layer.spec == first.spec
         and layer.packed.device == first.packed.device and layer.scale.dtype == first.scale.dtype
         and (layer.bias is None) == (first.bias is None)
