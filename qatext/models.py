@@ -113,9 +113,11 @@ def tile_for_decode(model: nn.Module) -> int:
     keep the packed path), and one decode GEMM for each set of siblings that read the same input (q/k/v,
     gate/up: nn.shared_input); returns how many layers were tiled."""
     layers = [layer for _, layer in quant_layers(model) if layer.mode == "packed" and layer._tileable]
+    # Groups first: their members' tiled codes become views of the group's, and only the group's
+    # shape is timed (a member's own shape would be tuned for a path it does not take).
+    for group in [group for parent in list(model.modules()) for group in share_inputs(parent)]:
+        group.tune()
     for layer in layers:
-        layer.tile_for_decode()
-    for parent in list(model.modules()):
-        for group in share_inputs(parent):
-            group.tune()
+        if getattr(layer, "_shared_input", None) is None:
+            layer.tile_for_decode()
     return len(layers)
