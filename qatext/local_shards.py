@@ -69,18 +69,33 @@ def adamw_step(opt: torch.optim.Optimizer) -> None:
                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
+def _by_device_and_dtype(tensors) -> list[list[torch.Tensor]]:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (L2), on the local shards of row-sharded DTensor gradients."""
+    """torch.nn.utils.clip_grad_norm_ (L2), also on the local shards of row-sharded DTensor gradients.
+
+    The clip coefficient is cast to each gradient dtype before the foreach multiply: torch multiplies
+    bf16 gradients by an fp32 coefficient (the norm of a model whose parameters mix bf16 and fp32) one
+    tensor at a time, through its slow elementwise path (+20 ms a 7B full-QAT step on an H200)."""
     params = [p for p in params if p.grad is not None]
-    if not _row_sharded([p.grad for p in params]):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not params:
+        return torch.zeros(())
+    sharded = _row_sharded([p.grad for p in params])
     grads = [_local(p.grad) for p in params]
     nonempty = [g for g in grads if g.numel()]  # a small parameter may have no rows on this rank
     sq = torch.zeros((), device=grads[0].device, dtype=torch.float32)
-    if nonempty:
-        sq = torch.stack([n.float() for n in torch._foreach_norm(nonempty)]).square().sum()
-    dist.all_reduce(sq, group=params[0].grad.device_mesh.get_group())
+    for group in _by_device_and_dtype(nonempty):
+        sq = sq + torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).square().sum().to(sq.device)
+    if sharded:
+        dist.all_reduce(sq, group=params[0].grad.device_mesh.get_group())
     total = sq.sqrt()
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for group in _by_device_and_dtype(grads):
+        torch._foreach_mul_(group, coef.to(group[0].device, group[0].dtype))
     return total

@@ -25,7 +25,8 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 
 def fake_quant(w, scale, zero, bits: int, group_size: int = -1) -> torch.Tensor:
-    """fq(w) = (clamp(round(w/s) + z, 0, 2^b - 1) - z) * s; STE backward to w, s and z."""
+    """fq(w) = (clamp(round(w/s) + z, 0, 2^b - 1) - z) * s; STE backward to w, s and z. The trained s and z
+    enter as max(s, 1e-6) and round(z), straight-through (no separate clamp and round ops per forward)."""
     return _ops.fake_quant(w, scale, zero, bits, group_size)
 
 

@@ -8,7 +8,8 @@ these functions defines the gradients the kernels' backward must produce. Conven
 * codes are unsigned ``q in [0, 2**bits - 1]``; dequant is ``(q - z) * s``;
 * ``fq(w) = (clamp(round(w / s) + z, 0, 2**bits - 1) - z) * s`` with round half to even, a
   straight-through round in backward and a clamp that passes gradients on its boundaries;
-  everything is computed in float32.
+  everything is computed in float32. A weight's trained scale and zero enter as
+  ``max(s, MIN_SCALE)`` and ``round(z)``, both straight-through.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 
 def qmax(bits: int) -> int:
     return (1 << bits) - 1
+
+
+MIN_SCALE = 1e-6  # the least scale a weight fake-quant computes with
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -42,11 +46,17 @@ def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.reshape(n, k // g, g)
 
 
+def ste_clamp_min(x: torch.Tensor, lo: float) -> torch.Tensor:
+    """max(x, lo) in value, the identity in gradient."""
+    return x.clamp(min=lo).detach() + (x - x.detach())
+
+
 def fake_quant(w, scale, zero, bits: int, group_size: int):
-    """fq(w) group-wise; differentiable in w, scale and zero (LSQ-style via ste_round)."""
+    """fq(w) group-wise; differentiable in w, scale and zero (LSQ-style via ste_round). The trained
+    scale is kept >= MIN_SCALE and the zero rounded, both straight-through."""
     wg = _grouped(w.float(), group_size)
-    s = scale.float().unsqueeze(-1)
-    z = zero.float().unsqueeze(-1)
+    s = ste_clamp_min(scale.float(), MIN_SCALE).unsqueeze(-1)
+    z = ste_round(zero.float()).unsqueeze(-1)
     q = clamp_ste(ste_round(wg / s) + z, 0, qmax(bits))
     return ((q - z) * s).reshape(w.shape).to(w.dtype)
 

@@ -86,18 +86,20 @@ def test_codes_out_of_range_for_bits():
 def test_non_positive_or_nan_scale(bad):
     s, z = QP()
     s[3, 1] = bad
-    with pytest.raises(ValueError, match="scale must be positive and finite"):
-        ops.fake_quant(W(), s, z, 4, 32)
     packed = ops.pack(torch.zeros(8, 64, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="scale must be positive and finite"):
+        ops.dequant(packed, s, z, 4, 32, 64)
+    with pytest.raises(ValueError, match="scale must be positive and finite"):
         ops.dequant_matmul(torch.randn(2, 64), packed, s, z, 4, 32)
+    ops.fake_quant(W(), s, z, 4, 32)  # a trained scale: the kernel clamps it (test_fake_quant)
 
 
 def test_value_checks_can_be_turned_off():
     s, z = QP()
     s[0, 0] = 0.0
+    packed = ops.pack(torch.zeros(8, 64, dtype=torch.uint8), 4)
     with qatext.value_checks(False):
-        ops.fake_quant(W(), s, z, 4, 32)  # no error: the caller vouches for its inputs
+        ops.dequant(packed, s, z, 4, 32, 64)  # no error: the caller vouches for its inputs
     assert qatext.get_tuning("value_checks") == 1  # the default back: host tensors checked
 
 
@@ -105,14 +107,15 @@ def test_value_check_levels(device):
     """1 (the default) checks host tensors only, where it is free; True (2) every device."""
     s, z = QP()
     s[0, 0] = 0.0
-    s, z, w = s.to(device), z.to(device), W().to(device)
+    s, z = s.to(device), z.to(device)
+    packed = ops.pack(torch.zeros(8, 64, dtype=torch.uint8, device=device), 4)
     if device == "cpu":
         with pytest.raises(ValueError, match="scale must be positive and finite"):
-            ops.fake_quant(w, s, z, 4, 32)
+            ops.dequant(packed, s, z, 4, 32, 64)
     else:
-        ops.fake_quant(w, s, z, 4, 32)  # no GPU sync by default
+        ops.dequant(packed, s, z, 4, 32, 64)  # no GPU sync by default
     with qatext.value_checks(True), pytest.raises(ValueError, match="scale must be positive and finite"):
-        ops.fake_quant(w, s, z, 4, 32)
+        ops.dequant(packed, s, z, 4, 32, 64)
     assert qatext.get_tuning("value_checks") == 1
 
 

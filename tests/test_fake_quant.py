@@ -114,3 +114,24 @@ def test_unaligned_storage_takes_the_fallback_correctly(device, shape):
     want = torch.ops.qatext.fake_quant_backward(grad, w.clone(), scale, zero, 4, g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(17, 256, 128), (5, 100, -1)])
+def test_trained_scale_and_zero_enter_clamped_and_rounded(device, shape):
+    """The op computes with max(s, 1e-6) and round(z) and passes both gradients straight through:
+    the same values and gradients as the kernel given the clamped and rounded tensors."""
+    w, scale, zero = _inputs(shape, 4, False, torch.float32, device)
+    zero = zero + torch.rand_like(zero) - 0.5  # trained zeros drift off the integers
+    scale[0, 0], scale[-1, -1] = -0.25, 0.0  # an optimiser step past zero
+    effective = (scale.clamp(min=1e-6), torch.round(zero))
+    assert not torch.equal(effective[1], zero)
+    grad = torch.randn_like(w)
+    raw = [t.clone().requires_grad_() for t in (w, scale, zero)]
+    out = ops.fake_quant(*raw, 4, shape[2])
+    out.backward(grad)
+    want = torch.ops.qatext.fake_quant_backward(grad, w, *effective, 4, shape[2])
+    torch.testing.assert_close(out, ops.fake_quant(w, *effective, 4, shape[2]), rtol=0, atol=0)
+    torch.testing.assert_close(out, reference.fake_quant(w, scale, zero, 4, shape[2]), rtol=0, atol=0)
+    for leaf, g in zip(raw, want):
+        torch.testing.assert_close(leaf.grad, g, rtol=0, atol=0)
+    assert torch.isfinite(out).all()

@@ -56,3 +56,29 @@ def test_plain_tensors_take_torch_paths():
     assert local_shards.clip_grad_norm([p], 1.0).item() == pytest.approx(4.0)
     local_shards.adamw_step(opt)
     assert not torch.equal(p.detach(), before) and opt.state[p]["step"].item() == 1
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_clip_of_mixed_dtypes_matches_torch(device):
+    """bf16 weights beside fp32 scales (a full-QAT model): the same norm and scaled gradients as torch's
+    clip on float32 copies, within the bf16 rounding of the gradients and of the coefficient."""
+    torch.manual_seed(0)
+    specs = [((64, 32), torch.bfloat16), ((64, 2), torch.float32), ((16,), torch.bfloat16), ((64, 2), torch.float32)]
+    params = [nn.Parameter(torch.randn(s, device=device, dtype=d)) for s, d in specs]
+    ref = [nn.Parameter(p.detach().float()) for p in params]
+    for p, r in zip(params, ref):
+        p.grad = torch.randn(p.shape, device=device).to(p.dtype) * 3
+        r.grad = p.grad.float().clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    norm = local_shards.clip_grad_norm(params, 1.0)
+    assert norm.dtype == torch.float32 and ref_norm.item() > 10  # the clip really scales
+    torch.testing.assert_close(norm, ref_norm.to(device), rtol=1e-5, atol=0)
+    for p, r in zip(params, ref):
+        assert p.grad.dtype == p.dtype
+        tol = 1e-5 if p.dtype == torch.float32 else 8e-3  # bf16: the gradient's and the coefficient's rounding
+        torch.testing.assert_close(p.grad.float(), r.grad, rtol=tol, atol=1e-6)
+
+
+def test_clip_without_gradients_is_zero():
+    p = nn.Parameter(torch.randn(3))
+    assert local_shards.clip_grad_norm([p], 1.0).item() == 0.0

@@ -48,6 +48,14 @@ QATEXT_HOST_DEVICE uint8_t pack_byte(const uint8_t* codes, int64_t K, int64_t j,
   return uint8_t(out & 0xFFu);
 }
 
+// The scale and zero a weight fake-quant computes with. Both are trained as floats: the scale is
+// kept at least kMinScale (an optimiser step past zero must not divide by zero or flip the sign; NaN
+// stays NaN for the loss check to see) and the zero is rounded to an integer (so the merged codes are
+// exact). Both pass their gradients straight through to the trained values.
+constexpr float kMinScale = 1e-6f;
+QATEXT_HOST_DEVICE float trained_scale(float s) { return s < kMinScale ? kMinScale : s; }
+QATEXT_HOST_DEVICE float trained_zero(float z) { return round_half_even(z); }
+
 // Forward of the weight quantizer.
 QATEXT_HOST_DEVICE float fake_quant_value(float w, float s, float z, float qmax) {
   const float q = clampf(round_half_even(w / s) + z, 0.f, qmax);

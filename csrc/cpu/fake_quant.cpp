@@ -17,8 +17,9 @@ void fake_quant_forward(const T* w, const float* scale, const float* zero, T* ou
   const float qmax = qmax_for_bits(shape.bits);
   parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
     const int64_t base = n * shape.K + k0;
+    const float s = trained_scale(scale[ng]), z = trained_zero(zero[ng]);
     for (int64_t k = 0; k < shape.group_size; ++k) {
-      out[base + k] = T(fake_quant_value(float(w[base + k]), scale[ng], zero[ng], qmax));
+      out[base + k] = T(fake_quant_value(float(w[base + k]), s, z, qmax));
     }
   });
 }
@@ -29,9 +30,10 @@ void fake_quant_backward(const T* grad, const T* w, const float* scale, const fl
   const float qmax = qmax_for_bits(shape.bits);
   parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
     const int64_t base = n * shape.K + k0;
+    const float s = trained_scale(scale[ng]), z = trained_zero(zero[ng]);
     float ds = 0.f, dz = 0.f;
     for (int64_t k = 0; k < shape.group_size; ++k) {
-      const FakeQuantGrad d = fake_quant_grad(float(w[base + k]), scale[ng], zero[ng], qmax, float(grad[base + k]));
+      const FakeQuantGrad d = fake_quant_grad(float(w[base + k]), s, z, qmax, float(grad[base + k]));
       grad_w[base + k] = T(d.dw);
       ds += d.ds;
       dz += d.dz;

@@ -26,7 +26,7 @@ __global__ void fake_quant_forward_kernel(const T* __restrict__ w, const float* 
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < shape.numel();
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t ng = (i / shape.K) * G + (i % shape.K) / shape.group_size;
-    out[i] = T(fake_quant_value(float(w[i]), scale[ng], zero[ng], qmax));
+    out[i] = T(fake_quant_value(float(w[i]), trained_scale(scale[ng]), trained_zero(zero[ng]), qmax));
   }
 }
 
@@ -38,7 +38,7 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
   const float qmax = qmax_for_bits(shape.bits);
   const int64_t ng = blockIdx.x, G = shape.groups();
   const int64_t base = (ng / G) * shape.K + (ng % G) * shape.group_size;
-  const float s = scale[ng], z = zero[ng];
+  const float s = trained_scale(scale[ng]), z = trained_zero(zero[ng]);
   float ds = 0.f, dz = 0.f;
   for (int64_t k = threadIdx.x; k < shape.group_size; k += kThreads) {
     const FakeQuantGrad d = fake_quant_grad(float(w[base + k]), s, z, qmax, float(grad[base + k]));
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_forward_vec_kernel(
   for (Index v = blockIdx.x * Index(blockDim.x) + threadIdx.x; v < vectors; v += Index(gridDim.x) * blockDim.x) {
     const Index row = v / vecs_per_row;
     const Index ng = row * groups + (v - row * vecs_per_row) / vecs_per_group;
-    const float s = __ldg(scale + ng), z = __ldg(zero + ng);
+    const float s = trained_scale(__ldg(scale + ng)), z = trained_zero(__ldg(zero + ng));
     const Vec8<T> x = load8(w + Index(kVec) * v);
     Vec8<T> y;
 #pragma unroll
@@ -121,7 +121,10 @@ __global__ void __launch_bounds__(kThreads) fake_quant_backward_vec_kernel(
     const bool valid = v < vectors;  // whole groups: a group never straddles the end
     const int64_t ng = v / Lanes;
     float ds = 0.f, dz = 0.f;
-    if (valid) backward_vec8(grad, w, grad_w, kVec * v, __ldg(scale + ng), __ldg(zero + ng), qmax, ds, dz);
+    if (valid) {
+      backward_vec8(grad, w, grad_w, kVec * v, trained_scale(__ldg(scale + ng)), trained_zero(__ldg(zero + ng)), qmax,
+                    ds, dz);
+    }
 #pragma unroll
     for (int o = Lanes / 2; o > 0; o >>= 1) {
       ds += __shfl_xor_sync(0xffffffffu, ds, o);
@@ -141,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_backward_group_kernel(
     const float* __restrict__ zero, T* __restrict__ grad_w, float* __restrict__ grad_scale,
     float* __restrict__ grad_zero, int64_t group_size, float qmax) {
   const int64_t ng = blockIdx.x, base = ng * group_size;  // groups tile each row, rows tile memory
-  const float s = scale[ng], z = zero[ng];
+  const float s = trained_scale(scale[ng]), z = trained_zero(zero[ng]);
   float ds = 0.f, dz = 0.f;
   for (int64_t k = int64_t(threadIdx.x) * kVec; k < group_size; k += int64_t(kThreads) * kVec) {
     backward_vec8(grad, w, grad_w, base + k, s, z, qmax, ds, dz);
