@@ -73,7 +73,7 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
 
 
 def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features: int) -> None:
-    """Time the decode kernel's variants (ring depth, split-K reduction) on this weight for 1, 8 and 16
+    """Time the decode kernel's variants (ring depth, split-K reduction and shape) on this weight for 1, 8 and 16
     tokens, once per device and weight shape, and let every later decode call on that shape take the
     fastest (``decode_gemm_autotune``). It synchronises the GPU: call it ahead of inference, as
     ``tile_for_decode`` does; a forward never tunes. A no-op on CPU tensors and for shapes already timed.
@@ -84,13 +84,15 @@ def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features
 def decode_gemm_choice(device, out_features: int, in_features: int, bits: int, group_size: int,
                        tokens: int) -> dict | None:
     """What tune_decode_gemm chose for this weight shape at this many tokens on a CUDA device:
-    ``{"stages": 4 or 8, "cluster": bool}``, or None where it has measured nothing (the knobs rule)."""
+    ``{"stages": 4 or 8, "cluster": bool, "min_slice": 4, 8 or 16, "row_tiles": 1, 2 or 4}``, or None where it
+    has measured nothing (the knobs rule)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     index = torch.cuda.current_device() if device.index is None else device.index
-    stages, cluster = _C.decode_gemm_choice(index, out_features, in_features, bits, group_size, tokens)
-    return {"stages": stages, "cluster": cluster} if stages else None
+    stages, cluster, min_slice, row_tiles = _C.decode_gemm_choice(index, out_features, in_features, bits,
+                                                                  group_size, tokens)
+    return {"stages": stages, "cluster": cluster, "min_slice": min_slice, "row_tiles": row_tiles} if stages else None
 
 
 def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int) -> torch.Tensor:

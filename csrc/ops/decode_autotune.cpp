@@ -1,8 +1,8 @@
-// Measured choice of the decode kernel's ring depth (4 or 8 stages) and split-K reduction (a cluster
-// or global partials) per weight shape and token bucket. Which is fastest depends on the shape and the
-// GPU (benchmarks/NOTES.md, decode GEMM version 8: each wins somewhere by 10-25% and loses elsewhere),
-// so it is timed once per device and shape ahead of inference, as cuBLAS and Triton pick their kernels
-// by measurement.
+// Measured choice of the decode kernel's ring depth (4 or 8 stages), split-K reduction (a cluster or
+// global partials) and split-K shape (slice length, row tiles a warp) per weight shape and token bucket.
+// Which is fastest depends on the shape and the GPU (benchmarks/NOTES.md, decode GEMM version 8: each
+// wins somewhere by 10-25% and loses elsewhere), so it is timed once per device and shape ahead of
+// inference, as cuBLAS and Triton pick their kernels by measurement.
 #include "ops/decode_autotune.h"
 
 #include <algorithm>
@@ -26,22 +26,35 @@ namespace qatext::ops {
 #ifdef QATEXT_WITH_CUDA
 namespace {
 
+// A launch setting the tuner times: ring depth, split-K reduction, and the split-K shape (the fewest
+// 64-column tiles a K slice: more slices, more blocks; the most 16-row tiles a warp).
 struct Variant {
   int stages;
   bool cluster;
+  int64_t min_slice;
+  int row_tiles;
 };
-constexpr std::array<Variant, 4> kVariants{{{4, false}, {4, true}, {8, false}, {8, true}}};
+constexpr auto kVariants = [] {
+  std::array<Variant, 36> v{};
+  size_t i = 0;
+  for (const int64_t min_slice : {4, 8, 16}) {
+    for (const int row_tiles : {1, 2, 4}) {
+      for (const int stages : {4, 8}) {
+        for (const bool cluster : {false, true}) v[i++] = {stages, cluster, min_slice, row_tiles};
+      }
+    }
+  }
+  return v;
+}();
 
 // Token buckets (one token; one 8-token tile; two), each timed at its largest M.
 constexpr std::array<int64_t, 3> kBucketTokens{1, 8, 16};
 int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
 
-// device, N, K, bits, group size, token bucket, and the knobs the variants were timed under (min slice,
-// row tiles): a choice measured under other split-K knobs does not carry over.
-using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int, int64_t, int64_t>;
+// device, N, K, bits, group size, token bucket.
+using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int>;
 Key key(int device, GroupShape shape, int b) {
-  return {device, shape.N, shape.K, shape.bits, shape.group_size, b, tuning(Knob::DecodeGemmMinSlice),
-          tuning(Knob::DecodeGemmRowTiles)};
+  return {device, shape.N, shape.K, shape.bits, shape.group_size, b};
 }
 
 // The table of choices, read by every decode call and written by the tuner (any thread).
@@ -64,11 +77,7 @@ cuda::DecodeTuning knob_tuning() {
           tuning(Knob::DecodeGemmCluster) != 0};
 }
 
-cuda::DecodeTuning with_variant(cuda::DecodeTuning t, Variant v) {
-  t.stages = v.stages;
-  t.cluster_reduce = v.cluster;
-  return t;
-}
+cuda::DecodeTuning with_variant(Variant v) { return {v.min_slice, v.row_tiles, v.stages, v.cluster}; }
 
 // The fastest variant at M tokens. Each variant's 10 back-to-back calls are captured in a CUDA graph
 // on a side stream (eager calls at these sizes would time the host's dispatch, not the kernel; a decode
@@ -82,10 +91,12 @@ Variant fastest(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& 
   const c10::cuda::CUDAStreamGuard on_side(side);
   std::array<std::unique_ptr<at::cuda::CUDAGraph>, kVariants.size()> graphs;
   for (size_t v = 0; v < kVariants.size(); ++v) {
-    const cuda::DecodeTuning t = with_variant(knob_tuning(), kVariants[v]);
+    const cuda::DecodeTuning t = with_variant(kVariants[v]);
     decode_matmul(a, w, scale, zero, at::Tensor(), shape, t);
     graphs[v] = std::make_unique<at::cuda::CUDAGraph>();
-    graphs[v]->capture_begin();
+    // One memory pool for all: each graph's split-K partials are freed by its capture's end, so the
+    // next reuses them (36 private pools would hold 36 sets at once).
+    graphs[v]->capture_begin(v == 0 ? at::cuda::MempoolId_t{0, 0} : graphs[0]->pool());
     for (int call = 0; call < 10; ++call) decode_matmul(a, w, scale, zero, at::Tensor(), shape, t);
     graphs[v]->capture_end();
     graphs[v]->replay();  // warm
@@ -118,19 +129,20 @@ cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
   const cuda::DecodeTuning knobs = knob_tuning();
   if (tuning(Knob::DecodeGemmAutotune) == 0) return knobs;
   const std::optional<Variant> v = measured(key(device, shape, bucket(M)));
-  return v ? with_variant(knobs, *v) : knobs;
+  return v ? with_variant(*v) : knobs;
 }
 #endif
 
-std::pair<int, bool> decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size,
-                                        int64_t M) {
+DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t M) {
 #ifdef QATEXT_WITH_CUDA
   const GroupShape shape = make_shape("qatext.decode_gemm_choice", N, K, bits, group_size);
-  if (const std::optional<Variant> v = measured(key(device, shape, bucket(M)))) return {v->stages, v->cluster};
+  if (const std::optional<Variant> v = measured(key(device, shape, bucket(M)))) {
+    return {v->stages, v->cluster, v->min_slice, v->row_tiles};
+  }
 #else
   (void)device, (void)N, (void)K, (void)bits, (void)group_size, (void)M;
 #endif
-  return {0, false};
+  return {0, false, 0, 0};
 }
 
 void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,

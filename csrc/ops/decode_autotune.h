@@ -1,17 +1,17 @@
-// The decode kernel's per-shape tuning: its ring depth and split-K reduction measured once per device,
-// weight shape and token bucket (decode_autotune.cpp), and the decode path that it times.
+// The decode kernel's per-shape tuning: its ring depth, split-K reduction and split-K shape measured
+// once per device, weight shape and token bucket (decode_autotune.cpp), and the decode path that it times.
 #pragma once
 
-#include <utility>
+#include <tuple>
 
 #include "ops/common.h"
 
 namespace qatext::ops {
 
 #ifdef QATEXT_WITH_CUDA
-// The decode kernel's tuning for a call of M tokens: the knobs, with the ring depth and split-K
-// reduction that tune_decode_gemm measured fastest for this shape on this device, where it did (and
-// decode_gemm_autotune is on). Reads a table; never times anything.
+// The decode kernel's tuning for a call of M tokens: what tune_decode_gemm measured fastest for this
+// shape on this device where it did (and decode_gemm_autotune is on), else the knobs. Reads a table;
+// never times anything.
 cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M);
 
 // dequant_matmul_tiled's decode path (tile_ops.cpp): a [M, K] 16-bit, w the tiled codes, scale and
@@ -22,16 +22,17 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
 
 // Times the decode kernel's variants on this weight (random activations of 1, 8 and 16 tokens, each
 // bucket up to decode_gemm_max_m) and keeps the fastest per bucket for every later call on a weight of
-// this shape under the same split-K knobs (decode_gemm_min_slice, decode_gemm_row_tiles). Synchronises
-// the GPU, so it runs where a layer takes its decode layout, not in a forward.
+// this shape: 4 or 8 stages, cluster or partials, 4, 8 or 16 tiles a K slice, at most 1, 2 or 4 row
+// tiles a warp (36 settings). Synchronises the GPU, so it runs where a layer takes its decode layout,
+// not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
 // measured, or with decode_gemm_autotune off.
 void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                       int64_t group_size, int64_t in_features);
 
-// What tune_decode_gemm chose for a weight of this shape at M tokens on a device: {stages, cluster},
-// or {0, false} where it has not measured one (the knobs then rule).
-std::pair<int, bool> decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size,
-                                        int64_t M);
+// What tune_decode_gemm chose for a weight of this shape at M tokens on a device: {stages, cluster,
+// min slice, row tiles}, or {0, false, 0, 0} where it has not measured one (the knobs then rule).
+using DecodeChoice = std::tuple<int, bool, int64_t, int>;
+DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t M);
 
 }  // namespace qatext::ops

@@ -35,8 +35,9 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
      "Decode split-K of at most 8 slices summed in a thread-block cluster (sm_90, where the grid's clusters are "
      "all resident), else through global partials and a counter."},
     {"decode_gemm_autotune", 1, 0, 1,
-     "Decode ring depth and split-K reduction as measured fastest for the weight's shape by tune_decode_gemm "
-     "(run where a layer takes its decode layout), in place of decode_gemm_stages / decode_gemm_cluster."},
+     "Decode ring depth, split-K reduction and split-K shape as measured fastest for the weight's shape by "
+     "tune_decode_gemm (run where a layer takes its decode layout), in place of decode_gemm_stages / _cluster / "
+     "_min_slice / _row_tiles (which rule shapes not measured)."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
 }};
