@@ -4,6 +4,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -35,3 +37,16 @@ def test_host_time_is_the_time_inside_one_call():
 
     us = timing.host_time_us(fn, warmup=1, repeats=5)
     assert len(calls) == 6 and 2000 <= us < 20000
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cold_cycles_copies_past_twice_the_l2():
+    w = torch.ones(4 << 20, device="cuda")  # 16 MB
+    seen = []
+    fn = timing.cold(lambda t: seen.append(t.data_ptr()), w)
+    for _ in range(130):
+        fn()
+    copies, l2 = len(set(seen)), torch.cuda.get_device_properties(w.device).L2_cache_size
+    assert copies >= 2 and (copies * w.nbytes >= 2 * l2 or copies == 64)
+    assert seen[:copies] == seen[copies:2 * copies]  # cycled in order: each call's weight the least recent
