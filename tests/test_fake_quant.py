@@ -5,6 +5,7 @@ import torch
 
 from conftest import DTYPES, random_qparams
 from qatext import ops, reference
+from qatext.nn.quant_linear import MIN_SCALE
 
 # (N, K, group_size): odd N, K a multiple of the group but not of 64, tiny and larger shapes.
 SHAPES = [(1, 32, 32), (7, 96, 32), (5, 100, -1), (33, 192, 64), (17, 256, 128), (65, 512, 256), (3, 160, 160),
@@ -135,3 +136,4 @@ def test_trained_scale_and_zero_enter_clamped_and_rounded(device, shape):
     for leaf, g in zip(raw, want):
         torch.testing.assert_close(leaf.grad, g, rtol=0, atol=0)
     assert torch.isfinite(out).all()
+    assert MIN_SCALE == reference.MIN_SCALE == 1e-6  # the layer's positive(), the oracle and the kernels agree
