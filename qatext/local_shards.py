@@ -87,6 +87,9 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     if not params:
         return torch.zeros(())
     sharded = _row_sharded([p.grad for p in params])
+    dtensor = _dtensor_type()
+    if not sharded and dtensor is not None and any(isinstance(p.grad, dtensor) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)  # other layouts: DTensor's own reductions
     grads = [_local(p.grad) for p in params]
     nonempty = [g for g in grads if g.numel()]  # a small parameter may have no rows on this rank
     sq = torch.zeros((), device=grads[0].device, dtype=torch.float32)

@@ -82,3 +82,22 @@ def test_clip_of_mixed_dtypes_matches_torch(device):
 def test_clip_without_gradients_is_zero():
     p = nn.Parameter(torch.randn(3))
     assert local_shards.clip_grad_norm([p], 1.0).item() == 0.0
+
+
+def test_clip_of_other_dtensor_layouts_takes_torch_path(one_rank_mesh, monkeypatch):
+    """Replicated (not row-sharded) DTensor gradients: torch's clip, with DTensor's reductions (one rank's
+    local tensor is the whole one here, so the call itself is what is checked)."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    torch_clip, calls = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, n: calls.append(n) or torch_clip(ps, n))
+
+    plain = nn.Parameter(torch.randn(6, 4))
+    plain.grad = torch.randn(6, 4) * 3
+    rep = nn.Parameter(distribute_tensor(plain.detach().clone(), one_rank_mesh, [Replicate()]))
+    rep.grad = distribute_tensor(plain.grad.clone(), one_rank_mesh, [Replicate()])
+    ref_norm = torch_clip([plain], 1.0)
+    norm = local_shards.clip_grad_norm([rep], 1.0)
+    assert calls == [1.0]
+    torch.testing.assert_close(norm.full_tensor() if hasattr(norm, "full_tensor") else norm, ref_norm)
+    torch.testing.assert_close(rep.grad.full_tensor(), plain.grad)
