@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 
 import torch
 
@@ -24,7 +23,7 @@ from qatext.methods.common import layer_params
 from qatext.train import train
 import peers
 from llama7b import llama_7b
-from timing import StepClock
+from timing import StepClock, emit
 
 # method -> (QuantLinear mode, layer options, trained parameter names, learning rate)
 SETUPS = {
@@ -103,10 +102,7 @@ def main():
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,
               "forward_gpu_ms": forward_gpu_ms,
               "trained_params_M": sum(p.numel() for p in params) / 1e6, "loss": history}
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

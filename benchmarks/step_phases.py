@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import time
 
 import torch
 from bench_step import METHODS, build
+from timing import emit
 
 import qatext
 from qatext import local_shards
@@ -80,10 +80,7 @@ def main():
     medians = {k: round(statistics.median(r[k] for r in rows[2:]), 2) for k in rows[0]}
     result = {"method": args.method, "frozen_qparams": args.frozen_qparams, "device": args.device,
               "layers": args.layers, "seq_len": args.seq_len, **medians}
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

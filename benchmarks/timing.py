@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import time
 
@@ -83,6 +84,14 @@ def host_time_us(fn, warmup=3, repeats=20) -> float:
         times.append((time.perf_counter() - t0) * 1e6)
     sync()
     return statistics.median(times)
+
+
+def emit(result: dict, out: str | None) -> None:
+    """A benchmark's result: one JSON line on stdout, and the file `out` (indented) when given."""
+    print(json.dumps(result))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def cold(call, *weights):
