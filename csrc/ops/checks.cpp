@@ -59,11 +59,17 @@ void check_scale_values(const char* op, const at::Tensor& scale) {
   TORCH_CHECK_VALUE(ok, op, ": scale must be positive and finite (found a value <= 0, NaN or inf)");
 }
 
-GroupShape check_qparams(const char* op, const at::Tensor& scale, const at::Tensor& zero, int64_t N, int64_t K,
-                         int64_t bits, int64_t group_size) {
+GroupShape check_qparam_shapes(const char* op, const at::Tensor& scale, const at::Tensor& zero, int64_t N,
+                               int64_t K, int64_t bits, int64_t group_size) {
   const GroupShape shape = make_shape(op, N, K, bits, group_size);
   check_group_param(op, "scale", scale, shape);
   check_group_param(op, "zero", zero, shape);
+  return shape;
+}
+
+GroupShape check_qparams(const char* op, const at::Tensor& scale, const at::Tensor& zero, int64_t N, int64_t K,
+                         int64_t bits, int64_t group_size) {
+  const GroupShape shape = check_qparam_shapes(op, scale, zero, N, K, bits, group_size);
   check_scale_values(op, scale);
   return shape;
 }

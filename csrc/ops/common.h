@@ -80,8 +80,11 @@ GroupShape make_shape(const char* op, int64_t N, int64_t K, int64_t bits, int64_
 void check_group_param(const char* op, const char* name, const at::Tensor& t, const GroupShape& shape);
 void check_scale_values(const char* op, const at::Tensor& scale);
 
-// Checks scale and zero are float [N, K / group_size] and scale is positive and finite;
-// returns the shape.
+// Checks scale and zero are float [N, K / group_size]; returns the shape. For ops whose kernels keep a
+// trained scale positive themselves (trained_scale in core/quant_math.h).
+GroupShape check_qparam_shapes(const char* op, const at::Tensor& scale, const at::Tensor& zero, int64_t N,
+                               int64_t K, int64_t bits, int64_t group_size);
+// check_qparam_shapes, and scale is positive and finite.
 GroupShape check_qparams(const char* op, const at::Tensor& scale, const at::Tensor& zero, int64_t N, int64_t K,
                          int64_t bits, int64_t group_size);
 

@@ -11,11 +11,7 @@ GroupShape check_weight(const char* op, const at::Tensor& w, const at::Tensor& s
   check_float(op, "w", w);
   check_dim(op, "w", w, 2);
   check_same_device(op, {{"w", &w}, {"scale", &scale}, {"zero", &zero}});
-  // No check of the scale's values: the kernels clamp a trained scale to kMinScale themselves.
-  const GroupShape shape = make_shape(op, w.size(0), w.size(1), bits, group_size);
-  check_group_param(op, "scale", scale, shape);
-  check_group_param(op, "zero", zero, shape);
-  return shape;
+  return check_qparam_shapes(op, scale, zero, w.size(0), w.size(1), bits, group_size);
 }
 
 }  // namespace
