@@ -2,7 +2,8 @@
 7B-shaped model. A phase whose host time equals its GPU time is host-bound (the GPU waits for the
 launches); one whose GPU time is longer is GPU-bound. bench_step.py says how fast a step is; this says
 which phase is lost to the host, and profile_step.py which ops. The loop is qatext.train's: AdamW
-(betas 0.9, 0.95), zero_grad(set_to_none), one loss.item() a step, local_shards.clip_grad_norm.
+with the method's recipe (betas, weight decay, clip), zero_grad(set_to_none), one loss.item() a step,
+local_shards.clip_grad_norm.
 
     python benchmarks/step_phases.py --method full_qat
     python benchmarks/step_phases.py --method full_qat --frozen-qparams   # scales and zeros not trained
@@ -21,7 +22,7 @@ from bench_step import METHODS, build
 from timing import emit
 
 import qatext
-from qatext import local_shards
+from qatext import local_shards, methods
 from qatext.evaluate import causal_lm_loss
 
 PHASES = ("forward", "backward", "loss_item", "clip", "adamw")
@@ -40,13 +41,14 @@ def main():
     if args.steps < 3:
         p.error(f"--steps must be at least 3 (2 warm-up steps and one timed), got {args.steps}")
     qatext.set_value_checks(False)
-    model, params, _, lr = build(args.method, args.layers, args.device)
+    model, params, recipe, lr = build(args.method, args.layers, args.device)
+    cfg = methods.default_config(recipe)  # the optimiser and clip qatext.train uses for this method
     if args.frozen_qparams:
         for name, param in model.named_parameters():
             if name.endswith((".scale", ".zero")):
                 param.requires_grad_(False)
         params = [q for q in params if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     tokens = torch.randint(0, model.config.vocab_size, (1, args.seq_len + 1), device=args.device)
     on_gpu = torch.device(args.device).type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -66,7 +68,7 @@ def main():
         loss = timed(lambda: causal_lm_loss(model, tokens))
         timed(lambda: (opt.zero_grad(set_to_none=True), loss.backward()))  # noqa: B023 (called at once)
         timed(loss.item)
-        timed(lambda: local_shards.clip_grad_norm(params, 1.0))
+        timed(lambda: local_shards.clip_grad_norm(params, cfg.clip) if cfg.clip else None)
         timed(opt.step)
         if events:
             events[-1].record()
