@@ -153,20 +153,23 @@ __device__ __forceinline__ void decode_fragment(uint32_t word, uint32_t hi, int 
       uint32_t v = and_or(word >> (2 * (r + 4 * (j % kStepsPerWord))), mask, base);
       const int hb = r + 4 * j;  // the high bits' position in the 1-bit plane word, moved to bit 2
       v = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v);
-      a[r] = Native<T>::sub2(v, base);
+      a[r] = Native<T>::fold_base ? v : Native<T>::sub2(v, base);
     } else {
-      a[r] = Native<T>::sub2(and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base), base);
+      const uint32_t v = and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base);
+      a[r] = Native<T>::fold_base ? v : Native<T>::sub2(v, base);
     }
   }
 }
 
-// At a group's end, fold its sums into the output, out += s * sum_k x q - z * s * sum_k x, and clear them.
-template <int MT, int NT>
+// At a group's end, fold its sums into the output, out += s * sum_k x q - z * s * sum_k x, and clear them
+// (where the mma took base + q, base joins the zero: out += s * sum_k x (base + q) - (z + base) * s * sum_k x).
+template <typename T, int MT, int NT>
 __device__ __forceinline__ void fold_group(const float (&s)[NT][2], const float (&z)[NT][2], float (&accq)[MT][NT][4],
                                            float (&accx)[MT][4], float (&out)[MT][NT][4]) {
+  constexpr float folded = Native<T>::fold_base ? Native<T>::base : 0.f;
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
-    const float nzs0 = -z[i][0] * s[i][0], nzs1 = -z[i][1] * s[i][1];
+    const float nzs0 = -(z[i][0] + folded) * s[i][0], nzs1 = -(z[i][1] + folded) * s[i][1];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       out[mt][i][0] += s[i][0] * accq[mt][i][0] + nzs0 * accx[mt][0];
@@ -348,7 +351,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       }
       // At a group's end fold the sums into the output: s * sum x q - z * s * sum x.
       const bool group_ends = t + 1 == group_end;
-      if (group_ends) fold_group<MT, NT>(s, z, accq, accx, out);
+      if (group_ends) fold_group<T, MT, NT>(s, z, accq, accx, out);
       if (group_ends) {
         ++group;
         group_end = min(t_end, group_end + args.tiles_per_group);

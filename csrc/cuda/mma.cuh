@@ -17,12 +17,15 @@ template <typename T>
 struct Native;
 // code_base: a code q masked into the mantissa of code_base is exactly base + q (base = 128 for bf16,
 // 1024 for fp16), and subtracting base in 16 bits is exact too. ones: the pair (1, 1).
-// (Feeding base + q to the mma and subtracting base * sum_k x in the epilogue saves that instruction,
-// but the large common term costs fp32 bits in the tensor cores' sums: fp16 results drifted by
-// ~0.003 at K = 4096, more than one output ulp, so it is not done.)
+// fold_base: the mma takes base + q as it is and the epilogue subtracts base * s * sum_k x with the
+// zero term, one 16-bit subtraction a code pair fewer. Only for bf16: the common term costs fp32 bits in
+// the tensor cores' sums in proportion to base, and fp16's (1024) drifted its results by ~0.003 at
+// K = 4096, more than one fp16 output ulp; bf16's base is 8x smaller and its output ulp 8x coarser.
 template <>
 struct Native<c10::BFloat16> {
   static constexpr uint32_t code_base = 0x43004300u;
+  static constexpr bool fold_base = true;
+  static constexpr float base = 128.f;
   static constexpr uint32_t ones = 0x3F803F80u;
   static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
     const __nv_bfloat162 r =
@@ -40,6 +43,8 @@ struct Native<c10::BFloat16> {
 template <>
 struct Native<c10::Half> {
   static constexpr uint32_t code_base = 0x64006400u;
+  static constexpr bool fold_base = false;
+  static constexpr float base = 1024.f;
   static constexpr uint32_t ones = 0x3C003C00u;
   static __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
     const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
