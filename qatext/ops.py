@@ -103,7 +103,8 @@ def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size:
     """LR-QAT's W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z).
 
     ``p`` holds P in code space: packed b-bit codes (``frac_bits=0``) or uint8 fixed point with
-    ``frac_bits`` fractional bits (Q4.4 is ``bits=4, frac_bits=4``). Backward to a, b and scale.
+    ``frac_bits`` fractional bits (Q4.4 is ``bits=4, frac_bits=4``). Backward to a, b and scale; the
+    trained scale enters as max(s, 1e-6), straight-through.
     """
     return _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
 

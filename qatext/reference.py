@@ -193,9 +193,10 @@ def lrqat_p_values(p, bits: int, frac_bits: int, in_features: int) -> torch.Tens
 
 
 def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int):
-    """W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z); differentiable in A, B, s."""
+    """W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z); differentiable in A, B, s. The trained s
+    enters as max(s, MIN_SCALE), straight-through."""
     k = b.shape[1]
     u = lrqat_p_values(p, bits, frac_bits, k) + lora_scale * (a.float() @ b.float())
     q = _grouped(clamp_ste(ste_round(u), 0, qmax(bits)), group_size)
-    w = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    w = (q - zero.float().unsqueeze(-1)) * ste_clamp_min(scale.float(), MIN_SCALE).unsqueeze(-1)
     return w.reshape(a.shape[0], k).to(a.dtype)

@@ -71,3 +71,26 @@ def test_cuda_matches_cpu_up_to_rounding_ties():
     step = scale.repeat_interleave(128, dim=1)
     assert (diff > 1e-6).float().mean() < 1e-3
     assert torch.all(diff <= step * 1.0001)
+
+
+@pytest.mark.parametrize("fn", [ops.lrqat_weight, "linear"])
+def test_trained_scale_enters_clamped_straight_through(device, fn):
+    """An optimiser step past zero: the ops compute with max(s, 1e-6) and pass the scale's gradient
+    straight through, the same values and gradients as given the clamped scale."""
+    p, a, b, scale, zero = _inputs(9, 128, 4, 4, 64, 0, torch.float32, device)
+    scale[0, 0], scale[3, 1] = -0.5, 0.0
+    x = torch.randn(3, 128, device=device)
+
+    def run(s):
+        s = s.clone().requires_grad_()
+        if fn == "linear":
+            out = ops.lrqat_linear(x, p, a, b, s, zero, 0.5, 4, 64, 0)
+        else:
+            out = fn(p, a, b, s, zero, 0.5, 4, 64, 0)
+        out.sum().backward()
+        return out, s.grad
+
+    (got, got_grad), (want, want_grad) = run(scale), run(scale.clamp(min=1e-6))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+    assert torch.isfinite(got).all()

@@ -22,7 +22,7 @@ void lrqat_weight_forward(const uint8_t* p, const float* ab, const float* scale,
         const int64_t i = n * shape.K + k, ng = n * G + k / shape.group_size;
         const LrqatCode c =
             lrqat_code(read_p(p + n * row_bytes, k, shape.bits, frac_bits), ab[i], lora_scale, qmax);
-        out[i] = T((c.q - zero[ng]) * scale[ng]);
+        out[i] = T((c.q - zero[ng]) * trained_scale(scale[ng]));
       }
     }
   });
@@ -35,7 +35,7 @@ void lrqat_weight_backward(const T* grad_w, const uint8_t* p, const float* ab, c
   const float qmax = qmax_for_bits(shape.bits);
   const int64_t row_bytes = p_row_bytes(shape.K, shape.bits, frac_bits);
   parallel_groups(shape, [&](int64_t ng, int64_t n, int64_t k0) {
-    const float s = scale[ng], z = zero[ng];
+    const float s = trained_scale(scale[ng]), z = zero[ng];
     float ds = 0.f;
     for (int64_t k = k0; k < k0 + shape.group_size; ++k) {
       const int64_t i = n * shape.K + k;

@@ -20,7 +20,7 @@ __global__ void lrqat_forward_kernel(const uint8_t* __restrict__ p, const float*
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = i / shape.K, k = i % shape.K, ng = n * G + k / shape.group_size;
     const LrqatCode c = lrqat_code(read_p(p + n * row_bytes, k, shape.bits, frac_bits), ab[i], lora_scale, qmax);
-    out[i] = T((c.q - zero[ng]) * scale[ng]);
+    out[i] = T((c.q - zero[ng]) * trained_scale(scale[ng]));
   }
 }
 
@@ -33,7 +33,7 @@ __global__ void lrqat_backward_kernel(const T* __restrict__ grad_w, const uint8_
   const int64_t ng = blockIdx.x, G = shape.groups();
   const int64_t n = ng / G, k0 = (ng % G) * shape.group_size;
   const uint8_t* row = p + n * p_row_bytes(shape.K, shape.bits, frac_bits);
-  const float s = scale[ng], z = zero[ng];
+  const float s = trained_scale(scale[ng]), z = zero[ng];
   float ds = 0.f;
   for (int64_t k = k0 + threadIdx.x; k < k0 + shape.group_size; k += kThreads) {
     const int64_t i = n * shape.K + k;

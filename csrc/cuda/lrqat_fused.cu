@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
 #pragma unroll
     for (int gi = 0; gi < GPT; ++gi) {
       const int64_t idx = rows[h] * args.G + (k0 + gi * (kTileCols / GPT)) / args.group_size;
-      s[h][gi] = __ldg(args.scale + idx), z[h][gi] = __ldg(args.zero + idx), ds[h][gi] = 0.f;
+      s[h][gi] = trained_scale(__ldg(args.scale + idx)), z[h][gi] = __ldg(args.zero + idx), ds[h][gi] = 0.f;
     }
   }
 

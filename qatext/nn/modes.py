@@ -83,7 +83,7 @@ class LRQATLinear(QuantLinear, mode="lrqat"):
         return self.p.float() / (1 << self.frac_bits)
 
     def quantized_weight(self):
-        return ops.lrqat_weight(self.p, self.lora_a, self.lora_b, positive(self.scale), self.zero, self.lora_scale,
+        return ops.lrqat_weight(self.p, self.lora_a, self.lora_b, self.scale, self.zero, self.lora_scale,
                                 self.spec.bits, self.group_size, self.frac_bits)
 
     def _forward(self, x):
@@ -92,7 +92,8 @@ class LRQATLinear(QuantLinear, mode="lrqat"):
         # process's bf16 model has them, so the tensor-core kernels apply; gradients flow back in fp32.
         half = x.dtype in (torch.bfloat16, torch.float16)
         a, b = (self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)) if half else (self.lora_a, self.lora_b)
-        return ops.lrqat_linear(x, self.p, a, b, positive(self.scale), self.zero, self.lora_scale, self.spec.bits,
+        # The kernels keep the trained scale >= MIN_SCALE (straight-through): no clamp ops a forward.
+        return ops.lrqat_linear(x, self.p, a, b, self.scale, self.zero, self.lora_scale, self.spec.bits,
                                 self.group_size, self.frac_bits, self.bias)
 
     def _merged(self):
