@@ -23,9 +23,7 @@ GroupShape check_lrqat(const char* op, const at::Tensor& p, const at::Tensor& a,
                    " and ", b.scalar_type());
   check_same_device(op, {{"p", &p}, {"a", &a}, {"b", &b}, {"scale", &scale}, {"zero", &zero}});
   // No check of the scale's values: the kernels clamp the trained scale to kMinScale themselves.
-  const GroupShape shape = make_shape(op, a.size(0), b.size(1), bits, group_size);
-  check_group_param(op, "scale", scale, shape);
-  check_group_param(op, "zero", zero, shape);
+  const GroupShape shape = check_qparam_shapes(op, scale, zero, a.size(0), b.size(1), bits, group_size);
   TORCH_CHECK_VALUE(frac_bits >= 0 && frac_bits <= 8 - bits, op, ": frac_bits must be in 0..", 8 - bits,
                     " for bits=", bits, " (0: packed codes, >0: uint8 fixed point), got ", frac_bits);
   check_packed(op, "p", p, shape.N, p_row_bytes(shape.K, int(bits), int(frac_bits)));
