@@ -44,13 +44,16 @@ def main():
                         help="this weight shape instead (repeatable), e.g. --nk 12288 4096 for q/k/v as one GEMM")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--group-size", type=int, default=128, help="a multiple of 64, or -1 for one group a row")
     args = timing.start(parser)
+    if args.group_size != -1 and (args.group_size <= 0 or args.group_size % 64 != 0):
+        parser.error(f"--group-size: expected a positive multiple of 64 or -1 (one group a row), got {args.group_size}")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     for n, k in args.nk or SHAPES[: args.shapes]:
-        g = 128
+        g = k if args.group_size == -1 else args.group_size
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for bits in args.bits:
             packed, scale, zero = random_weight(n, k, bits, g)
