@@ -1,5 +1,6 @@
 """benchmarks/timing.py's op table: each op's calls and time per call of the profiled function."""
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,3 +50,11 @@ def test_cold_cycles_copies_past_twice_the_l2():
     copies, l2 = len(set(seen)), torch.cuda.get_device_properties(w.device).L2_cache_size
     assert copies >= 2 and (copies * w.nbytes >= 2 * l2 or copies == 64)
     assert seen[:copies] == seen[copies:2 * copies]  # cycled in order: each call's weight the least recent
+
+
+@pytest.mark.parametrize("group_size", ["100", "0"])
+def test_bench_decode_refuses_a_group_size_the_layout_cannot_take(group_size):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    run = subprocess.run([sys.executable, str(script), "--group-size", group_size], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"--group-size: expected a positive multiple of 64 or -1 (one group a row), got {group_size}" in run.stderr
