@@ -293,8 +293,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       cp_async_commit();
     };
 
-    // Scales and zeros of rows g and g + 8 of each tile for the current group, loaded a group ahead
-    // of their use at the group's end.
+    // Scales and zeros of rows g and g + 8 of each tile for the current group and the next, loaded two
+    // groups ahead of their use at a group's end (one group ahead, the load's DRAM round trip was
+    // only as long as a group's two tiles of compute).
     const float* sp[NT];
     const float* zp[NT];
 #pragma unroll
@@ -303,19 +304,20 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       zp[i] = args.zero + int64_t((nt0 + i) * kTileRows + g) * args.G;
     }
     const int row8 = 8 * args.G;
-    float s[NT][2], z[NT][2];
-    const auto load_qparams = [&](int group) {
+    float s[NT][2], z[NT][2], s_next[NT][2] = {}, z_next[NT][2] = {};
+    const auto load_qparams = [&](int group, float (&sv)[NT][2], float (&zv)[NT][2]) {
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
-        s[i][0] = __ldg(sp[i] + group);
-        z[i][0] = __ldg(zp[i] + group);
-        s[i][1] = __ldg(sp[i] + row8 + group);
-        z[i][1] = __ldg(zp[i] + row8 + group);
+        sv[i][0] = __ldg(sp[i] + group);
+        zv[i][0] = __ldg(zp[i] + group);
+        sv[i][1] = __ldg(sp[i] + row8 + group);
+        zv[i][1] = __ldg(zp[i] + row8 + group);
       }
     };
     int group = t_begin / args.tiles_per_group;
     int group_end = min(t_end, (group + 1) * args.tiles_per_group);
-    load_qparams(group);
+    load_qparams(group, s, z);
+    if (group_end < t_end) load_qparams(group + 1, s_next, z_next);
 
     float accq[MT][NT][4], accx[MT][4];  // sum_k x q and sum_k x over the current group
 #pragma unroll
@@ -355,7 +357,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       if (group_ends) {
         ++group;
         group_end = min(t_end, group_end + args.tiles_per_group);
-        if (t + 1 < t_end) load_qparams(group);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          s[i][0] = s_next[i][0], s[i][1] = s_next[i][1], z[i][0] = z_next[i][0], z[i][1] = z_next[i][1];
+        }
+        if (group_end < t_end) load_qparams(group + 1, s_next, z_next);
       }
     };
 
