@@ -253,11 +253,15 @@ def test_ctrl_c_is_one_line_naming_the_checkpoints(tmp_path, bpe_model_dir):
             "--bits", "4", "--group-size", "32", "--steps", "100000", "--batch-size", "2", "--seq-len", "32",
             "--checkpoint-every", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A terminal's Ctrl-C: the child starts with SIGINT's default action even where this test runs as a
-    # background job, which inherits SIGINT ignored (and Python then installs no KeyboardInterrupt).
-    proc = subprocess.Popen([sys.executable, "-m", "qatext", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A terminal's Ctrl-C: the child must start with SIGINT's default action. Run as a background job, this
+    # process inherits SIGINT ignored, which exec passes on (and Python then installs no KeyboardInterrupt);
+    # a handler here is reset to the default in the child instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "qatext", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "fresh run" in proc.stdout.readline()
     deadline = time.time() + 120
     while not (tmp_path / "run" / "checkpoints" / "last.pt").exists() and time.time() < deadline:
