@@ -127,7 +127,7 @@ def timed_generate(generate: Generator, prompt, new_tokens: int, device) -> floa
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | None, device, repeats: int,
-            profile: bool = False) -> dict:
+            profile_rows: int = 0) -> dict:
     generate = Generator(model, backend)
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
     for _ in range(2):  # compile, capture the graphs, warm the caches
@@ -145,8 +145,9 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | 
             "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
             "first_token_same_as_eager": same, "model_GB": model_bytes(model) / 1e9,
             # one whole generate (its prefill included) by op: where a variant's time per token goes
-            **({"ops_per_generate": timing.profile_ops(lambda: generate(prompt, new_tokens), steps=1)}
-               if profile else {})}
+            **({"ops_per_generate": timing.profile_ops(lambda: generate(prompt, new_tokens), steps=1,
+                                                       rows=profile_rows)}
+               if profile_rows else {})}
 
 
 def main():
@@ -165,8 +166,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--also-tuning", default="", metavar="KNOB=VALUE,...",
                    help="measure each qatext variant again with these knobs (compiled anew), as a row of its own")
-    p.add_argument("--profile", action="store_true",
-                   help="also each row's ops by device time over one generate (torch.profiler), in the row")
+    p.add_argument("--profile", type=int, nargs="?", const=30, default=0, metavar="ROWS",
+                   help="also each row's ROWS most costly ops (30 when not given) by device time over one generate "
+                   "(torch.profiler), in the row")
     args = timing.start(p)
     wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
     if unknown := wanted - set(VARIANTS):

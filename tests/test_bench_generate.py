@@ -18,7 +18,7 @@ def _run(*args):
 def test_tiny_run_measures_each_variant_against_bf16(tmp_path):
     out = tmp_path / "generate.json"
     r = _run("--prompt", "8", "--new-tokens", "12", "--repeats", "3", "--batches", "1,2",
-             "--variants", "qatext W4 g128,qatext W2 g64", "--profile", "--out", str(out))
+             "--variants", "qatext W4 g128,qatext W2 g64", "--profile", "1000", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(row["variant"], row["batch"]) for row in rows] == [
@@ -28,6 +28,7 @@ def test_tiny_run_measures_each_variant_against_bf16(tmp_path):
         assert row["decode_tokens_per_s"] > 0 and row["time_to_first_token_s"] > 0
         assert row["first_token_same_as_eager"] == 1.0
         ops = {op["op"]: op for op in row["ops_per_generate"]}
+        # Every op (a table of the 30 costliest could leave the cheap lookup out on a busy machine).
         assert ops["aten::embedding"]["calls"] == 12  # the prefill and 11 decode steps, one lookup each
     w4, w2, bf16 = (next(r["model_GB"] for r in rows if r["variant"] == v) for v in
                     ("qatext W4 g128", "qatext W2 g64", "bf16"))
