@@ -1,6 +1,6 @@
 """Small dequant-GEMM workload for compute-sanitizer (memcheck / racecheck): the fused kernel at every
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
-and the decode kernel on the tiled layout (1 and 2 token tiles, several token blocks, a partial column
+and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, 2 and 4 row tiles per warp,
 rings of 4 and 8 stages)."""
 
@@ -26,7 +26,8 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
 # (4352 rows in 1-tile slices: 4 row tiles per warp, a partial last column block.)
 for (n, k, g), min_slice, stages, cluster in itertools.product(
         [(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)], (1, 8), (4, 8), (0, 1)):
-    qatext.set_tuning(decode_gemm_min_slice=min_slice, decode_gemm_stages=stages, decode_gemm_cluster=cluster)
+    qatext.set_tuning(decode_gemm_max_m=64, decode_gemm_min_slice=min_slice, decode_gemm_stages=stages,
+                      decode_gemm_cluster=cluster)
     for bits in (2, 3, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
         tiled = ops.tile_packed(packed, bits, k)

@@ -28,7 +28,7 @@ def _weight(n, k, bits, g):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k,g", [(128, 256, 64), (256, 512, 128), (48, 192, -1), (384, 1024, 256), (1040, 128, 64),
                                    (128, 64, -1), (64, 4096, 128)])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 17, 32, 40, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference(bits, n, k, g, m, dtype):
     packed, tiled, scale, zero = _weight(n, k, bits, g)
@@ -86,7 +86,7 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
 @pytest.mark.parametrize("n,min_slice,g", [(1088, 1, 128), (1088, 3, 128), (1088, 3, 256), (1088, 64, 128),
                                            (4352, 1, 128), (1088, 7, -1), (1088, 2, 64)])
-@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("m", [1, 7, 16, 29])
 def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, row_tiles, stages, cluster):
     """From one-wave split-K (64 slices of one tile here) to one slice, with 1, 2 or 4 row tiles per
     warp allowed (4352 rows with single-tile slices fill the grid with 4: a partial last column block);

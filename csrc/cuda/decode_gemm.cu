@@ -444,12 +444,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 struct Config {
   int mt, nt, stages;
 };
-// The most row tiles per warp allowed that divide N (4 only with one token tile: registers).
+// The most row tiles per warp allowed that divide N (4 only with one token tile: registers). Four
+// token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
+// decode it twice; their ring has 4 stages (8 would not fit in shared memory).
 Config widest_config(int64_t M, int64_t N, DecodeTuning tuning) {
-  const int mt = M <= 8 ? 1 : 2;
+  const int mt = M <= 8 ? 1 : M <= 16 ? 2 : 4;
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
-  return {mt, nt, tuning.stages >= 8 ? 8 : 4};
+  return {mt, nt, tuning.stages >= 8 && mt < 4 ? 8 : 4};
 }
 
 template <typename T, int BITS, int MT, int NT, int S>
@@ -482,7 +484,10 @@ auto with_instance(int bits, Config cfg, F&& f) {
     if (cfg.mt == 1) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 1, 2>() : with_stages.template operator()<BITS, 1, 1>();
     }
-    return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
+    if (cfg.mt == 2) {
+      return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
+    }
+    return cfg.nt == 2 ? f.template operator()<BITS, 4, 2, 4>() : f.template operator()<BITS, 4, 1, 4>();
   });
 }
 
