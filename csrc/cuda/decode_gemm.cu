@@ -293,9 +293,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       cp_async_commit();
     };
 
-    // Scales and zeros of rows g and g + 8 of each tile for the current group and the next, loaded two
-    // groups ahead of their use at a group's end (one group ahead, the load's DRAM round trip was
-    // only as long as a group's two tiles of compute).
+    // Scales and zeros of rows g and g + 8 of each tile, four groups at a time: lane c of a row's four
+    // lanes loads group first + c (one 16-byte run of a row per four lanes, where one group per load
+    // touched a 32-byte sector per row for 4 bytes), and a group's values reach the row's lanes by
+    // shuffles at its end. The next four are loaded when these are taken, 4-8 groups ahead of use.
     const float* sp[NT];
     const float* zp[NT];
 #pragma unroll
@@ -304,20 +305,34 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       zp[i] = args.zero + int64_t((nt0 + i) * kTileRows + g) * args.G;
     }
     const int row8 = 8 * args.G;
-    float s[NT][2], z[NT][2], s_next[NT][2] = {}, z_next[NT][2] = {};
-    const auto load_qparams = [&](int group, float (&sv)[NT][2], float (&zv)[NT][2]) {
+    float qs[NT][2], qz[NT][2], next_s[NT][2] = {}, next_z[NT][2] = {};  // this batch of four, the next
+    const auto load_batch = [&](int first, float (&sv)[NT][2], float (&zv)[NT][2]) {
+      const int q = min(first + c, args.G - 1);  // (past the last group: a duplicate, never selected)
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
-        sv[i][0] = __ldg(sp[i] + group);
-        zv[i][0] = __ldg(zp[i] + group);
-        sv[i][1] = __ldg(sp[i] + row8 + group);
-        zv[i][1] = __ldg(zp[i] + row8 + group);
+        sv[i][0] = __ldg(sp[i] + q);
+        zv[i][0] = __ldg(zp[i] + q);
+        sv[i][1] = __ldg(sp[i] + row8 + q);
+        zv[i][1] = __ldg(zp[i] + row8 + q);
       }
     };
     int group = t_begin / args.tiles_per_group;
     int group_end = min(t_end, (group + 1) * args.tiles_per_group);
-    load_qparams(group, s, z);
-    if (group_end < t_end) load_qparams(group + 1, s_next, z_next);
+    const int last_group = (t_end - 1) / args.tiles_per_group;
+    int batch = group;  // the first group of qs / qz
+    load_batch(batch, qs, qz);
+    if (batch + 4 <= last_group) load_batch(batch + 4, next_s, next_z);
+    float s[NT][2], z[NT][2];
+    const auto select = [&]() {  // group's values, from lane 4 g + (group - batch)
+      const int src = (lane & ~3) | (group - batch);
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          s[i][h] = __shfl_sync(0xffffffffu, qs[i][h], src);
+          z[i][h] = __shfl_sync(0xffffffffu, qz[i][h], src);
+        }
+    };
 
     float accq[MT][NT][4], accx[MT][4];  // sum_k x q and sum_k x over the current group
 #pragma unroll
@@ -353,15 +368,19 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       }
       // At a group's end fold the sums into the output: s * sum x q - z * s * sum x.
       const bool group_ends = t + 1 == group_end;
-      if (group_ends) fold_group<T, MT, NT>(s, z, accq, accx, out);
       if (group_ends) {
+        select();
+        fold_group<T, MT, NT>(s, z, accq, accx, out);
         ++group;
         group_end = min(t_end, group_end + args.tiles_per_group);
+        if (group - batch == 4 && group <= last_group) {
+          batch = group;
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          s[i][0] = s_next[i][0], s[i][1] = s_next[i][1], z[i][0] = z_next[i][0], z[i][1] = z_next[i][1];
+          for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) qs[i][h] = next_s[i][h], qz[i][h] = next_z[i][h];
+          if (batch + 4 <= last_group) load_batch(batch + 4, next_s, next_z);
         }
-        if (group_end < t_end) load_qparams(group + 1, s_next, z_next);
       }
     };
 
