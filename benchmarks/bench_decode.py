@@ -10,9 +10,11 @@ scales and zeros, activations and output at the copy bandwidth measured in the r
 through copies of its weight that together exceed twice the L2 cache (`timing.cold`), so each call reads
 its weight from DRAM as a decode step does.
 Knobs for the run: --tuning, e.g. --tuning decode_gemm_min_slice=4,decode_gemm_row_tiles=2.
-Each weight is tuned as a layer tunes it (ops.tune_decode_gemm): `tiled_us` is the default path, with the
+Each weight is tuned as a layer tunes it (ops.tune_decode_gemm): `tiled_us` is the decode kernel with the
 variant it chose; each variant is also timed alone (`variants_us`), so a row shows whether the default
-is the fastest.
+is the fastest. `default_path` is what a packed layer takes at M by default (the decode kernel up to the
+shape's measured crossover, the packed path above), `default_vs_best_path` its time over the faster of
+the two.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main():
             packed, scale, zero = random_weight(n, k, bits, g)
             tiled = ops.tile_packed(packed, bits, k)
             ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
+            crossover = ops.decode_gemm_crossover("cuda", n, k, bits, g)
             x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
             got = with_decode_max_m(64, lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))  # noqa: B023
             err = (got.float() - reference.dequant_matmul(x, packed, scale, zero, bits, g).float()).abs().max().item()
@@ -79,6 +82,10 @@ def main():
                         row["variants_us"][f"stages={stages},cluster={cluster}"] = with_decode_max_m(
                             max_m, lambda: gpu_time_ms(tiled_call)) * 1e3  # noqa: B023
                 row["tiled_vs_best_variant"] = row["tiled_us"] / min(row["variants_us"].values())
+                row["crossover"] = crossover
+                row["default_path"] = "tiled" if m <= crossover else "packed"
+                row["default_us"] = row["tiled_us"] if m <= crossover else row["v4_packed_us"]
+                row["default_vs_best_path"] = row["default_us"] / min(row["tiled_us"], row["v4_packed_us"])
                 # Eager back-to-back calls: bounded by host dispatch at these sizes (for the host cost).
                 row["tiled_eager_us"] = with_decode_max_m(max_m, lambda: cuda_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
@@ -90,7 +97,8 @@ def main():
                 print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {row['cublas_us']:7.1f} | v4 {row['v4_packed_us']:7.1f} | "
                       f"tiled {row['tiled_us']:7.1f} x{row['tiled_speedup_vs_cublas']:.2f} "
                       f"{row['tiled_pct_of_floor']:.0f}% floor, eager {row['tiled_eager_us']:.1f} (err {err:.2e}) | "
-                      f"{row['tiled_vs_best_variant']:.2f}x the best variant",
+                      f"{row['tiled_vs_best_variant']:.2f}x the best variant | default {row['default_path']} "
+                      f"{row['default_vs_best_path']:.2f}x the best path",
                       flush=True)
     if args.out:
         with open(args.out, "w") as f:

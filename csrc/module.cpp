@@ -52,6 +52,8 @@ PYBIND11_MODULE(_C, m) {
   // Not an op: it times kernels (and synchronises), once per shape, where a layer takes its decode layout.
   m.def("tune_decode_gemm", &qatext::ops::tune_decode_gemm, py::arg("tiled"), py::arg("scale"), py::arg("zero"),
         py::arg("bits"), py::arg("group_size"), py::arg("in_features"));
+  m.def("decode_gemm_crossover", &qatext::ops::decode_gemm_crossover, py::arg("device"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("bits"), py::arg("group_size"));
   m.def("decode_gemm_choice", &qatext::ops::decode_gemm_choice, py::arg("device"), py::arg("out_features"),
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("tokens"));
   m.def("tuning_table", [] {

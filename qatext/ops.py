@@ -66,8 +66,9 @@ def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
 def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
     """x @ deq(W)^T + bias for a weight in the tiled layout (inference: no backward).
 
-    On CUDA with 16-bit x and at most ``qatext.get_tuning("decode_gemm_max_m")`` tokens (16) this is the
-    register-direct decode kernel; otherwise the weight is untiled and takes dequant_matmul's path.
+    On CUDA with 16-bit x and at most ``decode_gemm_max_m`` tokens (by default the crossover that
+    ``tune_decode_gemm`` measured for the shape, see ``decode_gemm_crossover``) this is the register-direct
+    decode kernel; otherwise the weight is untiled and takes dequant_matmul's path.
     """
     return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
 
@@ -75,10 +76,22 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
 def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features: int) -> None:
     """Time the decode kernel's variants (ring depth, split-K reduction and shape) on this weight for 1, 8 and 16
     tokens, once per device and weight shape, and let every later decode call on that shape take the
-    fastest (``decode_gemm_autotune``). It synchronises the GPU: call it ahead of inference, as
-    ``tile_for_decode`` does; a forward never tunes. A no-op on CPU tensors and for shapes already timed.
+    fastest (``decode_gemm_autotune``); with ``decode_gemm_max_m`` at -1 (the default) also time it against
+    the packed path at 32, 64 and 128 tokens for the shape's crossover. It synchronises the GPU: call it
+    ahead of inference, as ``tile_for_decode`` does; a forward never tunes. A no-op on CPU tensors and for
+    shapes already timed.
     """
     _C.tune_decode_gemm(tiled, scale, zero, bits, group_size, in_features)
+
+
+def decode_gemm_crossover(device, out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """The token count up to which the decode kernel beat the packed path (fused kernel or dequant +
+    cuBLAS) for this weight shape on a CUDA device, as ``tune_decode_gemm`` measured it: 16, 32, 64 or
+    128; 16 where it has measured nothing. With ``decode_gemm_max_m`` at -1, packed layers and
+    ``dequant_matmul_tiled`` take the decode kernel up to this many tokens."""
+    device = torch.device(device)
+    index = 0 if device.type != "cuda" else torch.cuda.current_device() if device.index is None else device.index
+    return _C.decode_gemm_crossover(index, out_features, in_features, bits, group_size)
 
 
 def decode_gemm_choice(device, out_features: int, in_features: int, bits: int, group_size: int,

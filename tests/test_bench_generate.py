@@ -50,7 +50,7 @@ def test_tuning_knobs_for_the_run_and_a_second_measurement(tmp_path):
              "--tuning", "decode_gemm_min_slice=4", "--also-tuning", "decode_gemm_max_m=0", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["tuning"]["decode_gemm_min_slice"] == 4 and result["tuning"]["decode_gemm_max_m"] == 16
+    assert result["tuning"]["decode_gemm_min_slice"] == 4 and result["tuning"]["decode_gemm_max_m"] == -1
     assert [(row["variant"], row["tuning"]) for row in result["rows"]] == [
         ("bf16", {}), ("qatext W4 g128", {}), ("qatext W4 g128 [decode_gemm_max_m=0]", {"decode_gemm_max_m": 0})]
 

@@ -3,8 +3,10 @@ copy follows changes of `packed`, gradients keep the packed path, and bad layers
 
 import pytest
 import torch
+from conftest import knob
 
-from qatext import QuantSpec, models
+import qatext
+from qatext import QuantSpec, models, ops
 from qatext.nn import QuantLinear
 
 
@@ -69,6 +71,43 @@ def test_packed_layer_decodes_on_its_own(device):
     assert torch.is_grad_enabled()
     y = fresh(x.detach())
     assert (getattr(fresh, "tiled", None) is not None) == (device == "cuda") and not y.requires_grad
+
+
+def test_shapes_not_measured_decode_up_to_16_tokens(device):
+    """The decode kernel's crossover where nothing was timed (a CPU; a shape never tuned; tuning off) is 16
+    tokens, and decode_gemm_max_m defaults to -1: the measured crossover rules."""
+    assert qatext.get_tuning("decode_gemm_max_m") == -1
+    assert ops.decode_gemm_crossover(device, 3 * 1040, 7 * 64, 4, 64) == 16
+    layer = _packed_layer(4, n=32, k=128, device=device)
+    assert layer._decode_max_tokens(torch.device(device)) == 16
+    with knob("decode_gemm_max_m", 5):
+        assert layer._decode_max_tokens(torch.device(device)) == 5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_layer_decodes_up_to_the_measured_crossover():
+    """tile_for_decode times the decode kernel against the packed path for the weight's shape (at 32, 64
+    and 128 tokens); the layer then takes the decode kernel exactly up to the crossover, and
+    decode_gemm_max_m, where set, rules instead."""
+    from test_dequant_gemm import _kernel_names
+
+    n, k = 2048, 1024
+    layer = _packed_layer(4, n=n, k=k, device="cuda").to(torch.bfloat16)
+    layer.tile_for_decode()
+    crossover = ops.decode_gemm_crossover("cuda", n, k, 4, 64)
+    assert crossover in (16, 32, 64, 128)
+
+    def decodes(m):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            return "decode_gemm_kernel" in _kernel_names(lambda: layer(x))
+
+    assert decodes(crossover) and not decodes(crossover + 1)
+    with knob("decode_gemm_max_m", crossover + 1):
+        assert decodes(crossover + 1)
+    with knob("decode_gemm_max_m", 0):
+        assert not decodes(1)
 
 
 @pytest.mark.cuda

@@ -141,3 +141,15 @@ def test_biased_projections_and_a_second_tiling(monkeypatch, count_decode_calls)
         got = model(ids).logits
     assert count_decode_calls == [256, 128, 512, 128]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_members_decode_up_to_their_group_gemms_crossover(device):
+    """A member's decode is the group's one GEMM, so it takes the decode kernel up to the crossover measured
+    for the concatenated shape, not its own (which would send the group GEMM to its slow fallback)."""
+    model = _packed(_llama(layers=1)).to(device)
+    models.tile_for_decode(model)
+    attn = model.model.layers[0].self_attn
+    group = attn.decode_q_k_v
+    expected = ops.decode_gemm_crossover(device, sum(group.sizes), group.in_features, group.bits, group.group_size)
+    for member in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert member._decode_max_tokens(torch.device(device)) == expected

@@ -99,6 +99,11 @@ GroupShape check_packed_weight(const char* op, const at::Tensor& packed, const a
 void check_matmul_inputs(const char* op, const at::Tensor& x, const char* weight_name, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias);
 
+// dequant_matmul on arguments already checked (no data-dependent checks: usable inside graph capture).
+at::Tensor dequant_matmul_checked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                  const at::Tensor& zero, const GroupShape& shape,
+                                  const std::optional<at::Tensor>& bias);
+
 // [..., K] as [rows, K].
 inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape_symint({c10::SymInt(-1), t.sym_size(-1)}); }
 

@@ -1,12 +1,16 @@
 // Measured choice of the decode kernel's ring depth (4 or 8 stages), split-K reduction (a cluster or
-// global partials) and split-K shape (slice length, row tiles a warp) per weight shape and token bucket.
-// Which is fastest depends on the shape and the GPU (benchmarks/NOTES.md, decode GEMM version 8: each
-// wins somewhere by 10-25% and loses elsewhere), so it is timed once per device and shape ahead of
-// inference, as cuBLAS and Triton pick their kernels by measurement.
+// global partials) and split-K shape (slice length, row tiles a warp) per weight shape and token bucket,
+// and of the token count up to which the decode kernel beats the packed path (its crossover).
+// Which is fastest depends on the shape and the GPU (benchmarks/NOTES.md, decode GEMM versions 8 and
+// 13: each wins somewhere by 10-25% and loses elsewhere), so it is timed once per device and shape
+// ahead of inference, as cuBLAS and Triton pick their kernels by measurement.
 #include "ops/decode_autotune.h"
+
+#include "ops/ops.h"
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -23,6 +27,10 @@
 #endif
 
 namespace qatext::ops {
+
+// The crossover of shapes not measured: the decode kernel beat the packed path at 16 tokens on every
+// shape measured (benchmarks/NOTES.md).
+constexpr int64_t kUnmeasuredCrossover = 16;
 
 #ifdef QATEXT_WITH_CUDA
 namespace {
@@ -52,25 +60,34 @@ constexpr auto kVariants = [] {
 constexpr std::array<int64_t, 3> kBucketTokens{1, 8, 16};
 int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
 
-// device, N, K, bits, group size, token bucket.
+// Token counts above the buckets at which the decode kernel is timed against the packed path; the
+// crossover is the largest one up to which it won at each (the smallest bucket, 16, where it lost at 32).
+constexpr std::array<int64_t, 3> kCrossoverTokens{32, 64, 128};
+constexpr int kCrossoverBucket = -1;  // the crossover's key
+
+// device, N, K, bits, group size, token bucket (or kCrossoverBucket).
 using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int>;
 Key key(int device, GroupShape shape, int b) {
   return {device, shape.N, shape.K, shape.bits, shape.group_size, b};
 }
 
-// The table of choices, read by every decode call and written by the tuner (any thread).
+// The tables of choices and crossovers, read by every decode call and written by the tuner (any thread).
 std::mutex table_mutex;
 std::map<Key, Variant> table;
+std::map<Key, int64_t> crossovers;
 
-std::optional<Variant> measured(const Key& k) {
+template <typename V>
+std::optional<V> measured(const std::map<Key, V>& in, const Key& k) {
   const std::lock_guard<std::mutex> lock(table_mutex);
-  const auto it = table.find(k);
-  return it == table.end() ? std::nullopt : std::optional<Variant>(it->second);
+  const auto it = in.find(k);
+  return it == in.end() ? std::nullopt : std::optional<V>(it->second);
 }
+std::optional<Variant> measured(const Key& k) { return measured(table, k); }
 
-void remember(const Key& k, Variant v) {
+template <typename V>
+void remember(std::map<Key, V>& in, const Key& k, V v) {
   const std::lock_guard<std::mutex> lock(table_mutex);
-  table[k] = v;
+  in[k] = v;
 }
 
 cuda::DecodeTuning knob_tuning() {
@@ -100,40 +117,37 @@ struct ColdCopies {
   size_t size() const { return w.size(); }
 };
 
-// The fastest variant at M tokens. Each variant's back-to-back calls (at least 10, each on the next of
-// the cold copies) are captured in a CUDA graph on a side stream (eager calls at these sizes would time
-// the host's dispatch, not the kernel; a decode loop runs under graphs anyway), after one eager call
-// there that makes the stream's split-K counters; each graph is replayed three times, interleaved with
-// the others so that clock changes hit every variant alike, and its best replay counts.
-Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
-  const at::Tensor& w = copies.w[0];
-  const at::Tensor a = at::randn({M, shape.K}, w.options().dtype(at::kBFloat16));
-  const int calls = int(std::max<size_t>(10, copies.size()));
-  c10::cuda::device_synchronize();  // a and the copies are ready for the side stream
-  const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, w.get_device());
+// One call of a timed candidate on cold copy `c`.
+using Call = std::function<void(size_t c)>;
+
+// The best time (ms) of each candidate's back-to-back calls (at least 10, each on the next of `copies`
+// cold copies). Each candidate's calls are captured in a CUDA graph on a side stream (eager calls at
+// these sizes would time the host's dispatch, not the kernel; a decode loop runs under graphs anyway),
+// after one eager call there (which makes the stream's split-K counters); each graph is replayed three
+// times, interleaved with the others so that clock changes hit every candidate alike, and its best
+// replay counts.
+std::vector<float> best_replay_ms(const std::vector<Call>& candidates, size_t copies, int device) {
+  const int calls = int(std::max<size_t>(10, copies));
+  c10::cuda::device_synchronize();  // the inputs are ready for the side stream
+  const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, device);
   const c10::cuda::CUDAStreamGuard on_side(side);
-  std::array<std::unique_ptr<at::cuda::CUDAGraph>, kVariants.size()> graphs;
-  for (size_t v = 0; v < kVariants.size(); ++v) {
-    const cuda::DecodeTuning t = with_variant(kVariants[v]);
-    decode_matmul(a, w, copies.scale[0], copies.zero[0], at::Tensor(), shape, t);
+  std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs(candidates.size());
+  for (size_t v = 0; v < candidates.size(); ++v) {
+    candidates[v](0);
     graphs[v] = std::make_unique<at::cuda::CUDAGraph>();
-    // One memory pool for all: each graph's split-K partials are freed by its capture's end, so the
-    // next reuses them (36 private pools would hold 36 sets at once).
+    // One memory pool for all: each graph's temporaries are freed by its capture's end, so the next
+    // reuses them (a private pool each would hold every set at once).
     graphs[v]->capture_begin(v == 0 ? at::cuda::MempoolId_t{0, 0} : graphs[0]->pool());
-    for (int call = 0; call < calls; ++call) {
-      const size_t c = size_t(call) % copies.size();
-      decode_matmul(a, copies.w[c], copies.scale[c], copies.zero[c], at::Tensor(), shape, t);
-    }
+    for (int call = 0; call < calls; ++call) candidates[v](size_t(call) % copies);
     graphs[v]->capture_end();
     graphs[v]->replay();  // warm
   }
   cudaEvent_t start = nullptr, stop = nullptr;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
-  std::array<float, kVariants.size()> best;
-  best.fill(std::numeric_limits<float>::infinity());
+  std::vector<float> best(candidates.size(), std::numeric_limits<float>::infinity());
   for (int round = 0; round < 3; ++round) {
-    for (size_t v = 0; v < kVariants.size(); ++v) {
+    for (size_t v = 0; v < candidates.size(); ++v) {
       cudaEventRecord(start, side.stream());
       graphs[v]->replay();
       cudaEventRecord(stop, side.stream());
@@ -144,10 +158,51 @@ Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  size_t pick = 0;
-  for (size_t v = 1; v < kVariants.size(); ++v) pick = best[v] < best[pick] ? v : pick;
-  return kVariants[pick];
+  return best;
 }
+
+at::Tensor random_tokens(const ColdCopies& copies, GroupShape shape, int64_t M) {
+  return at::randn({M, shape.K}, copies.w[0].options().dtype(at::kBFloat16));
+}
+
+// The decode kernel at M tokens with `t`, on cold copy c.
+Call decode_call(const ColdCopies& copies, const at::Tensor& a, GroupShape shape, cuda::DecodeTuning t) {
+  return [&copies, a, shape, t](size_t c) {
+    decode_matmul(a, copies.w[c], copies.scale[c], copies.zero[c], at::Tensor(), shape, t);
+  };
+}
+
+// The fastest variant at M tokens.
+Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
+  const at::Tensor a = random_tokens(copies, shape, M);
+  std::vector<Call> calls;
+  for (const Variant& v : kVariants) calls.push_back(decode_call(copies, a, shape, with_variant(v)));
+  const std::vector<float> best = best_replay_ms(calls, copies.size(), copies.w[0].get_device());
+  return kVariants[size_t(std::min_element(best.begin(), best.end()) - best.begin())];
+}
+
+// The largest of kCrossoverTokens up to which the decode kernel (with the variant tuned for its
+// bucket) beat the packed path (fused kernel or dequant + cuBLAS, on the same codes in the packed
+// layout) at each, else kUnmeasuredCrossover.
+int64_t crossover(const ColdCopies& copies, GroupShape shape) {
+  std::vector<at::Tensor> packed;
+  for (const at::Tensor& w : copies.w) packed.push_back(untile_packed(w, shape.bits, shape.K));
+  const int device = copies.w[0].get_device();
+  int64_t limit = kUnmeasuredCrossover;
+  for (const int64_t M : kCrossoverTokens) {
+    const at::Tensor a = random_tokens(copies, shape, M);
+    const Call packed_call = [&copies, &packed, a, shape](size_t c) {
+      dequant_matmul_checked(a, packed[c], copies.scale[c], copies.zero[c], shape, std::nullopt);
+    };
+    const std::vector<float> ms =
+        best_replay_ms({decode_call(copies, a, shape, decode_tuning_for(device, shape, M)), packed_call},
+                       copies.size(), device);
+    if (ms[0] >= ms[1]) break;
+    limit = M;
+  }
+  return limit;
+}
+
 
 }  // namespace
 
@@ -158,6 +213,26 @@ cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
   return v ? with_variant(*v) : knobs;
 }
 #endif
+
+int64_t decode_crossover(int device, GroupShape shape) {
+#ifdef QATEXT_WITH_CUDA
+  if (tuning(Knob::DecodeGemmAutotune) != 0) {
+    if (const std::optional<int64_t> m = measured(crossovers, key(device, shape, kCrossoverBucket))) return *m;
+  }
+#else
+  (void)device, (void)shape;
+#endif
+  return kUnmeasuredCrossover;
+}
+
+int64_t decode_max_tokens(int device, GroupShape shape) {
+  const int64_t knob = tuning(Knob::DecodeGemmMaxM);
+  return knob >= 0 ? knob : decode_crossover(device, shape);
+}
+
+int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size) {
+  return decode_crossover(device, make_shape("qatext.decode_gemm_crossover", N, K, bits, group_size));
+}
 
 DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t M) {
 #ifdef QATEXT_WITH_CUDA
@@ -184,12 +259,17 @@ void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
     return;
   }
   const int device = tiled.get_device();
-  std::optional<ColdCopies> copies;  // made only if a bucket is still to be timed
-  for (int b = 0; b < int(kBucketTokens.size()) && kBucketTokens[b] <= tuning(Knob::DecodeGemmMaxM); ++b) {
-    if (measured(key(device, shape, b))) continue;
+  const int64_t max_m = tuning(Knob::DecodeGemmMaxM);  // (-1: the crossover rules, measured below)
+  std::optional<ColdCopies> copies;  // made only if something is still to be timed
+  const auto cold = [&]() -> const ColdCopies& {
     if (!copies) copies.emplace(tiled.contiguous(), as_float(scale), as_float(zero));
-    remember(key(device, shape, b), fastest(*copies, shape, kBucketTokens[b]));
+    return *copies;
+  };
+  for (int b = 0; b < int(kBucketTokens.size()) && (max_m < 0 || kBucketTokens[b] <= max_m); ++b) {
+    if (!measured(key(device, shape, b))) remember(table, key(device, shape, b), fastest(cold(), shape, kBucketTokens[b]));
   }
+  const Key at_crossover = key(device, shape, kCrossoverBucket);
+  if (max_m < 0 && !measured(crossovers, at_crossover)) remember(crossovers, at_crossover, crossover(cold(), shape));
 #else
   (void)shape;
 #endif

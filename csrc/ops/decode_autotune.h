@@ -20,11 +20,21 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
                          const at::Tensor& b, GroupShape shape, const cuda::DecodeTuning& decode_tuning);
 #endif
 
+// The largest token count for which dequant_matmul_tiled (and a packed layer) takes the decode kernel
+// for a weight of this shape on a device: decode_gemm_max_m where it is set (>= 0), else the crossover.
+int64_t decode_max_tokens(int device, GroupShape shape);
+
+// The token count up to which the decode kernel beat the packed path for this shape on a device, as
+// tune_decode_gemm measured it (16, 32, 64 or 128), or 16 where it has not (or decode_gemm_autotune is
+// off).
+int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size);
+
 // Times the decode kernel's variants on this weight (random activations of 1, 8 and 16 tokens, each
 // bucket up to decode_gemm_max_m) and keeps the fastest per bucket for every later call on a weight of
 // this shape: 4 or 8 stages, cluster or partials, 4, 8 or 16 tiles a K slice, at most 1, 2 or 4 row
-// tiles a warp (36 settings). Synchronises the GPU, so it runs where a layer takes its decode layout,
-// not in a forward.
+// tiles a warp (36 settings). With decode_gemm_max_m at -1 it then times the decode kernel against the
+// packed path at 32, 64 and 128 tokens, for the crossover. Synchronises the GPU, so it runs where a
+// layer takes its decode layout, not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
 // measured, or with decode_gemm_autotune off.
 void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,

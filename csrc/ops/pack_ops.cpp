@@ -124,16 +124,22 @@ at::Tensor dequant(const at::Tensor& packed, const at::Tensor& scale, const at::
   return dequant_checked(packed, scale, zero, shape, dtype);
 }
 
+at::Tensor dequant_matmul_checked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                  const at::Tensor& zero, const GroupShape& shape,
+                                  const std::optional<at::Tensor>& bias) {
+  if (auto y = fused_dequant_gemm(x, packed, scale, zero, shape, bias, /*grad_input=*/false)) return *y;
+  // Otherwise dequantise to x's dtype once, then one cuBLAS / CPU GEMM.
+  const at::Tensor w = dequant_checked(packed, scale, zero, shape, x.scalar_type());
+  return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias);
+}
+
 at::Tensor dequant_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           const at::Tensor& zero, int64_t bits, int64_t group_size,
                           const std::optional<at::Tensor>& bias) {
   const char* op = "qatext.dequant_matmul";
   check_matmul_inputs(op, x, "packed", packed, bias);
   const GroupShape shape = check_packed_weight(op, packed, scale, zero, bits, group_size, x.size(-1));
-  if (auto y = fused_dequant_gemm(x, packed, scale, zero, shape, bias, /*grad_input=*/false)) return *y;
-  // Otherwise dequantise to x's dtype once, then one cuBLAS / CPU GEMM.
-  const at::Tensor w = dequant_checked(packed, scale, zero, shape, x.scalar_type());
-  return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias);
+  return dequant_matmul_checked(x, packed, scale, zero, shape, bias);
 }
 
 at::Tensor dequant_matmul_plus(const at::Tensor& a, const at::Tensor& packed, const at::Tensor& scale,

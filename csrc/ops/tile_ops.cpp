@@ -92,8 +92,8 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
   const int64_t M = x.numel() / K;
-  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 && M <= tuning(Knob::DecodeGemmMaxM) &&
-      cuda::decode_gemm_supported(shape)) {
+  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 &&
+      M <= decode_max_tokens(x.get_device(), shape) && cuda::decode_gemm_supported(shape)) {
     const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
     if (aligned16(a) && aligned16(w)) {
       const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();

@@ -11,7 +11,7 @@ enum class Knob : int {
   ValueChecks,         // data-dependent checks (scale > 0, codes < 2^bits): 0 off, 1 host tensors, 2 all
   DwChunkElements,     // fp32 elements of dW the E2E-QP scale gradient forms at once (rows x K)
   DequantGemmMaxM,     // largest M for which CUDA dequant_matmul takes the fused kernel (0: never)
-  DecodeGemmMaxM,      // largest M for which CUDA dequant_matmul_tiled takes the decode kernel (0: never)
+  DecodeGemmMaxM,      // largest M for the decode kernel (0: never; -1: the per-shape crossover measured)
   DecodeGemmMinSlice,  // fewest 64-column tiles per K slice of the decode kernel's split-K
   DecodeGemmRowTiles,  // most 16-row weight tiles per decode warp: 1, 2 or 4
   DecodeGemmStages,    // stages of each decode warp's copy ring: 4 or 8

@@ -180,9 +180,10 @@ class QALoRALinear(_FrozenCodes, mode="qalora"):
 
 class PackedLinear(_FrozenCodes, mode="packed"):
     """Inference: frozen codes, scales and zeros. Each forward takes the fastest path by itself: on a
-    GPU, where no gradient is needed, with a 16-bit input of at most `decode_gemm_max_m` tokens (decode), the
-    decode kernel on a tiled copy of the codes; otherwise the packed path (fused kernel or dequant +
-    cuBLAS, see dequant_matmul)."""
+    GPU, where no gradient is needed, with a 16-bit input of few tokens (decode: up to the crossover that
+    `tile_for_decode` measured for the shape, or `decode_gemm_max_m` where that is set), the decode kernel
+    on a tiled copy of the codes; otherwise the packed path (fused kernel or dequant + cuBLAS, see
+    dequant_matmul)."""
 
     def _build(self, device, dtype):
         super()._build(device, dtype)
@@ -205,10 +206,24 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         needs_grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
         if (needs_grad and torch.is_grad_enabled()) or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
             return False
-        if not self._tileable or x.numel() > knobs.current("decode_gemm_max_m") * self.in_features:
-            return False
         # Traced by torch.compile, the copy must exist already (models.tile_for_decode before compiling).
-        return not torch.compiler.is_compiling() or getattr(self, "tiled", None) is not None
+        if not self._tileable or (torch.compiler.is_compiling() and getattr(self, "tiled", None) is None):
+            return False
+        return x.numel() <= self._decode_max_tokens(x.device) * self.in_features
+
+    def _decode_max_tokens(self, device) -> int:
+        """decode_gemm_max_m where it is set, else the crossover measured for the GEMM this layer's decode
+        runs (its own shape, or its shared-input group's), read once and kept (under torch.compile it
+        must be known already: tile_for_decode)."""
+        max_m = knobs.current("decode_gemm_max_m")
+        if max_m >= 0:
+            return max_m
+        if getattr(self, "_decode_crossover", None) is None:
+            shared = getattr(self, "_shared_input", None)
+            self._decode_crossover = (shared[0].crossover(device) if shared is not None else
+                                      ops.decode_gemm_crossover(device, self.out_features, self.in_features,
+                                                                self.spec.bits, self.group_size))
+        return self._decode_crossover
 
     @torch.no_grad()
     def tile_for_decode(self, tune: bool = True) -> PackedLinear:
@@ -222,6 +237,9 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         if tune and self.tiled.is_cuda:
             ops.tune_decode_gemm(self.tiled, self._scale(), self.zero, self.spec.bits, self.group_size,
                                  self.in_features)
+        self._decode_crossover = None  # read again: tuning may have measured it
+        if self.tiled.is_cuda:
+            self._decode_max_tokens(self.tiled.device)
         return self
 
     def _packed_stamp(self) -> tuple:

@@ -59,6 +59,7 @@ class SharedInputProjections(nn.Module):
         self._build()
         for index, member in enumerate(members):
             member._shared_input = (self, index)
+            member._decode_crossover = None  # the group's GEMM's from now on
 
     def _stamp(self) -> tuple:
         return tuple(version_stamp(t) for m in self.members for t in (m.packed, m.scale, m.zero, m.bias)
@@ -95,9 +96,16 @@ class SharedInputProjections(nn.Module):
         return out
 
     def tune(self) -> None:
-        """Time the decode kernel's variants for the concatenated shape (ops.tune_decode_gemm)."""
+        """Time the decode kernel's variants for the concatenated shape (ops.tune_decode_gemm); the members
+        then take the decode kernel up to the concatenated GEMM's crossover, not their own shapes'."""
         if self.tiled.is_cuda:
             ops.tune_decode_gemm(self.tiled, self.scale, self.zero, self.bits, self.group_size, self.in_features)
+            for member in self.members:
+                member._decode_crossover = self.crossover(self.tiled.device)
+
+    def crossover(self, device) -> int:
+        """The concatenated GEMM's measured crossover (ops.decode_gemm_crossover)."""
+        return ops.decode_gemm_crossover(device, sum(self.sizes), self.in_features, self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={'+'.join(map(str, self.sizes))}, bits={self.bits}"
