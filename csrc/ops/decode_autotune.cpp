@@ -203,7 +203,6 @@ int64_t crossover(const ColdCopies& copies, GroupShape shape) {
   return limit;
 }
 
-
 }  // namespace
 
 cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
@@ -214,6 +213,7 @@ cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
 }
 #endif
 
+namespace {
 int64_t decode_crossover(int device, GroupShape shape) {
 #ifdef QATEXT_WITH_CUDA
   if (tuning(Knob::DecodeGemmAutotune) != 0) {
@@ -224,6 +224,7 @@ int64_t decode_crossover(int device, GroupShape shape) {
 #endif
   return kUnmeasuredCrossover;
 }
+}  // namespace
 
 int64_t decode_max_tokens(int device, GroupShape shape) {
   const int64_t knob = tuning(Knob::DecodeGemmMaxM);
@@ -266,7 +267,8 @@ void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
     return *copies;
   };
   for (int b = 0; b < int(kBucketTokens.size()) && (max_m < 0 || kBucketTokens[b] <= max_m); ++b) {
-    if (!measured(key(device, shape, b))) remember(table, key(device, shape, b), fastest(cold(), shape, kBucketTokens[b]));
+    const Key at_bucket = key(device, shape, b);
+    if (!measured(at_bucket)) remember(table, at_bucket, fastest(cold(), shape, kBucketTokens[b]));
   }
   const Key at_crossover = key(device, shape, kCrossoverBucket);
   if (max_m < 0 && !measured(crossovers, at_crossover)) remember(crossovers, at_crossover, crossover(cold(), shape));
