@@ -90,7 +90,8 @@ def decode_gemm_crossover(device, out_features: int, in_features: int, bits: int
     128; 16 where it has measured nothing. With ``decode_gemm_max_m`` at -1, packed layers and
     ``dequant_matmul_tiled`` take the decode kernel up to this many tokens."""
     device = torch.device(device)
-    index = 0 if device.type != "cuda" else torch.cuda.current_device() if device.index is None else device.index
+    # (-1, no CUDA device: nothing was measured there)
+    index = -1 if device.type != "cuda" else torch.cuda.current_device() if device.index is None else device.index
     return _C.decode_gemm_crossover(index, out_features, in_features, bits, group_size)
 
 

@@ -74,11 +74,11 @@ def test_packed_layer_decodes_on_its_own(device):
 
 
 def test_shapes_not_measured_decode_up_to_16_tokens(device):
-    """The decode kernel's crossover where nothing was timed (a CPU; a shape never tuned; tuning off) is 16
-    tokens, and decode_gemm_max_m defaults to -1: the measured crossover rules."""
+    """The decode kernel's crossover where nothing was timed (a CPU; a shape no test tunes) is 16 tokens, and
+    decode_gemm_max_m defaults to -1: the measured crossover rules."""
     assert qatext.get_tuning("decode_gemm_max_m") == -1
     assert ops.decode_gemm_crossover(device, 3 * 1040, 7 * 64, 4, 64) == 16
-    layer = _packed_layer(4, n=32, k=128, device=device)
+    layer = _packed_layer(4, n=80, k=320, device=device)
     assert layer._decode_max_tokens(torch.device(device)) == 16
     with knob("decode_gemm_max_m", 5):
         assert layer._decode_max_tokens(torch.device(device)) == 5
@@ -97,6 +97,7 @@ def test_packed_layer_decodes_up_to_the_measured_crossover():
     layer.tile_for_decode()
     crossover = ops.decode_gemm_crossover("cuda", n, k, 4, 64)
     assert crossover in (16, 32, 64, 128)
+    assert ops.decode_gemm_crossover("cpu", n, k, 4, 64) == 16  # measured on the GPU, not for a CPU
 
     def decodes(m):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
