@@ -100,8 +100,9 @@ class SharedInputProjections(nn.Module):
         then take the decode kernel up to the concatenated GEMM's crossover, not their own shapes'."""
         if self.tiled.is_cuda:
             ops.tune_decode_gemm(self.tiled, self.scale, self.zero, self.bits, self.group_size, self.in_features)
+            crossover = self.crossover(self.tiled.device)
             for member in self.members:
-                member._decode_crossover = self.crossover(self.tiled.device)
+                member._decode_crossover = crossover
 
     def crossover(self, device) -> int:
         """The concatenated GEMM's measured crossover (ops.decode_gemm_crossover)."""
