@@ -59,6 +59,18 @@ inline int sm_count() {
   });
 }
 
+// The most shared memory a block of the current device may opt into (227 KB on sm_90, 163 KB on
+// sm_80, 99 KB on sm_86 / sm_89).
+inline int max_block_smem() {
+  static std::atomic<int> memo[kMaxDevices];
+  return per_device(memo, [] {
+    int device = 0, bytes = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return bytes > 0 ? bytes : 48 * 1024;
+  });
+}
+
 // Opt `kernel` into `smem` bytes of dynamic shared memory (needed above 48 KB), once per device and
 // kernel (each kernel instance calls this from its own function, so `memo` is per instance).
 template <typename Kernel>

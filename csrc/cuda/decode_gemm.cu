@@ -534,8 +534,26 @@ int64_t most_splits(GroupShape shape, DecodeTuning tuning) {
 // 4 row tiles per warp put twice the bytes in flight per warp, but halve the column blocks: taken
 // only where the K slices still fill one wave of resident blocks (measured: W2 on 28672 x 8192 and
 // 8192 x 28672 gain 6-10%; 11008 x 4096 and 4096 x 11008, which it would leave part-empty, lose 10%).
+// The device's shared memory per block bounds the instance: a shallower ring first, then fewer row
+// tiles, then fewer token tiles (more token blocks). Every instance fits on sm_90 and sm_80; GPUs with
+// ~100 KB a block (sm_86, sm_89) take smaller ones.
+Config fit_shared_memory(Config cfg, int bits) {
+  while (smem_for(cfg, bits) > max_block_smem()) {
+    if (cfg.stages == 8) {
+      cfg.stages = 4;
+    } else if (cfg.nt > 1) {
+      cfg.nt /= 2;
+    } else if (cfg.mt > 1) {
+      cfg.mt /= 2;
+    } else {
+      break;
+    }
+  }
+  return cfg;
+}
+
 Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  Config cfg = widest_config(M, shape.N, tuning);
+  Config cfg = fit_shared_memory(widest_config(M, shape.N, tuning), shape.bits);
   if (cfg.nt == 4 &&
       column_blocks(M, shape.N, cfg) * most_splits(shape, tuning) < resident_blocks(cfg, shape.bits)) {
     cfg.nt = 2;
