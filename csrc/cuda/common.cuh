@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <stdexcept>
@@ -48,27 +49,26 @@ int per_device(std::atomic<int> (&memo)[kMaxDevices], F compute) {
   return value;
 }
 
-// Streaming multiprocessors of the current device (split-K sizing).
-inline int sm_count() {
+// An attribute of the current device, read once per device.
+template <cudaDeviceAttr Attr>
+int device_attribute() {
   static std::atomic<int> memo[kMaxDevices];
   return per_device(memo, [] {
-    int device = 0, count = 0;
+    int device = 0, value = 0;
     cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count > 0 ? count : 1;
+    cudaDeviceGetAttribute(&value, Attr, device);
+    return value;
   });
 }
+
+// Streaming multiprocessors of the current device (split-K sizing).
+inline int sm_count() { return std::max(device_attribute<cudaDevAttrMultiProcessorCount>(), 1); }
 
 // The most shared memory a block of the current device may opt into (227 KB on sm_90, 163 KB on
 // sm_80, 99 KB on sm_86 / sm_89).
 inline int max_block_smem() {
-  static std::atomic<int> memo[kMaxDevices];
-  return per_device(memo, [] {
-    int device = 0, bytes = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    return bytes > 0 ? bytes : 48 * 1024;
-  });
+  const int bytes = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  return bytes > 0 ? bytes : 48 * 1024;
 }
 
 // Opt `kernel` into `smem` bytes of dynamic shared memory (needed above 48 KB), once per device and
