@@ -9,6 +9,8 @@ graphs sees it; eager dispatch costs ~20-40 us of host time per call at these si
 scales and zeros, activations and output at the copy bandwidth measured in the run). Every path cycles
 through copies of its weight that together exceed twice the L2 cache (`timing.cold`), so each call reads
 its weight from DRAM as a decode step does.
+--producer also times each call after an elementwise kernel that writes its input, as in a model
+(`tiled_marginal_us`: what the decode call adds to that kernel's time).
 Knobs for the run: --tuning, e.g. --tuning decode_gemm_min_slice=4,decode_gemm_row_tiles=2.
 Each weight is tuned as a layer tunes it (ops.tune_decode_gemm): `tiled_us` is the decode kernel with the
 variant it chose; each variant is also timed alone (`variants_us`), so a row shows whether the default
@@ -47,6 +49,9 @@ def main():
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--group-size", type=int, default=128, help="a multiple of 64, or -1 for one group a row")
+    parser.add_argument("--producer", action="store_true",
+                        help="also time each decode call after a kernel that writes its input (as a norm does in a "
+                        "model; in a chain of decode calls alone, each may start while the one before ends)")
     args = timing.start(parser)
     if args.group_size != -1 and (args.group_size <= 0 or args.group_size % 64 != 0):
         parser.error(f"--group-size: expected a positive multiple of 64 or -1 (one group a row), got {args.group_size}")
@@ -86,6 +91,17 @@ def main():
                 row["default_path"] = "tiled" if m <= crossover else "packed"
                 row["default_us"] = row["tiled_us"] if m <= crossover else row["v4_packed_us"]
                 row["default_vs_best_path"] = row["default_us"] / min(row["tiled_us"], row["v4_packed_us"])
+                if args.producer:
+                    def produce():  # an elementwise kernel writing x in place
+                        x.mul_(1.0)  # noqa: B023
+
+                    def after_producer():
+                        produce()
+                        tiled_call()  # noqa: B023
+
+                    row["producer_us"] = gpu_time_ms(produce) * 1e3
+                    row["tiled_after_producer_us"] = with_decode_max_m(max_m, lambda: gpu_time_ms(after_producer)) * 1e3
+                    row["tiled_marginal_us"] = row["tiled_after_producer_us"] - row["producer_us"]
                 # Eager back-to-back calls: bounded by host dispatch at these sizes (for the host cost).
                 row["tiled_eager_us"] = with_decode_max_m(max_m, lambda: cuda_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
