@@ -94,10 +94,11 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, overwrite: bool = 
 def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None = None) -> nn.Module:
     """Load what save_quantized wrote; the model computes the same logits.
 
-    decode_layout: also lay each packed layer's codes out for the decode kernel now, once
-    (models.tile_for_decode: bits / 8 more bytes per weight), so that few-token forwards take it even
-    under torch.compile or CUDA graphs, which cannot make it themselves. None (default): on a CUDA
-    device, where that kernel runs; pass False for a model that never decodes (perplexity, scoring).
+    decode_layout: lay each packed layer's codes out for the decode kernel now, once, as its only copy
+    (models.tile_for_decode; saving, merging and exporting lay them out as `packed` again), so that
+    few-token forwards take it even under torch.compile or CUDA graphs, which cannot make it themselves.
+    None (default): on a CUDA device, where that kernel runs; pass False for a model that never decodes
+    (perplexity, scoring).
     """
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig

@@ -108,10 +108,11 @@ def merge_model(model: nn.Module) -> nn.Module:
     return convert_layers(model, "packed")
 
 
-def tile_for_decode(model: nn.Module) -> int:
+def tile_for_decode(model: nn.Module, keep_packed: bool = False) -> int:
     """QuantLinear.tile_for_decode on every 'packed' layer whose shape and bits allow it (the others
     keep the packed path), and one decode GEMM for each set of siblings that read the same input (q/k/v,
-    gate/up: nn.shared_input); returns how many layers were tiled."""
+    gate/up: nn.shared_input); returns how many layers were tiled. The tiled codes become each layer's
+    storage (its `packed` buffer dropped: one copy of the codes) unless `keep_packed`."""
     layers = [layer for _, layer in quant_layers(model) if layer.mode == "packed" and layer._tileable]
     # Groups first: their members' tiled codes become views of the group's, and only the group's
     # shape is timed (a member's own shape would be tuned for a path it does not take).
@@ -119,5 +120,7 @@ def tile_for_decode(model: nn.Module) -> int:
         group.tune()
     for layer in layers:
         if getattr(layer, "_shared_input", None) is None:
-            layer.tile_for_decode()
+            layer.tile_for_decode(keep_packed=keep_packed)
+        elif not keep_packed and layer.holds_packed:
+            layer.drop_packed()  # its tiled codes are a view of its group's
     return len(layers)

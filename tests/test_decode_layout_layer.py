@@ -161,5 +161,7 @@ def test_load_lays_out_for_decode_once_on_a_gpu(tmp_path, tiny_model_dir, device
     assert len(by_default) == 14 and by_default == [device == "cuda"] * 14
     assert not any(tiled(load_quantized(tmp_path / "q", device=device, decode_layout=False)))
     asked = load_quantized(tmp_path / "q", device=device, decode_layout=True)
-    for _, layer in quant_layers(asked):
-        assert torch.equal(layer.tiled, ops.tile_packed(layer.packed, 4, layer.in_features))
+    plain = dict(quant_layers(load_quantized(tmp_path / "q", device=device, decode_layout=False)))
+    for name, layer in quant_layers(asked):
+        assert not layer.holds_packed  # the tiled codes are its only copy
+        assert torch.equal(layer.tiled, ops.tile_packed(plain[name].packed, 4, layer.in_features))

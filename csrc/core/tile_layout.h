@@ -99,24 +99,61 @@ QATEXT_HOST_DEVICE uint8_t tiled_byte(const uint8_t* packed, int64_t row_bytes, 
   return uint8_t(out);
 }
 
-// Packed byte j of row n gathered from the tiled layout.
-QATEXT_HOST_DEVICE uint8_t untiled_byte(const uint8_t* tiled, int64_t n, int64_t j, int64_t K, int bits) {
-  uint32_t out = 0;
-  if (bits != 3) {  // whole codes per byte, in one plane
-    for (int f = 0; f < 8 / bits; ++f) {
-      const TileBit at = tile_position(n, j * 8 / bits + f, K, bits);
-      out |= ((uint32_t(tiled[at.byte]) >> at.shift) & ((1u << bits) - 1u)) << (f * bits);
+// Lane i of the tiled layout (tile i / 32, lane l = 4g + c) written back into the packed rows. Its
+// 4 * bits bytes hold all of its codes, rows g and g + 8 in columns 16c .. 16c + 15, which are 2 * bits
+// whole bytes of each of those two rows: lanes write disjoint bytes, one store a row on a GPU.
+template <int BITS>
+QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64_t i, int64_t K) {
+  const int64_t tile = i / 32, tiles_per_row = K / kTileCols, row_bytes = K * BITS / 8;
+  const int lane = int(i % 32), g = lane / 4, c = lane % 4;
+  uint64_t rows[2] = {0, 0};
+  for (int p = 0; p < tile_planes(BITS); ++p) {
+    const TilePlane plane = tile_plane(BITS, p);
+    const int w = plane.width;
+    const uint8_t* at = tiled + tile * tile_bytes(BITS) + plane.offset + lane * 4 * w;
+    uint32_t word[4] = {0, 0, 0, 0};
+    for (int v = 0; v < w; ++v) {
+#ifdef __CUDA_ARCH__
+      word[v] = reinterpret_cast<const uint32_t*>(at)[v];  // 4-byte aligned: tiles and lanes are
+#else
+      for (int b = 0; b < 4; ++b) word[v] |= uint32_t(at[4 * v + b]) << (8 * b);
+#endif
     }
-    return uint8_t(out);
+    for (int q = 0; q < 16; ++q) {  // column 16c + q = 16c + 4j + e (step j, field e)
+      const int j = q / 4, e = q % 4, steps_per_word = 4 / w;
+      for (int half = 0; half < 2; ++half) {  // row g + 8 half: fragment register half + 2 (e / 2)
+        const int bit = w * (half + 2 * (e / 2) + 4 * (j % steps_per_word)) + 16 * (e % 2);
+        const uint64_t field = (word[j / steps_per_word] >> bit) & ((1u << w) - 1u);
+        rows[half] |= field << (BITS * q + plane.low);
+      }
+    }
   }
-  for (int t = 0; t < 8; ++t) {  // bit by bit: 3-bit codes straddle bytes
-    const int64_t bit = j * 8 + t, k = bit / 3;
-    if (k >= K) break;  // the row's padding bits stay zero
-    const int b = int(bit % 3), p = b / 2;
-    const TileBit at = tile_position(n, k, K, bits, p);
-    out |= ((uint32_t(tiled[at.byte]) >> (at.shift + b - tile_plane(bits, p).low)) & 1u) << t;
+  const int64_t n = (tile / tiles_per_row) * kTileRows + g;
+  const int64_t byte = (tile % tiles_per_row) * (kTileCols * BITS / 8) + 2 * BITS * c;
+  for (int half = 0; half < 2; ++half) {
+    uint8_t* out = packed + (n + 8 * half) * row_bytes + byte;
+#ifdef __CUDA_ARCH__  // aligned: rows hold whole tiles, and 2 * bits bytes a lane
+    if constexpr (BITS == 4) {
+      *reinterpret_cast<uint64_t*>(out) = rows[half];
+    } else if constexpr (BITS == 2) {
+      *reinterpret_cast<uint32_t*>(out) = uint32_t(rows[half]);
+    } else {
+      for (int h = 0; h < 3; ++h) reinterpret_cast<uint16_t*>(out)[h] = uint16_t(rows[half] >> (16 * h));
+    }
+#else
+    for (int b = 0; b < 2 * BITS; ++b) out[b] = uint8_t(rows[half] >> (8 * b));
+#endif
   }
-  return uint8_t(out);
 }
+
+// untile_lane for a bits value known at run time (2, 3 or 4).
+QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64_t i, int64_t K, int bits) {
+  if (bits == 2) untile_lane<2>(tiled, packed, i, K);
+  if (bits == 3) untile_lane<3>(tiled, packed, i, K);
+  if (bits == 4) untile_lane<4>(tiled, packed, i, K);
+}
+
+// Lanes of the tiled layout of an N x K weight (32 per 16 x 64 tile).
+QATEXT_HOST_DEVICE int64_t tile_lanes(int64_t N, int64_t K) { return N / kTileRows * (K / kTileCols) * 32; }
 
 }  // namespace qatext

@@ -36,9 +36,8 @@ void tile_packed(const uint8_t* packed, uint8_t* tiled, int64_t N, int64_t K, in
 }
 
 void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, int bits) {
-  const int64_t row_bytes = packed_row_bytes(K, bits);
-  at::parallel_for(0, N * row_bytes, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) packed[i] = untiled_byte(tiled, i / row_bytes, i % row_bytes, K, bits);
+  at::parallel_for(0, tile_lanes(N, K), 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) untile_lane(tiled, packed, i, K, bits);
   });
 }
 

@@ -57,7 +57,7 @@ def read_quantized(model: nn.Module, fmt: str) -> list[QuantizedWeight]:
         k = layer.in_features
         out.append(QuantizedWeight(
             name=name, spec=layer.spec, group_size=packed.group_size,
-            codes=ops.unpack(packed.packed.detach().cpu(), layer.spec.bits, k),
+            codes=ops.unpack(packed.packed_codes().detach().cpu(), layer.spec.bits, k),
             scale=positive(packed.scale.detach().cpu().float()), zero=packed.zero.detach().cpu().float().clone(),
             bias=None if packed.bias is None else packed.bias.detach().cpu().clone()))
     return out

@@ -121,8 +121,13 @@ class _FrozenCodes(QuantLinear):
         self.zero.copy_(zero)
         self.packed.copy_(ops.pack(rtn_codes(w, scale, zero, self.spec), self.spec.bits))
 
+    def packed_codes(self) -> torch.Tensor:
+        """The codes in the packed layout ([N, K * bits / 8] uint8)."""
+        return self.packed
+
     def quantized_weight(self):
-        return ops.dequant(self.packed, self.scale, self.zero, self.spec.bits, self.group_size, self.in_features)
+        return ops.dequant(self.packed_codes(), self.scale, self.zero, self.spec.bits, self.group_size,
+                           self.in_features)
 
     def _scale(self) -> torch.Tensor:
         """The scale the kernels read: clamped positive only where an optimiser moves it (a frozen one
@@ -131,14 +136,14 @@ class _FrozenCodes(QuantLinear):
 
     def _matmul(self, x):
         """x @ deq(q)^T + b for an input already through _input."""
-        return ops.dequant_matmul(x, self.packed, self._scale(), self.zero, self.spec.bits, self.group_size,
+        return ops.dequant_matmul(x, self.packed_codes(), self._scale(), self.zero, self.spec.bits, self.group_size,
                                   self._bias_for(x))
 
     def _forward(self, x):
         return self._matmul(self._input(x))
 
     def _merged(self):
-        return self.packed, positive(self.scale.detach().float()), self.zero.detach().float()
+        return self.packed_codes(), positive(self.scale.detach().float()), self.zero.detach().float()
 
 
 class E2EQPLinear(_FrozenCodes, mode="e2eqp"):
@@ -183,7 +188,11 @@ class PackedLinear(_FrozenCodes, mode="packed"):
     GPU, where no gradient is needed, with a 16-bit input of few tokens (decode: up to the crossover that
     `tile_for_decode` measured for the shape, or `decode_gemm_max_m` where that is set), the decode kernel
     on a tiled copy of the codes; otherwise the packed path (fused kernel or dequant + cuBLAS, see
-    dequant_matmul)."""
+    dequant_matmul).
+
+    After `tile_for_decode()` the tiled codes are the layer's only copy (the `packed` buffer is
+    dropped): `packed_codes()`, the state dict, merges and exports lay them out as `packed` again when
+    asked, and a state dict loaded in is tiled into place, so checkpoints and files are unchanged."""
 
     def _build(self, device, dtype):
         super()._build(device, dtype)
@@ -226,14 +235,19 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         return self._decode_crossover
 
     @torch.no_grad()
-    def tile_for_decode(self, tune: bool = True) -> PackedLinear:
-        """Hold the codes also in the decode GEMM's tiled layout now (bits 2, 3 or 4; out_features % 16 == 0,
-        in_features % 64 == 0): a non-persistent buffer of bits / 8 bytes per weight. Decode forwards make
-        it by themselves on first use; call this before torch.compile or CUDA-graph capture. Re-tiled by
-        itself if `packed` changes (load_state_dict, .to()). On a GPU, `tune` also times the decode
-        kernel's variants for this weight shape once (ops.tune_decode_gemm; it synchronises the GPU)."""
-        self.register_buffer("tiled", ops.tile_packed(self.packed, self.spec.bits, self.in_features), persistent=False)
-        self._tiled_from = self._packed_stamp()
+    def tile_for_decode(self, tune: bool = True, keep_packed: bool = False) -> PackedLinear:
+        """Lay the codes out for the decode GEMM now (bits 2, 3 or 4; out_features % 16 == 0, in_features %
+        64 == 0), as the layer's storage: the `packed` buffer is dropped unless `keep_packed` (then the tiled
+        copy is a non-persistent buffer of bits / 8 more bytes per weight, re-tiled by itself if `packed`
+        changes). Decode forwards make a kept copy by themselves on first use; call this before
+        torch.compile or CUDA-graph capture. On a GPU, `tune` also times the decode kernel's variants for
+        this weight shape once (ops.tune_decode_gemm; it synchronises the GPU)."""
+        if self.holds_packed:
+            tiled = ops.tile_packed(self.packed, self.spec.bits, self.in_features)
+            self.register_buffer("tiled", tiled, persistent=False)
+            self._tiled_from = self._packed_stamp()
+            if not keep_packed:
+                self.drop_packed()
         if tune and self.tiled.is_cuda:
             ops.tune_decode_gemm(self.tiled, self._scale(), self.zero, self.spec.bits, self.group_size,
                                  self.in_features)
@@ -242,13 +256,66 @@ class PackedLinear(_FrozenCodes, mode="packed"):
             self._decode_max_tokens(self.tiled.device)
         return self
 
+    @property
+    def holds_packed(self) -> bool:
+        """Whether the codes are (also) held in the packed layout, or only tiled (see tile_for_decode)."""
+        return "packed" in self._buffers
+
+    @torch.no_grad()
+    def drop_packed(self) -> None:
+        """Keep the codes only in the tiled layout (made now if it is not current)."""
+        self._current_tiled()
+        del self._buffers["packed"]
+
+    def packed_codes(self) -> torch.Tensor:
+        if self.holds_packed:
+            return self.packed
+        return ops.untile_packed(self.tiled, self.spec.bits, self.in_features)
+
+    def codes_stamp(self) -> tuple:
+        """Changes when the stored codes are replaced or written in place (either layout)."""
+        return version_stamp(self.packed if self.holds_packed else self.tiled)
+
     def _packed_stamp(self) -> tuple:
         return version_stamp(self.packed)
 
     @torch.no_grad()
     def _current_tiled(self) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # no data pointers there; tile_for_decode ran before compiling
+        if torch.compiler.is_compiling() or not self.holds_packed:  # (compiled after tile_for_decode)
             return self.tiled
         if getattr(self, "tiled", None) is None or getattr(self, "_tiled_from", None) != self._packed_stamp():
-            self.tile_for_decode(tune=False)  # a forward never synchronises the GPU to time kernels
+            # A copy beside `packed`; a forward never synchronises the GPU to time kernels.
+            self.tile_for_decode(tune=False, keep_packed=True)
         return self.tiled
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Tiled only: `packed` laid out again, in its place before `zero` (the state dict is unchanged)."""
+        if self.holds_packed:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        local = {}
+        super()._save_to_state_dict(local, prefix, keep_vars)
+        for key, value in local.items():
+            if key == prefix + "zero":
+                destination[prefix + "packed"] = self.packed_codes()
+            destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Tiled only: `packed` from the state dict is tiled into the tiled storage in place."""
+        key = prefix + "packed"
+        if not self.holds_packed:
+            if key in state_dict:
+                packed = state_dict[key]
+                if tuple(packed.shape) != tuple(self.packed_shape) or packed.dtype != torch.uint8:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(packed.shape)} "
+                                      f"({packed.dtype}), the shape in current model is {tuple(self.packed_shape)} "
+                                      "(torch.uint8).")
+                else:
+                    with torch.no_grad():
+                        self.tiled.copy_(ops.tile_packed(packed.to(self.tiled.device), self.spec.bits,
+                                                         self.in_features))
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

@@ -39,7 +39,7 @@ def can_share_input(layers) -> bool:
     return all(
         layer._tileable and layer.act_bits is None
         and layer.in_features == first.in_features and layer.spec == first.spec
-        and layer.packed.device == first.packed.device and layer.scale.dtype == first.scale.dtype
+        and layer.scale.device == first.scale.device and layer.scale.dtype == first.scale.dtype
         and (layer.bias is None) == (first.bias is None)
         and (layer.bias is None or layer.bias.dtype == first.bias.dtype)
         for layer in layers)
@@ -62,8 +62,8 @@ class SharedInputProjections(nn.Module):
             member._decode_crossover = None  # the group's GEMM's from now on
 
     def _stamp(self) -> tuple:
-        return tuple(version_stamp(t) for m in self.members for t in (m.packed, m.scale, m.zero, m.bias)
-                     if t is not None)
+        return tuple(m.codes_stamp() for m in self.members) + tuple(
+            version_stamp(t) for m in self.members for t in (m.scale, m.zero, m.bias) if t is not None)
 
     @torch.no_grad()
     def _build(self) -> None:
