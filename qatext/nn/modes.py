@@ -245,7 +245,7 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         if self.holds_packed:
             tiled = ops.tile_packed(self.packed, self.spec.bits, self.in_features)
             self.register_buffer("tiled", tiled, persistent=False)
-            self._tiled_from = self._packed_stamp()
+            self._tiled_from = self.codes_stamp()
             if not keep_packed:
                 self.drop_packed()
         if tune and self.tiled.is_cuda:
@@ -276,14 +276,11 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         """Changes when the stored codes are replaced or written in place (either layout)."""
         return version_stamp(self.packed if self.holds_packed else self.tiled)
 
-    def _packed_stamp(self) -> tuple:
-        return version_stamp(self.packed)
-
     @torch.no_grad()
     def _current_tiled(self) -> torch.Tensor:
         if torch.compiler.is_compiling() or not self.holds_packed:  # (compiled after tile_for_decode)
             return self.tiled
-        if getattr(self, "tiled", None) is None or getattr(self, "_tiled_from", None) != self._packed_stamp():
+        if getattr(self, "tiled", None) is None or getattr(self, "_tiled_from", None) != self.codes_stamp():
             # A copy beside `packed`; a forward never synchronises the GPU to time kernels.
             self.tile_for_decode(tune=False, keep_packed=True)
         return self.tiled
