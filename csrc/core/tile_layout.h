@@ -114,7 +114,7 @@ QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64
     uint32_t word[4] = {0, 0, 0, 0};
     for (int v = 0; v < w; ++v) {
 #ifdef __CUDA_ARCH__
-      word[v] = reinterpret_cast<const uint32_t*>(at)[v];  // 4-byte aligned: tiles and lanes are
+      word[v] = reinterpret_cast<const uint32_t*>(at)[v];  // tiles and lanes start at multiples of 4 bytes
 #else
       for (int b = 0; b < 4; ++b) word[v] |= uint32_t(at[4 * v + b]) << (8 * b);
 #endif
