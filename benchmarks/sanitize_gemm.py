@@ -2,7 +2,8 @@
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, 2 and 4 row tiles per warp,
-rings of 4 and 8 stages)."""
+rings of 4 and 8 stages); and beyond it, the tiled layout untiled and dequantised straight into a 16- or
+32-bit weight (group sizes that a lane's 16 columns straddle included)."""
 
 import itertools
 
@@ -36,5 +37,14 @@ for (n, k, g), min_slice, stages, cluster in itertools.product(
         for m in (1, 7, 16, 37):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
+qatext.set_tuning(decode_gemm_max_m=0, dequant_gemm_max_m=0)  # dequant_tiled + cuBLAS, and untile
+for n, k, g in [(48, 384, 24), (1040, 512, 128), (128, 64, -1)]:
+    for bits, dtype in itertools.product((2, 3, 4), (torch.bfloat16, torch.float32)):
+        packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+        tiled = ops.tile_packed(packed, bits, k)
+        scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
+        zero = torch.full_like(scale, 1.5)
+        ops.dequant_matmul_tiled(torch.randn(3, k, device="cuda", dtype=dtype), tiled, scale, zero, bits, g)
+        ops.untile_packed(tiled, bits, k)
 torch.cuda.synchronize()
 print("sanitize workload done")

@@ -68,7 +68,8 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
 
     On CUDA with 16-bit x and at most ``decode_gemm_max_m`` tokens (by default the crossover that
     ``tune_decode_gemm`` measured for the shape, see ``decode_gemm_crossover``) this is the register-direct
-    decode kernel; otherwise the weight is untiled and takes dequant_matmul's path.
+    decode kernel; beyond it, the fused kernel on the codes untiled where dequant_matmul would take it (at most
+    ``dequant_gemm_max_m`` tokens), else the weight dequantised straight from the tiled layout and one GEMM.
     """
     return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
 
@@ -77,7 +78,7 @@ def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features
     """Time the decode kernel's variants (ring depth, split-K reduction and shape) on this weight for 1, 8 and 16
     tokens, once per device and weight shape, and let every later decode call on that shape take the
     fastest (``decode_gemm_autotune``); with ``decode_gemm_max_m`` at -1 (the default) also time it against
-    the packed path at 32, 64 and 128 tokens for the shape's crossover. It synchronises the GPU: call it
+    the path beyond it at 32, 64 and 128 tokens for the shape's crossover. It synchronises the GPU: call it
     ahead of inference, as ``tile_for_decode`` does; a forward never tunes. A no-op on CPU tensors and for
     shapes already timed.
     """
@@ -85,8 +86,8 @@ def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features
 
 
 def decode_gemm_crossover(device, out_features: int, in_features: int, bits: int, group_size: int) -> int:
-    """The token count up to which the decode kernel beat the packed path (fused kernel or dequant +
-    cuBLAS) for this weight shape on a CUDA device, as ``tune_decode_gemm`` measured it: 16, 32, 64 or
+    """The token count up to which the decode kernel beat the path beyond it (see dequant_matmul_tiled) for
+    this weight shape on a CUDA device, as ``tune_decode_gemm`` measured it: 16, 32, 64 or
     128; 16 where it has measured nothing. With ``decode_gemm_max_m`` at -1, packed layers and
     ``dequant_matmul_tiled`` take the decode kernel up to this many tokens."""
     device = torch.device(device)

@@ -4,7 +4,7 @@ errors on shapes it cannot hold, and dequant_matmul_tiled equal to dequant_matmu
 import pytest
 import torch
 
-from conftest import random_qparams
+from conftest import DTYPES, knob, random_qparams
 from qatext import ops, reference
 
 
@@ -71,6 +71,26 @@ def test_dequant_matmul_tiled_matches_dequant_matmul(device, bits):
     torch.testing.assert_close(y, reference.dequant_matmul(x, packed, scale, zero, bits, g, bias), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.dequant_matmul_tiled(x, ops.tile_packed(packed, bits, k), scale, zero, bits, g, bias[:-1])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("g", [24, 32, 128, -1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [5, 80])
+def test_dequant_matmul_tiled_beyond_decode_equals_dequant_matmul_exactly(device, bits, g, dtype, rows):
+    """Beyond the decode kernel a tiled weight is dequantised straight from its layout (16-bit CUDA inputs
+    of at most dequant_gemm_max_m rows: untiled for the fused kernel), to the very values dequant makes
+    from the packed codes: the output equals dequant_matmul's bit for bit (g = 24: a lane's 16 columns
+    straddle two groups)."""
+    n, k = 48, 384
+    packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device), bits)
+    scale, zero = random_qparams(n, k, bits, g, False, device)
+    x = torch.randn(rows, k, device=device, dtype=dtype)
+    bias = torch.randn(n, device=device, dtype=dtype)
+    tiled = ops.tile_packed(packed, bits, k)
+    with knob("decode_gemm_max_m", 0):
+        y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
+    torch.testing.assert_close(y, ops.dequant_matmul(x, packed, scale, zero, bits, g, bias), rtol=0, atol=0)
 
 
 def test_tune_decode_gemm_checks_its_arguments_and_leaves_cpu_weights_alone():

@@ -17,6 +17,9 @@ namespace qatext {
 
 QATEXT_HOST_DEVICE float qmax_for_bits(int bits) { return float((1 << bits) - 1); }
 
+// The weight a code stands for: w = (q - z) * s, in fp32 (rounded once, by the caller's store).
+QATEXT_HOST_DEVICE float dequant_value(uint32_t q, float s, float z) { return (float(q) - z) * s; }
+
 // Bytes per packed row of K codes of `bits` bits.
 QATEXT_HOST_DEVICE int64_t packed_row_bytes(int64_t K, int bits) { return (K * bits + 7) / 8; }
 

@@ -19,6 +19,8 @@
 #include <cstdint>
 
 #include "core/macros.h"
+#include "core/quant_math.h"
+#include "core/shape.h"
 
 namespace qatext {
 
@@ -99,14 +101,24 @@ QATEXT_HOST_DEVICE uint8_t tiled_byte(const uint8_t* packed, int64_t row_bytes, 
   return uint8_t(out);
 }
 
-// Lane i of the tiled layout (tile i / 32, lane l = 4g + c) written back into the packed rows. Its
-// 4 * bits bytes hold all of its codes, rows g and g + 8 in columns 16c .. 16c + 15, which are 2 * bits
-// whole bytes of each of those two rows: lanes write disjoint bytes, one store a row on a GPU.
+// Where lane i of the tiled layout (tile i / 32, lane l = 4g + c) has its codes in W [N, K]: rows n and
+// n + 8, columns k .. k + 15.
+struct LaneOrigin {
+  int64_t n, k;
+};
+QATEXT_HOST_DEVICE LaneOrigin tile_lane_origin(int64_t i, int64_t K) {
+  const int64_t tile = i / 32, tiles_per_row = K / kTileCols;
+  const int lane = int(i % 32);
+  return {(tile / tiles_per_row) * kTileRows + lane / 4, (tile % tiles_per_row) * kTileCols + 16 * (lane % 4)};
+}
+
+// The codes of lane i as two packed runs: rows[h] holds row n + 8h (tile_lane_origin), code q at bits
+// BITS * q, as in a packed row. The lane's 4 * bits bytes hold all of them (coalesced word loads on a GPU).
 template <int BITS>
-QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64_t i, int64_t K) {
-  const int64_t tile = i / 32, tiles_per_row = K / kTileCols, row_bytes = K * BITS / 8;
-  const int lane = int(i % 32), g = lane / 4, c = lane % 4;
-  uint64_t rows[2] = {0, 0};
+QATEXT_HOST_DEVICE void tile_lane_codes(const uint8_t* tiled, int64_t i, uint64_t (&rows)[2]) {
+  const int64_t tile = i / 32;
+  const int lane = int(i % 32);
+  rows[0] = rows[1] = 0;
   for (int p = 0; p < tile_planes(BITS); ++p) {
     const TilePlane plane = tile_plane(BITS, p);
     const int w = plane.width;
@@ -119,19 +131,27 @@ QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64
       for (int b = 0; b < 4; ++b) word[v] |= uint32_t(at[4 * v + b]) << (8 * b);
 #endif
     }
-    for (int q = 0; q < 16; ++q) {  // column 16c + q = 16c + 4j + e (step j, field e)
+    for (int q = 0; q < 16; ++q) {  // column k + q = k + 4j + e (step j, field e)
       const int j = q / 4, e = q % 4, steps_per_word = 4 / w;
-      for (int half = 0; half < 2; ++half) {  // row g + 8 half: fragment register half + 2 (e / 2)
+      for (int half = 0; half < 2; ++half) {  // row n + 8 half: fragment register half + 2 (e / 2)
         const int bit = w * (half + 2 * (e / 2) + 4 * (j % steps_per_word)) + 16 * (e % 2);
         const uint64_t field = (word[j / steps_per_word] >> bit) & ((1u << w) - 1u);
         rows[half] |= field << (BITS * q + plane.low);
       }
     }
   }
-  const int64_t n = (tile / tiles_per_row) * kTileRows + g;
-  const int64_t byte = (tile % tiles_per_row) * (kTileCols * BITS / 8) + 2 * BITS * c;
+}
+
+// Lane i of the tiled layout written back into the packed rows: its codes are 2 * bits whole bytes of
+// each of its two rows, so lanes write disjoint bytes, one store a row on a GPU.
+template <int BITS>
+QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64_t i, int64_t K) {
+  uint64_t rows[2];
+  tile_lane_codes<BITS>(tiled, i, rows);
+  const LaneOrigin at = tile_lane_origin(i, K);
+  const int64_t row_bytes = K * BITS / 8;
   for (int half = 0; half < 2; ++half) {
-    uint8_t* out = packed + (n + 8 * half) * row_bytes + byte;
+    uint8_t* out = packed + (at.n + 8 * half) * row_bytes + at.k * BITS / 8;
 #ifdef __CUDA_ARCH__  // aligned: rows hold whole tiles, and 2 * bits bytes a lane
     if constexpr (BITS == 4) {
       *reinterpret_cast<uint64_t*>(out) = rows[half];
@@ -142,6 +162,33 @@ QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64
     }
 #else
     for (int b = 0; b < 2 * BITS; ++b) out[b] = uint8_t(rows[half] >> (8 * b));
+#endif
+  }
+}
+
+// Lane i's 32 weights dequantised into out [N, K] (T: float, fp16 or bf16; dequant_value, as dequant
+// computes them from packed codes): rows n and n + 8, columns k .. k + 15, one 16-column run a row
+// (vector stores on a GPU: 16-column runs are 32-byte aligned in a 16-bit row).
+template <typename T, int BITS>
+QATEXT_HOST_DEVICE void dequant_lane(const uint8_t* tiled, const float* scale, const float* zero, T* out, int64_t i,
+                                     GroupShape shape) {
+  uint64_t rows[2];
+  tile_lane_codes<BITS>(tiled, i, rows);
+  const LaneOrigin at = tile_lane_origin(i, shape.K);
+  const int64_t G = shape.groups();
+  const bool one_group = shape.group_size % 16 == 0;  // the run never straddles a group
+  for (int half = 0; half < 2; ++half) {
+    const int64_t n = at.n + 8 * half, first = n * G + at.k / shape.group_size;
+    alignas(16) T v[16];
+    for (int q = 0; q < 16; ++q) {
+      const int64_t ng = one_group ? first : n * G + (at.k + q) / shape.group_size;
+      v[q] = T(dequant_value(uint32_t(rows[half] >> (BITS * q)) & ((1u << BITS) - 1u), scale[ng], zero[ng]));
+    }
+    T* dst = out + n * shape.K + at.k;
+#ifdef __CUDA_ARCH__
+    for (int w = 0; w < int(sizeof(v) / 16); ++w) reinterpret_cast<uint4*>(dst)[w] = reinterpret_cast<const uint4*>(v)[w];
+#else
+    for (int q = 0; q < 16; ++q) dst[q] = v[q];
 #endif
   }
 }

@@ -30,6 +30,9 @@ void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, 
 
 template <typename T>
 void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape);
+// dequant from the tiled layout (bits 2..4): the same values as dequant of the codes untiled.
+template <typename T>
+void dequant_tiled(const uint8_t* tiled, const float* scale, const float* zero, T* out, GroupShape shape);
 
 template <typename T>
 void lrqat_weight_forward(const uint8_t* p, const float* ab, const float* scale, const float* zero,

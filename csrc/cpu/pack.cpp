@@ -50,8 +50,19 @@ void dequant(const uint8_t* packed, const float* scale, const float* zero, T* ou
       const uint8_t* row = packed + n * row_bytes;
       for (int64_t k = 0; k < shape.K; ++k) {
         const int64_t ng = n * G + k / shape.group_size;
-        out[n * shape.K + k] = T((float(read_code(row, k, shape.bits)) - zero[ng]) * scale[ng]);
+        out[n * shape.K + k] = T(dequant_value(read_code(row, k, shape.bits), scale[ng], zero[ng]));
       }
+    }
+  });
+}
+
+template <typename T>
+void dequant_tiled(const uint8_t* tiled, const float* scale, const float* zero, T* out, GroupShape shape) {
+  at::parallel_for(0, tile_lanes(shape.N, shape.K), 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (shape.bits == 2) dequant_lane<T, 2>(tiled, scale, zero, out, i, shape);
+      if (shape.bits == 3) dequant_lane<T, 3>(tiled, scale, zero, out, i, shape);
+      if (shape.bits == 4) dequant_lane<T, 4>(tiled, scale, zero, out, i, shape);
     }
   });
 }
@@ -72,5 +83,8 @@ void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, f
 template void dequant<float>(const uint8_t*, const float*, const float*, float*, GroupShape);
 template void dequant<c10::Half>(const uint8_t*, const float*, const float*, c10::Half*, GroupShape);
 template void dequant<c10::BFloat16>(const uint8_t*, const float*, const float*, c10::BFloat16*, GroupShape);
+template void dequant_tiled<float>(const uint8_t*, const float*, const float*, float*, GroupShape);
+template void dequant_tiled<c10::Half>(const uint8_t*, const float*, const float*, c10::Half*, GroupShape);
+template void dequant_tiled<c10::BFloat16>(const uint8_t*, const float*, const float*, c10::BFloat16*, GroupShape);
 
 }  // namespace qatext::cpu

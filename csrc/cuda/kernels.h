@@ -34,6 +34,9 @@ void untile_packed(const uint8_t* tiled, uint8_t* packed, int64_t N, int64_t K, 
 template <typename T>
 void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
              cudaStream_t stream);
+template <typename T>
+void dequant_tiled(const uint8_t* tiled, const float* scale, const float* zero, T* out, GroupShape shape,
+                   cudaStream_t stream);
 
 template <typename T>
 void lrqat_weight_forward(const uint8_t* p, const float* ab, const float* scale, const float* zero,

@@ -49,6 +49,17 @@ __global__ void untile_kernel(const uint8_t* __restrict__ tiled, uint8_t* __rest
   }
 }
 
+// dequant from the tiled layout, one thread per tile lane (dequant_lane: word loads, a 16-column run a
+// row written as 16-byte vectors): a prefill on a tiled-only layer dequantises without untiling first.
+template <typename T, int BITS>
+__global__ void dequant_tiled_kernel(const uint8_t* __restrict__ tiled, const float* __restrict__ scale,
+                                     const float* __restrict__ zero, T* __restrict__ out, int64_t lanes,
+                                     GroupShape shape) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < lanes; i += int64_t(gridDim.x) * blockDim.x) {
+    dequant_lane<T, BITS>(tiled, scale, zero, out, i, shape);
+  }
+}
+
 template <typename T>
 __global__ void dequant_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
                                const float* __restrict__ zero, T* __restrict__ out, GroupShape shape) {
@@ -57,7 +68,7 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ packed, const float* 
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < shape.numel();
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = i / shape.K, k = i % shape.K, ng = n * G + k / shape.group_size;
-    out[i] = T((float(read_code(packed + n * row_bytes, k, shape.bits)) - zero[ng]) * scale[ng]);
+    out[i] = T(dequant_value(read_code(packed + n * row_bytes, k, shape.bits), scale[ng], zero[ng]));
   }
 }
 
@@ -77,7 +88,7 @@ __global__ void dequant_vec_kernel(const uint8_t* __restrict__ packed, const flo
     const float s = scale[ng], z = zero[ng];
     alignas(16) T v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = T((float((bits >> (e * BITS)) & ((1u << BITS) - 1u)) - z) * s);
+    for (int e = 0; e < 8; ++e) v[e] = T(dequant_value(uint32_t(bits >> (e * BITS)) & ((1u << BITS) - 1u), s, z));
     constexpr int kWords = sizeof(T) * 8 / 16;  // 16-byte words per 8 outputs
 #pragma unroll
     for (int i = 0; i < kWords; ++i) {
@@ -210,9 +221,27 @@ void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, f
   check_launch("group_code_dot");
 }
 
+template <typename T>
+void dequant_tiled(const uint8_t* tiled, const float* scale, const float* zero, T* out, GroupShape shape,
+                   cudaStream_t stream) {
+  const int64_t lanes = tile_lanes(shape.N, shape.K);
+  if (lanes == 0) return;
+  const unsigned grid = grid_for(lanes);
+  if (shape.bits == 2) dequant_tiled_kernel<T, 2><<<grid, kThreads, 0, stream>>>(tiled, scale, zero, out, lanes, shape);
+  if (shape.bits == 3) dequant_tiled_kernel<T, 3><<<grid, kThreads, 0, stream>>>(tiled, scale, zero, out, lanes, shape);
+  if (shape.bits == 4) dequant_tiled_kernel<T, 4><<<grid, kThreads, 0, stream>>>(tiled, scale, zero, out, lanes, shape);
+  check_launch("dequant_tiled");
+}
+
 template void dequant<float>(const uint8_t*, const float*, const float*, float*, GroupShape, cudaStream_t);
 template void dequant<c10::Half>(const uint8_t*, const float*, const float*, c10::Half*, GroupShape, cudaStream_t);
 template void dequant<c10::BFloat16>(const uint8_t*, const float*, const float*, c10::BFloat16*, GroupShape,
                                      cudaStream_t);
+
+template void dequant_tiled<float>(const uint8_t*, const float*, const float*, float*, GroupShape, cudaStream_t);
+template void dequant_tiled<c10::Half>(const uint8_t*, const float*, const float*, c10::Half*, GroupShape,
+                                       cudaStream_t);
+template void dequant_tiled<c10::BFloat16>(const uint8_t*, const float*, const float*, c10::BFloat16*, GroupShape,
+                                           cudaStream_t);
 
 }  // namespace qatext::cuda

@@ -104,6 +104,19 @@ at::Tensor dequant_matmul_checked(const at::Tensor& x, const at::Tensor& packed,
                                   const at::Tensor& zero, const GroupShape& shape,
                                   const std::optional<at::Tensor>& bias);
 
+// Whether x (16-bit, on CUDA, few rows) takes dequant_matmul's fused kernel; metadata only.
+bool fused_dequant_gemm_applies(const at::Tensor& x, const GroupShape& shape);
+
+// x @ w^T (+ bias, in x's dtype): the GEMM on a dequantised weight (cuBLAS on a GPU).
+at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+
+// dequant_matmul_tiled's path beyond the decode kernel, on arguments already checked: the fused kernel
+// on the codes untiled where it applies, else the weight dequantised straight from the tiled layout
+// and one GEMM (no untiled copy of the codes).
+at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                      const at::Tensor& zero, const GroupShape& shape,
+                                      const std::optional<at::Tensor>& bias);
+
 // [..., K] as [rows, K].
 inline at::Tensor flatten_rows(const at::Tensor& t) { return t.reshape_symint({c10::SymInt(-1), t.sym_size(-1)}); }
 

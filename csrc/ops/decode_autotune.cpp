@@ -182,20 +182,18 @@ Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
 }
 
 // The largest of kCrossoverTokens up to which the decode kernel (with the variant tuned for its
-// bucket) beat the packed path (fused kernel or dequant + cuBLAS, on the same codes in the packed
-// layout) at each, else kUnmeasuredCrossover.
+// bucket) beat the path a tiled weight takes beyond it (tiled_matmul_beyond_decode: what a layer that
+// holds only the tiled codes runs) at each, else kUnmeasuredCrossover.
 int64_t crossover(const ColdCopies& copies, GroupShape shape) {
-  std::vector<at::Tensor> packed;
-  for (const at::Tensor& w : copies.w) packed.push_back(untile_packed(w, shape.bits, shape.K));
   const int device = copies.w[0].get_device();
   int64_t limit = kUnmeasuredCrossover;
   for (const int64_t M : kCrossoverTokens) {
     const at::Tensor a = random_tokens(copies, shape, M);
-    const Call packed_call = [&copies, &packed, a, shape](size_t c) {
-      dequant_matmul_checked(a, packed[c], copies.scale[c], copies.zero[c], shape, std::nullopt);
+    const Call beyond_call = [&copies, a, shape](size_t c) {
+      tiled_matmul_beyond_decode(a, copies.w[c], copies.scale[c], copies.zero[c], shape, std::nullopt);
     };
     const std::vector<float> ms =
-        best_replay_ms({decode_call(copies, a, shape, decode_tuning_for(device, shape, M)), packed_call},
+        best_replay_ms({decode_call(copies, a, shape, decode_tuning_for(device, shape, M)), beyond_call},
                        copies.size(), device);
     if (ms[0] >= ms[1]) break;
     limit = M;

@@ -19,25 +19,6 @@ at::Tensor dequant_checked(const at::Tensor& packed_in, const at::Tensor& scale_
   return out;
 }
 
-// Whether a (16-bit, on CUDA, small M) takes the fused tensor-core GEMM (see cuda/dequant_gemm.cu);
-// metadata only, so it answers for fake tensors too (no, where tracing left the row count symbolic).
-bool fused_dequant_gemm_applies(const at::Tensor& a, const GroupShape& shape) {
-#ifdef QATEXT_WITH_CUDA
-  const auto dtype = a.scalar_type();
-  if (!a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < a.dim(); ++d) {
-    const std::optional<int64_t> n = a.sym_size(d).maybe_as_int();
-    if (!n) return false;
-    M *= *n;
-  }
-  return M <= tuning(Knob::DequantGemmMaxM) && cuda::dequant_gemm_supported(M, shape);
-#else
-  (void)a, (void)shape;
-  return false;
-#endif
-}
-
 // The fused tensor-core GEMM where it applies; nullopt elsewhere, and the caller dequantises and
 // calls cuBLAS.
 std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::Tensor& packed_in,
@@ -75,6 +56,25 @@ std::optional<at::Tensor> fused_dequant_gemm(const at::Tensor& a_in, const at::T
 }
 
 }  // namespace
+
+// Whether a (16-bit, on CUDA, small M) takes the fused tensor-core GEMM (see cuda/dequant_gemm.cu);
+// metadata only, so it answers for fake tensors too (no, where tracing left the row count symbolic).
+bool fused_dequant_gemm_applies(const at::Tensor& a, const GroupShape& shape) {
+#ifdef QATEXT_WITH_CUDA
+  const auto dtype = a.scalar_type();
+  if (!a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < a.dim(); ++d) {
+    const std::optional<int64_t> n = a.sym_size(d).maybe_as_int();
+    if (!n) return false;
+    M *= *n;
+  }
+  return M <= tuning(Knob::DequantGemmMaxM) && cuda::dequant_gemm_supported(M, shape);
+#else
+  (void)a, (void)shape;
+  return false;
+#endif
+}
 
 at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
   const char* op = "qatext.pack";
@@ -129,7 +129,10 @@ at::Tensor dequant_matmul_checked(const at::Tensor& x, const at::Tensor& packed,
                                   const std::optional<at::Tensor>& bias) {
   if (auto y = fused_dequant_gemm(x, packed, scale, zero, shape, bias, /*grad_input=*/false)) return *y;
   // Otherwise dequantise to x's dtype once, then one cuBLAS / CPU GEMM.
-  const at::Tensor w = dequant_checked(packed, scale, zero, shape, x.scalar_type());
+  return linear_in_dtype(x, dequant_checked(packed, scale, zero, shape, x.scalar_type()), bias);
+}
+
+at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : bias);
 }
 

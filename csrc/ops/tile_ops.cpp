@@ -1,6 +1,6 @@
 // The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, and
-// dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; elsewhere the
-// weight is converted back and takes dequant_matmul's paths).
+// dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; beyond it the fused
+// kernel on the codes untiled, or the weight dequantised straight from the tiled layout and one GEMM).
 #include "core/quant_math.h"
 #include "core/tile_layout.h"
 #include "ops/common.h"
@@ -105,7 +105,22 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
     }
   }
 #endif
-  return dequant_matmul(x, untile_packed(tiled, bits, K), scale_in, zero_in, bits, group_size, bias);
+  return tiled_matmul_beyond_decode(x, tiled, scale_in, zero_in, shape, bias);
+}
+
+at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                      const at::Tensor& zero, const GroupShape& shape,
+                                      const std::optional<at::Tensor>& bias) {
+  if (fused_dequant_gemm_applies(x, shape)) {
+    return dequant_matmul_checked(x, untile_packed(tiled, shape.bits, shape.K), scale, zero, shape, bias);
+  }
+  const at::Tensor codes = tiled.contiguous(), s = as_float(scale), z = as_float(zero);
+  at::Tensor w = at::empty({shape.N, shape.K}, codes.options().dtype(x.scalar_type()));
+  QATEXT_DISPATCH_FLOAT(x.scalar_type(), [&] {
+    QATEXT_DEVICE_CALL(codes, dequant_tiled<scalar_t>, codes.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(),
+                       z.const_data_ptr<float>(), w.mutable_data_ptr<scalar_t>(), shape);
+  });
+  return linear_in_dtype(x, w, bias);
 }
 
 }  // namespace qatext::ops

@@ -24,8 +24,8 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
      "Largest token count for which CUDA dequant_matmul uses the fused kernel (0: never)."},
     {"decode_gemm_max_m", -1, -1, kMax,
      "Largest token count for which CUDA dequant_matmul_tiled and packed layers use the decode kernel (0: never). "
-     "-1: the crossover tune_decode_gemm measured for the weight's shape against the packed path (16, 32, 64 or "
-     "128 tokens), 16 for shapes it has not measured."},
+     "-1: the crossover tune_decode_gemm measured for the weight's shape against the path beyond it (16, 32, "
+     "64 or 128 tokens), 16 for shapes it has not measured."},
     {"decode_gemm_min_slice", 8, 1, kMax,
      "Fewest 64-column tiles per K slice of the decode kernel's split-K (else: split to fill one wave)."},
     {"decode_gemm_row_tiles", 4, 1, 4,

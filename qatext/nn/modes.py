@@ -188,7 +188,7 @@ class PackedLinear(_FrozenCodes, mode="packed"):
     GPU, where no gradient is needed, with a 16-bit input of few tokens (decode: up to the crossover that
     `tile_for_decode` measured for the shape, or `decode_gemm_max_m` where that is set), the decode kernel
     on a tiled copy of the codes; otherwise the packed path (fused kernel or dequant + cuBLAS, see
-    dequant_matmul).
+    dequant_matmul; from the tiled codes where the layer holds only those, see dequant_matmul_tiled).
 
     After `tile_for_decode()` the tiled codes are the layer's only copy (the `packed` buffer is
     dropped): `packed_codes()`, the state dict, merges and exports lay them out as `packed` again when
@@ -207,13 +207,19 @@ class PackedLinear(_FrozenCodes, mode="packed"):
                 return shared[0].output(shared[1], x)
             return ops.dequant_matmul_tiled(x, self._current_tiled(), self._scale(), self.zero,
                                             self.spec.bits, self.group_size, self._bias_for(x))
+        if not self.holds_packed and not self._needs_grad(x):
+            # Tiled codes only (a prefill): dequantised straight from them, no untiled copy made first.
+            return ops.dequant_matmul_tiled(x, self.tiled, self._scale(), self.zero, self.spec.bits, self.group_size,
+                                            self._bias_for(x))
         return self._matmul(x)
 
+    def _needs_grad(self, x) -> bool:
+        # Grad mode alone needs none (a loop without no_grad over frozen weights): only a gradient that
+        # something would need, which the tiled ops have no backward for.
+        return torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+
     def _decodes(self, x) -> bool:
-        # Grad mode alone does not rule the decode kernel out (a loop without no_grad over frozen
-        # weights): only a gradient that something would need, which it has no backward for.
-        needs_grad = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        if (needs_grad and torch.is_grad_enabled()) or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        if self._needs_grad(x) or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
             return False
         # Traced by torch.compile, the copy must exist already (models.tile_for_decode before compiling).
         if not self._tileable or (torch.compiler.is_compiling() and getattr(self, "tiled", None) is None):
