@@ -107,89 +107,147 @@ struct LaneOrigin {
   int64_t n, k;
 };
 QATEXT_HOST_DEVICE LaneOrigin tile_lane_origin(int64_t i, int64_t K) {
-  const int64_t tile = i / 32, tiles_per_row = K / kTileCols;
+  // 32-bit division (a 64-bit one is a long subroutine on a GPU): fewer than 2^32 tiles, K < 2^31.
+  const uint32_t tile = uint32_t(i / 32), tiles_per_row = uint32_t(K / kTileCols), row_tile = tile / tiles_per_row;
   const int lane = int(i % 32);
-  return {(tile / tiles_per_row) * kTileRows + lane / 4, (tile % tiles_per_row) * kTileCols + 16 * (lane % 4)};
+  return {int64_t(row_tile) * kTileRows + lane / 4, int64_t(tile - row_tile * tiles_per_row) * kTileCols + 16 * (lane % 4)};
 }
 
-// The codes of lane i as two packed runs: rows[h] holds row n + 8h (tile_lane_origin), code q at bits
-// BITS * q, as in a packed row. The lane's 4 * bits bytes hold all of them (coalesced word loads on a GPU).
-template <int BITS>
-QATEXT_HOST_DEVICE void tile_lane_codes(const uint8_t* tiled, int64_t i, uint64_t (&rows)[2]) {
-  const int64_t tile = i / 32;
-  const int lane = int(i % 32);
-  rows[0] = rows[1] = 0;
-  for (int p = 0; p < tile_planes(BITS); ++p) {
-    const TilePlane plane = tile_plane(BITS, p);
-    const int w = plane.width;
-    const uint8_t* at = tiled + tile * tile_bytes(BITS) + plane.offset + lane * 4 * w;
-    uint32_t word[4] = {0, 0, 0, 0};
-    for (int v = 0; v < w; ++v) {
+// The 4 * w bytes of a tile lane's plane of width w as 32-bit words (one vector load on a GPU: tiles and
+// lanes start at multiples of 4 * w bytes).
+template <int W>
+QATEXT_HOST_DEVICE void load_lane_words(const uint8_t* at, uint32_t (&word)[4]) {
 #ifdef __CUDA_ARCH__
-      word[v] = reinterpret_cast<const uint32_t*>(at)[v];  // tiles and lanes start at multiples of 4 bytes
+  if constexpr (W == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(at);
+    word[0] = v.x, word[1] = v.y, word[2] = v.z, word[3] = v.w;
+  } else if constexpr (W == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(at);
+    word[0] = v.x, word[1] = v.y;
+  } else {
+    word[0] = *reinterpret_cast<const uint32_t*>(at);
+  }
 #else
-      for (int b = 0; b < 4; ++b) word[v] |= uint32_t(at[4 * v + b]) << (8 * b);
+  for (int v = 0; v < W; ++v) {
+    word[v] = 0;
+    for (int b = 0; b < 4; ++b) word[v] |= uint32_t(at[4 * v + b]) << (8 * b);
+  }
 #endif
-    }
-    for (int q = 0; q < 16; ++q) {  // column k + q = k + 4j + e (step j, field e)
-      const int j = q / 4, e = q % 4, steps_per_word = 4 / w;
+}
+
+// The codes of lane i: codes[h][q] is the code at row n + 8h, column k + q (tile_lane_origin). The lane's
+// 4 * bits bytes hold all of them.
+template <int BITS>
+QATEXT_HOST_DEVICE void tile_lane_codes(const uint8_t* tiled, int64_t i, uint32_t (&codes)[2][16]) {
+  const uint8_t* lane_tile = tiled + (i / 32) * tile_bytes(BITS);
+  const int lane = int(i % 32);
+  QATEXT_UNROLL
+  for (int q = 0; q < 16; ++q) codes[0][q] = codes[1][q] = 0;
+  QATEXT_UNROLL
+  for (int p = 0; p < tile_planes(BITS); ++p) {
+    constexpr int kSteps = 4;  // 16-deep mma steps j of a lane's 16 columns: column q = 4j + e
+    const TilePlane plane = tile_plane(BITS, p);
+    const int w = plane.width, steps_per_word = 4 / w;
+    uint32_t word[4] = {0, 0, 0, 0};
+    if (w == 4) load_lane_words<4>(lane_tile + plane.offset + lane * 16, word);
+    if (w == 2) load_lane_words<2>(lane_tile + plane.offset + lane * 8, word);
+    if (w == 1) load_lane_words<1>(lane_tile + plane.offset + lane * 4, word);
+    QATEXT_UNROLL
+    for (int q = 0; q < 4 * kSteps; ++q) {
+      const int j = q / 4, e = q % 4;
+      QATEXT_UNROLL
       for (int half = 0; half < 2; ++half) {  // row n + 8 half: fragment register half + 2 (e / 2)
         const int bit = w * (half + 2 * (e / 2) + 4 * (j % steps_per_word)) + 16 * (e % 2);
-        const uint64_t field = (word[j / steps_per_word] >> bit) & ((1u << w) - 1u);
-        rows[half] |= field << (BITS * q + plane.low);
+        codes[half][q] |= ((word[j / steps_per_word] >> bit) & ((1u << w) - 1u)) << plane.low;
       }
     }
   }
 }
 
 // Lane i of the tiled layout written back into the packed rows: its codes are 2 * bits whole bytes of
-// each of its two rows, so lanes write disjoint bytes, one store a row on a GPU.
+// each of its two rows, so lanes write disjoint bytes, one store a row on a GPU (3 bits: 6 bytes a lane, so
+// the row's four lanes (c = 0..3, together in a warp) shift their bits into three aligned 8-byte words,
+// each written by lane c = 0, 1, 2).
 template <int BITS>
 QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64_t i, int64_t K) {
-  uint64_t rows[2];
-  tile_lane_codes<BITS>(tiled, i, rows);
+  uint32_t codes[2][16];
+  tile_lane_codes<BITS>(tiled, i, codes);
   const LaneOrigin at = tile_lane_origin(i, K);
   const int64_t row_bytes = K * BITS / 8;
+  QATEXT_UNROLL
   for (int half = 0; half < 2; ++half) {
+    uint64_t run = 0;  // the row's 16 codes as packed bits
+    QATEXT_UNROLL
+    for (int q = 0; q < 16; ++q) run |= uint64_t(codes[half][q]) << (BITS * q);
     uint8_t* out = packed + (at.n + 8 * half) * row_bytes + at.k * BITS / 8;
 #ifdef __CUDA_ARCH__  // aligned: rows hold whole tiles, and 2 * bits bytes a lane
     if constexpr (BITS == 4) {
-      *reinterpret_cast<uint64_t*>(out) = rows[half];
+      *reinterpret_cast<uint64_t*>(out) = run;
     } else if constexpr (BITS == 2) {
-      *reinterpret_cast<uint32_t*>(out) = uint32_t(rows[half]);
-    } else {
-      for (int h = 0; h < 3; ++h) reinterpret_cast<uint16_t*>(out)[h] = uint16_t(rows[half] >> (16 * h));
+      *reinterpret_cast<uint32_t*>(out) = uint32_t(run);
+    } else {  // word c of the row's 24 bytes: this lane's bits from 16c on, then the next lane's
+      const int c = int(i % 4);
+      const uint64_t next = __shfl_down_sync(0xffffffffu, run, 1);
+      if (c < 3) *reinterpret_cast<uint64_t*>(out - 6 * c + 8 * c) = (run >> (16 * c)) | (next << (48 - 16 * c));
     }
 #else
-    for (int b = 0; b < 2 * BITS; ++b) out[b] = uint8_t(rows[half] >> (8 * b));
+    for (int b = 0; b < 2 * BITS; ++b) out[b] = uint8_t(run >> (8 * b));
 #endif
   }
 }
 
+// A lane's run of 16 weights of a row (16-bit: 32 bytes, one sector) stored at dst. On a GPU the lanes of
+// a column pair (c, c ^ 1: i and i ^ 1, together in a warp) swap a half run first, so that each of the
+// two 16-byte store instructions writes whole sectors (a run's halves by its two lanes), not half of one
+// each.
+template <typename T>
+QATEXT_HOST_DEVICE void store_lane_run(T* dst, const T (&v)[16], int64_t i) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(T) == 2) {
+    const uint4* mine = reinterpret_cast<const uint4*>(v);
+    const bool odd = i & 1;
+    const uint4 sent = odd ? mine[0] : mine[1];
+    uint4 got;
+    got.x = __shfl_xor_sync(0xffffffffu, sent.x, 1), got.y = __shfl_xor_sync(0xffffffffu, sent.y, 1);
+    got.z = __shfl_xor_sync(0xffffffffu, sent.z, 1), got.w = __shfl_xor_sync(0xffffffffu, sent.w, 1);
+    uint4* run = reinterpret_cast<uint4*>(dst);  // this lane's run; the even lane's partner starts 2 vectors on
+    *(odd ? run - 1 : run) = odd ? got : mine[0];      // the even lane's run: its first half, then the second
+    *(odd ? run + 1 : run + 2) = odd ? mine[1] : got;  // the odd lane's run: likewise
+  } else {
+    for (int w = 0; w < int(sizeof(v) / 16); ++w) reinterpret_cast<uint4*>(dst)[w] = reinterpret_cast<const uint4*>(v)[w];
+  }
+#else
+  (void)i;
+  for (int q = 0; q < 16; ++q) dst[q] = v[q];
+#endif
+}
+
 // Lane i's 32 weights dequantised into out [N, K] (T: float, fp16 or bf16; dequant_value, as dequant
-// computes them from packed codes): rows n and n + 8, columns k .. k + 15, one 16-column run a row
-// (vector stores on a GPU: 16-column runs are 32-byte aligned in a 16-bit row).
+// computes them from packed codes): rows n and n + 8, columns k .. k + 15. On a GPU the 32 lanes of a
+// tile call it together (a warp: store_lane_run).
 template <typename T, int BITS>
 QATEXT_HOST_DEVICE void dequant_lane(const uint8_t* tiled, const float* scale, const float* zero, T* out, int64_t i,
                                      GroupShape shape) {
-  uint64_t rows[2];
-  tile_lane_codes<BITS>(tiled, i, rows);
+  uint32_t codes[2][16];
+  tile_lane_codes<BITS>(tiled, i, codes);
   const LaneOrigin at = tile_lane_origin(i, shape.K);
   const int64_t G = shape.groups();
   const bool one_group = shape.group_size % 16 == 0;  // the run never straddles a group
+  QATEXT_UNROLL
   for (int half = 0; half < 2; ++half) {
-    const int64_t n = at.n + 8 * half, first = n * G + at.k / shape.group_size;
+    const int64_t n = at.n + 8 * half, first = n * G + uint32_t(at.k) / uint32_t(shape.group_size);
+    const float s = scale[first], z = zero[first];
     alignas(16) T v[16];
+    QATEXT_UNROLL
     for (int q = 0; q < 16; ++q) {
-      const int64_t ng = one_group ? first : n * G + (at.k + q) / shape.group_size;
-      v[q] = T(dequant_value(uint32_t(rows[half] >> (BITS * q)) & ((1u << BITS) - 1u), scale[ng], zero[ng]));
+      if (one_group) {
+        v[q] = T(dequant_value(codes[half][q], s, z));
+      } else {
+        const int64_t ng = n * G + uint32_t(at.k + q) / uint32_t(shape.group_size);
+        v[q] = T(dequant_value(codes[half][q], scale[ng], zero[ng]));
+      }
     }
-    T* dst = out + n * shape.K + at.k;
-#ifdef __CUDA_ARCH__
-    for (int w = 0; w < int(sizeof(v) / 16); ++w) reinterpret_cast<uint4*>(dst)[w] = reinterpret_cast<const uint4*>(v)[w];
-#else
-    for (int q = 0; q < 16; ++q) dst[q] = v[q];
-#endif
+    store_lane_run(out + n * shape.K + at.k, v, i);
   }
 }
 

@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "core/quant_math.h"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/ptx.cuh"
@@ -31,11 +32,6 @@ constexpr int kStages = 4;             // cp.async ring depth
 constexpr int kGemmThreads = 256;      // 8 warps, 16 output columns each
 constexpr int kPackedStride = 80;      // bytes per packed tile row in smem (<= 64 used; 80 avoids bank conflicts)
 constexpr int kHalfStride = kTile + 8;  // 16-bit elements per decoded / activation smem row (conflict-free ldmatrix)
-
-// Exact small-integer to float: the code sits in the mantissa of 2^23.
-__device__ __forceinline__ float code_to_float(uint32_t q) {
-  return __int_as_float(0x4B000000u | q) - 8388608.f;
-}
 
 struct GemmArgs {
   const void* a;        // x [M, K] (forward) or grad_y [M, N] (grad input)

@@ -25,11 +25,18 @@ int64_t check_tileable(const char* op, const char* name, const at::Tensor& t, in
 }
 
 
+// Tiled codes contiguous and 16-byte aligned, as the lane kernels' vector loads need (a copy only for a
+// view at an odd offset).
+at::Tensor lane_aligned(const at::Tensor& tiled) {
+  at::Tensor t = tiled.contiguous();
+  return aligned16(t) ? t : t.clone();
+}
+
 // The codes of `in` in the other layout (to_tiled: packed -> tiled, else back); same bytes, same shape.
 at::Tensor relayout(const char* op, const char* name, const at::Tensor& in_, int64_t bits, int64_t in_features,
                     bool to_tiled) {
   const int64_t N = check_tileable(op, name, in_, bits, in_features);
-  const at::Tensor in = in_.contiguous();
+  const at::Tensor in = lane_aligned(in_);
   at::Tensor out = at::empty_like(in);
   if (to_tiled) {
     QATEXT_DEVICE_CALL(in, tile_packed, in.const_data_ptr<uint8_t>(), out.mutable_data_ptr<uint8_t>(), N, in_features,
@@ -114,7 +121,7 @@ at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& til
   if (fused_dequant_gemm_applies(x, shape)) {
     return dequant_matmul_checked(x, untile_packed(tiled, shape.bits, shape.K), scale, zero, shape, bias);
   }
-  const at::Tensor codes = tiled.contiguous(), s = as_float(scale), z = as_float(zero);
+  const at::Tensor codes = lane_aligned(tiled), s = as_float(scale), z = as_float(zero);
   at::Tensor w = at::empty({shape.N, shape.K}, codes.options().dtype(x.scalar_type()));
   QATEXT_DISPATCH_FLOAT(x.scalar_type(), [&] {
     QATEXT_DEVICE_CALL(codes, dequant_tiled<scalar_t>, codes.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(),
