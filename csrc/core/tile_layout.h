@@ -135,31 +135,35 @@ QATEXT_HOST_DEVICE void load_lane_words(const uint8_t* at, uint32_t (&word)[4]) 
 #endif
 }
 
-// The codes of lane i: codes[h][q] is the code at row n + 8h, column k + q (tile_lane_origin). The lane's
-// 4 * bits bytes hold all of them.
+// The words of lane i: word[p][v] is word v of plane p (the lane's 4 * bits bytes).
 template <int BITS>
-QATEXT_HOST_DEVICE void tile_lane_codes(const uint8_t* tiled, int64_t i, uint32_t (&codes)[2][16]) {
+QATEXT_HOST_DEVICE void load_lane(const uint8_t* tiled, int64_t i, uint32_t (&word)[2][4]) {
   const uint8_t* lane_tile = tiled + (i / 32) * tile_bytes(BITS);
   const int lane = int(i % 32);
   QATEXT_UNROLL
-  for (int q = 0; q < 16; ++q) codes[0][q] = codes[1][q] = 0;
+  for (int p = 0; p < tile_planes(BITS); ++p) {
+    const TilePlane plane = tile_plane(BITS, p);
+    if (plane.width == 4) load_lane_words<4>(lane_tile + plane.offset + lane * 16, word[p]);
+    if (plane.width == 2) load_lane_words<2>(lane_tile + plane.offset + lane * 8, word[p]);
+    if (plane.width == 1) load_lane_words<1>(lane_tile + plane.offset + lane * 4, word[p]);
+  }
+}
+
+// The codes of row n + 8 half of a lane (tile_lane_origin) from its words: codes[q] at column k + q.
+template <int BITS>
+QATEXT_HOST_DEVICE void lane_row_codes(const uint32_t (&word)[2][4], int half, uint32_t (&codes)[16]) {
+  QATEXT_UNROLL
+  for (int q = 0; q < 16; ++q) codes[q] = 0;
   QATEXT_UNROLL
   for (int p = 0; p < tile_planes(BITS); ++p) {
-    constexpr int kSteps = 4;  // 16-deep mma steps j of a lane's 16 columns: column q = 4j + e
     const TilePlane plane = tile_plane(BITS, p);
     const int w = plane.width, steps_per_word = 4 / w;
-    uint32_t word[4] = {0, 0, 0, 0};
-    if (w == 4) load_lane_words<4>(lane_tile + plane.offset + lane * 16, word);
-    if (w == 2) load_lane_words<2>(lane_tile + plane.offset + lane * 8, word);
-    if (w == 1) load_lane_words<1>(lane_tile + plane.offset + lane * 4, word);
     QATEXT_UNROLL
-    for (int q = 0; q < 4 * kSteps; ++q) {
+    for (int q = 0; q < 16; ++q) {  // column k + q = k + 4j + e (16-deep step j, field e)
       const int j = q / 4, e = q % 4;
-      QATEXT_UNROLL
-      for (int half = 0; half < 2; ++half) {  // row n + 8 half: fragment register half + 2 (e / 2)
-        const int bit = w * (half + 2 * (e / 2) + 4 * (j % steps_per_word)) + 16 * (e % 2);
-        codes[half][q] |= ((word[j / steps_per_word] >> bit) & ((1u << w) - 1u)) << plane.low;
-      }
+      // row n + 8 half is fragment register half + 2 (e / 2); the half's shift is applied once a word
+      const int bit = w * (2 * (e / 2) + 4 * (j % steps_per_word)) + 16 * (e % 2);
+      codes[q] |= (((word[p][j / steps_per_word] >> (w * half)) >> bit) & ((1u << w) - 1u)) << plane.low;
     }
   }
 }
@@ -170,15 +174,17 @@ QATEXT_HOST_DEVICE void tile_lane_codes(const uint8_t* tiled, int64_t i, uint32_
 // each written by lane c = 0, 1, 2).
 template <int BITS>
 QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64_t i, int64_t K) {
-  uint32_t codes[2][16];
-  tile_lane_codes<BITS>(tiled, i, codes);
+  uint32_t word[2][4];
+  load_lane<BITS>(tiled, i, word);
   const LaneOrigin at = tile_lane_origin(i, K);
   const int64_t row_bytes = K * BITS / 8;
   QATEXT_UNROLL
   for (int half = 0; half < 2; ++half) {
+    uint32_t codes[16];
+    lane_row_codes<BITS>(word, half, codes);
     uint64_t run = 0;  // the row's 16 codes as packed bits
     QATEXT_UNROLL
-    for (int q = 0; q < 16; ++q) run |= uint64_t(codes[half][q]) << (BITS * q);
+    for (int q = 0; q < 16; ++q) run |= uint64_t(codes[q]) << (BITS * q);
     uint8_t* out = packed + (at.n + 8 * half) * row_bytes + at.k * BITS / 8;
 #ifdef __CUDA_ARCH__  // aligned: rows hold whole tiles, and 2 * bits bytes a lane
     if constexpr (BITS == 4) {
@@ -222,33 +228,31 @@ QATEXT_HOST_DEVICE void store_lane_run(T* dst, const T (&v)[16], int64_t i) {
 #endif
 }
 
-// Lane i's 32 weights dequantised into out [N, K] (T: float, fp16 or bf16; dequant_value, as dequant
-// computes them from packed codes): rows n and n + 8, columns k .. k + 15. On a GPU the 32 lanes of a
-// tile call it together (a warp: store_lane_run).
+// Row n + 8 half of lane i (tile_lane_origin), 16 weights, dequantised into out [N, K] (T: float, fp16 or
+// bf16; dequant_value, as dequant computes them from packed codes). On a GPU the 32 lanes of a tile call it
+// together for one half (a warp: store_lane_run).
 template <typename T, int BITS>
-QATEXT_HOST_DEVICE void dequant_lane(const uint8_t* tiled, const float* scale, const float* zero, T* out, int64_t i,
-                                     GroupShape shape) {
-  uint32_t codes[2][16];
-  tile_lane_codes<BITS>(tiled, i, codes);
+QATEXT_HOST_DEVICE void dequant_lane_row(const uint8_t* tiled, const float* scale, const float* zero, T* out,
+                                         int64_t i, int half, GroupShape shape) {
+  uint32_t word[2][4], codes[16];
+  load_lane<BITS>(tiled, i, word);
+  lane_row_codes<BITS>(word, half, codes);
   const LaneOrigin at = tile_lane_origin(i, shape.K);
-  const int64_t G = shape.groups();
+  const int64_t n = at.n + 8 * half, G = shape.groups();
+  const int64_t first = n * G + uint32_t(at.k) / uint32_t(shape.group_size);
   const bool one_group = shape.group_size % 16 == 0;  // the run never straddles a group
+  const float s = scale[first], z = zero[first];
+  alignas(16) T v[16];
   QATEXT_UNROLL
-  for (int half = 0; half < 2; ++half) {
-    const int64_t n = at.n + 8 * half, first = n * G + uint32_t(at.k) / uint32_t(shape.group_size);
-    const float s = scale[first], z = zero[first];
-    alignas(16) T v[16];
-    QATEXT_UNROLL
-    for (int q = 0; q < 16; ++q) {
-      if (one_group) {
-        v[q] = T(dequant_value(codes[half][q], s, z));
-      } else {
-        const int64_t ng = n * G + uint32_t(at.k + q) / uint32_t(shape.group_size);
-        v[q] = T(dequant_value(codes[half][q], scale[ng], zero[ng]));
-      }
+  for (int q = 0; q < 16; ++q) {
+    if (one_group) {
+      v[q] = T(dequant_value(codes[q], s, z));
+    } else {
+      const int64_t ng = n * G + uint32_t(at.k + q) / uint32_t(shape.group_size);
+      v[q] = T(dequant_value(codes[q], scale[ng], zero[ng]));
     }
-    store_lane_run(out + n * shape.K + at.k, v, i);
   }
+  store_lane_run(out + n * shape.K + at.k, v, i);
 }
 
 // untile_lane for a bits value known at run time (2, 3 or 4).

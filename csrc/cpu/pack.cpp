@@ -60,9 +60,11 @@ template <typename T>
 void dequant_tiled(const uint8_t* tiled, const float* scale, const float* zero, T* out, GroupShape shape) {
   at::parallel_for(0, tile_lanes(shape.N, shape.K), 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (shape.bits == 2) dequant_lane<T, 2>(tiled, scale, zero, out, i, shape);
-      if (shape.bits == 3) dequant_lane<T, 3>(tiled, scale, zero, out, i, shape);
-      if (shape.bits == 4) dequant_lane<T, 4>(tiled, scale, zero, out, i, shape);
+      for (int half = 0; half < 2; ++half) {
+        if (shape.bits == 2) dequant_lane_row<T, 2>(tiled, scale, zero, out, i, half, shape);
+        if (shape.bits == 3) dequant_lane_row<T, 3>(tiled, scale, zero, out, i, half, shape);
+        if (shape.bits == 4) dequant_lane_row<T, 4>(tiled, scale, zero, out, i, half, shape);
+      }
     }
   });
 }

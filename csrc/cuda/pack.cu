@@ -49,14 +49,17 @@ __global__ void untile_kernel(const uint8_t* __restrict__ tiled, uint8_t* __rest
   }
 }
 
-// dequant from the tiled layout, one thread per tile lane (dequant_lane: word loads, a 16-column run a
-// row written as 16-byte vectors): a prefill on a tiled-only layer dequantises without untiling first.
+// dequant from the tiled layout, one thread per tile lane, its two rows in turn (dequant_lane_row: vector
+// loads, whole-sector stores). One row's codes in registers at a time: holding both rows' took 72-95
+// registers (3 blocks an SM) and ran at 1.11-1.35x the packed path's prefill GEMM; one row at a time
+// takes 48 (0.92-1.06x), and a thread per row 40, but ~3% slower again (twice the threads and loads).
 template <typename T, int BITS>
 __global__ void dequant_tiled_kernel(const uint8_t* __restrict__ tiled, const float* __restrict__ scale,
                                      const float* __restrict__ zero, T* __restrict__ out, int64_t lanes,
                                      GroupShape shape) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < lanes; i += int64_t(gridDim.x) * blockDim.x) {
-    dequant_lane<T, BITS>(tiled, scale, zero, out, i, shape);
+    dequant_lane_row<T, BITS>(tiled, scale, zero, out, i, 0, shape);
+    dequant_lane_row<T, BITS>(tiled, scale, zero, out, i, 1, shape);
   }
 }
 
