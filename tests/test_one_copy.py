@@ -11,6 +11,7 @@ from qatext import QuantSpec, load_quantized, methods, models, save_quantized
 from qatext.export.layers import read_quantized
 from qatext.io import quant_layers
 from qatext.nn import QuantLinear
+from qatext.nn.shared_input import SharedInputProjections
 
 
 def _packed_layer(device, n=96, k=384, seed=0):
@@ -118,6 +119,12 @@ def test_model_keeps_its_codes_once_and_round_trips(tmp_path, tiny_model_dir, de
     assert models.tile_for_decode(model) == 14
     assert not any(layer.holds_packed for _, layer in quant_layers(model))
     assert _storage_bytes(kept) - _storage_bytes(model) == packed_bytes
+    groups = [m for m in model.modules() if isinstance(m, SharedInputProjections)]
+    assert len(groups) == 4  # q/k/v and gate/up of two layers: each holds views, no second copy
+    for group in groups:
+        for name in ("tiled", "scale", "zero"):
+            storage = getattr(group, name).untyped_storage().data_ptr()
+            assert all(getattr(m, name).untyped_storage().data_ptr() == storage for m in group.members), name
 
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), expected, rtol=0,

@@ -3,8 +3,9 @@
 A decode GEMM has a fixed cost (its ramp and split-K tail) beside its bytes, paid once per call; q, k
 and v, and gate and up, read the same activations, so one call over their weights concatenated along
 N does the work of three (two). `SharedInputProjections` holds that concatenation (the tiled codes,
-scales, zeros and biases; the members' own tiled copies become views of it) as a submodule of the
-members' parent, non-persistent: state dicts and checkpoints are unchanged. The first member called
+scales, zeros and biases; the members' own codes, scales and zeros become views of it, so the group
+holds no second copy) as a submodule of the members' parent, non-persistent: state dicts and
+checkpoints are unchanged. The first member called
 with an input computes every member's output; the others take theirs for the same input tensor (an
 identity check, so a member fed anything else computes its own). Under torch.compile the bookkeeping
 traces away into one GEMM and slices.
@@ -67,16 +68,17 @@ class SharedInputProjections(nn.Module):
 
     @torch.no_grad()
     def _build(self) -> None:
-        """Concatenate the members' current weights; their tiled copies become views of ours."""
+        """Concatenate the members' current weights; their tiled codes, scales and zeros become views of
+        ours (the members' state dicts copy the views out: see PackedLinear._save_to_state_dict)."""
         members = self.members
         tiled = torch.cat([m._current_tiled() for m in members])
-        self.register_buffer("tiled", tiled, persistent=False)
-        self.register_buffer("scale", torch.cat([m._scale() for m in members]), persistent=False)
-        self.register_buffer("zero", torch.cat([m.zero for m in members]), persistent=False)
+        scale, zero = torch.cat([m._scale() for m in members]), torch.cat([m.zero for m in members])
+        for name, t in (("tiled", tiled), ("scale", scale), ("zero", zero)):
+            self.register_buffer(name, t, persistent=False)
+            for member, view in zip(members, t.split(self.sizes)):
+                member.register_buffer(name, view, persistent=name != "tiled")
         bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
         self.register_buffer("bias", bias, persistent=False)
-        for member, view in zip(members, tiled.split(self.sizes)):
-            member.register_buffer("tiled", view, persistent=False)
         self._built_from = self._stamp()
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
