@@ -191,10 +191,11 @@ QATEXT_HOST_DEVICE void untile_lane(const uint8_t* tiled, uint8_t* packed, int64
       *reinterpret_cast<uint64_t*>(out) = run;
     } else if constexpr (BITS == 2) {
       *reinterpret_cast<uint32_t*>(out) = uint32_t(run);
-    } else {  // word c of the row's 24 bytes: this lane's bits from 16c on, then the next lane's
+    } else {  // word c of the row's 24 bytes (at out - 6c): this lane's bits from 16c on, then the next lane's
       const int c = int(i % 4);
       const uint64_t next = __shfl_down_sync(0xffffffffu, run, 1);
-      if (c < 3) *reinterpret_cast<uint64_t*>(out - 6 * c + 8 * c) = (run >> (16 * c)) | (next << (48 - 16 * c));
+      uint8_t* row_run = out - 6 * c;
+      if (c < 3) *reinterpret_cast<uint64_t*>(row_run + 8 * c) = (run >> (16 * c)) | (next << (48 - 16 * c));
     }
 #else
     for (int b = 0; b < 2 * BITS; ++b) out[b] = uint8_t(run >> (8 * b));
