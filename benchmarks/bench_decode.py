@@ -21,7 +21,6 @@ the two.
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -55,6 +54,7 @@ def main():
     args = timing.start(parser)
     if args.group_size != -1 and (args.group_size <= 0 or args.group_size % 64 != 0):
         parser.error(f"--group-size: expected a positive multiple of 64 or -1 (one group a row), got {args.group_size}")
+    timing.require_gpu(parser)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -116,11 +116,7 @@ def main():
                       f"{row['tiled_vs_best_variant']:.2f}x the best variant | default {row['default_path']} "
                       f"{row['default_vs_best_path']:.2f}x the best path",
                       flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "tuning": qatext.get_tuning(),
-                       "copy_TBps": bw / 1e12, "rows": rows}, f, indent=1)
+    timing.save_rows(args.out, rows, tuning=qatext.get_tuning(), copy_TBps=bw / 1e12)
 
 
 if __name__ == "__main__":

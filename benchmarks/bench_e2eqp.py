@@ -6,7 +6,6 @@ row-blocked version, for one layer at M tokens, bf16: time and peak extra memory
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -26,6 +25,7 @@ def main():
     parser = timing.parser()
     parser.add_argument("--tokens", type=int, default=4096)
     args = timing.start(parser)
+    timing.require_gpu(parser)
     rows = []
     for n, k in LAYERS:
         bits, g = 4, 128
@@ -45,9 +45,7 @@ def main():
         print(f"M={args.tokens} {k}->{n}: blocked {blocked[0] * 1e3:.0f} us, {blocked[1]:.0f} MiB; dW path "
               f"{whole[0] * 1e3:.0f} us, {whole[1]:.0f} MiB; memory x{row['memory_ratio']:.2f}, "
               f"time x{row['time_ratio']:.2f}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    timing.save_rows(args.out, rows)
 
 
 if __name__ == "__main__":

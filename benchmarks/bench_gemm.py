@@ -11,7 +11,6 @@ from DRAM, as a model's forward does); tinygemm's packed weight is made inside i
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -64,6 +63,7 @@ def main():
     parser = timing.parser()
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first n shapes only")
     args = timing.start(parser)
+    timing.require_gpu(parser)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; fused kernel dispatched up to M = {qatext.get_tuning('dequant_gemm_max_m')}")
     rows = []
@@ -105,10 +105,7 @@ def main():
                       f" {row['fwd_pct_of_floor']:.0f}% floor | gx cuBLAS {row['cublas_grad_input_us']:.1f} qatext "
                       f"{row['grad_input_dispatch_us']:.1f} x{row['grad_input_speedup_vs_cublas']:.2f}"
                       + (f" | tinygemm {row['tinygemm_w4_us']:.1f}" if tinygemm and bits == 4 else ""), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "copy_TBps": bw / 1e12, "rows": rows}, f, indent=1)
+    timing.save_rows(args.out, rows, copy_TBps=bw / 1e12)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ and backward (allocated after forward, less its output).
 
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +116,7 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="also each variant's ops by device time per step (torch.profiler), in its row")
     args = timing.start(parser)
+    timing.require_gpu(parser)
     dtype = torch.bfloat16
     rows, skipped = [], []
     for k, n in LAYERS:
@@ -143,10 +143,7 @@ def main():
         for r in rows:
             if r["layer"] == f"{k}->{n}":
                 r["time_vs_bf16_linear"] = r["fwd_bwd_ms"] / base
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-                       "skipped": skipped}, f, indent=1)
+    timing.save_rows(args.out, rows, skipped=skipped)
 
 
 if __name__ == "__main__":

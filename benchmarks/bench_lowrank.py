@@ -7,7 +7,6 @@ floor (read P, write W forward; read P and dW, write dU backward) and copy bandw
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -23,6 +22,7 @@ def main():
     parser = timing.parser()
     parser.add_argument("--rank", type=int, default=32)
     args = timing.start(parser)
+    timing.require_gpu(parser)
     rows = []
     buf = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     copy_ms = cuda_time_ms(lambda: buf.clone())
@@ -52,10 +52,7 @@ def main():
                     print(f"{n}x{k} {r['P']} {path:8s} {direction}: {r['us']:8.1f} us  {bw:5.2f} TB/s "
                           f"({r['pct_of_copy']:.0f}% of copy)", flush=True)
             qatext.set_tuning(lrqat_fused=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TB_per_s": copy_bw,
-                       "rows": rows}, f, indent=1)
+    timing.save_rows(args.out, rows, copy_TB_per_s=copy_bw)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ untile is checked against the packed codes it came from, and each tiled GEMM aga
 
 from __future__ import annotations
 
-import json
-
 import timing
 import torch
 from bench_gemm import SHAPES
@@ -32,8 +30,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[512], help="the GEMMs' M (512: a prefill)")
     parser.add_argument("--group-size", type=int, default=128)
     args = timing.start(parser)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (it times the CUDA kernels)")
+    timing.require_gpu(parser)
     rows = []
     for n, k in args.nk or SHAPES:
         for bits in args.bits:
@@ -62,9 +59,7 @@ def main():
                 print(f"{n}x{k} W{bits}: untile {untile_us:6.1f} us ({row['untile_TBps']:.2f} TB/s) | M={m} "
                       f"GEMM packed {row['gemm_packed_us']:7.1f} tiled {row['gemm_tiled_us']:7.1f} "
                       f"({row['tiled_over_packed']:.2f}x)", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    timing.save_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the benchmarks share: their start (arguments, value checks off, seed) and GPU timing (CUDA
-events around back-to-back calls, median of repeats)."""
+"""What the benchmarks share: their start (arguments, value checks off, seed), GPU timing (CUDA
+events around back-to-back calls, median of repeats) and their JSON results."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def start(p: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def require_gpu(p: argparse.ArgumentParser) -> None:
+    """A benchmark that times CUDA kernels stops in one line without a GPU (after its own argument checks)."""
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (it times the CUDA kernels)")
+
+
 def cuda_time_ms(fn, warmup=5, repeats=20, inner=10) -> float:
     """Median milliseconds of one fn() call, timed with CUDA events around `inner` back-to-back calls so
     the GPU queue stays full and host-side launch overhead (Python, dispatcher) is not counted."""
@@ -84,6 +90,15 @@ def host_time_us(fn, warmup=3, repeats=20) -> float:
         times.append((time.perf_counter() - t0) * 1e6)
     sync()
     return statistics.median(times)
+
+
+def save_rows(out: str | None, rows: list, **extra) -> None:
+    """A benchmark's rows as indented JSON in `out` (when given), after the device, the torch version and
+    `extra`."""
+    if out:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        with open(out, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, **extra, "rows": rows}, f, indent=1)
 
 
 def emit(result: dict, out: str | None) -> None:

@@ -1,5 +1,6 @@
 """benchmarks/timing.py's op table: each op's calls and time per call of the profiled function."""
 
+import json
 import subprocess
 import sys
 import time
@@ -58,3 +59,27 @@ def test_bench_decode_refuses_a_group_size_the_layout_cannot_take(group_size):
     run = subprocess.run([sys.executable, str(script), "--group-size", group_size], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert f"--group-size: expected a positive multiple of 64 or -1 (one group a row), got {group_size}" in run.stderr
+
+
+def test_save_rows_writes_the_rows_after_device_torch_and_extras(tmp_path):
+    out = tmp_path / "rows.json"
+    timing.save_rows(str(out), [{"N": 16, "us": 1.5}], copy_TBps=4.3)
+    result = json.loads(out.read_text())
+    assert list(result) == ["device", "torch", "copy_TBps", "rows"]
+    assert result["rows"] == [{"N": 16, "us": 1.5}] and result["copy_TBps"] == 4.3
+    assert result["torch"] == torch.__version__
+    timing.save_rows(None, [{"N": 16}])  # no --out: nothing written, no error
+
+
+GPU_BENCHMARKS = ["bench_decode", "bench_e2eqp", "bench_gemm", "bench_layer", "bench_lowrank", "bench_untile"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without a GPU")
+@pytest.mark.parametrize("name", GPU_BENCHMARKS)
+def test_a_gpu_benchmark_without_a_gpu_stops_in_one_line(name):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / f"{name}.py")], cwd=root, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"{name}.py: error: needs a CUDA GPU (it times the CUDA kernels)"
+    assert "Traceback" not in result.stderr
