@@ -292,18 +292,18 @@ class PackedLinear(_FrozenCodes, mode="packed"):
         return self.tiled
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """Tiled only: `packed` laid out again, in its place before `zero` (the state dict is unchanged). In
-        a shared-input group the scale and zero are views of the group's: copied out, so that a state dict
-        holds no tensors that share storage (safetensors refuses them)."""
-        if self.holds_packed and getattr(self, "_shared_input", None) is None:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        """The state dict a packed layer always had. Tiled only: `packed` laid out again, in its place
+        before `zero`. In a shared-input group: the scale and zero (views of the group's) copied out, so
+        that no two tensors of a state dict share storage (safetensors refuses them)."""
         local = {}
         super()._save_to_state_dict(local, prefix, keep_vars)
+        shared = getattr(self, "_shared_input", None) is not None
         for key, value in local.items():
             if key == prefix + "zero" and not self.holds_packed:
                 destination[prefix + "packed"] = self.packed_codes()
-            shared_view = key in (prefix + "scale", prefix + "zero") and getattr(self, "_shared_input", None)
-            destination[key] = value.clone() if shared_view else value
+            if shared and key in (prefix + "scale", prefix + "zero"):
+                value = value.clone()
+            destination[key] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

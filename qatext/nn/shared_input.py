@@ -5,10 +5,9 @@ and v, and gate and up, read the same activations, so one call over their weight
 N does the work of three (two). `SharedInputProjections` holds that concatenation (the tiled codes,
 scales, zeros and biases; the members' own codes, scales and zeros become views of it, so the group
 holds no second copy) as a submodule of the members' parent, non-persistent: state dicts and
-checkpoints are unchanged. The first member called
-with an input computes every member's output; the others take theirs for the same input tensor (an
-identity check, so a member fed anything else computes its own). Under torch.compile the bookkeeping
-traces away into one GEMM and slices.
+checkpoints are unchanged. The first member called with an input computes every member's output; the
+others take theirs for the same input tensor (an identity check, so a member fed anything else
+computes its own). Under torch.compile the bookkeeping traces away into one GEMM and slices.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ class SharedInputProjections(nn.Module):
         for name, t in (("tiled", tiled), ("scale", scale), ("zero", zero)):
             self.register_buffer(name, t, persistent=False)
             for member, view in zip(members, t.split(self.sizes)):
-                member.register_buffer(name, view, persistent=name != "tiled")
+                member.register_buffer(name, view, persistent=name != "tiled")  # scale, zero: its state
         bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
         self.register_buffer("bias", bias, persistent=False)
         self._built_from = self._stamp()
