@@ -205,13 +205,12 @@ class PackedLinear(_FrozenCodes, mode="packed"):
             shared = getattr(self, "_shared_input", None)  # (group, index): one GEMM with siblings
             if shared is not None:
                 return shared[0].output(shared[1], x)
-            return ops.dequant_matmul_tiled(x, self._current_tiled(), self._scale(), self.zero,
-                                            self.spec.bits, self.group_size, self._bias_for(x))
-        if not self.holds_packed and not self._needs_grad(x):
-            # Tiled codes only (a prefill): dequantised straight from them, no untiled copy made first.
-            return ops.dequant_matmul_tiled(x, self.tiled, self._scale(), self.zero, self.spec.bits, self.group_size,
-                                            self._bias_for(x))
-        return self._matmul(x)
+        elif self.holds_packed or self._needs_grad(x):
+            return self._matmul(x)
+        # The decode kernel, or beyond it on tiled-only codes (a prefill: dequantised straight from them,
+        # no untiled copy made first).
+        return ops.dequant_matmul_tiled(x, self._current_tiled(), self._scale(), self.zero, self.spec.bits,
+                                        self.group_size, self._bias_for(x))
 
     def _needs_grad(self, x) -> bool:
         # Grad mode alone needs none (a loop without no_grad over frozen weights): only a gradient that
