@@ -115,6 +115,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--profile", action="store_true",
                         help="also each variant's ops by device time per step (torch.profiler), in its row")
+    parser.add_argument("--variants", default=None, metavar="NAME,...",
+                        help="only these variants (default: all), e.g. bf16_linear,lrqat_int4")
     args = timing.start(parser)
     timing.require_gpu(parser)
     dtype = torch.bfloat16
@@ -122,7 +124,13 @@ def main():
     for k, n in LAYERS:
         x = torch.randn(args.tokens, k, device="cuda", dtype=dtype, requires_grad=True)
         grad_y = torch.randn(args.tokens, n, device="cuda", dtype=dtype)
-        for name, fn in variants(k, n, dtype).items():
+        built = variants(k, n, dtype)
+        wanted = list(built) if args.variants is None else args.variants.split(",")
+        if unknown := [name for name in wanted if name not in built]:
+            parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(built)}")
+        for name, fn in built.items():
+            if name not in wanted:
+                continue
             if isinstance(fn, str):
                 skipped.append({"layer": f"{k}->{n}", "variant": name, "reason": fn})
                 print(f"{k}->{n} {name:32s} skipped: {fn}", flush=True)

@@ -1,14 +1,21 @@
 """Small workload for compute-sanitizer (memcheck): the LR-QAT tile kernels at every padded rank
 (16 / 32 / 64), groups per tile (4 / 2 / 1, per-channel), P format (INT2/3/4/8, fixed point), both
-directions and dtypes, and the vectorised E2E-QP group-code dot at every bit width."""
+directions and dtypes, one tile per block and a few blocks running through every tile (crossing column
+tiles, with idle warps past the last row tile), and the vectorised E2E-QP group-code dot at every bit
+width."""
+
+import itertools
 
 import torch
 
+import qatext
 from qatext import ops
 
-for n, k, r, bits, g, frac in [(64, 512, 32, 4, 128, 0), (48, 256, 8, 4, 32, 0), (32, 384, 64, 2, 64, 0),
-                               (16, 256, 16, 3, -1, 0), (32, 512, 32, 4, 256, 4), (16, 128, 20, 8, 128, 0)]:
-    for dtype in (torch.bfloat16, torch.float16):
+for (n, k, r, bits, g, frac), dtype, blocks in itertools.product(
+        [(64, 512, 32, 4, 128, 0), (48, 256, 8, 4, 32, 0), (32, 384, 64, 2, 64, 0), (16, 256, 16, 3, -1, 0),
+         (32, 512, 32, 4, 256, 4), (16, 128, 20, 8, 128, 0), (144, 640, 48, 3, 64, 0)],
+        (torch.bfloat16, torch.float16), (0, 2)):
+    with qatext.tuning(lrqat_fused_blocks=blocks):
         qmax = (1 << bits) - 1
         p = (ops.pack(torch.randint(0, qmax + 1, (n, k), dtype=torch.uint8, device="cuda"), bits) if frac == 0
              else torch.randint(0, qmax * (1 << frac) + 1, (n, k), dtype=torch.uint8, device="cuda"))

@@ -102,6 +102,28 @@ def test_cuda_matches_cpu(dtype):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rounds_edge_values_as_cpu():
+    # The GPU rounds by adding 1.5 * 2^23 (exact below 2^22, and past it the clamp decides as for rint):
+    # halves, the 2^22 boundary, huge, infinite and NaN values of w / s give the CPU's outputs bit for bit.
+    edges = [0.5, 1.5, 2.5, -0.5, -1.5, 7.5, 8.5, 14.5, 15.5, -7.5, -8.5, 2.0**22 - 0.5, 2.0**22, 2.0**22 + 1,
+             -(2.0**22) - 1, 1e7, -1e7, 3e38, -3e38, float("inf"), float("-inf"), float("nan"), -0.0, 0.0]
+    w = torch.tensor(edges * 2, dtype=torch.float32).view(2, -1)
+    scale = torch.ones(2, 1)
+    zero = torch.tensor([[8.0], [0.0]])
+    grad = torch.randn(w.shape)
+    for bits in (4, 8):
+        cpu = ops.fake_quant(w, scale, zero, bits, -1)
+        gpu = ops.fake_quant(w.cuda(), scale.cuda(), zero.cuda(), bits, -1)
+        assert torch.equal(gpu.cpu().nan_to_num(nan=123.0), cpu.nan_to_num(nan=123.0))
+        cpu_grads = torch.ops.qatext.fake_quant_backward(grad, w, scale, zero, bits, -1)
+        gpu_grads = torch.ops.qatext.fake_quant_backward(grad.cuda(), w.cuda(), scale.cuda(), zero.cuda(), bits, -1)
+        assert torch.equal(gpu_grads[0].cpu(), cpu_grads[0])  # elementwise: exact
+        for g, c in zip(gpu_grads[1:], cpu_grads[1:]):  # sums over the row, in another order
+            torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(9, 256, 128), (5, 4096, -1)])
 def test_unaligned_storage_takes_the_fallback_correctly(device, shape):
     n, k, g = shape

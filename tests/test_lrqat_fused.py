@@ -84,6 +84,31 @@ def test_fused_and_fp32_paths_agree_and_knob_switches(_):
     _assert_close_up_to_ties(fused, plain, scale, 128)
 
 
+@pytest.mark.parametrize("n,k,r,bits,g,frac_bits", [(80, 640, 48, 4, 64, 4), (144, 384, 32, 3, 32, 0),
+                                                     (256, 512, 16, 2, -1, 0), (48, 1024, 64, 8, 128, 0)])
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_fused_blocks_running_through_many_tiles_match_one_tile_each(n, k, r, bits, g, frac_bits, blocks, _):
+    # A few blocks run through every tile: each crosses column tiles (B^T restaged) and row groups, and
+    # warps past the last row tile idle (n not a multiple of 128). The work split changes no value.
+    p, a, b, scale, zero = _inputs(n, k, r, bits, g, frac_bits, torch.bfloat16)
+    b = b.t().contiguous().t()  # a transposed view: the op copies it for the kernel
+    grad_w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        w = ops.lrqat_weight(p, a, b, scale, zero, 0.5, bits, g, frac_bits)
+        return (w,) + torch.ops.qatext.lrqat_weight_backward(grad_w, p, a, b, scale, zero, 0.5, bits, g, frac_bits)
+
+    one_each = run()
+    with qatext.tuning(lrqat_fused_blocks=blocks):
+        assert "lrqat_tile_kernel" in _kernel_names(run)
+        few = run()
+    for x, y in zip(one_each, few):
+        assert torch.equal(x, y)
+    want = reference.lrqat_weight(*[t.cpu() for t in (p, a, b, scale, zero)], 0.5, bits, g, frac_bits)
+    _assert_close_up_to_ties(few[0].cpu(), want, scale.cpu(), g)
+
+
 @pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
 def test_fused_is_deterministic(_):
     p, a, b, scale, zero = _inputs(32, 512, 32, 4, 256, 0, torch.bfloat16)

@@ -36,6 +36,18 @@ QATEXT_HOST_DEVICE int64_t packed_row_bytes(int64_t K, int bits) { return (K * b
 // Round half to even under the default rounding mode, bit-identical on host and device.
 QATEXT_HOST_DEVICE float round_half_even(float x) { return rintf(x); }
 
+// round_half_even for a value about to be clamped to a code range: exact for |x| < 2^22; beyond, a value
+// of x's sign at least 2^22 in magnitude, which a clamp to [0, 2^b - 1] (and an in-range test) treats
+// as it treats x. On a GPU, x + 1.5 * 2^23 rounds to an integer in fp32: two adds instead of the
+// conversion unit's FRND, which runs at a quarter of the add rate and bounded the tile kernels.
+QATEXT_HOST_DEVICE float round_code(float x) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(__fadd_rn(x, 12582912.f), 12582912.f);
+#else
+  return rintf(x);
+#endif
+}
+
 QATEXT_HOST_DEVICE float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
 
 // Code k of a packed row.
@@ -71,7 +83,7 @@ QATEXT_HOST_DEVICE float trained_zero(float z) { return round_half_even(z); }
 
 // Forward of the weight quantizer.
 QATEXT_HOST_DEVICE float fake_quant_value(float w, float s, float z, float qmax) {
-  const float q = clampf(round_half_even(w / s) + z, 0.f, qmax);
+  const float q = clampf(round_code(w / s) + z, 0.f, qmax);
   return (q - z) * s;
 }
 
@@ -84,7 +96,7 @@ struct FakeQuantGrad {
 
 QATEXT_HOST_DEVICE FakeQuantGrad fake_quant_grad(float w, float s, float z, float qmax, float g) {
   const float x = w / s;
-  const float r = round_half_even(x);
+  const float r = round_code(x);
   const float c = r + z;
   if (c >= 0.f && c <= qmax) return {g, g * (r - x), 0.f};
   const float q = clampf(c, 0.f, qmax);
@@ -93,7 +105,7 @@ QATEXT_HOST_DEVICE FakeQuantGrad fake_quant_grad(float w, float s, float z, floa
 
 // Integer code that fq would store (used by RTN initialisation and packing).
 QATEXT_HOST_DEVICE float quantize_code(float w, float s, float z, float qmax) {
-  return clampf(round_half_even(w / s) + z, 0.f, qmax);
+  return clampf(round_code(w / s) + z, 0.f, qmax);
 }
 
 // Dynamic per-token activation quantizer parameters from a row's min and max.
@@ -115,7 +127,7 @@ QATEXT_HOST_DEVICE TokenQParams token_qparams(float row_min, float row_max, int 
   const float hi = fmaxf(row_max, 0.f);
   const float qmax = qmax_for_bits(bits);
   const float s = fmaxf((hi - lo) / qmax, kMinTokenScale);
-  return {s, clampf(round_half_even(-lo / s), 0.f, qmax)};
+  return {s, clampf(round_code(-lo / s), 0.f, qmax)};
 }
 
 // LR-QAT: the frozen P is in code space (already includes z); u = P + c * (A B)[n, k].
@@ -128,11 +140,12 @@ struct LrqatCode {
 QATEXT_HOST_DEVICE LrqatCode lrqat_code(float p, float ab, float lora_scale, float qmax) {
 #if defined(__CUDA_ARCH__)
   // No fused multiply-add, so the device rounds exactly as the host and the reference do.
-  const float r = round_half_even(__fadd_rn(p, __fmul_rn(lora_scale, ab)));
+  const float r = round_code(__fadd_rn(p, __fmul_rn(lora_scale, ab)));
 #else
-  const float r = round_half_even(p + lora_scale * ab);
+  const float r = round_code(p + lora_scale * ab);
 #endif
-  return {clampf(r, 0.f, qmax), r >= 0.f && r <= qmax};
+  const float q = clampf(r, 0.f, qmax);
+  return {q, q == r};  // in range iff the clamp left r as it was (NaN: never)
 }
 
 // Value of P at (n, k): packed b-bit codes when frac_bits == 0, else uint8 fixed point with

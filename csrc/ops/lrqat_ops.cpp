@@ -40,11 +40,12 @@ at::Tensor aligned16_copy(const at::Tensor& t) {
   return aligned16(c) ? c : c.clone();
 }
 
-// A and B^T zero-padded to a rank of 16, 32 or 64, for the tensor-core kernels (cuda/lrqat_fused.cu);
-// nullopt where they do not apply (CPU, fp32 adapters, shapes off the tile grid, rank > 64).
+// A zero-padded to a rank of 16, 32 or 64 (a copy only where the rank is not one of them) and B as it
+// is, for the tensor-core kernels (cuda/lrqat_fused.cu); nullopt where they do not apply (CPU, fp32
+// adapters, shapes off the tile grid, rank > 64).
 struct FusedOperands {
-  at::Tensor a, bt;
-  int rank;
+  at::Tensor a, b;
+  int rank, rank_padded;
 };
 
 std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
@@ -57,8 +58,8 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
     return std::nullopt;
   }
   const int64_t padded = r <= 16 ? 16 : r <= 32 ? 32 : 64;
-  return FusedOperands{aligned16_copy(at::constant_pad_nd(a, {0, padded - r})),
-                       aligned16_copy(at::constant_pad_nd(b.t(), {0, padded - r})), int(padded)};
+  return FusedOperands{aligned16_copy(padded == r ? a : at::constant_pad_nd(a, {0, padded - r})), aligned16_copy(b),
+                       int(r), int(padded)};
 #else
   (void)p, (void)a, (void)b, (void)shape;
   return std::nullopt;
@@ -80,9 +81,10 @@ at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::T
     dispatch_half(a.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       cuda::lrqat_fused_forward<T>(p.const_data_ptr<uint8_t>(), fused->a.const_data_ptr<T>(),
-                                   fused->bt.const_data_ptr<T>(), fused->rank, scale.const_data_ptr<float>(),
-                                   zero.const_data_ptr<float>(), float(lora_scale), int(frac_bits),
-                                   out.mutable_data_ptr<T>(), shape, current_stream(p));
+                                   fused->b.const_data_ptr<T>(), fused->rank, fused->rank_padded,
+                                   scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
+                                   int(frac_bits), out.mutable_data_ptr<T>(), shape,
+                                   tuning(Knob::LrqatFusedBlocks), current_stream(p));
     });
     return out;
   }
@@ -117,10 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
     dispatch_half(a.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       cuda::lrqat_fused_backward<T>(grad_w16.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(),
-                                    fused->a.const_data_ptr<T>(), fused->bt.const_data_ptr<T>(), fused->rank,
-                                    scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
-                                    int(frac_bits), grad_u.mutable_data_ptr<T>(), tiles.mutable_data_ptr<float>(),
-                                    shape, current_stream(p));
+                                    fused->a.const_data_ptr<T>(), fused->b.const_data_ptr<T>(), fused->rank,
+                                    fused->rank_padded, scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
+                                    float(lora_scale), int(frac_bits), grad_u.mutable_data_ptr<T>(),
+                                    tiles.mutable_data_ptr<float>(), shape, tuning(Knob::LrqatFusedBlocks),
+                                    current_stream(p));
     });
     const int64_t G = shape.groups();
     const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);

@@ -42,6 +42,9 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
      "_min_slice / _row_tiles (which rule shapes not measured)."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
+    {"lrqat_fused_blocks", 0, 0, kMax,
+     "Most blocks of the LR-QAT tile kernels, each running through a contiguous run of tiles (0: as many as "
+     "fill the GPU once). Tests set a few, so that a block crosses column tiles and row groups."},
 }};
 
 std::atomic<int64_t>* values() {

@@ -18,6 +18,7 @@ enum class Knob : int {
   DecodeGemmCluster,   // decode split-K summed through a thread-block cluster where it fits (sm_90)
   DecodeGemmAutotune,  // decode ring depth and split-K reduction from tune_decode_gemm's measurements
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
+  LrqatFusedBlocks,    // most blocks of the LR-QAT tile kernels (0: one wave of the GPU)
   Count,
 };
 
