@@ -54,9 +54,10 @@ constexpr int warp_smem_bytes() {
   return kTileRows * kPStride + kTileRows * 16 * RK * 2 + (BACKWARD ? 2 * kSlices * 32 * 16 : 0);
 }
 
-// Bytes of one P row in a 128-column tile.
-__device__ __forceinline__ int p_tile_bytes(int bits, int frac_bits) {
-  return frac_bits > 0 || bits == 8 ? kTileCols : kTileCols * bits / 8;
+// Bytes of one P row in a 128-column tile (PB: bits per P value).
+template <int PB>
+constexpr int p_tile_bytes() {
+  return kTileCols * PB / 8;
 }
 
 // The 8 P values at tile columns c .. c + 7 (c a multiple of 8) of one shared row, as raw bits. PB = 8
@@ -78,13 +79,13 @@ __device__ __forceinline__ float p_value(uint2 raw, int i, float unit) {
 }
 
 // One tile's P, A (and dW) into the warp's shared buffer, by cp.async, as one commit group.
-template <typename T, int RK, bool BACKWARD>
+template <typename T, int RK, int PB, bool BACKWARD>
 __device__ __forceinline__ void copy_tile_inputs(const LrqatTileArgs<T>& args, int64_t row_tile, int k0, int lane,
                                                  unsigned char* buf) {
-  constexpr int R = 16 * RK;
-  const int row_bytes = p_tile_bytes(args.bits, args.frac_bits), chunks_per_row = row_bytes / 16;
+  constexpr int R = 16 * RK, row_bytes = p_tile_bytes<PB>(), chunks_per_row = row_bytes / 16;
   const int64_t row0 = row_tile * kTileRows;
   const uint8_t* p = args.p + row0 * args.p_row_bytes + int64_t(k0) * row_bytes / kTileCols;
+#pragma unroll
   for (int c = lane; c < kTileRows * chunks_per_row; c += 32) {
     const int r = c / chunks_per_row, j = c % chunks_per_row;
     cp_async_once<16>(buf + r * kPStride + 16 * j, p + r * args.p_row_bytes + 16 * j);
@@ -193,13 +194,12 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
   const int last = min(first + args.items_per_block, args.items);
 
   // Item i: column tile i / row_groups, this warp's row tile (i % row_groups) * kWarps + warp (none
-  // past the last row tile: such a warp only keeps the block's barriers).
-  const auto row_tile_of = [&](int item) { return int64_t(item % args.row_groups) * kWarps + warp; };
-  int64_t row_tile = row_tile_of(first);
-  if (row_tile < row_tiles) copy_tile_inputs<T, RK, BACKWARD>(args, row_tile, first / args.row_groups * kTileCols, lane, buf);
+  // past the last row tile: such a warp only keeps the block's barriers). Walked without divisions.
+  int group = first % args.row_groups, k0 = first / args.row_groups * kTileCols;
+  int64_t row_tile = int64_t(group) * kWarps + warp;
+  if (row_tile < row_tiles) copy_tile_inputs<T, RK, PB, BACKWARD>(args, row_tile, k0, lane, buf);
   int staged_k0 = -1;
   for (int item = first; item < last; ++item) {
-    const int k0 = item / args.row_groups * kTileCols;
     if (k0 != staged_k0) {  // block-uniform: every warp runs the same items
       __syncthreads();      // the previous column tile's B^T may still be read
       stage_bt<T, RK>(args, k0, bt);
@@ -215,10 +215,10 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
       __syncwarp();  // every lane read the buffer before the next tile's copies overwrite it
     }
     // The next item's inputs stream in while this one computes.
-    const int64_t next_row_tile = item + 1 < last ? row_tile_of(item + 1) : row_tiles;
-    if (next_row_tile < row_tiles) {
-      copy_tile_inputs<T, RK, BACKWARD>(args, next_row_tile, (item + 1) / args.row_groups * kTileCols, lane, buf);
-    }
+    const bool wraps = group + 1 == args.row_groups;
+    const int next_group = wraps ? 0 : group + 1, next_k0 = wraps ? k0 + kTileCols : k0;
+    const int64_t next_row_tile = item + 1 < last ? int64_t(next_group) * kWarps + warp : row_tiles;
+    if (next_row_tile < row_tiles) copy_tile_inputs<T, RK, PB, BACKWARD>(args, next_row_tile, next_k0, lane, buf);
     if (active) {
       const int64_t rows[2] = {row_tile * kTileRows + g4, row_tile * kTileRows + g4 + 8};
       const int col_tile = k0 / kTileCols;
@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
         }
       }
     }
-    row_tile = next_row_tile;
+    row_tile = next_row_tile, group = next_group, k0 = next_k0;
   }
 }
 
