@@ -329,7 +329,7 @@ void launch(LrqatTileArgs<T> args, int rank_padded, int64_t max_blocks, cudaStre
       return std::max(blocks, 1);
     });
     // One wave of blocks, each a contiguous run of items (column-major: a run crosses few column tiles).
-    const int64_t wave = max_blocks > 0 ? std::min<int64_t>(max_blocks, per_sm * sm_count()) : per_sm * sm_count();
+    const int64_t full = int64_t(per_sm) * sm_count(), wave = max_blocks > 0 ? std::min(max_blocks, full) : full;
     args.items_per_block = int((args.items + wave - 1) / wave);
     const unsigned blocks = unsigned((args.items + args.items_per_block - 1) / args.items_per_block);
     kernel<<<blocks, kWarps * 32, smem, stream>>>(args);
