@@ -1,6 +1,7 @@
 """LR-QAT weight reconstruction kernels alone: the tensor-core kernels (A B formed in registers)
 against the fp32 path (A B by cuBLAS into an N x K fp32 tensor, then elementwise), with the bytes
-floor (read P, write W forward; read P and dW, write dU backward) and copy bandwidth, same run.
+floor (read P, write W forward; read P and dW, write dU backward) and copy bandwidth, same run; and
+lrqat_linear's whole backward at M tokens, one weight-kernel pass against the two it replaced.
 
     python benchmarks/bench_lowrank.py --out benchmarks/results/lowrank_h100.json
 """
@@ -21,6 +22,7 @@ SHAPES = [(11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
 def main():
     parser = timing.parser()
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=4096, help="M of the linear backward rows")
     args = timing.start(parser)
     timing.require_gpu(parser)
     rows = []
@@ -52,7 +54,33 @@ def main():
                     print(f"{n}x{k} {r['P']} {path:8s} {direction}: {r['us']:8.1f} us  {bw:5.2f} TB/s "
                           f"({r['pct_of_copy']:.0f}% of copy)", flush=True)
             qatext.set_tuning(lrqat_fused=True)
+            if frac == 0:
+                rows += linear_backward_rows(p, a, b, scale, zero, args.tokens)
     timing.save_rows(args.out, rows, copy_TB_per_s=copy_bw)
+
+
+def linear_backward_rows(p, a, b, scale, zero, tokens):
+    """lrqat_linear's whole backward (dW and dX GEMMs, the weight kernels, the rank GEMMs) as one op,
+    whose weight-kernel pass also writes W for dX, against the two passes it replaced: W rebuilt by the
+    forward kernel, then the backward kernel."""
+    n, k = a.shape[0], b.shape[1]
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    qargs = (p, a, b, scale, zero, 1.0, 4, 128, 0)
+
+    def two_pass():
+        w = ops.lrqat_weight(*qargs)
+        gy @ w
+        torch.ops.qatext.lrqat_weight_backward(gy.t() @ x, *qargs)
+
+    rows = []
+    for path, fn in (("one_pass", lambda: torch.ops.qatext.lrqat_linear_backward(gy, x, *qargs, True)),
+                     ("two_pass", two_pass)):
+        ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=3)
+        rows.append({"N": n, "K": k, "rank": a.shape[1], "P": "int4", "path": path, "direction": "linear_bwd",
+                     "M": tokens, "us": ms * 1e3})
+        print(f"{n}x{k} int4 {path:8s} linear_bwd (M = {tokens}): {ms * 1e3:8.1f} us", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Small workload for compute-sanitizer (memcheck): the LR-QAT tile kernels at every padded rank
 (16 / 32 / 64), groups per tile (4 / 2 / 1, per-channel), P format (INT2/3/4/8, fixed point), both
-directions and dtypes, one tile per block and a few blocks running through every tile (crossing column
-tiles, with idle warps past the last row tile), and the vectorised E2E-QP group-code dot at every bit
-width."""
+directions (the backward with and without W) and dtypes, one tile per block and a few blocks running
+through every tile (crossing column tiles, with idle warps past the last row tile), and the vectorised
+E2E-QP group-code dot at every bit width."""
 
 import itertools
 
@@ -27,6 +27,9 @@ for (n, k, r, bits, g, frac), dtype, blocks in itertools.product(
         ops.lrqat_weight(p, a, b, scale, zero, 0.5, bits, g, frac)
         torch.ops.qatext.lrqat_weight_backward(torch.randn(n, k, device="cuda", dtype=dtype), p, a, b, scale, zero,
                                                0.5, bits, g, frac)
+        torch.ops.qatext.lrqat_linear_backward(torch.randn(5, n, device="cuda", dtype=dtype),
+                                               torch.randn(5, k, device="cuda", dtype=dtype), p, a, b, scale, zero,
+                                               0.5, bits, g, frac, True)  # dU over dW, W written too
 for bits in (2, 3, 4, 8):
     for g in (32, 128, -1):
         n, k, m = 96, 384, 40

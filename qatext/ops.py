@@ -235,6 +235,12 @@ def _(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
     return _empty((*x.shape[:-1], a.shape[0]), x)
 
 
+@torch.library.register_fake("qatext::lrqat_linear_backward")
+def _(grad_y, x, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits, grad_input):
+    grad_x = _empty(x.shape, x) if grad_input else _empty((0,), x)
+    return grad_x, _empty(a.shape, a), _empty(b.shape, b), _empty(scale.shape, scale)
+
+
 @torch.library.register_fake("qatext::qalora_linear")
 def _(x, packed, scale, zero, a, b, bias, lora_scale, bits, group_size):
     return _empty((*x.shape[:-1], b.shape[0]), x)

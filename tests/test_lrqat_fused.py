@@ -171,3 +171,42 @@ def test_fp32_adapters_with_bf16_activations_take_the_tensor_cores(_):
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     assert "lrqat_tile_kernel" in _kernel_names(lambda: layer(x).float().sum().backward())
     assert layer.lora_a.grad.dtype == torch.float32 and layer.lora_a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,k,r,bits,g,frac_bits", [(64, 512, 32, 4, 128, 0), (80, 640, 48, 4, 64, 4),
+                                                     (144, 384, 16, 2, 32, 0)])
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_lrqat_linear_backward_rebuilds_the_weight_in_its_one_pass(n, k, r, bits, g, frac_bits, _):
+    # Forward and backward run the tile kernel once each (the backward pass writes W for dX too), and
+    # every gradient has the bits of the two-pass composition.
+    p, a, b, scale, zero = _inputs(n, k, r, bits, g, frac_bits, torch.bfloat16)
+    x = torch.randn(3, 7, k, device="cuda", dtype=torch.bfloat16)
+    grad_y = torch.randn(3, 7, n, device="cuda", dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, scale)]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        ops.lrqat_linear(leaves[0], p, *leaves[1:4], zero, 0.5, bits, g, frac_bits).backward(grad_y)
+
+    assert _kernel_names(step).count("lrqat_tile_kernel") == 2
+    got = [t.grad for t in leaves]
+    w = ops.lrqat_weight(p, a, b, scale, zero, 0.5, bits, g, frac_bits)
+    grad_w = grad_y.reshape(-1, n).t() @ x.reshape(-1, k)
+    want = [(grad_y @ w)] + list(torch.ops.qatext.lrqat_weight_backward(grad_w, p, a, b, scale, zero, 0.5, bits, g,
+                                                                         frac_bits))
+    for name, x_, y_ in zip(("x", "a", "b", "scale"), got, want):
+        assert torch.equal(x_, y_), name
+
+
+def test_lrqat_linear_backward_without_grad_input(device):
+    n, k, r, bits, g = 32, 256, 16, 4, 64
+    p, a, b, scale, zero = _inputs(n, k, r, bits, g, 0, torch.float32, device)
+    x, grad_y = torch.randn(6, k, device=device), torch.randn(6, n, device=device)
+    full = torch.ops.qatext.lrqat_linear_backward(grad_y, x, p, a, b, scale, zero, 0.5, bits, g, 0, True)
+    part = torch.ops.qatext.lrqat_linear_backward(grad_y, x, p, a, b, scale, zero, 0.5, bits, g, 0, False)
+    assert full[0].shape == x.shape and part[0].numel() == 0
+    for x_, y_ in zip(full[1:], part[1:]):
+        assert torch.equal(x_, y_)
+    with pytest.raises(ValueError, match="grad_y .* and x .* must have the same rows"):
+        torch.ops.qatext.lrqat_linear_backward(grad_y[:5], x, p, a, b, scale, zero, 0.5, bits, g, 0, True)

@@ -6,7 +6,8 @@
 // A B is never stored: each warp forms a 16 x 128 tile of it with mma.sync m16n8k16 (A fragments in
 // registers, B^T from the block's shared copy of its column tile) and applies the quantizer to the
 // fp32 accumulators in place, 16-byte loads and stores throughout. Traffic is the floor: read P (b/8
-// B/elem) and write W (2 B/elem) forward; read P and dW, write dU backward.
+// B/elem) and write W (2 B/elem) forward; read P and dW, write dU backward (and W again, where the
+// caller needs it for dX: one pass instead of a second reconstruction).
 // A block's 8 warps take 8 row tiles of one column tile at a time (a work item) and run through a
 // contiguous run of items: the grid is one wave, each warp loads the next item's P and A (and, backward,
 // its dW, by cp.async into the warp's own shared slots) before it computes the current one, so the
@@ -35,11 +36,12 @@ struct LrqatTileArgs {
   const float* scale;     // [N, G]
   const float* zero;      // [N, G]
   const T* grad_w;        // [N, K], backward only
-  T* out;                 // W (forward) or dU (backward), [N, K]
+  T* out;                 // W (forward) or dU (backward, may be grad_w itself), [N, K]
+  T* weight;              // backward only, may be null: W as the forward writes it (for dX = dY W)
   float* grad_scale_tiles;  // [N, K / 128 * groups per tile], backward only
   float lora_scale, qmax, p_unit;  // p_unit = 2^-frac_bits
   int64_t p_row_bytes;
-  int N, K, G, group_size, bits, frac_bits, rank;
+  int N, K, G, group_size, rank;
   int row_groups, items, items_per_block;  // work items: (column tile, group of 8 row tiles), column-major
 };
 
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // accumulators 0, 1: row g4; 2, 3: row g4 + 8
           const float sc = s[h][gi], zc = z[h][gi], cs = args.lora_scale * sc;
-          uint32_t packed[4];
+          uint32_t packed[4], weight[4];
           float g[8];
           if constexpr (BACKWARD) {
             const uint32_t gw[4] = {in.graw[h][m].x, in.graw[h][m].y, in.graw[h][m].z, in.graw[h][m].w};
@@ -269,22 +271,27 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
           }
 #pragma unroll
           for (int t = 0; t < 4; ++t) {
-            float out[2];
+            float out[2], w[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const float p = p_value<PB>(in.praw[h][m], 2 * t + e, args.p_unit);
               const LrqatCode c = lrqat_code(p, acc[t][2 * h + e], args.lora_scale, args.qmax);
+              w[e] = (c.q - zc) * sc;
               if constexpr (!BACKWARD) {
-                out[e] = (c.q - zc) * sc;
+                out[e] = w[e];
               } else {
                 out[e] = c.in_range ? g[2 * t + e] * cs : 0.f;
                 ds[h][gi] += g[2 * t + e] * (c.q - zc);
               }
             }
             packed[t] = Native<T>::pack2(out[0], out[1]);
+            if constexpr (BACKWARD) weight[t] = Native<T>::pack2(w[0], w[1]);
           }
-          *reinterpret_cast<uint4*>(args.out + rows[h] * args.K + k0 + 32 * m + 8 * q4) =
-              make_uint4(packed[0], packed[1], packed[2], packed[3]);
+          const int64_t at = rows[h] * args.K + k0 + 32 * m + 8 * q4;
+          *reinterpret_cast<uint4*>(args.out + at) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+          if (BACKWARD && args.weight != nullptr) {
+            *reinterpret_cast<uint4*>(args.weight + at) = make_uint4(weight[0], weight[1], weight[2], weight[3]);
+          }
         }
       }
       if constexpr (BACKWARD) {
@@ -312,12 +319,12 @@ constexpr int smem_bytes() {
   return kTileCols * 16 * RK * int(sizeof(T)) + kWarps * warp_smem_bytes<RK, BACKWARD>();
 }
 
+// pb: bits per P value (8 for fixed point).
 template <typename T, bool BACKWARD>
-void launch(LrqatTileArgs<T> args, int rank_padded, int64_t max_blocks, cudaStream_t stream) {
+void launch(LrqatTileArgs<T> args, int rank_padded, int pb, int64_t max_blocks, cudaStream_t stream) {
   args.row_groups = (args.N / kTileRows + kWarps - 1) / kWarps;
   args.items = args.row_groups * (args.K / kTileCols);
   const int gpt = groups_per_tile(args.group_size);
-  const int pb = args.frac_bits > 0 ? 8 : args.bits;
   const auto go = [&]<int RK, int GPT, int PB>() {
     const auto kernel = lrqat_tile_kernel<T, RK, GPT, PB, BACKWARD>;
     constexpr int smem = smem_bytes<T, RK, BACKWARD>();
@@ -359,7 +366,7 @@ LrqatTileArgs<T> make_args(const uint8_t* p, const T* a, const T* b, int rank, c
   args.lora_scale = lora_scale, args.qmax = qmax_for_bits(shape.bits), args.p_unit = 1.f / float(1 << frac_bits);
   args.p_row_bytes = p_row_bytes(shape.K, shape.bits, frac_bits);
   args.N = int(shape.N), args.K = int(shape.K), args.G = int(shape.groups()), args.group_size = int(shape.group_size);
-  args.bits = shape.bits, args.frac_bits = frac_bits, args.rank = rank;
+  args.rank = rank;
   return args;
 }
 
@@ -380,24 +387,26 @@ void lrqat_fused_forward(const uint8_t* p, const T* a, const T* b, int rank, int
   if (shape.numel() == 0) return;
   LrqatTileArgs<T> args = make_args(p, a, b, rank, scale, zero, lora_scale, frac_bits, shape);
   args.out = out;
-  launch<T, false>(args, rank_padded, max_blocks, stream);
+  launch<T, false>(args, rank_padded, frac_bits > 0 ? 8 : shape.bits, max_blocks, stream);
 }
 
 template <typename T>
 void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T* b, int rank, int rank_padded,
                           const float* scale, const float* zero, float lora_scale, int frac_bits, T* grad_u,
-                          float* grad_scale_tiles, GroupShape shape, int64_t max_blocks, cudaStream_t stream) {
+                          float* grad_scale_tiles, T* weight, GroupShape shape, int64_t max_blocks,
+                          cudaStream_t stream) {
   if (shape.numel() == 0) return;
   LrqatTileArgs<T> args = make_args(p, a, b, rank, scale, zero, lora_scale, frac_bits, shape);
-  args.grad_w = grad_w, args.out = grad_u, args.grad_scale_tiles = grad_scale_tiles;
-  launch<T, true>(args, rank_padded, max_blocks, stream);
+  args.grad_w = grad_w, args.out = grad_u, args.grad_scale_tiles = grad_scale_tiles, args.weight = weight;
+  launch<T, true>(args, rank_padded, frac_bits > 0 ? 8 : shape.bits, max_blocks, stream);
 }
 
 #define QATEXT_INSTANTIATE(T)                                                                                      \
   template void lrqat_fused_forward<T>(const uint8_t*, const T*, const T*, int, int, const float*, const float*,  \
                                        float, int, T*, GroupShape, int64_t, cudaStream_t);                        \
   template void lrqat_fused_backward<T>(const T*, const uint8_t*, const T*, const T*, int, int, const float*,     \
-                                        const float*, float, int, T*, float*, GroupShape, int64_t, cudaStream_t);
+                                        const float*, float, int, T*, float*, T*, GroupShape, int64_t,            \
+                                        cudaStream_t);
 QATEXT_INSTANTIATE(c10::Half)
 QATEXT_INSTANTIATE(c10::BFloat16)
 #undef QATEXT_INSTANTIATE

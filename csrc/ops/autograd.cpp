@@ -162,20 +162,21 @@ class LrqatLinearFunction : public torch::autograd::Function<LrqatLinearFunction
     const int64_t frac_bits = ctx->saved_data["frac_bits"].toInt();
     const c10::IValue bias_dtype = ctx->saved_data["bias_dtype"];
     static const auto weight_op = op_handle<decltype(lrqat_weight)>("qatext::lrqat_weight");
-    static const auto weight_backward_op = op_handle<decltype(lrqat_weight_backward)>("qatext::lrqat_weight_backward");
-    const at::Tensor gy = grads[0].reshape({-1, grads[0].size(-1)});
+    static const auto backward_op = op_handle<decltype(lrqat_linear_backward)>("qatext::lrqat_linear_backward");
+    const at::Tensor& gy = grads[0];
+    const bool grad_input = ctx->needs_input_grad(kX);
     at::Tensor grad_x, grad_a, grad_b, grad_scale, grad_bias;
-    if (ctx->needs_input_grad(kX)) {
-      const at::Tensor w = weight_op.call(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
-      grad_x = at::mm(gy, w.to(gy.scalar_type())).view(x.sizes()).to(x.scalar_type());
-    }
     if (ctx->needs_input_grad(kA) || ctx->needs_input_grad(kB) || ctx->needs_input_grad(kScale)) {
-      const at::Tensor grad_w = at::mm(gy.t(), x.reshape({-1, x.size(-1)}).to(gy.scalar_type()));  // N x K
-      std::tie(grad_a, grad_b, grad_scale) =
-          weight_backward_op.call(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+      // One op: the weight kernel's backward pass also rebuilds W for dX.
+      std::tie(grad_x, grad_a, grad_b, grad_scale) =
+          backward_op.call(gy, x, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits, grad_input);
+      if (!grad_input) grad_x = at::Tensor();
+    } else if (grad_input) {
+      const at::Tensor w = weight_op.call(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+      grad_x = at::matmul(gy, w.to(gy.scalar_type())).to(x.scalar_type());
     }
     if (!bias_dtype.isNone() && ctx->needs_input_grad(kBias)) {
-      grad_bias = gy.sum(0).to(bias_dtype.toScalarType());
+      grad_bias = flatten_rows(gy).sum(0).to(bias_dtype.toScalarType());
     }
     // One entry per forward argument: x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits.
     return {grad_x, at::Tensor(), grad_a, grad_b, grad_scale, at::Tensor(), grad_bias,

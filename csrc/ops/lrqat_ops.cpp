@@ -66,6 +66,34 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
 #endif
 }
 
+#ifdef QATEXT_WITH_CUDA
+// The tile kernel's backward over dW [N, K]: dU = c * s * dW * in_range into grad_u (which may be grad_w
+// itself), the group sums of dW * (q - z) and, where weight is defined, W as the forward writes it; then
+// dA = dU B^T and dB = A^T dU by cuBLAS (c is folded into dU). grad_w, a and b share one 16-bit dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperands& fused, const at::Tensor& grad_w,
+                                                              const at::Tensor& grad_u, const at::Tensor& weight,
+                                                              const at::Tensor& p, const at::Tensor& scale,
+                                                              const at::Tensor& zero, double lora_scale,
+                                                              int64_t frac_bits, const GroupShape& shape,
+                                                              at::ScalarType scale_dtype) {
+  at::Tensor tiles = at::empty({shape.N, cuda::lrqat_fused_tile_groups(shape)}, scale.options());
+  const at::OptionalDeviceGuard guard(at::device_of(p));
+  dispatch_half(grad_w.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    cuda::lrqat_fused_backward<T>(grad_w.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(), fused.a.const_data_ptr<T>(),
+                                  fused.b.const_data_ptr<T>(), fused.rank, fused.rank_padded,
+                                  scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
+                                  int(frac_bits), grad_u.mutable_data_ptr<T>(), tiles.mutable_data_ptr<float>(),
+                                  weight.defined() ? weight.mutable_data_ptr<T>() : nullptr, shape,
+                                  tuning(Knob::LrqatFusedBlocks), current_stream(p));
+  });
+  const int64_t G = shape.groups();
+  const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
+  const at::Tensor a = fused.a.narrow(1, 0, fused.rank), &b = fused.b;
+  return {at::mm(grad_u, b.t()), at::mm(a.t(), grad_u), grad_scale.to(scale_dtype)};
+}
+#endif
+
 }  // namespace
 
 at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_in,
@@ -111,25 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
   const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
 #ifdef QATEXT_WITH_CUDA
   if (const auto fused = fused_operands(p, a, b, shape)) {
-    // dU = c * s * dW * in_range in 16 bits (c folded in before rounding); dA, dB by cuBLAS.
     const at::Tensor grad_w16 = aligned16_copy(grad_w);
-    at::Tensor grad_u = at::empty({shape.N, shape.K}, a.options());
-    at::Tensor tiles = at::empty({shape.N, cuda::lrqat_fused_tile_groups(shape)}, scale.options());
-    const at::OptionalDeviceGuard guard(at::device_of(p));
-    dispatch_half(a.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      cuda::lrqat_fused_backward<T>(grad_w16.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(),
-                                    fused->a.const_data_ptr<T>(), fused->b.const_data_ptr<T>(), fused->rank,
-                                    fused->rank_padded, scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
-                                    float(lora_scale), int(frac_bits), grad_u.mutable_data_ptr<T>(),
-                                    tiles.mutable_data_ptr<float>(), shape, tuning(Knob::LrqatFusedBlocks),
-                                    current_stream(p));
-    });
-    const int64_t G = shape.groups();
-    const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
-    const at::Tensor grad_a = at::mm(grad_u, b.t());  // a, b and grad_u share one 16-bit dtype
-    const at::Tensor grad_b = at::mm(a.t(), grad_u);
-    return {grad_a, grad_b, grad_scale.to(scale_in.scalar_type())};
+    return fused_backward(*fused, grad_w16, at::empty({shape.N, shape.K}, a.options()), at::Tensor(), p, scale, zero,
+                          lora_scale, frac_bits, shape, scale_in.scalar_type());
   }
 #endif
   const at::Tensor ab = low_rank_product(a, b);
@@ -145,6 +157,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
   const at::Tensor grad_a = at::matmul(grad_u, b.to(at::kFloat).t()).mul_(lora_scale);
   const at::Tensor grad_b = at::matmul(a.to(at::kFloat).t(), grad_u).mul_(lora_scale);
   return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), grad_scale.to(scale_in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale_in, const at::Tensor& zero_in, double lora_scale, int64_t bits, int64_t group_size,
+    int64_t frac_bits, bool grad_input) {
+  const char* op = "qatext.lrqat_linear_backward";
+  const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
+  check_float(op, "grad_y", grad_y);
+  check_float(op, "x", x);
+  check_same_device(op, {{"p", &p_in}, {"grad_y", &grad_y}, {"x", &x}});
+  const int64_t rows = x.numel() / std::max<int64_t>(shape.K, 1);
+  TORCH_CHECK_VALUE(grad_y.dim() >= 1 && grad_y.size(-1) == shape.N && x.dim() >= 1 && x.size(-1) == shape.K &&
+                        grad_y.numel() == rows * shape.N,
+                    op, ": grad_y [.., ", shape.N, "] and x [.., ", shape.K, "] must have the same rows, got ",
+                    grad_y.sizes(), " and ", x.sizes());
+  const at::Tensor gy = grad_y.reshape({rows, shape.N});
+  const at::Tensor grad_w = at::mm(gy.t(), x.reshape({rows, shape.K}).to(gy.scalar_type()));  // N x K, ours
+  at::Tensor grad_x = at::empty({0}, x.options());
+#ifdef QATEXT_WITH_CUDA
+  const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  const auto fused = gy.scalar_type() == a.scalar_type() ? fused_operands(p, a, b, shape) : std::nullopt;
+  if (fused && aligned16(grad_w) && grad_w.is_contiguous()) {
+    // One pass over dW gives dU (written over dW), the scale's gradient and W for dX: no second
+    // reconstruction of the weight.
+    const at::Tensor w = grad_input ? at::empty({shape.N, shape.K}, a.options()) : at::Tensor();
+    auto [grad_a, grad_b, grad_scale] = fused_backward(*fused, grad_w, grad_w, w, p, scale, zero, lora_scale,
+                                                       frac_bits, shape, scale_in.scalar_type());
+    if (grad_input) grad_x = at::mm(gy, w).view(x.sizes()).to(x.scalar_type());
+    return {grad_x, grad_a, grad_b, grad_scale};
+  }
+#endif
+  if (grad_input) {
+    const at::Tensor w = lrqat_weight(p_in, a, b, scale_in, zero_in, lora_scale, bits, group_size, frac_bits);
+    grad_x = at::mm(gy, w.to(gy.scalar_type())).view(x.sizes()).to(x.scalar_type());
+  }
+  auto [grad_a, grad_b, grad_scale] =
+      lrqat_weight_backward(grad_w, p_in, a, b, scale_in, zero_in, lora_scale, bits, group_size, frac_bits);
+  return {grad_x, grad_a, grad_b, grad_scale};
 }
 
 at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,

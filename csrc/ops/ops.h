@@ -48,6 +48,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
     const at::Tensor& grad_w, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
     const at::Tensor& scale, const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
     int64_t frac_bits);
+// lrqat_linear's backward in one op: dW = dY^T X, then (on the tile kernels) one pass over dW for dU, ds
+// and W, then dX = dY W (grad_input; else grad_x is empty) and the adapters' gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale, const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
+    int64_t frac_bits, bool grad_input);
 at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
                         const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
                         double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits);

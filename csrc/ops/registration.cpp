@@ -29,6 +29,9 @@ TORCH_LIBRARY(qatext, m) {
         " float lora_scale, int bits, int group_size, int frac_bits) -> (Tensor, Tensor, Tensor)");
   m.def("lrqat_linear(Tensor x, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero, Tensor? bias,"
         " float lora_scale, int bits, int group_size, int frac_bits) -> Tensor");
+  m.def("lrqat_linear_backward(Tensor grad_y, Tensor x, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero,"
+        " float lora_scale, int bits, int group_size, int frac_bits, bool grad_input)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("qalora_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor a, Tensor b, Tensor? bias,"
         " float lora_scale, int bits, int group_size) -> Tensor");
 }
@@ -50,6 +53,7 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("lrqat_weight", &qatext::ops::lrqat_weight);                         \
   m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward);       \
   m.impl("lrqat_linear", &qatext::ops::lrqat_linear);                         \
+  m.impl("lrqat_linear_backward", &qatext::ops::lrqat_linear_backward);       \
   m.impl("qalora_linear", &qatext::ops::qalora_linear)
 
 TORCH_LIBRARY_IMPL(qatext, CPU, m) { QATEXT_IMPLS(m); }
