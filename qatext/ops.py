@@ -8,6 +8,8 @@ in float32 and return their gradients in the dtype of the input they belong to.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -74,15 +76,22 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
     return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
 
 
-def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features: int) -> None:
+def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features: int) -> bool:
     """Time the decode kernel's variants (ring depth, split-K reduction and shape) on this weight for 1, 8 and 16
     tokens, once per device and weight shape, and let every later decode call on that shape take the
     fastest (``decode_gemm_autotune``); with ``decode_gemm_max_m`` at -1 (the default) also time it against
     the path beyond it at 32, 64 and 128 tokens for the shape's crossover. It synchronises the GPU: call it
     ahead of inference, as ``tile_for_decode`` does; a forward never tunes. A no-op on CPU tensors and for
-    shapes already timed.
+    shapes already timed. Where the GPU has no memory left for its timing copies of the weight (about twice
+    the L2 cache), it warns and returns False: the shape keeps the default variant and crossover, and a
+    later call tunes it.
     """
-    _C.tune_decode_gemm(tiled, scale, zero, bits, group_size, in_features)
+    if _C.tune_decode_gemm(tiled, scale, zero, bits, group_size, in_features):
+        return True
+    warnings.warn(f"qatext: no GPU memory left to time the decode kernel on a {tiled.shape[0]} x {in_features} "
+                  "weight; its decode calls keep the default variant and crossover (free memory, then call "
+                  "tile_for_decode() again to tune it)", RuntimeWarning, stacklevel=2)
+    return False
 
 
 def decode_gemm_crossover(device, out_features: int, in_features: int, bits: int, group_size: int) -> int:

@@ -166,3 +166,31 @@ def test_load_lays_out_for_decode_once_on_a_gpu(tmp_path, tiny_model_dir, device
     for name, layer in quant_layers(asked):
         assert not layer.holds_packed  # the tiled codes are its only copy
         assert torch.equal(layer.tiled, ops.tile_packed(plain[name].packed, 4, layer.in_features))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuning_without_memory_for_its_copies_warns_and_keeps_the_defaults():
+    """A GPU too full for the tuner's cold copies of the weight: tile_for_decode warns instead of failing,
+    the layer keeps the default crossover and serves as before; with memory back, the shape is tuned."""
+    n, k = 1072, 1536  # a shape no other test tunes
+    layer = _packed_layer(4, n=n, k=k, device="cuda").to(torch.bfloat16)
+    layer.tile_for_decode(tune=False)
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 2**20) / total)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"no GPU memory left to time the decode kernel on a {n} x {k}"):
+            layer.tile_for_decode()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert ops.decode_gemm_choice("cuda", n, k, 4, 64, 1) is None  # nothing measured
+    assert ops.decode_gemm_crossover("cuda", n, k, 4, 64) == 16
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    layer.tile_for_decode()
+    assert ops.decode_gemm_choice("cuda", n, k, 4, 64, 1) is not None

@@ -245,34 +245,50 @@ DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, 
   return {0, false, 0, 0};
 }
 
-void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                       int64_t group_size, int64_t in_features) {
   const GroupShape shape =
       check_packed_weight("qatext.tune_decode_gemm", tiled, scale, zero, bits, group_size, in_features);
 #ifdef QATEXT_WITH_CUDA
-  if (!tiled.is_cuda() || tuning(Knob::DecodeGemmAutotune) == 0 || !cuda::decode_gemm_supported(shape)) return;
+  if (!tiled.is_cuda() || tuning(Knob::DecodeGemmAutotune) == 0 || !cuda::decode_gemm_supported(shape)) return true;
   const at::OptionalDeviceGuard guard(at::device_of(tiled));
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(current_stream(tiled), &capture) != cudaSuccess ||
       capture != cudaStreamCaptureStatusNone) {
-    return;
+    return true;
   }
   const int device = tiled.get_device();
   const int64_t max_m = tuning(Knob::DecodeGemmMaxM);  // (-1: the crossover rules, measured below)
   std::optional<ColdCopies> copies;  // made only if something is still to be timed
-  const auto cold = [&]() -> const ColdCopies& {
-    if (!copies) copies.emplace(tiled.contiguous(), as_float(scale), as_float(zero));
-    return *copies;
+  // The copies, or null where the GPU has no room for them: then this shape keeps the defaults (nothing
+  // is remembered, so a later call tunes it) and loading the model goes on.
+  const auto cold = [&]() -> const ColdCopies* {
+    if (!copies) {
+      try {
+        copies.emplace(tiled.contiguous(), as_float(scale), as_float(zero));
+      } catch (const c10::OutOfMemoryError&) {
+        return nullptr;
+      }
+    }
+    return &*copies;
   };
   for (int b = 0; b < int(kBucketTokens.size()) && (max_m < 0 || kBucketTokens[b] <= max_m); ++b) {
     const Key at_bucket = key(device, shape, b);
-    if (!measured(at_bucket)) remember(table, at_bucket, fastest(cold(), shape, kBucketTokens[b]));
+    if (measured(at_bucket)) continue;
+    const ColdCopies* c = cold();
+    if (c == nullptr) return false;
+    remember(table, at_bucket, fastest(*c, shape, kBucketTokens[b]));
   }
   const Key at_crossover = key(device, shape, kCrossoverBucket);
-  if (max_m < 0 && !measured(crossovers, at_crossover)) remember(crossovers, at_crossover, crossover(cold(), shape));
+  if (max_m < 0 && !measured(crossovers, at_crossover)) {
+    const ColdCopies* c = cold();
+    if (c == nullptr) return false;
+    remember(crossovers, at_crossover, crossover(*c, shape));
+  }
 #else
   (void)shape;
 #endif
+  return true;
 }
 
 }  // namespace qatext::ops

@@ -36,8 +36,9 @@ int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, in
 // packed path at 32, 64 and 128 tokens, for the crossover. Synchronises the GPU, so it runs where a
 // layer takes its decode layout, not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
-// measured, or with decode_gemm_autotune off.
-void tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+// measured, or with decode_gemm_autotune off. Returns false only where the GPU had no memory left for
+// the timing copies (then nothing was measured, and the shape keeps the defaults until a later call).
+bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                       int64_t group_size, int64_t in_features);
 
 // What tune_decode_gemm chose for a weight of this shape at M tokens on a device: {stages, cluster,
