@@ -73,11 +73,30 @@ __device__ __forceinline__ uint2 read_p8(const uint8_t* row, int c) {
   return make_uint2(uint32_t(at[0]) | uint32_t(at[1]) << 8 | uint32_t(at[2]) << 16, 0u);  // 3 bits
 }
 
-// Value i (0..7, unrolled) of read_p8's raw bits, exactly, without the conversion unit (code_to_float).
+// read_p8's raw bits spread one value a byte where the width allows (two masks for 8 values, so that
+// p_value takes each with one byte permute): PB = 8 as read (value i: word i / 4, byte i % 4); PB = 4
+// even values in x, odd in y (byte i / 2); PB = 2 x holds values 0, 4, 2, 6 and y 1, 5, 3, 7. PB = 3 is
+// left packed (its codes straddle bytes).
 template <int PB>
-__device__ __forceinline__ float p_value(uint2 raw, int i, float unit) {
-  if constexpr (PB == 8) return code_to_float(((i < 4 ? raw.x : raw.y) >> (8 * (i & 3))) & 0xFFu) * unit;  // 2^-f
-  return code_to_float((raw.x >> (PB * i)) & ((1u << PB) - 1u));
+__device__ __forceinline__ uint2 p_bytes(uint2 raw) {
+  if constexpr (PB == 4) return make_uint2(raw.x & 0x0F0F0F0Fu, raw.x >> 4 & 0x0F0F0F0Fu);
+  if constexpr (PB == 2) {
+    const uint32_t y = raw.x | raw.x << 12;  // raw is 16 bits: its upper byte's codes land in bytes 1 and 3
+    return make_uint2(y & 0x03030303u, y >> 2 & 0x03030303u);
+  }
+  return raw;
+}
+
+// Value i (0..7, unrolled) of p_bytes's words, exactly, without the conversion unit: the byte goes into
+// the mantissa of 2^23 by one permute (code_to_float's trick), then 2^23 comes off.
+template <int PB>
+__device__ __forceinline__ float p_value(uint2 bytes, int i, float unit) {
+  if constexpr (PB == 3) return code_to_float((bytes.x >> (3 * i)) & 7u);
+  const int m = i >> 1;
+  const uint32_t word = PB == 8 ? (i < 4 ? bytes.x : bytes.y) : (i & 1 ? bytes.y : bytes.x);
+  const int byte = PB == 8 ? i & 3 : PB == 4 ? m : (m & 1) << 1 | m >> 1;
+  const float v = __int_as_float(__byte_perm(word, 0x4B000000u, 0x7540u | byte)) - 8388608.f;
+  return PB == 8 ? v * unit : v;  // PB = 8 with frac_bits: fixed point, unit 2^-f
 }
 
 // One tile's P, A (and dW) into the warp's shared buffer, by cp.async, as one commit group.
@@ -259,6 +278,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // accumulators 0, 1: row g4; 2, 3: row g4 + 8
           const float sc = s[h][gi], zc = z[h][gi], cs = args.lora_scale * sc;
+          const uint2 pb = p_bytes<PB>(in.praw[h][m]);  // spread where it is used: held spread, it costs registers
           uint32_t packed[4], weight[4];
           float g[8];
           if constexpr (BACKWARD) {
@@ -274,7 +294,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
             float out[2], w[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const float p = p_value<PB>(in.praw[h][m], 2 * t + e, args.p_unit);
+              const float p = p_value<PB>(pb, 2 * t + e, args.p_unit);
               const LrqatCode c = lrqat_code(p, acc[t][2 * h + e], args.lora_scale, args.qmax);
               w[e] = (c.q - zc) * sc;
               if constexpr (!BACKWARD) {
