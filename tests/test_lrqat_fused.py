@@ -210,3 +210,24 @@ def test_lrqat_linear_backward_without_grad_input(device):
         assert torch.equal(x_, y_)
     with pytest.raises(ValueError, match="grad_y .* and x .* must have the same rows"):
         torch.ops.qatext.lrqat_linear_backward(grad_y[:5], x, p, a, b, scale, zero, 0.5, bits, g, 0, True)
+
+
+def test_lrqat_linear_gradients_do_not_depend_on_which_inputs_need_them(device):
+    # The autograd takes the one-op backward when an adapter or the scale needs a gradient (with or
+    # without dX) and the weight op + one GEMM when only x does: each gradient comes out the same.
+    n, k, r, bits, g = 32, 256, 16, 4, 64
+    p, a, b, scale, zero = _inputs(n, k, r, bits, g, 0, torch.bfloat16, device)
+    x = torch.randn(2, 5, k, device=device, dtype=torch.bfloat16)
+    grad_y = torch.randn(2, 5, n, device=device, dtype=torch.bfloat16)
+
+    def grads(which):
+        leaves = {name: t.clone().requires_grad_(name in which) for name, t in (("x", x), ("a", a), ("b", b),
+                                                                                 ("scale", scale))}
+        ops.lrqat_linear(leaves["x"], p, leaves["a"], leaves["b"], leaves["scale"], zero, 0.5, bits, g,
+                         0).backward(grad_y)
+        return {name: t.grad for name, t in leaves.items() if name in which}
+
+    every = grads({"x", "a", "b", "scale"})
+    for which in ({"a", "b", "scale"}, {"x"}, {"scale"}):
+        for name, got in grads(which).items():
+            assert torch.equal(got, every[name]), name
