@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // accumulators 0, 1: row g4; 2, 3: row g4 + 8
           const float sc = s[h][gi], zc = z[h][gi], cs = args.lora_scale * sc;
-          const uint2 pb = p_bytes<PB>(in.praw[h][m]);  // spread where it is used: held spread, it costs registers
+          const uint2 pb = p_bytes<PB>(in.praw[h][m]);  // spread here: held spread costs registers
           uint32_t packed[4], weight[4];
           float g[8];
           if constexpr (BACKWARD) {
