@@ -3,7 +3,8 @@ bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and 
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, 2 and 4 row tiles per warp,
 rings of 4 and 8 stages); and beyond it, the tiled layout untiled and dequantised straight into a 16- or
-32-bit weight (group sizes that a lane's 16 columns straddle included)."""
+32-bit weight (group sizes that a lane's 16 columns straddle included); and the packed codes dequantised
+at every width 2-8 into each dtype, from aligned and odd addresses (the vector and element-wise kernels)."""
 
 import itertools
 
@@ -46,5 +47,14 @@ for n, k, g in [(48, 384, 24), (1040, 512, 128), (128, 64, -1)]:
         zero = torch.full_like(scale, 1.5)
         ops.dequant_matmul_tiled(torch.randn(3, k, device="cuda", dtype=dtype), tiled, scale, zero, bits, g)
         ops.untile_packed(tiled, bits, k)
+for bits, dtype, (n, k, g) in itertools.product(range(2, 9), (torch.bfloat16, torch.float16, torch.float32),
+                                                [(33, 256, 8), (7, 1024, 256), (5, 100, -1)]):
+    packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+    scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
+    zero = torch.full_like(scale, 1.5)
+    odd = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view(packed.shape)
+    odd.copy_(packed)
+    for codes in (packed, odd):
+        ops.dequant(codes, scale, zero, bits, g, k, dtype)
 torch.cuda.synchronize()
 print("sanitize workload done")

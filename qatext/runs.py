@@ -57,13 +57,17 @@ def check_run_dir(out: Path) -> None:
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The settings that differ, as "key old -> new" (a setting left to its default reads "(default)")."""
+    def shown(value):
+        return "(default)" if value is None else value
+
     out = []
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key} {a} -> {b}")
+            out.append(f"{prefix}{key} {shown(a)} -> {shown(b)}")
     return out
 
 

@@ -38,6 +38,14 @@ def random_qparams(n, k, bits, group_size, symmetric, device, dtype=torch.float3
     return scale.to(dtype), zero.to(dtype)
 
 
+def at_odd_address(t):
+    """A copy of t whose data starts one byte past an aligned address (a view into a larger buffer)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random-init Llama without tokenizer files (trained with --byte-tokens)."""

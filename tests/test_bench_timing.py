@@ -71,7 +71,7 @@ def test_save_rows_writes_the_rows_after_device_torch_and_extras(tmp_path):
     timing.save_rows(None, [{"N": 16}])  # no --out: nothing written, no error
 
 
-GPU_BENCHMARKS = ["bench_decode", "bench_e2eqp", "bench_gemm", "bench_layer", "bench_lowrank", "bench_untile"]
+GPU_BENCHMARKS = ["bench_decode", "bench_dequant", "bench_e2eqp", "bench_gemm", "bench_layer", "bench_lowrank", "bench_untile"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without a GPU")

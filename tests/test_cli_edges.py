@@ -117,7 +117,7 @@ def test_train_refuses_a_foreign_output_dir_and_a_file(tmp_path, bpe_model_dir):
 
 @pytest.mark.parametrize("change,expected", [(["--bits", "3"], "spec.bits 4 -> 3"),
                                              (["--group-size", "64"], "spec.group_size 32 -> 64"),
-                                             (["--lr", "5e-3"], "lr None -> 0.005")])
+                                             (["--lr", "5e-3"], "lr (default) -> 0.005")])
 def test_resume_with_other_settings_is_refused(trained_run, bpe_model_dir, change, expected):
     before = snapshot(trained_run)
     args = dict(zip(TRAIN[::2], TRAIN[1::2]))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DTYPES, random_qparams
+from conftest import DTYPES, at_odd_address, random_qparams
 from qatext import ops, reference
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
@@ -56,6 +56,18 @@ def test_e2eqp_scale_grad(device, bits, g):
     s = scale.clone().requires_grad_()
     (reference.dequant_matmul(x, packed, s, zero, bits, g) * grad_y).sum().backward()
     torch.testing.assert_close(got, s.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits,g", [(4, 8), (4, 256), (3, 16), (8, 32)])
+def test_e2eqp_scale_grad_at_every_group_width_and_an_odd_code_address(device, bits, g):
+    """The vectorised group-code dot at 1 to 32 lanes a group; codes one byte off an aligned address
+    (no aligned 32-bit loads) give the same gradient."""
+    n, k = 24, 512
+    packed, _, zero = _weight(n, k, bits, g, device)
+    x, grad_y = torch.randn(6, k, device=device), torch.randn(6, n, device=device)
+    want = reference.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g)
+    for codes in (packed, at_odd_address(packed)):
+        torch.testing.assert_close(ops.e2eqp_scale_grad(x, grad_y, codes, zero, bits, g), want, rtol=1e-4, atol=1e-3)
 
 
 def test_zero_is_not_differentiable(device):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DTYPES, random_qparams
+from conftest import DTYPES, at_odd_address, random_qparams
 from qatext import ops, reference
 
 
@@ -40,8 +40,8 @@ def test_int8_is_identity(device):
     assert torch.equal(ops.pack(codes, 8), codes)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7, 8])
-@pytest.mark.parametrize("n,k,g", [(7, 96, 32), (5, 100, -1), (33, 256, 128), (3, 512, 256)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n,k,g", [(7, 96, 32), (5, 100, -1), (33, 256, 128), (3, 512, 256), (6, 64, 8)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequant(device, bits, n, k, g, dtype):
     codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
@@ -50,3 +50,15 @@ def test_dequant(device, bits, n, k, g, dtype):
     out = ops.dequant(packed, scale, zero, bits, g, k, dtype)
     assert out.dtype == dtype and out.shape == (n, k)
     torch.testing.assert_close(out, reference.dequant(packed, scale, zero, bits, g, k, dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequant_of_codes_at_an_odd_address(device, bits):
+    """Codes the vector kernel cannot read as aligned words take the element-wise kernel: same values."""
+    n, k, g = 9, 128, 32
+    packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device), bits)
+    scale, zero = random_qparams(n, k, bits, g, False, device)
+    odd = at_odd_address(packed)
+    assert odd.data_ptr() % 2 == 1
+    want = reference.dequant(packed, scale, zero, bits, g, k, torch.bfloat16)
+    torch.testing.assert_close(ops.dequant(odd, scale, zero, bits, g, k, torch.bfloat16), want, rtol=0, atol=0)

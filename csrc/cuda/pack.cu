@@ -76,34 +76,58 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ packed, const float* 
 }
 
 // Eight codes per thread (BITS whole bytes in, one 16- or 32-byte vector out); K % 8 == 0 and
-// group_size % 8 == 0 so the eight share a group. Same arithmetic as dequant_kernel.
-template <typename T, int BITS>
-__global__ void dequant_vec_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
-                                   const float* __restrict__ zero, T* __restrict__ out, GroupShape shape) {
-  const int64_t chunks_per_row = shape.K / 8, G = shape.groups();
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < shape.N * chunks_per_row;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = c / chunks_per_row, k = (c % chunks_per_row) * 8, ng = n * G + k / shape.group_size;
-    const uint8_t* src = packed + n * (shape.K / 8 * BITS) + (k / 8) * BITS;
-    uint64_t bits = 0;
+// group_size % 8 == 0 so the eight share a group. Same arithmetic as dequant_kernel. Rows and groups
+// tile the [N, K] array in order, so chunk c's bytes start at c * BITS and its group is c / (g / 8):
+// one division, in 32 bits where the tensor allows (the 64-bit divisions of the row and the group,
+// ~100 instructions per chunk, made this kernel instruction-bound at about half the copy rate).
+template <int BITS>
+__device__ __forceinline__ uint64_t load_chunk(const uint8_t* src) {
+  if constexpr (BITS == 2) return __ldg(reinterpret_cast<const uint16_t*>(src));
+  if constexpr (BITS == 4) return __ldg(reinterpret_cast<const uint32_t*>(src));
+  if constexpr (BITS == 8) return __ldg(reinterpret_cast<const unsigned long long*>(src));
+  uint64_t bits = 0;  // 3, 5, 6, 7: no aligned word holds them
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) bits |= uint64_t(src[i]) << (8 * i);
-    const float s = scale[ng], z = zero[ng];
+  for (int i = 0; i < BITS; ++i) bits |= uint64_t(__ldg(src + i)) << (8 * i);
+  return bits;
+}
+
+template <typename T, int BITS, typename Index>
+__global__ void __launch_bounds__(kThreads) dequant_vec_kernel(const uint8_t* __restrict__ packed,
+                                                               const float* __restrict__ scale,
+                                                               const float* __restrict__ zero, T* __restrict__ out,
+                                                               Index chunks, Index chunks_per_group) {
+  for (Index c = blockIdx.x * Index(blockDim.x) + threadIdx.x; c < chunks; c += Index(gridDim.x) * blockDim.x) {
+    const uint64_t bits = load_chunk<BITS>(packed + int64_t(c) * BITS);
+    const Index ng = c / chunks_per_group;
+    const float s = __ldg(scale + ng), z = __ldg(zero + ng);
     alignas(16) T v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = T(dequant_value(uint32_t(bits >> (e * BITS)) & ((1u << BITS) - 1u), s, z));
     constexpr int kWords = sizeof(T) * 8 / 16;  // 16-byte words per 8 outputs
 #pragma unroll
-    for (int i = 0; i < kWords; ++i) {
-      reinterpret_cast<uint4*>(out + n * shape.K + k)[i] = reinterpret_cast<const uint4*>(v)[i];
-    }
+    for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(out + int64_t(c) * 8)[i] = reinterpret_cast<const uint4*>(v)[i];
   }
 }
 
 template <typename T, int BITS>
 void launch_dequant_vec(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
                         cudaStream_t stream) {
-  dequant_vec_kernel<T, BITS><<<grid_for(shape.numel() / 8), kThreads, 0, stream>>>(packed, scale, zero, out, shape);
+  const int64_t chunks = shape.numel() / 8, per_group = shape.group_size / 8;
+  if (chunks < (int64_t(1) << 31)) {
+    dequant_vec_kernel<T, BITS, uint32_t><<<grid_for(chunks), kThreads, 0, stream>>>(
+        packed, scale, zero, out, uint32_t(chunks), uint32_t(per_group));
+  } else {
+    dequant_vec_kernel<T, BITS, int64_t><<<grid_for(chunks), kThreads, 0, stream>>>(packed, scale, zero, out, chunks,
+                                                                                   per_group);
+  }
+}
+
+// Whether the vector kernel may run: whole chunks in whole groups, 16-byte output vectors, and the
+// packed bytes aligned for its word loads (BITS 2, 4, 8: 2, 4, 8 bytes; others read bytes).
+bool dequant_vec_ok(const uint8_t* packed, const void* out, GroupShape shape) {
+  const int align = shape.bits == 2 || shape.bits == 4 || shape.bits == 8 ? shape.bits : 1;
+  return shape.K % 8 == 0 && shape.group_size % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(packed) % align == 0;
 }
 
 __global__ void group_code_dot_kernel(const float* __restrict__ dw, const uint8_t* __restrict__ packed,
@@ -123,34 +147,41 @@ __global__ void group_code_dot_kernel(const float* __restrict__ dw, const uint8_
 
 // Same dot, 8 columns per thread: the lanes of one group (g / 8 of them, a power of two <= 32)
 // sit side by side in a warp, so a fixed xor-shuffle tree sums the group. Groups tile the
-// row-major [N, K] array, so linear element index / g is the group's index in grad_scale.
+// row-major [N, K] array, so chunk i's codes start at bit 8 i b of the packed array and its group
+// is i / (g / 8) (32-bit indices where the tensor allows: no 64-bit division per chunk).
 // BITS = 0: the width comes from shape.bits (the bit-stream read); 4: one 32-bit load.
-template <int BITS>
+template <int BITS, typename Index>
 __global__ void group_code_dot_vec_kernel(const float* __restrict__ dw, const uint8_t* __restrict__ packed,
                                           const float* __restrict__ zero, float* __restrict__ grad_scale,
-                                          GroupShape shape) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // chunk of 8 columns
-  const int64_t chunks = shape.numel() / 8, per_row = shape.K / 8;
-  const int lanes = int(shape.group_size / 8);
+                                          Index chunks, int bits, int lanes) {
+  const Index i = Index(blockIdx.x) * blockDim.x + threadIdx.x;  // chunk of 8 columns
+  const Index ng = i >> (__ffs(lanes) - 1);                         // lanes: a power of two
   float acc = 0.f;
   if (i < chunks) {
-    const int64_t n = i / per_row, k = (i % per_row) * 8, ng = i * 8 / shape.group_size;
-    const int bits = BITS ? BITS : shape.bits;
-    const uint8_t* row = packed + n * packed_row_bytes(shape.K, bits);
-    const float4 d0 = __ldg(reinterpret_cast<const float4*>(dw + i * 8));
-    const float4 d1 = __ldg(reinterpret_cast<const float4*>(dw + i * 8 + 4));
+    const uint8_t* codes = packed + int64_t(i) * (BITS ? BITS : bits);
+    const float4 d0 = __ldg(reinterpret_cast<const float4*>(dw + int64_t(i) * 8));
+    const float4 d1 = __ldg(reinterpret_cast<const float4*>(dw + int64_t(i) * 8 + 4));
     const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
     const float z = __ldg(zero + ng);
     uint32_t bits4 = 0;
-    if (BITS == 4) bits4 = __ldg(reinterpret_cast<const unsigned int*>(row + k / 2));
+    if (BITS == 4) bits4 = __ldg(reinterpret_cast<const unsigned int*>(codes));
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const uint32_t q = BITS == 4 ? (bits4 >> (4 * e)) & 15u : read_code(row, k + e, bits);
+      const uint32_t q = BITS == 4 ? (bits4 >> (4 * e)) & 15u : read_code(codes, e, bits);
       acc += d[e] * (float(q) - z);
     }
   }
   for (int o = 1; o < lanes; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (i < chunks && i % lanes == 0) grad_scale[i * 8 / shape.group_size] = acc;
+  if (i < chunks && (i & Index(lanes - 1)) == 0) grad_scale[ng] = acc;
+}
+
+template <int BITS, typename Index>
+void launch_group_code_dot_vec(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
+                               GroupShape shape, cudaStream_t stream) {
+  const int64_t chunks = shape.numel() / 8;
+  const unsigned blocks = unsigned((chunks + kThreads - 1) / kThreads);
+  group_code_dot_vec_kernel<BITS, Index><<<blocks, kThreads, 0, stream>>>(dw, packed, zero, grad_scale, Index(chunks),
+                                                                         shape.bits, int(shape.group_size / 8));
 }
 
 }  // namespace
@@ -189,7 +220,7 @@ template <typename T>
 void dequant(const uint8_t* packed, const float* scale, const float* zero, T* out, GroupShape shape,
              cudaStream_t stream) {
   if (shape.numel() == 0) return;
-  if (shape.K % 8 == 0 && shape.group_size % 8 == 0) {
+  if (dequant_vec_ok(packed, out, shape)) {
     switch (shape.bits) {
       case 2: launch_dequant_vec<T, 2>(packed, scale, zero, out, shape, stream); break;
       case 3: launch_dequant_vec<T, 3>(packed, scale, zero, out, shape, stream); break;
@@ -210,13 +241,13 @@ void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, f
                     GroupShape shape, cudaStream_t stream) {
   if (shape.numel() == 0) return;
   const int64_t g = shape.group_size;
-  if (g >= 8 && g <= 256 && (g & (g - 1)) == 0 && reinterpret_cast<uintptr_t>(dw) % 16 == 0) {
-    const unsigned blocks = unsigned((shape.numel() / 8 + kThreads - 1) / kThreads);
-    if (shape.bits == 4) {
-      group_code_dot_vec_kernel<4><<<blocks, kThreads, 0, stream>>>(dw, packed, zero, grad_scale, shape);
-    } else {
-      group_code_dot_vec_kernel<0><<<blocks, kThreads, 0, stream>>>(dw, packed, zero, grad_scale, shape);
-    }
+  if (g >= 8 && g <= 256 && (g & (g - 1)) == 0 && shape.K % 8 == 0 && reinterpret_cast<uintptr_t>(dw) % 16 == 0) {
+    const bool word = shape.bits == 4 && reinterpret_cast<uintptr_t>(packed) % 4 == 0;
+    const bool narrow = shape.numel() / 8 < (int64_t(1) << 31);
+    if (word && narrow) launch_group_code_dot_vec<4, uint32_t>(dw, packed, zero, grad_scale, shape, stream);
+    if (word && !narrow) launch_group_code_dot_vec<4, int64_t>(dw, packed, zero, grad_scale, shape, stream);
+    if (!word && narrow) launch_group_code_dot_vec<0, uint32_t>(dw, packed, zero, grad_scale, shape, stream);
+    if (!word && !narrow) launch_group_code_dot_vec<0, int64_t>(dw, packed, zero, grad_scale, shape, stream);
   } else {
     group_code_dot_kernel<<<unsigned(shape.N * shape.groups()), kThreads, 0, stream>>>(dw, packed, zero,
                                                                                      grad_scale, shape);
