@@ -1,7 +1,8 @@
-"""The two streaming kernels over a whole packed weight that QA-LoRA and E2E-QP training run each
-step: `dequant` (packed codes -> bf16 weight, before a cuBLAS GEMM in the forward and the input
-gradient) and E2E-QP's group-code dot (its scale gradient from the fp32 dW), on the LLaMA shapes,
-against a device copy of the same bytes in the same run (their ceiling).
+"""The streaming kernels QA-LoRA and E2E-QP training run each step: over a whole packed weight,
+`dequant` (packed codes -> bf16 weight, before a cuBLAS GEMM in the forward and the input gradient)
+and E2E-QP's group-code dot (its scale gradient from the fp32 dW), on the LLaMA shapes; over the
+activations, QA-LoRA's pooling `group_sum` and its transpose `group_expand` (M = 4096, g = 128) beside
+the torch ops they replaced. Each against a device copy of the same bytes in the same run (the ceiling).
 
     python benchmarks/bench_dequant.py --out benchmarks/results/dequant_h200.json
 
@@ -63,6 +64,20 @@ def main():
             print(f"{n}x{k} W{bits}: dequant {deq:6.1f} us ({row['dequant_pct_of_copy']:.0f}% of a copy of its "
                   f"{deq_bytes / 1e6:.0f} MB) | group-code dot {dot:6.1f} us "
                   f"({row['group_code_dot_pct_of_copy'] or 0:.0f}% of a copy of {dot_bytes / 1e6:.0f} MB)", flush=True)
+    for k in (4096, 11008):  # QA-LoRA's pooling of x [M, K] and the input gradient's broadcast, bf16
+        x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
+        pooled = ops.group_sum(x, g)
+        row = {"M": 4096, "K": k, "group_size": g,
+               "group_sum_us": cuda_time_ms(lambda: ops.group_sum(x, g)) * 1e3,  # noqa: B023
+               "torch_sum_us": cuda_time_ms(lambda: x.unflatten(-1, (-1, g)).sum(-1)) * 1e3,  # noqa: B023
+               "group_expand_us": cuda_time_ms(lambda: ops.group_expand(pooled, g)) * 1e3,  # noqa: B023
+               "torch_expand_us": cuda_time_ms(
+                   lambda: pooled.unsqueeze(-1).expand(*pooled.shape, g).reshape(x.shape)) * 1e3,  # noqa: B023
+               "copy_same_bytes_us": copy_us(2 * x.numel() * x.element_size())}
+        rows.append(row)
+        print(f"M 4096 K {k}: group_sum {row['group_sum_us']:.1f} us (torch {row['torch_sum_us']:.1f}) | group_expand "
+              f"{row['group_expand_us']:.1f} us (torch {row['torch_expand_us']:.1f}) | copy of x {row['copy_same_bytes_us']:.1f}"
+              " us (read and write: each op does one of the two)", flush=True)
     timing.save_rows(args.out, rows)
 
 

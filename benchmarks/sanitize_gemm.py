@@ -4,7 +4,8 @@ and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token
 block, split-K on and off, through a cluster and through global partials, 2 and 4 row tiles per warp,
 rings of 4 and 8 stages); and beyond it, the tiled layout untiled and dequantised straight into a 16- or
 32-bit weight (group sizes that a lane's 16 columns straddle included); and the packed codes dequantised
-at every width 2-8 into each dtype, from aligned and odd addresses (the vector and element-wise kernels)."""
+at every width 2-8 into each dtype, from aligned and odd addresses (the vector and element-wise kernels);
+QA-LoRA's pooling and its transpose at 1 to 32 lanes a group and past them."""
 
 import itertools
 
@@ -56,5 +57,9 @@ for bits, dtype, (n, k, g) in itertools.product(range(2, 9), (torch.bfloat16, to
     odd.copy_(packed)
     for codes in (packed, odd):
         ops.dequant(codes, scale, zero, bits, g, k, dtype)
+for (m, k, g), dtype in itertools.product([(5, 256, 8), (3, 512, 64), (7, 1024, 256), (2, 96, 24), (4, 4096, 512)],
+                                          (torch.bfloat16, torch.float32)):
+    pooled = ops.group_sum(torch.randn(m, k, device="cuda", dtype=dtype), g)
+    ops.group_expand(pooled, g)
 torch.cuda.synchronize()
 print("sanitize workload done")

@@ -161,6 +161,17 @@ def qalora_linear(x, packed, scale, zero, lora_a, lora_b, lora_scale: float, bit
     return _ops.qalora_linear(x, packed, scale, zero, lora_a, lora_b, bias, lora_scale, bits, group_size)
 
 
+def group_sum(x, group_size: int) -> torch.Tensor:
+    """QA-LoRA's pooling: x [.., K] -> [.., K / g], each group of g inputs summed (in fp32, one rounding to
+    x's dtype); group_size -1 is the whole row."""
+    return _ops.group_sum(x, group_size)
+
+
+def group_expand(t, group_size: int) -> torch.Tensor:
+    """The pooling's transpose: t [.., G] -> [.., G * g], each value repeated over its group's g columns."""
+    return _ops.group_expand(t, group_size)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 
 
@@ -253,3 +264,13 @@ def _(grad_y, x, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits, 
 @torch.library.register_fake("qatext::qalora_linear")
 def _(x, packed, scale, zero, a, b, bias, lora_scale, bits, group_size):
     return _empty((*x.shape[:-1], b.shape[0]), x)
+
+
+@torch.library.register_fake("qatext::group_sum")
+def _(x, group_size):
+    return _empty((*x.shape[:-1], 1 if group_size == -1 else x.shape[-1] // group_size), x)
+
+
+@torch.library.register_fake("qatext::group_expand")
+def _(t, group_size):
+    return _empty((*t.shape[:-1], t.shape[-1] * group_size), t)

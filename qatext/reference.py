@@ -122,6 +122,18 @@ def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None
     return y.to(x.dtype)
 
 
+def group_sum(x, group_size: int):
+    """x [.., K] -> [.., K / g]: each group of g inputs summed in fp32, then x's dtype."""
+    k = x.shape[-1]
+    g = k if group_size == -1 else group_size
+    return x.float().unflatten(-1, (k // g, g)).sum(-1).to(x.dtype)
+
+
+def group_expand(t, group_size: int):
+    """t [.., G] -> [.., G * g]: each value over its group's g columns."""
+    return t.repeat_interleave(group_size, dim=-1)
+
+
 def qalora_linear(x, packed, scale, zero, lora_a, lora_b, lora_scale: float, bits: int, group_size: int, bias=None):
     """QA-LoRA: x @ deq(W)^T + bias + (lora_scale / g) (pool_g(x) A^T) B^T, pool_g summing each group of
     g inputs; differentiable in x, A, B and bias."""

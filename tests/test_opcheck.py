@@ -52,6 +52,8 @@ def _cases(device):
                            g),
                           (rg(x.bfloat16()), packed, scale[:, :1], zero[:, :1], rg(qa_a[:, :1]), qa_b.bfloat16(), None,
                            2.0, bits, -1)],
+        "group_sum": [(x, g), (x.bfloat16(), 8), (x.half(), -1)],
+        "group_expand": [(torch.randn(3, k // g, device=device), g), (x.bfloat16(), 8), (x.t(), 3)],
     }
 
 

@@ -82,3 +82,42 @@ def test_the_layer_runs_through_the_op_and_matches_its_merge(device):
         y = layer(x)
     assert "qatext::qalora_linear" in {e.name for e in prof.events()}
     torch.testing.assert_close(y, layer.to_packed()(x), rtol=1e-4, atol=1e-4)  # the adapter merged into the zeros
+
+
+# fp32 sums in another order than the reference's, then one rounding: at most an ulp of the result apart.
+SUM_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2**-8, "atol": 1e-5},
+           torch.float16: {"rtol": 2**-11, "atol": 1e-5}}
+
+
+@pytest.mark.parametrize("shape,g", [((3, 5, 256), 8), ((3, 5, 256), 16), ((2, 512), 64), ((4, 1024), 256),
+                                     ((7, 96), 24), ((2, 3, 100), 20), ((5, 64), -1), ((6, 4096), 512),
+                                     ((0, 128), 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_group_sum_and_expand_match_the_reference(device, shape, g, dtype):
+    """Every lane count the kernels take (1 to 32 a group), and what they leave to torch: groups not a
+    power of two of chunks, K not a multiple of 8, a whole row, groups past 32 lanes, no rows."""
+    x = torch.randn(shape, device=device).to(dtype)
+    got = ops.group_sum(x, g)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, reference.group_sum(x, g), **SUM_TOL[dtype])
+    width = shape[-1] if g == -1 else g
+    assert torch.equal(ops.group_expand(got, width), reference.group_expand(got, width))
+
+
+def test_group_sum_and_expand_of_strided_views(device):
+    """Inputs the kernels cannot read as contiguous chunks (a transposed view, a slice off a 16-byte
+    boundary) give the same values through torch's ops."""
+    x = torch.randn(256, 6, device=device, dtype=torch.bfloat16).t()
+    torch.testing.assert_close(ops.group_sum(x, 32), reference.group_sum(x, 32), **SUM_TOL[torch.bfloat16])
+    off = torch.randn(1, 2 * 256 + 1, device=device, dtype=torch.bfloat16)[:, 1:].view(2, 256)
+    torch.testing.assert_close(ops.group_sum(off, 64), reference.group_sum(off, 64), **SUM_TOL[torch.bfloat16])
+    t = torch.randn(5, 3, device=device).t()
+    assert torch.equal(ops.group_expand(t, 8), reference.group_expand(t, 8))
+
+
+def test_group_ops_bad_group_size_is_one_clear_error():
+    x = torch.randn(2, 96)
+    with pytest.raises(ValueError, match="group_size .*must divide K"):
+        ops.group_sum(x, 40)
+    with pytest.raises(ValueError, match="group_size must be positive"):
+        ops.group_expand(x, 0)

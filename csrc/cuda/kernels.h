@@ -103,4 +103,11 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);
 
+// QA-LoRA's pooling over groups of 8 * lanes inputs and its transpose, over `chunks` 8-element chunks of a
+// contiguous, 16-byte-aligned [rows, K] tensor (group_sum: lanes a power of two <= 32).
+template <typename T>
+void group_sum(const T* x, T* out, int64_t chunks, int lanes, cudaStream_t stream);
+template <typename T>
+void group_expand(const T* t, T* out, int64_t chunks, int lanes, cudaStream_t stream);
+
 }  // namespace qatext::cuda

@@ -223,13 +223,10 @@ class QaloraLinearFunction : public torch::autograd::Function<QaloraLinearFuncti
     const at::Tensor g_h = at::matmul(g_delta, in_dtype(b, dtype));
     at::Tensor grad_x, grad_a, grad_b, grad_bias;
     if (ctx->needs_input_grad(kX)) {
+      static const auto group_expand_op = op_handle<decltype(group_expand)>("qatext::group_expand");
       const at::Tensor g_pooled = at::matmul(g_h, in_dtype(a, dtype));
-      auto grouped = g_pooled.sizes().vec();
-      grouped.push_back(g);
-      auto x_sizes = gy.sizes().vec();
-      x_sizes.back() = pooled.size(-1) * g;
-      grad_x = dequant_matmul_plus(gy, packed, scale, zero, bits, g, std::nullopt,
-                                   g_pooled.unsqueeze(-1).expand(grouped).reshape(x_sizes), 1.0, /*grad_input=*/true);
+      grad_x = dequant_matmul_plus(gy, packed, scale, zero, bits, g, std::nullopt, group_expand_op.call(g_pooled, g),
+                                   1.0, /*grad_input=*/true);
     }
     if (ctx->needs_input_grad(kA)) {
       grad_a = in_dtype(at::mm(flatten_rows(g_h).t(), flatten_rows(pooled)), a.scalar_type());

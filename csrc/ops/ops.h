@@ -72,5 +72,9 @@ struct QaloraParts {
 QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                          const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
                          const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits, int64_t group_size);
+// Its pooling, x [.., K] -> [.., K / g] summed over each group (fp32 sum, x's dtype), and the pooling's
+// transpose, t [.., G] -> [.., G g] with each group's value over its g columns.
+at::Tensor group_sum(const at::Tensor& x, int64_t group_size);
+at::Tensor group_expand(const at::Tensor& t, int64_t group_size);
 
 }  // namespace qatext::ops

@@ -9,6 +9,58 @@
 
 namespace qatext::ops {
 
+namespace {
+
+// Whether the streaming kernels take a contiguous [.., K] side of groups of g: 8-element chunks that
+// never straddle a group, 16-byte aligned, chunk indices in 32 bits.
+bool group_kernel_applies(const at::Tensor& wide, int64_t K, int64_t g) {
+  return wide.is_cuda() && wide.is_contiguous() && aligned16(wide) && K % 8 == 0 && g % 8 == 0 &&
+         wide.numel() / 8 < (int64_t(1) << 31);
+}
+
+}  // namespace
+
+at::Tensor group_sum(const at::Tensor& x, int64_t group_size) {
+  const char* op = "qatext.group_sum";
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  const int64_t K = x.size(-1), g = resolve_group_size(op, group_size, K), lanes = g / 8;
+  auto sizes = x.sizes().vec();
+  sizes.back() = K / g;
+  if (group_kernel_applies(x, K, g) && lanes <= 32 && (lanes & (lanes - 1)) == 0) {
+    at::Tensor out = at::empty(sizes, x.options());
+    const at::OptionalDeviceGuard guard(at::device_of(x));
+    QATEXT_DISPATCH_FLOAT(x.scalar_type(), [&] {
+      QATEXT_CUDA_ONLY(cuda::group_sum<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                 x.numel() / 8, int(lanes), current_stream(x)));
+    });
+    return out;
+  }
+  sizes.push_back(g);
+  return x.reshape(sizes).sum(-1);
+}
+
+at::Tensor group_expand(const at::Tensor& t, int64_t group_size) {
+  const char* op = "qatext.group_expand";
+  check_float(op, "t", t);
+  TORCH_CHECK_VALUE(t.dim() >= 1, op, ": t must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(group_size > 0, op, ": group_size must be positive, got ", group_size);
+  auto sizes = t.sizes().vec();
+  sizes.back() = t.size(-1) * group_size;
+  at::Tensor out = at::empty(sizes, t.options());
+  if (group_kernel_applies(out, sizes.back(), group_size) && t.is_contiguous()) {
+    const at::OptionalDeviceGuard guard(at::device_of(t));
+    QATEXT_DISPATCH_FLOAT(t.scalar_type(), [&] {
+      QATEXT_CUDA_ONLY(cuda::group_expand<scalar_t>(t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                    out.numel() / 8, int(group_size / 8), current_stream(t)));
+    });
+    return out;
+  }
+  auto grouped = t.sizes().vec();
+  grouped.push_back(group_size);
+  return out.copy_(t.unsqueeze(-1).expand(grouped).reshape(sizes));
+}
+
 QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                          const at::Tensor& zero, const at::Tensor& a, const at::Tensor& b,
                          const std::optional<at::Tensor>& bias, double lora_scale, int64_t bits, int64_t group_size) {
@@ -22,13 +74,11 @@ QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at
                     ": a must be [rank, in_features / group_size] = [r, ", K / g, "] and b [out_features, r] = [",
                     N, ", r], got a ", a.sizes(), " and b ", b.sizes());
   check_same_device(op, {{"x", &x}, {"a", &a}, {"b", &b}});
-  auto grouped = x.sizes().vec();
-  grouped.back() = K / g;
-  grouped.push_back(g);
   QaloraParts parts;
   parts.group_size = g;
   parts.alpha = lora_scale / double(g);  // the pooling's 1 / g and the adapter's scale, one factor
-  parts.pooled = x.reshape(grouped).sum(-1);
+  static const auto group_sum_op = op_handle<decltype(group_sum)>("qatext::group_sum");
+  parts.pooled = group_sum_op.call(x, g);
   parts.h = at::linear(parts.pooled, in_dtype(a, x.scalar_type()));
   parts.out = dequant_matmul_plus(x, packed, scale, zero, bits, group_size, bias,
                                   at::linear(parts.h, in_dtype(b, x.scalar_type())), parts.alpha, /*grad_input=*/false);

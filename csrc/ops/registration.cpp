@@ -34,6 +34,8 @@ TORCH_LIBRARY(qatext, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("qalora_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor a, Tensor b, Tensor? bias,"
         " float lora_scale, int bits, int group_size) -> Tensor");
+  m.def("group_sum(Tensor x, int group_size) -> Tensor");
+  m.def("group_expand(Tensor t, int group_size) -> Tensor");
 }
 
 #define QATEXT_IMPLS(m)                                                       \
@@ -54,7 +56,9 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward);       \
   m.impl("lrqat_linear", &qatext::ops::lrqat_linear);                         \
   m.impl("lrqat_linear_backward", &qatext::ops::lrqat_linear_backward);       \
-  m.impl("qalora_linear", &qatext::ops::qalora_linear)
+  m.impl("qalora_linear", &qatext::ops::qalora_linear);                       \
+  m.impl("group_sum", &qatext::ops::group_sum);                               \
+  m.impl("group_expand", &qatext::ops::group_expand)
 
 TORCH_LIBRARY_IMPL(qatext, CPU, m) { QATEXT_IMPLS(m); }
 
