@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -92,6 +93,22 @@ def _check_seq_len(model, seq_len: int) -> None:
                          f"use --seq-len {positions} or less")
 
 
+def _check_group_size(model, spec) -> None:
+    """--group-size must divide the in_features of every linear layer the methods quantize (the decoder's),
+    checked before anything is written: a run that cannot start leaves no record to --restart over."""
+    from .models import decoder_layers
+
+    widths = {name: m.in_features for name, m in decoder_layers(model).named_modules() if isinstance(m, torch.nn.Linear)}
+    if spec.group_size == -1 or not widths:
+        return
+    bad = next((name for name, k in widths.items() if k % spec.group_size), None)
+    if bad is not None:
+        fits = math.gcd(spec.group_size, *widths.values())
+        raise ValueError(f"--group-size {spec.group_size} must divide the in_features of every decoder linear layer, "
+                         f"but layer {bad} has {widths[bad]}; use --group-size {fits} (or a divisor of it), or -1 "
+                         "for per-channel scales")
+
+
 def _positive(**values) -> None:
     for name, (value, low) in values.items():
         if value is not None and value < low:
@@ -144,6 +161,7 @@ def cmd_train(args) -> int:
     device = _device(args.device)
     model = _load_model(args.model, device, decode_layout=False)
     _check_seq_len(model, args.seq_len)
+    _check_group_size(model, spec)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
     tokens = encode(data.load_text(args.data))
     train_tokens, _ = data.train_val_split(tokens, args.val_fraction)

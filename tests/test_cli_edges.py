@@ -112,6 +112,17 @@ def test_train_refuses_a_foreign_output_dir_and_a_file(tmp_path, bpe_model_dir):
                           *TRAIN), "is a file")
 
 
+def test_train_with_a_group_size_the_model_cannot_take_writes_nothing(tmp_path, bpe_model_dir):
+    """The tiny model's attention layers have 64 inputs: --group-size 128 is refused before the run is
+    recorded, so the corrected rerun needs no --restart."""
+    out = tmp_path / "run"
+    args = dict(zip(TRAIN[::2], TRAIN[1::2]), **{"--group-size": "128"})
+    flat = [x for kv in args.items() for x in kv]
+    one_line_error(qatext("train", "--method", "qalora", "--model", bpe_model_dir, "--output-dir", out, *flat),
+                   "--group-size 128 must divide", "has 64", "use --group-size 64")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- resume is safe
 
 
