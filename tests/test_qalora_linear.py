@@ -113,6 +113,8 @@ def test_group_sum_and_expand_of_strided_views(device):
     torch.testing.assert_close(ops.group_sum(off, 64), reference.group_sum(off, 64), **SUM_TOL[torch.bfloat16])
     t = torch.randn(5, 3, device=device).t()
     assert torch.equal(ops.group_expand(t, 8), reference.group_expand(t, 8))
+    t = torch.randn(2 * 3 + 1, device=device, dtype=torch.bfloat16)[1:].view(2, 3)  # contiguous, off 16 bytes
+    assert torch.equal(ops.group_expand(t, 16), reference.group_expand(t, 16))
 
 
 def test_group_ops_bad_group_size_is_one_clear_error():

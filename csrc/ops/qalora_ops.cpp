@@ -11,11 +11,10 @@ namespace qatext::ops {
 
 namespace {
 
-// Whether the streaming kernels take a contiguous [.., K] side of groups of g: 8-element chunks that
-// never straddle a group, 16-byte aligned, chunk indices in 32 bits.
-bool group_kernel_applies(const at::Tensor& wide, int64_t K, int64_t g) {
-  return wide.is_cuda() && wide.is_contiguous() && aligned16(wide) && K % 8 == 0 && g % 8 == 0 &&
-         wide.numel() / 8 < (int64_t(1) << 31);
+// Whether the streaming kernels take a contiguous tensor whose wide side is [.., K] of `numel` elements
+// in groups of g: 8-element chunks that never straddle a group, chunk indices in 32 bits.
+bool group_kernel_applies(const at::Tensor& t, int64_t numel, int64_t K, int64_t g) {
+  return t.is_cuda() && t.is_contiguous() && K % 8 == 0 && g % 8 == 0 && numel / 8 < (int64_t(1) << 31);
 }
 
 }  // namespace
@@ -27,7 +26,7 @@ at::Tensor group_sum(const at::Tensor& x, int64_t group_size) {
   const int64_t K = x.size(-1), g = resolve_group_size(op, group_size, K), lanes = g / 8;
   auto sizes = x.sizes().vec();
   sizes.back() = K / g;
-  if (group_kernel_applies(x, K, g) && lanes <= 32 && (lanes & (lanes - 1)) == 0) {
+  if (group_kernel_applies(x, x.numel(), K, g) && aligned16(x) && lanes <= 32 && (lanes & (lanes - 1)) == 0) {
     at::Tensor out = at::empty(sizes, x.options());
     const at::OptionalDeviceGuard guard(at::device_of(x));
     QATEXT_DISPATCH_FLOAT(x.scalar_type(), [&] {
@@ -47,8 +46,8 @@ at::Tensor group_expand(const at::Tensor& t, int64_t group_size) {
   TORCH_CHECK_VALUE(group_size > 0, op, ": group_size must be positive, got ", group_size);
   auto sizes = t.sizes().vec();
   sizes.back() = t.size(-1) * group_size;
-  at::Tensor out = at::empty(sizes, t.options());
-  if (group_kernel_applies(out, sizes.back(), group_size) && t.is_contiguous()) {
+  if (group_kernel_applies(t, t.numel() * group_size, sizes.back(), group_size)) {  // t read element-wise
+    at::Tensor out = at::empty(sizes, t.options());
     const at::OptionalDeviceGuard guard(at::device_of(t));
     QATEXT_DISPATCH_FLOAT(t.scalar_type(), [&] {
       QATEXT_CUDA_ONLY(cuda::group_expand<scalar_t>(t.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -58,7 +57,7 @@ at::Tensor group_expand(const at::Tensor& t, int64_t group_size) {
   }
   auto grouped = t.sizes().vec();
   grouped.push_back(group_size);
-  return out.copy_(t.unsqueeze(-1).expand(grouped).reshape(sizes));
+  return t.unsqueeze(-1).expand(grouped).reshape(sizes);
 }
 
 QaloraParts qalora_parts(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
