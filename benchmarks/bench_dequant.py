@@ -76,8 +76,8 @@ def main():
                "copy_same_bytes_us": copy_us(2 * x.numel() * x.element_size())}
         rows.append(row)
         print(f"M 4096 K {k}: group_sum {row['group_sum_us']:.1f} us (torch {row['torch_sum_us']:.1f}) | group_expand "
-              f"{row['group_expand_us']:.1f} us (torch {row['torch_expand_us']:.1f}) | copy of x {row['copy_same_bytes_us']:.1f}"
-              " us (read and write: each op does one of the two)", flush=True)
+              f"{row['group_expand_us']:.1f} us (torch {row['torch_expand_us']:.1f}) | copy of x "
+              f"{row['copy_same_bytes_us']:.1f} us (read and write: each op does one of the two)", flush=True)
     timing.save_rows(args.out, rows)
 
 

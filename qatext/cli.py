@@ -98,7 +98,8 @@ def _check_group_size(model, spec) -> None:
     checked before anything is written: a run that cannot start leaves no record to --restart over."""
     from .models import decoder_layers
 
-    widths = {name: m.in_features for name, m in decoder_layers(model).named_modules() if isinstance(m, torch.nn.Linear)}
+    widths = {name: m.in_features for name, m in decoder_layers(model).named_modules()
+              if isinstance(m, torch.nn.Linear)}
     if spec.group_size == -1 or not widths:
         return
     bad = next((name for name, k in widths.items() if k % spec.group_size), None)

@@ -137,9 +137,8 @@ def group_expand(t, group_size: int):
 def qalora_linear(x, packed, scale, zero, lora_a, lora_b, lora_scale: float, bits: int, group_size: int, bias=None):
     """QA-LoRA: x @ deq(W)^T + bias + (lora_scale / g) (pool_g(x) A^T) B^T, pool_g summing each group of
     g inputs; differentiable in x, A, B and bias."""
-    k = x.shape[-1]
-    g = k if group_size == -1 else group_size
-    pooled = x.float().unflatten(-1, (k // g, g)).sum(-1)
+    g = x.shape[-1] if group_size == -1 else group_size
+    pooled = group_sum(x.float(), group_size)
     delta = (pooled @ lora_a.float().t()) @ lora_b.float().t()
     return (dequant_matmul(x.float(), packed, scale, zero, bits, group_size, bias) + lora_scale / g * delta).to(x.dtype)
 
