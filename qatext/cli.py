@@ -105,7 +105,7 @@ def _check_group_size(model, spec) -> None:
     bad = next((name for name, k in widths.items() if k % spec.group_size), None)
     if bad is not None:
         fits = math.gcd(spec.group_size, *widths.values())
-        raise ValueError(f"--group-size {spec.group_size} must divide the in_features of every decoder linear layer, "
+        raise ValueError(f"--group-size {spec.group_size} must divide in_features of every decoder linear layer, "
                          f"but layer {bad} has {widths[bad]}; use --group-size {fits} (or a divisor of it), or -1 "
                          "for per-channel scales")
 
