@@ -86,11 +86,18 @@ def _tokenizer(model_dir: str, byte_tokens: bool, model):
     return encode, {"tokenizer": f"{type(tok).__name__} ({model_dir})", "kind": kind, "vocab_size": len(tok)}
 
 
-def _check_seq_len(model, seq_len: int) -> None:
+DEFAULT_SEQ_LEN = 2048  # --seq-len when not given: this, or the model's positions where it has fewer
+
+
+def _resolve_seq_len(model, seq_len: int | None) -> int:
+    """--seq-len as given (refused past the model's positions), or by default DEFAULT_SEQ_LEN capped at them."""
     positions = getattr(model.config, "max_position_embeddings", None)
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, positions) if positions else DEFAULT_SEQ_LEN
     if positions is not None and seq_len > positions:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's {positions} positions (max_position_embeddings); "
                          f"use --seq-len {positions} or less")
+    return seq_len
 
 
 def _check_group_size(model, spec) -> None:
@@ -161,7 +168,7 @@ def cmd_train(args) -> int:
     distributed.init_from_env()  # under torchrun: join the group, one GPU per rank
     device = _device(args.device)
     model = _load_model(args.model, device, decode_layout=False)
-    _check_seq_len(model, args.seq_len)
+    args.seq_len = _resolve_seq_len(model, args.seq_len)
     _check_group_size(model, spec)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
     tokens = encode(data.load_text(args.data))
@@ -181,7 +188,8 @@ def cmd_train(args) -> int:
         params = sum(p.numel() for p in model.parameters())
         print(f"qatext train: {args.method} W{spec.bits} group_size {spec.group_size} "
               f"{'symmetric' if spec.symmetric else 'asymmetric'} on {args.model} ({type(model).__name__}, "
-              f"{params / 1e6:.1f}M parameters), {tok_info['tokenizer']}, {len(train_tokens)} training tokens, "
+              f"{params / 1e6:.1f}M parameters), {tok_info['tokenizer']}, {len(train_tokens)} training tokens in "
+              f"sequences of {args.seq_len}, "
               f"{device}; {'resuming from ' + str(out / 'checkpoints') if resumed else 'fresh run'}", flush=True)
     distributed.barrier()
 
@@ -211,7 +219,7 @@ def cmd_eval(args) -> int:
         return _eval_tasks(args)
     device = _device(args.device)
     model = _load_model(args.model, device, decode_layout=False)
-    _check_seq_len(model, args.seq_len)
+    args.seq_len = _resolve_seq_len(model, args.seq_len)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
     _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
     if len(val) <= args.seq_len:
@@ -362,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "uint8 fixed point with 8 - b fractional bits (the paper's Q4.4; recovers far more at 2 and "
                         "3 bits, see README Accuracy)")
     t.add_argument("--batch-size", type=int, default=8, help="sequences per step (global under torchrun)")
-    t.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
+    t.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per training sequence (default: {DEFAULT_SEQ_LEN}, or the model's positions if fewer)")
     t.add_argument("--calib-samples", type=int, default=None, help="EfficientQAT Block-AP calibration windows "
                    "(default 128)")
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
@@ -384,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", formatter_class=fmt, help="perplexity on held-out text (non-overlapping windows)")
     e.add_argument("--model", required=True, help="a model directory (Hugging Face, or OUTPUT/model of qatext train)")
     _text_options(e, "evaluated")
-    e.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    e.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per window (default: {DEFAULT_SEQ_LEN}, or the model's positions if fewer)")
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")

@@ -229,6 +229,13 @@ def test_eval_needs_the_models_tokenizer(tmp_path, tiny_model_dir, trained_run):
                    "exceeds the model's 128 positions")
 
 
+def test_seq_len_defaults_to_what_the_model_can_take(trained_run):
+    """Without --seq-len, eval windows are 2048 tokens or the model's positions where it has fewer (128 here)."""
+    proc = qatext("eval", "--model", trained_run / "model", "--max-windows", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["seq_len"] == 128
+
+
 # ---------------------------------------------------------------- one clear line
 
 
