@@ -37,7 +37,7 @@ def with_decode_max_m(m, fn):
 
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
-VARIANTS = [(4, 0), (4, 1), (8, 0), (8, 1)]  # ring stages, cluster split-K
+VARIANTS = [(4, 0, 0), (4, 1, 0), (8, 0, 0), (8, 1, 0), (4, 0, 1), (8, 0, 1)]  # ring stages, cluster, warp split
 
 
 def main():
@@ -82,9 +82,10 @@ def main():
                 row["tiled_us"] = with_decode_max_m(max_m, lambda: gpu_time_ms(tiled_call)) * 1e3  # noqa: B023
                 row["variant"] = ops.decode_gemm_choice("cuda", n, k, bits, g, m)
                 row["variants_us"] = {}
-                for stages, cluster in VARIANTS:
-                    with qatext.tuning(decode_gemm_autotune=0, decode_gemm_stages=stages, decode_gemm_cluster=cluster):
-                        row["variants_us"][f"stages={stages},cluster={cluster}"] = with_decode_max_m(
+                for stages, cluster, warp_split in VARIANTS:
+                    with qatext.tuning(decode_gemm_autotune=0, decode_gemm_stages=stages, decode_gemm_cluster=cluster,
+                                       decode_gemm_warp_split=warp_split):
+                        row["variants_us"][f"stages={stages},cluster={cluster},warp_split={warp_split}"] = with_decode_max_m(
                             max_m, lambda: gpu_time_ms(tiled_call)) * 1e3  # noqa: B023
                 row["tiled_vs_best_variant"] = row["tiled_us"] / min(row["variants_us"].values())
                 row["crossover"] = crossover

@@ -1,8 +1,8 @@
 """Small dequant-GEMM workload for compute-sanitizer (memcheck / racecheck): the fused kernel at every
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
-block, split-K on and off, through a cluster and through global partials, 2 and 4 row tiles per warp,
-rings of 4 and 8 stages); and beyond it, the tiled layout untiled and dequantised straight into a 16- or
+block, split-K on and off, through a cluster and through global partials, the warps of a block splitting K,
+2 and 4 row tiles per warp, rings of 4 and 8 stages); and beyond it, the tiled layout untiled and dequantised straight into a 16- or
 32-bit weight (group sizes that a lane's 16 columns straddle included); and the packed codes dequantised
 at every width 2-8 into each dtype, from aligned and odd addresses (the vector and element-wise kernels);
 QA-LoRA's pooling and its transpose at 1 to 32 lanes a group and past them."""
@@ -27,10 +27,12 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
             torch.ops.qatext.dequant_matmul_grad_input(torch.randn(m, n, device="cuda", dtype=torch.float16),
                                                        packed, scale, zero, bits, g, k)
 # (4352 rows in 1-tile slices: 4 row tiles per warp, a partial last column block.)
-for (n, k, g), min_slice, stages, cluster in itertools.product(
-        [(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)], (1, 8), (4, 8), (0, 1)):
+# (Warp split: a block's warps split K, summed in shared memory; min slice and cluster unused.)
+settings = [(*s, 0) for s in itertools.product((1, 8), (4, 8), (0, 1))] + [(8, 4, 0, 1), (8, 8, 0, 1)]
+for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
+        [(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)], settings):
     qatext.set_tuning(decode_gemm_max_m=64, decode_gemm_min_slice=min_slice, decode_gemm_stages=stages,
-                      decode_gemm_cluster=cluster)
+                      decode_gemm_cluster=cluster, decode_gemm_warp_split=warp_split)
     for bits in (2, 3, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
         tiled = ops.tile_packed(packed, bits, k)

@@ -108,15 +108,19 @@ def decode_gemm_crossover(device, out_features: int, in_features: int, bits: int
 def decode_gemm_choice(device, out_features: int, in_features: int, bits: int, group_size: int,
                        tokens: int) -> dict | None:
     """What tune_decode_gemm chose for this weight shape at this many tokens on a CUDA device:
-    ``{"stages": 4 or 8, "cluster": bool, "min_slice": 4, 8 or 16, "row_tiles": 1, 2 or 4}``, or None where it
-    has measured nothing (the knobs rule)."""
+    ``{"stages": 4 or 8, "cluster": bool, "min_slice": 4, 8 or 16, "row_tiles": 1, 2 or 4, "warp_split": bool}``
+    (with warp split, the warps of a block split K: min_slice 0, cluster False), or None where it has measured
+    nothing (the knobs rule)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     index = torch.cuda.current_device() if device.index is None else device.index
-    stages, cluster, min_slice, row_tiles = _C.decode_gemm_choice(index, out_features, in_features, bits,
-                                                                  group_size, tokens)
-    return {"stages": stages, "cluster": cluster, "min_slice": min_slice, "row_tiles": row_tiles} if stages else None
+    stages, cluster, min_slice, row_tiles, warp_split = _C.decode_gemm_choice(index, out_features, in_features, bits,
+                                                                              group_size, tokens)
+    if not stages:
+        return None
+    return {"stages": stages, "cluster": cluster, "min_slice": min_slice, "row_tiles": row_tiles,
+            "warp_split": warp_split}
 
 
 def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int) -> torch.Tensor:

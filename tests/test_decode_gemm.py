@@ -98,10 +98,32 @@ def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, ro
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    with (knob("decode_gemm_max_m", 64), knob("decode_gemm_min_slice", min_slice),
+    with (knob("decode_gemm_max_m", 64), knob("decode_gemm_warp_split", 0), knob("decode_gemm_min_slice", min_slice),
           knob("decode_gemm_row_tiles", row_tiles), knob("decode_gemm_stages", stages),
           knob("decode_gemm_cluster", cluster)):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
+    torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
+                               **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("stages", [4, 8])
+@pytest.mark.parametrize("row_tiles", [1, 2, 4])
+@pytest.mark.parametrize("n,k,g", [(1088, 4096, 128), (1088, 576, 64), (1088, 11008, 256), (1088, 4096, -1),
+                                   (64, 64, -1), (8448, 1024, 128)])
+@pytest.mark.parametrize("m", [1, 7, 16, 29])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_warp_split_matches_the_reference(bits, n, k, g, m, row_tiles, stages):
+    """The warps of a block split K over the same row tiles and sum in shared memory: slices of several
+    tiles, of one or two with warps left empty (576 and 64 columns), slices that start inside a group
+    (22-tile slices over 4-tile groups, per-channel), 1 to 4 token tiles, and 4 row tiles a block where
+    the grid still covers the SMs (8448 rows); deterministic."""
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    with (knob("decode_gemm_max_m", 64), knob("decode_gemm_autotune", 0), knob("decode_gemm_warp_split", 1),
+          knob("decode_gemm_row_tiles", row_tiles), knob("decode_gemm_stages", stages)):
+        y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
+        assert torch.equal(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias), y)
     torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
                                **TOL[torch.bfloat16])
 
@@ -116,7 +138,7 @@ def test_cluster_split_k_equals_the_global_partials_bit_for_bit(n, k, m):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     results, peaks = {}, {}
     for cluster in (0, 1):
-        with knob("decode_gemm_cluster", cluster):
+        with knob("decode_gemm_warp_split", 0), knob("decode_gemm_cluster", cluster):
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)  # warm: the counter buffer
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -139,7 +161,8 @@ def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
     assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     choices = {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in (1, 5, 8, 13, 16)}
-    assert all(c is not None and c["stages"] in (4, 8) and c["min_slice"] in (4, 8, 16) and c["row_tiles"] in (1, 2, 4)
+    assert all(c is not None and c["stages"] in (4, 8) and c["row_tiles"] in (1, 2, 4)
+               and (c["min_slice"] in (4, 8, 16) or (c["warp_split"] and c["min_slice"] == 0 and not c["cluster"]))
                for c in choices.values()), choices
     assert choices[5] == choices[8] and choices[13] == choices[16]
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
@@ -168,17 +191,22 @@ def test_a_forward_never_tunes_tile_for_decode_does():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_four_row_tiles_per_warp_where_the_grid_stays_full(bits):
-    """A large weight at M = 1 takes the 4-row-tile instance (and still matches the reference); a
-    64-row one, whose grid 4 row tiles would leave empty, keeps 2."""
-    for n, k, row_tiles in [(8192, 16384, 4), (64, 4096, 2)]:
+    """Split-K across blocks: a large weight at M = 1 takes the 4-row-tile instance (and still matches
+    the reference); a 64-row one, whose grid 4 row tiles would leave empty, keeps 2. Warp split (a block's
+    warps on the same row tiles): 4 row tiles a block where the blocks still cover the SMs, 2 where they
+    would leave one empty."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for n, k, row_tiles, warp_split in [(8192, 16384, 4, 0), (64, 4096, 2, 0), (64 * sms, 1024, 4, 1),
+                                        (64 * (sms - 1), 1024, 2, 1)]:
         packed, tiled, scale, zero = _weight(n, k, bits, 128)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128))  # noqa: B023
-        # decode_gemm_kernel<T, BITS, MT, NT, S>
-        assert re.findall(r"decode_gemm_kernel<[^<>]*, (\d+), \d+>", names) == [str(row_tiles)], names
-        torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128).float(),
-                                   reference.dequant_matmul(x, packed, scale, zero, bits, 128).float(),
-                                   **TOL[torch.bfloat16])
+        with knob("decode_gemm_warp_split", warp_split):
+            names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128))  # noqa: B023
+            # decode_gemm_kernel<T, BITS, MT, NT, S>
+            assert re.findall(r"decode_gemm_kernel<[^<>]*, (\d+), \d+>", names) == [str(row_tiles)], names
+            torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128).float(),
+                                       reference.dequant_matmul(x, packed, scale, zero, bits, 128).float(),
+                                       **TOL[torch.bfloat16])
 
 
 def test_unsupported_inputs_fall_back():

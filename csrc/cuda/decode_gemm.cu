@@ -19,6 +19,10 @@
 // memory and the cluster's blocks share the sum over slices (through distributed shared memory); or
 // else the last block of a column tile to finish sums the fp32 partials from global memory. Both add
 // the slices in split order after the bias (deterministic, and the same result either way).
+// Warp split (DecodeTuning::warp_split): the 8 warps of a block take the same row tiles and split K
+// among themselves instead, and sum their slices in shared memory in warp order after the bias: no
+// split-K across blocks, so no partials, counters, fences or cluster barriers, and twice to eight times
+// the blocks of a grid.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -58,6 +62,7 @@ struct DecodeArgs {
   int tiles_per_split;
   int splits;
   int cluster;            // the splits of a column tile form a cluster: partials stay in shared memory
+  int warp_split;         // a block's warps split K over the same row tiles (splits == 1)
 };
 
 // Each lane copies its own codes and activations of a stage into its own bytes of a per-warp ring of
@@ -254,7 +259,37 @@ __device__ __forceinline__ void cluster_reduce(const DecodeArgs& args, const flo
 #endif
 }
 
-// Warp w of block b owns row tiles (8b + w) * NT + i, i < NT; tokens 8 MT blockIdx.z + (0 .. 8 MT).
+// Warp split: the block's warps leave their fp32 sums in shared memory (over their rings, which all
+// have been read: hence the first barrier), and the block sums each output over the warps in warp
+// (K slice) order after the bias.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void warp_split_reduce(const DecodeArgs& args, const float (&out)[MT][NT][4], uint8_t* smem,
+                                                  int m0, int nt0, const T* bias, T* y) {
+  constexpr int kPerWarp = MT * NT * 4 * 32;  // a warp's sums: [mt][i][e][lane]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* sums = reinterpret_cast<float*>(smem);
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sums[warp * kPerWarp + ((mt * NT + i) * 4 + e) * 32 + lane] = out[mt][i][e];
+  __syncthreads();
+  for (int j = threadIdx.x; j < kPerWarp; j += kDecodeThreads) {
+    const int l = j % 32, e = (j / 32) % 4, i = (j / 128) % NT, mt = j / (128 * NT);
+    const int m = m0 + 8 * mt + 2 * (l % 4) + (e & 1);
+    if (m >= args.M) continue;
+    const int n = (nt0 + i) * kTileRows + l / 4 + 8 * (e >> 1);
+    float v = bias != nullptr ? float(bias[n]) : 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += sums[w * kPerWarp + j];
+    y[int64_t(m) * args.N + n] = T(v);
+  }
+}
+
+// Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y (warp split: row
+// tiles b * NT + i over K slice w); tokens 8 MT blockIdx.z + (0 .. 8 MT).
 template <typename T, int BITS, int MT, int NT, int S>
 __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
   using L = StageLayout<BITS, MT, NT>;
@@ -262,9 +297,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane / 4, c = lane % 4;
   const int KT = args.K / kTileCols;
-  const int nt0 = (blockIdx.x * kWarps + warp) * NT;
+  const int nt0 = (args.warp_split ? blockIdx.x : blockIdx.x * kWarps + warp) * NT;
   const int m0 = blockIdx.z * 8 * MT;
-  const int t_begin = blockIdx.y * args.tiles_per_split;
+  const int t_begin = (args.warp_split ? warp : blockIdx.y) * args.tiles_per_split;
   const int t_end = min(KT, t_begin + args.tiles_per_split);
   const bool active = nt0 < args.N / kTileRows;  // N % (16 NT) == 0: a warp's tiles are all in or all out
 
@@ -400,6 +435,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 
   T* y = static_cast<T*>(args.out);
   const T* bias = static_cast<const T*>(args.bias);
+  if (args.warp_split) {
+    warp_split_reduce<T, MT, NT>(args, out, smem, m0, nt0, bias, y);
+    return;
+  }
   if (args.cluster) {
     cluster_reduce<T, MT, NT>(args, out, smem, S * L::kBytes, m0, bias, y);
     return;
@@ -521,8 +560,11 @@ int64_t resident_blocks(Config cfg, int bits) {
          sm_count();
 }
 
-int64_t column_blocks(int64_t M, int64_t N, Config cfg) {
-  const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
+// Output features of a block: its 8 warps' row tiles, or (warp split) the row tiles its warps share.
+int64_t block_cols(Config cfg, bool warp_split) { return (warp_split ? kTileRows : kColsPerBlock) * cfg.nt; }
+
+int64_t column_blocks(int64_t M, int64_t N, Config cfg, bool warp_split = false) {
+  const int64_t cols = block_cols(cfg, warp_split), tokens = 8 * cfg.mt;
   return (N + cols - 1) / cols * ((M + tokens - 1) / tokens);
 }
 
@@ -554,8 +596,10 @@ Config fit_shared_memory(Config cfg, int bits) {
 
 Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning) {
   Config cfg = fit_shared_memory(widest_config(M, shape.N, tuning), shape.bits);
-  if (cfg.nt == 4 &&
-      column_blocks(M, shape.N, cfg) * most_splits(shape, tuning) < resident_blocks(cfg, shape.bits)) {
+  if (tuning.warp_split) {  // the grid is its column blocks: fewer row tiles a block until they cover the SMs
+    while (cfg.nt > 1 && column_blocks(M, shape.N, cfg, true) < sm_count()) cfg.nt /= 2;
+  } else if (cfg.nt == 4 &&
+             column_blocks(M, shape.N, cfg) * most_splits(shape, tuning) < resident_blocks(cfg, shape.bits)) {
     cfg.nt = 2;
   }
   return cfg;
@@ -603,7 +647,7 @@ int resident_clusters(int splits) {
 // cluster of the grid resident at once (a cluster waits for a whole group of free SMs, so a second
 // wave of them would serialise).
 bool use_cluster(int64_t M, GroupShape shape, int64_t splits, Config cfg, DecodeTuning tuning) {
-  if (!tuning.cluster_reduce || splits < 2 || splits > kMaxClusterSplits) return false;
+  if (!tuning.cluster_reduce || tuning.warp_split || splits < 2 || splits > kMaxClusterSplits) return false;
   const int resident = with_instance(shape.bits, cfg, [splits]<int BITS, int MT, int NT, int S>() {
     return resident_clusters<BITS, MT, NT, S>(int(splits));
   });
@@ -628,7 +672,8 @@ bool decode_gemm_cluster(int64_t M, GroupShape shape, int64_t splits, DecodeTuni
 
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning) {
   // As many K slices as fill one wave of resident blocks (a second, partial wave would double the
-  // time), each at least min_slice_tiles long.
+  // time), each at least min_slice_tiles long; one with warp split (the block's warps split K).
+  if (tuning.warp_split) return 1;
   const Config cfg = config_for(M, shape, tuning);
   const int64_t tiles = shape.K / kTileCols, blocks = column_blocks(M, shape.N, cfg);
   const int64_t want = std::clamp<int64_t>(resident_blocks(cfg, shape.bits) / blocks, 1, most_splits(shape, tuning));
@@ -687,11 +732,13 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.K = int(shape.K);
   args.G = int(shape.groups());
   args.tiles_per_group = int(shape.group_size / kTileCols);
-  args.tiles_per_split = int((tiles + splits - 1) / splits);
+  args.warp_split = tuning.warp_split ? 1 : 0;
+  const int64_t slices = tuning.warp_split ? kWarps : splits;
+  args.tiles_per_split = int((tiles + slices - 1) / slices);
   args.splits = int(splits);
   const Config cfg = config_for(M, shape, tuning);
   args.cluster = use_cluster(M, shape, splits, cfg, tuning) ? 1 : 0;
-  const int64_t cols = kColsPerBlock * cfg.nt, tokens = 8 * cfg.mt;
+  const int64_t cols = block_cols(cfg, tuning.warp_split), tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
   const void* kernel = with_instance(
       shape.bits, cfg, []<int BITS, int MT, int NT, int S>() { return prepared_kernel<T, BITS, MT, NT, S>(); });

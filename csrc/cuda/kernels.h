@@ -81,12 +81,15 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // warp (1, 2 or 4; 4 only for M <= 8 and where the K slices still fill a wave); a copy ring of `stages`
 // (4 or 8) per warp; the K slices of a column tile summed through a thread-block cluster where
 // cluster_reduce allows it and decode_gemm_cluster says so (no partials or counters needed then).
+// warp_split: a block's 8 warps split K over the same row tiles and sum in shared memory instead (one
+// split, min_slice_tiles and cluster_reduce unused).
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
   int max_row_tiles;
   int stages;
   bool cluster_reduce;
+  bool warp_split = false;
 };
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);

@@ -1,6 +1,7 @@
-// Measured choice of the decode kernel's ring depth (4 or 8 stages), split-K reduction (a cluster or
-// global partials) and split-K shape (slice length, row tiles a warp) per weight shape and token bucket,
-// and of the token count up to which the decode kernel beats the packed path (its crossover).
+// Measured choice of the decode kernel's ring depth (4 or 8 stages), split-K reduction (a cluster,
+// global partials, or the warps of a block splitting K) and split-K shape (slice length, row tiles a
+// warp) per weight shape and token bucket, and of the token count up to which the decode kernel beats
+// the packed path (its crossover).
 // Which is fastest depends on the shape and the GPU (benchmarks/NOTES.md, decode GEMM versions 8 and
 // 13: each wins somewhere by 10-25% and loses elsewhere), so it is timed once per device and shape
 // ahead of inference, as cuBLAS and Triton pick their kernels by measurement.
@@ -36,21 +37,24 @@ constexpr int64_t kUnmeasuredCrossover = 16;
 namespace {
 
 // A launch setting the tuner times: ring depth, split-K reduction, and the split-K shape (the fewest
-// 64-column tiles a K slice: more slices, more blocks; the most 16-row tiles a warp).
+// 64-column tiles a K slice: more slices, more blocks; the most 16-row tiles a warp); or, with warp
+// split, a block's warps splitting K over the same row tiles (ring depth and row tiles only).
 struct Variant {
   int stages;
   bool cluster;
   int64_t min_slice;
   int row_tiles;
+  bool warp_split;
 };
 constexpr auto kVariants = [] {
-  std::array<Variant, 36> v{};
+  std::array<Variant, 42> v{};
   size_t i = 0;
-  for (const int64_t min_slice : {4, 8, 16}) {
-    for (const int row_tiles : {1, 2, 4}) {
-      for (const int stages : {4, 8}) {
-        for (const bool cluster : {false, true}) v[i++] = {stages, cluster, min_slice, row_tiles};
+  for (const int row_tiles : {1, 2, 4}) {
+    for (const int stages : {4, 8}) {
+      for (const int64_t min_slice : {4, 8, 16}) {
+        for (const bool cluster : {false, true}) v[i++] = {stages, cluster, min_slice, row_tiles, false};
       }
+      v[i++] = {stages, false, 0, row_tiles, true};
     }
   }
   return v;
@@ -92,10 +96,12 @@ void remember(std::map<Key, V>& in, const Key& k, V v) {
 
 cuda::DecodeTuning knob_tuning() {
   return {tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)), int(tuning(Knob::DecodeGemmStages)),
-          tuning(Knob::DecodeGemmCluster) != 0};
+          tuning(Knob::DecodeGemmCluster) != 0, tuning(Knob::DecodeGemmWarpSplit) != 0};
 }
 
-cuda::DecodeTuning with_variant(Variant v) { return {v.min_slice, v.row_tiles, v.stages, v.cluster}; }
+cuda::DecodeTuning with_variant(Variant v) {
+  return {std::max<int64_t>(v.min_slice, 1), v.row_tiles, v.stages, v.cluster, v.warp_split};
+}
 
 // Copies of a weight (codes, scales, zeros) whose bytes together are at least twice the L2 cache, so
 // that each timed call reads its weight from DRAM as a model's decode step does (each layer's weight
@@ -237,12 +243,12 @@ DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, 
 #ifdef QATEXT_WITH_CUDA
   const GroupShape shape = make_shape("qatext.decode_gemm_choice", N, K, bits, group_size);
   if (const std::optional<Variant> v = measured(key(device, shape, bucket(M)))) {
-    return {v->stages, v->cluster, v->min_slice, v->row_tiles};
+    return {v->stages, v->cluster, v->min_slice, v->row_tiles, v->warp_split};
   }
 #else
   (void)device, (void)N, (void)K, (void)bits, (void)group_size, (void)M;
 #endif
-  return {0, false, 0, 0};
+  return {0, false, 0, 0, false};
 }
 
 bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,

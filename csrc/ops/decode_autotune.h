@@ -32,7 +32,7 @@ int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, in
 // Times the decode kernel's variants on this weight (random activations of 1, 8 and 16 tokens, each
 // bucket up to decode_gemm_max_m) and keeps the fastest per bucket for every later call on a weight of
 // this shape: 4 or 8 stages, cluster or partials, 4, 8 or 16 tiles a K slice, at most 1, 2 or 4 row
-// tiles a warp (36 settings). With decode_gemm_max_m at -1 it then times the decode kernel against the
+// tiles a warp, and the warps of a block splitting K (42 settings). With decode_gemm_max_m at -1 it then times the decode kernel against the
 // packed path at 32, 64 and 128 tokens, for the crossover. Synchronises the GPU, so it runs where a
 // layer takes its decode layout, not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
@@ -42,8 +42,9 @@ bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
                       int64_t group_size, int64_t in_features);
 
 // What tune_decode_gemm chose for a weight of this shape at M tokens on a device: {stages, cluster,
-// min slice, row tiles}, or {0, false, 0, 0} where it has not measured one (the knobs then rule).
-using DecodeChoice = std::tuple<int, bool, int64_t, int>;
+// min slice, row tiles, warp split}, or {0, false, 0, 0, false} where it has not measured one (the knobs
+// then rule).
+using DecodeChoice = std::tuple<int, bool, int64_t, int, bool>;
 DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t M);
 
 }  // namespace qatext::ops

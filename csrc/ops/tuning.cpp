@@ -36,10 +36,14 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"decode_gemm_cluster", 0, 0, 1,
      "Decode split-K of at most 8 slices summed in a thread-block cluster (sm_90, where the grid's clusters are "
      "all resident), else through global partials and a counter."},
+    {"decode_gemm_warp_split", 1, 0, 1,
+     "The decode kernel's 8 warps of a block take the same row tiles and split K among themselves, summed in "
+     "shared memory (no split-K across blocks; decode_gemm_min_slice and _cluster unused). 0: split-K across "
+     "blocks, shaped by decode_gemm_min_slice and _cluster."},
     {"decode_gemm_autotune", 1, 0, 1,
      "Decode ring depth, split-K reduction and split-K shape as measured fastest for the weight's shape by "
      "tune_decode_gemm (run where a layer takes its decode layout), in place of decode_gemm_stages / _cluster / "
-     "_min_slice / _row_tiles (which rule shapes not measured)."},
+     "_min_slice / _row_tiles / _warp_split (which rule shapes not measured)."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
     {"lrqat_fused_blocks", 0, 0, kMax,

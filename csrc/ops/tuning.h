@@ -16,6 +16,7 @@ enum class Knob : int {
   DecodeGemmRowTiles,  // most 16-row weight tiles per decode warp: 1, 2 or 4
   DecodeGemmStages,    // stages of each decode warp's copy ring: 4 or 8
   DecodeGemmCluster,   // decode split-K summed through a thread-block cluster where it fits (sm_90)
+  DecodeGemmWarpSplit, // decode warps of a block split K over the same row tiles (no split-K across blocks)
   DecodeGemmAutotune,  // decode ring depth and split-K reduction from tune_decode_gemm's measurements
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   LrqatFusedBlocks,    // most blocks of the LR-QAT tile kernels (0: one wave of the GPU)
