@@ -85,7 +85,8 @@ def main():
                 for stages, cluster, warp_split in VARIANTS:
                     with qatext.tuning(decode_gemm_autotune=0, decode_gemm_stages=stages, decode_gemm_cluster=cluster,
                                        decode_gemm_warp_split=warp_split):
-                        row["variants_us"][f"stages={stages},cluster={cluster},warp_split={warp_split}"] = with_decode_max_m(
+                        name = f"stages={stages},cluster={cluster},warp_split={warp_split}"
+                        row["variants_us"][name] = with_decode_max_m(
                             max_m, lambda: gpu_time_ms(tiled_call)) * 1e3  # noqa: B023
                 row["tiled_vs_best_variant"] = row["tiled_us"] / min(row["variants_us"].values())
                 row["crossover"] = crossover

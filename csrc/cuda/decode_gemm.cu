@@ -21,8 +21,9 @@
 // the slices in split order after the bias (deterministic, and the same result either way).
 // Warp split (DecodeTuning::warp_split): the 8 warps of a block take the same row tiles and split K
 // among themselves instead, and sum their slices in shared memory in warp order after the bias: no
-// split-K across blocks, so no partials, counters, fences or cluster barriers, and twice to eight times
-// the blocks of a grid.
+// split-K across blocks, so no partials, counters, fences or cluster barriers, and a grid of more,
+// smaller blocks (the time of a small decode GEMM is each warp's instruction stream: more warps a SM
+// hide more of its stalls; benchmarks/NOTES.md, decode GEMM version 14).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -89,7 +89,7 @@ struct DecodeTuning {
   int max_row_tiles;
   int stages;
   bool cluster_reduce;
-  bool warp_split = false;
+  bool warp_split;
 };
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);

@@ -99,9 +99,7 @@ cuda::DecodeTuning knob_tuning() {
           tuning(Knob::DecodeGemmCluster) != 0, tuning(Knob::DecodeGemmWarpSplit) != 0};
 }
 
-cuda::DecodeTuning with_variant(Variant v) {
-  return {std::max<int64_t>(v.min_slice, 1), v.row_tiles, v.stages, v.cluster, v.warp_split};
-}
+cuda::DecodeTuning with_variant(Variant v) { return {v.min_slice, v.row_tiles, v.stages, v.cluster, v.warp_split}; }
 
 // Copies of a weight (codes, scales, zeros) whose bytes together are at least twice the L2 cache, so
 // that each timed call reads its weight from DRAM as a model's decode step does (each layer's weight

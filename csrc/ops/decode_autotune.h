@@ -32,9 +32,9 @@ int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, in
 // Times the decode kernel's variants on this weight (random activations of 1, 8 and 16 tokens, each
 // bucket up to decode_gemm_max_m) and keeps the fastest per bucket for every later call on a weight of
 // this shape: 4 or 8 stages, cluster or partials, 4, 8 or 16 tiles a K slice, at most 1, 2 or 4 row
-// tiles a warp, and the warps of a block splitting K (42 settings). With decode_gemm_max_m at -1 it then times the decode kernel against the
-// packed path at 32, 64 and 128 tokens, for the crossover. Synchronises the GPU, so it runs where a
-// layer takes its decode layout, not in a forward.
+// tiles a warp, or the warps of a block splitting K (42 settings). With decode_gemm_max_m at -1 it then
+// times the decode kernel against the packed path at 32, 64 and 128 tokens, for the crossover.
+// Synchronises the GPU, so it runs where a layer takes its decode layout, not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
 // measured, or with decode_gemm_autotune off. Returns false only where the GPU had no memory left for
 // the timing copies (then nothing was measured, and the shape keeps the defaults until a later call).
