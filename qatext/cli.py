@@ -210,8 +210,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _held_out(args, model):
+    """The held-out part of --data as tokens (and the tokenizer's description), at least one window of
+    --seq-len long."""
+    from . import data
+
+    encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
+    _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
+    if len(val) <= args.seq_len:
+        raise ValueError(f"the held-out part of --data ({len(val)} tokens, --val-fraction {args.val_fraction}) is "
+                         f"shorter than one window of --seq-len {args.seq_len}; give more text or a shorter --seq-len")
+    return val, tok_info
+
+
 def cmd_eval(args) -> int:
-    from . import data, evaluate
+    from . import evaluate
 
     _positive(seq_len=(args.seq_len, 1), batch_size=(args.batch_size, 1), max_windows=(args.max_windows, 1),
               limit=(args.limit, 1))
@@ -220,11 +233,7 @@ def cmd_eval(args) -> int:
     device = _device(args.device)
     model = _load_model(args.model, device, decode_layout=False)
     args.seq_len = _resolve_seq_len(model, args.seq_len)
-    encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
-    _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
-    if len(val) <= args.seq_len:
-        raise ValueError(f"the held-out part of --data ({len(val)} tokens, --val-fraction {args.val_fraction}) is "
-                         f"shorter than one window of --seq-len {args.seq_len}; give more text or a shorter --seq-len")
+    val, tok_info = _held_out(args, model)
     result = evaluate.perplexity(model, val, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.max_windows)
     print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len,
@@ -266,30 +275,31 @@ def _eval_tasks(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import data, evaluate
+    from . import evaluate
     from .export import export_model, round_zeros
     from .io import has_tokenizer
     from .outdir import check_target
 
-    check_target(args.output, args.overwrite)  # before any work
+    # Flags and the target before any work.
+    _positive(seq_len=(args.seq_len, 1), max_windows=(args.max_windows, 1))
+    if args.round_zeros and args.format != "gptq":
+        raise ValueError("--round-zeros changes the model and only serves --format gptq; "
+                         "the default picks a format that keeps it exact")
+    check_target(args.output, args.overwrite)
     model = _load_model(args.model, torch.device("cpu"))
     if args.round_zeros:
-        if args.format != "gptq":
-            raise ValueError("--round-zeros changes the model and only serves --format gptq; "
-                             "the default picks a format that keeps it exact")
-        encode, _ = _tokenizer(args.model, args.byte_tokens, model)
-        _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
-        seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
+        args.seq_len = _resolve_seq_len(model, args.seq_len)
+        val, _ = _held_out(args, model)
 
         def ppl():
-            return evaluate.perplexity(model, val, seq_len=seq_len, max_windows=args.max_windows,
+            return evaluate.perplexity(model, val, seq_len=args.seq_len, max_windows=args.max_windows,
                                        progress=False)["ppl"]
 
         before = ppl()
         moved = round_zeros(model)
         after = ppl()
         print(f"rounded {moved} fractional zero points: held-out perplexity {before:.4f} -> {after:.4f} "
-              f"({100 * (after / before - 1):+.2f}%, {seq_len}-token windows of {args.data})")
+              f"({100 * (after / before - 1):+.2f}%, {args.seq_len}-token windows of {args.data})")
     result = export_model(model, args.output, format=args.format, checkpoint_format=args.checkpoint_format,
                           tokenizer=args.model if has_tokenizer(args.model) else None, overwrite=args.overwrite)
     config = result["quantization_config"]
@@ -419,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --format gptq: round fractional zero points (changes the model; the held-out "
                         "perplexity before and after is printed)")
     _text_options(x, "evaluated by --round-zeros")
-    x.add_argument("--seq-len", type=int, default=2048, help="--round-zeros evaluation window (capped at the model's)")
+    x.add_argument("--seq-len", type=int, default=None,
+                   help=f"--round-zeros evaluation window (default: {DEFAULT_SEQ_LEN}, or the model's positions if "
+                   "fewer)")
     x.add_argument("--max-windows", type=int, default=32, help="--round-zeros evaluation windows")
     x.set_defaults(fn=cmd_export)
 

@@ -80,6 +80,25 @@ def test_export_refuses_a_users_directory_and_a_file(tmp_path, trained_run):
     assert a_file.read_text() == "mine" and not list(tmp_path.glob(".export.txt*"))
 
 
+def test_export_round_zeros_checks_its_window_before_writing(tmp_path, trained_run):
+    """--round-zeros evaluates held-out windows: a --seq-len or --max-windows below 1 is one line naming
+    the flag, before the model loads; a --seq-len beyond the model's positions is refused as train and
+    eval refuse it (not silently cut); by default the window is the model's positions where it has fewer
+    than 2048, and nothing is written before the export succeeds."""
+    model = trained_run / "model"
+    positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    out = tmp_path / "export"
+    cmd = ["export", "--model", model, "--output", out, "--format", "gptq", "--round-zeros", "--max-windows", "2"]
+    one_line_error(qatext(*cmd, "--seq-len", "0"), "--seq-len must be >= 1, got 0")
+    one_line_error(qatext(*cmd[:-2], "--max-windows", "0"), "--max-windows must be >= 1, got 0")
+    one_line_error(qatext(*cmd, "--seq-len", positions + 1),
+                   f"--seq-len {positions + 1} exceeds the model's {positions} positions", f"--seq-len {positions}")
+    assert not out.exists()
+    proc = qatext(*cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{positions}-token windows" in proc.stdout and (out / "config.json").exists()
+
+
 def test_export_overwrite_replaces_only_qatexts_files(tmp_path, trained_run):
     out = tmp_path / "export"
     assert qatext("export", "--model", trained_run / "model", "--output", out).returncode == 0
