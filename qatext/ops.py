@@ -11,9 +11,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from . import _C  # noqa: F401  (registers torch.ops.qatext)
+from . import _C  # registers torch.ops.qatext
 from .quant.primitives import packed_row_bytes
 
 _ops = torch.ops.qatext
