@@ -3,9 +3,10 @@ bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and 
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, the warps of a block splitting K,
 2 and 4 row tiles per warp, rings of 4 and 8 stages); and beyond it, the tiled layout untiled and
-dequantised straight into a 16- or 32-bit weight (group sizes that a lane's 16 columns straddle included); and the packed codes dequantised
-at every width 2-8 into each dtype, from aligned and odd addresses (the vector and element-wise kernels);
-QA-LoRA's pooling and its transpose at 1 to 32 lanes a group and past them."""
+dequantised straight into a 16- or 32-bit weight (group sizes that a lane's 16 columns straddle
+included); and the packed codes dequantised at every width 2-8 into each dtype, from aligned and odd
+addresses (the vector and element-wise kernels); QA-LoRA's pooling and its transpose at 1 to 32 lanes a
+group and past them."""
 
 import itertools
 
