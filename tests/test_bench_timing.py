@@ -83,3 +83,15 @@ def test_a_gpu_benchmark_without_a_gpu_stops_in_one_line(name):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"{name}.py: error: needs a CUDA GPU (it times the CUDA kernels)"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("step_host_gpu.py", ["--variants", "bf16,qatext W9"], "--variants"),
+    ("bench_l2_prefetch.py", ["--layers", "0"], "--layers"),
+    ("bench_l2_prefetch.py", ["--repeats", "0"], "--repeats"),
+])
+def test_step_diagnostics_refuse_bad_arguments_in_one_line(script, args, flag):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    run = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert flag in run.stderr.strip().splitlines()[-1]

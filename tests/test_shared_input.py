@@ -60,7 +60,7 @@ def test_one_gemm_per_group_same_outputs(device, decode_everywhere, count_decode
         got = model(ids).logits.float()
     # Per layer: q+k+v (128 + 64 + 64 rows), o, gate+up (512), down.
     assert count_decode_calls == [256, 128, 512, 128] * 2
-    assert attn.decode_q_k_v._input is None  # no activations held between forwards
+    assert attn.decode_q_k_v._pending is None  # no activations held between forwards
     # Other N, other split-K partials on a GPU: fp32 sums in another order, then bf16 rounding.
     torch.testing.assert_close(got, expected, rtol=0, atol=0 if device == "cpu" else 0.05 * expected.abs().max().item())
 

@@ -54,8 +54,7 @@ class SharedInputProjections(nn.Module):
         first = members[0]
         self.bits, self.group_size, self.in_features = first.spec.bits, first.group_size, first.in_features
         self.sizes = [m.out_features for m in members]
-        self._input = self._outputs = None
-        self._left = 0
+        self._pending = None  # (input, outputs, members still to serve) between the members' calls
         self._build()
         for index, member in enumerate(members):
             member._shared_input = (self, index)
@@ -82,19 +81,20 @@ class SharedInputProjections(nn.Module):
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s decode output for x (x through the member's _input)."""
-        if self._input is not x:
+        pending = self._pending
+        if pending is None or pending[0] is not x:
             # Eagerly, a member's weights that changed (load_state_dict, .to()) are concatenated
             # again; a compiled graph is traced after models.tile_for_decode, on current weights.
             if not torch.compiler.is_compiling() and self._built_from != self._stamp():
                 self._build()
             bias = None if self.bias is None else self.bias.to(x.dtype)
             y = ops.dequant_matmul_tiled(x, self.tiled, self.scale, self.zero, self.bits, self.group_size, bias)
-            self._outputs, self._input, self._left = y.split(self.sizes, dim=-1), x, len(self.sizes)
-        out = self._outputs[index]
-        self._left -= 1
-        if self._left == 0:  # every member served: hold no activations between forwards
-            self._input = self._outputs = None
-        return out
+            pending = (x, y.split(self.sizes, dim=-1), len(self.sizes))
+        # One attribute written once a call: under torch.compile each write is replayed on the host
+        # after every step, so the fewer the better. Every member served: hold no activations.
+        left = pending[2] - 1
+        self._pending = (pending[0], pending[1], left) if left else None
+        return pending[1][index]
 
     def tune(self) -> None:
         """Time the decode kernel's variants for the concatenated shape (ops.tune_decode_gemm); the members
