@@ -168,7 +168,8 @@ def main():
                    help="measure each qatext variant again with these knobs (compiled anew), as a row of its own")
     p.add_argument("--profile", type=int, nargs="?", const=30, default=0, metavar="ROWS",
                    help="also each row's ROWS most costly ops (30 when not given) by device time over one generate "
-                   "(torch.profiler), in the row")
+                   "(torch.profiler), in the row; a row timed after a profiled one has run slow (W4 3.08 against "
+                   "2.61 ms a token), so take tokens/s from a run without it")
     args = timing.start(p)
     wanted = {v.strip() for v in args.variants.split(",")} | {"bf16"}
     if unknown := wanted - set(VARIANTS):

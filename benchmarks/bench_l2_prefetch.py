@@ -64,20 +64,6 @@ def step_graph(gemms, gaps_cycles, prefetch_bytes):
     return graph
 
 
-def replay_ms(graph, repeats: int) -> float:
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     p = timing.parser(__doc__)
     p.add_argument("--layers", type=int, default=32)
@@ -110,9 +96,9 @@ def main():
     graphs = {"plain": step_graph(gemms, gaps, None), "prefetch": step_graph(gemms, gaps, sized),
               "whole": step_graph(gemms, gaps, [gm["codes"].numel() for gm in gemms]),
               "gaps only": step_graph([{"call": lambda: None, "codes": None}] * len(gemms), gaps, None)}
-    ms = {name: replay_ms(graph, args.repeats) for name, graph in graphs.items()}
+    ms = {name: timing.replay_ms(graph, args.repeats, warmup=3) for name, graph in graphs.items()}
     # Alternate once more: a drift between the first and last graphs timed shows here.
-    ms_again = {name: replay_ms(graph, args.repeats) for name, graph in graphs.items()}
+    ms_again = {name: timing.replay_ms(graph, args.repeats, warmup=3) for name, graph in graphs.items()}
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
               "bits": bits, "group_size": g, "dram_bandwidth_TBps": bw / 1e12, "gaps_us": {n: gap for n, *_, gap in LAYER},
               "ms": ms, "ms_again": ms_again,

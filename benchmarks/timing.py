@@ -135,7 +135,13 @@ def cuda_graph_time_ms(fn, repeats=20, inner=20) -> float:
     with torch.cuda.graph(graph):
         for _ in range(inner):
             fn()
-    graph.replay()
+    return replay_ms(graph, repeats) / inner
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 20, warmup: int = 1) -> float:
+    """Median milliseconds of one replay of a captured CUDA graph (CUDA events, after `warmup` replays)."""
+    for _ in range(warmup):
+        graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -144,7 +150,7 @@ def cuda_graph_time_ms(fn, repeats=20, inner=20) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
