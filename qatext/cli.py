@@ -356,10 +356,18 @@ def _text_options(p: argparse.ArgumentParser, held_out: str) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05, help=f"tail of --data {held_out}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except None: there the help says what leaving it out does
+    (or the option is required), and "(default: None)" would only repeat or contradict it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog="qatext", description="Quantization-aware training for LLMs",
                                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -412,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of perplexity, lm-eval zero-shot tasks, comma-separated (needs pip install "
                         f"'qatext[eval]'); {NEXT_WORD_TASK} is built from the held-out part of --data, offline")
     e.add_argument("--tasks-dir", default=None, help="a directory of your own lm-eval task YAML files")
-    e.add_argument("--limit", type=int, default=None, help="--tasks: at most this many examples per task")
+    e.add_argument("--limit", type=int, default=None,
+                   help="--tasks: at most this many examples per task (default: every example)")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", formatter_class=fmt,

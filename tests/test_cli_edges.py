@@ -324,6 +324,8 @@ def test_help_documents_every_option_with_its_default():
             assert action.help, f"qatext {name} {action.option_strings}: no help text"
             if action.default not in (None, False):
                 assert f"(default: {action.default})" in text, f"qatext {name} {action.option_strings}: no default"
+        # Where leaving an option out means None, its help says what that does, once.
+        assert "(default: None)" not in text, f"qatext {name}: an option's help shows '(default: None)'"
     proc = qatext("train", "--help")
     assert proc.returncode == 0 and "weight bits, 2..8 (default: 4)" in " ".join(proc.stdout.split())
 
