@@ -17,9 +17,23 @@ NEXT_WORD_TASK = "qatext_next_word"  # the local zero-shot task: the next word o
 
 
 def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device as a torch device qatext runs on and this machine has (default: cuda when available), or
+    one line saying what to give instead."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: qatext runs on cpu or cuda; give cpu, cuda or cuda:N")
+    gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and gpus == 0:
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; give --device cpu (or leave it out)")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise ValueError(f"--device {name}: this machine has {gpus} CUDA GPU{'s' if gpus > 1 else ''} "
+                         f"(cuda:0{f'..cuda:{gpus - 1}' if gpus > 1 else ''})")
+    return device
 
 
 def _model_dir(path: str) -> Path:
@@ -315,7 +329,9 @@ def cmd_generate(args) -> int:
 
     from .io import has_tokenizer
 
-    _positive(max_new_tokens=(args.max_new_tokens, 1))
+    _positive(max_new_tokens=(args.max_new_tokens, 1), temperature=(args.temperature, 0))
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.prompt:
         raise ValueError("--prompt is empty; give the text the model should continue")
     if not has_tokenizer(args.model):
@@ -344,7 +360,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    run_demo(args.out, device=args.device, cfg=DemoConfig.quick() if args.quick else None, cache_dir=args.cache_dir)
+    run_demo(args.out, device=_device(args.device), cfg=DemoConfig.quick() if args.quick else None, cache_dir=args.cache_dir)
     return 0
 
 

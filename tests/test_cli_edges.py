@@ -376,6 +376,34 @@ def test_generate_streams_a_continuation(trained_run, tiny_model_dir):
                    "exceed the model's 128 positions")
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--temperature", "0.7", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+])
+def test_generate_checks_its_sampling_options_before_loading(tmp_path, flags, fragment):
+    # The model directory does not exist: the sampling options are refused before it is looked at.
+    one_line_error(qatext("generate", "--model", tmp_path / "absent", "--prompt", "x", *flags), fragment)
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("foo", "--device foo: qatext runs on cpu or cuda"),
+    ("mps", "--device mps: qatext runs on cpu or cuda"),
+    ("cuda:7", "--device cuda:7"),
+])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "demo"])
+def test_a_device_qatext_cannot_use_is_one_line_before_any_work(tmp_path, bpe_model_dir, command, device, fragment):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    out = tmp_path / "out"
+    args = {"train": ["--method", "rtn", "--model", bpe_model_dir, "--output-dir", out],
+            "eval": ["--model", bpe_model_dir],
+            "generate": ["--model", bpe_model_dir, "--prompt", "x"],
+            "demo": ["--out", out, "--quick"]}[command]
+    one_line_error(qatext(command, *args, "--device", device), fragment)
+    assert not out.exists()  # nothing written first
+
+
 def test_an_hqq_export_is_named_not_misread(tmp_path, trained_run):
     out = tmp_path / "hqq"
     assert qatext("export", "--model", trained_run / "model", "--output", out, "--format", "hqq").returncode == 0
