@@ -174,7 +174,11 @@ def cmd_train(args) -> int:
     _positive(steps=(args.steps, 1), batch_size=(args.batch_size, 1), seq_len=(args.seq_len, 1),
               rank=(args.rank, 1), calib_samples=(args.calib_samples, 1), checkpoint_every=(args.checkpoint_every, 0))
     kwargs = _method_kwargs(args)
-    spec = QuantSpec(args.bits, args.group_size, args.symmetric)
+    try:
+        spec = QuantSpec(args.bits, args.group_size, args.symmetric)
+    except ValueError as e:  # QuantSpec's own check, in the flags' names
+        raise ValueError(str(e).replace("QuantSpec.bits", "--bits").replace("QuantSpec.group_size", "--group-size"))
+    text = _read_text(args)
     _refuse_quantized_input(args.model)
     out = Path(args.output_dir)
     runs.check_run_dir(out)
@@ -185,8 +189,12 @@ def cmd_train(args) -> int:
     args.seq_len = _resolve_seq_len(model, args.seq_len)
     _check_group_size(model, spec)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
-    tokens = encode(data.load_text(args.data))
+    tokens = encode(text)
     train_tokens, _ = data.train_val_split(tokens, args.val_fraction)
+    if not data.fits_a_window(train_tokens, args.seq_len):  # before anything is written
+        raise ValueError(f"the training part of --data ({len(train_tokens)} tokens, all but --val-fraction "
+                         f"{args.val_fraction}) is shorter than one window of --seq-len {args.seq_len}; give more "
+                         "text or a shorter --seq-len")
     identity = {"method": args.method, "spec": spec.to_dict(), "lr": args.lr, "rank": args.rank,
                 "calib_samples": args.calib_samples, "steps": args.steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "seed": args.seed, "val_fraction": args.val_fraction,
@@ -224,13 +232,26 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _held_out(args, model):
-    """The held-out part of --data as tokens (and the tokenizer's description), at least one window of
-    --seq-len long."""
+def _read_text(args) -> str:
+    """--data's text, with --val-fraction checked: both before the model loads (a typo found only after
+    a 7B model has loaded costs the user a minute)."""
+    from . import data
+
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    try:
+        return data.load_text(args.data)
+    except ValueError as e:
+        raise ValueError(f"--data {e}") from None
+
+
+def _held_out(args, model, text: str):
+    """The held-out part of `text` (--data) as tokens (and the tokenizer's description), at least one
+    window of --seq-len long."""
     from . import data
 
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
-    _, val = data.train_val_split(encode(data.load_text(args.data)), args.val_fraction)
+    _, val = data.train_val_split(encode(text), args.val_fraction)
     if len(val) <= args.seq_len:
         raise ValueError(f"the held-out part of --data ({len(val)} tokens, --val-fraction {args.val_fraction}) is "
                          f"shorter than one window of --seq-len {args.seq_len}; give more text or a shorter --seq-len")
@@ -244,10 +265,11 @@ def cmd_eval(args) -> int:
               limit=(args.limit, 1))
     if args.tasks is not None:
         return _eval_tasks(args)
+    text = _read_text(args)
     device = _device(args.device)
     model = _load_model(args.model, device, decode_layout=False)
     args.seq_len = _resolve_seq_len(model, args.seq_len)
-    val, tok_info = _held_out(args, model)
+    val, tok_info = _held_out(args, model, text)
     result = evaluate.perplexity(model, val, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.max_windows)
     print(json.dumps({"model": args.model, "data": args.data, "seq_len": args.seq_len,
@@ -269,6 +291,7 @@ def _eval_tasks(args) -> int:
                          f"{NEXT_WORD_TASK},arc_easy")
     if args.tasks_dir is not None and not Path(args.tasks_dir).is_dir():
         raise ValueError(f"--tasks-dir {args.tasks_dir} is not a directory of lm-eval task YAML files")
+    text = _read_text(args) if NEXT_WORD_TASK in tasks else None
     _model_dir(args.model)
     if not has_tokenizer(args.model):
         raise ValueError(f"--tasks needs the model's tokenizer files in --model {args.model} (lm-eval scores text); "
@@ -280,7 +303,7 @@ def _eval_tasks(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [args.tasks_dir] if args.tasks_dir else []
         if NEXT_WORD_TASK in tasks:
-            _, held_out = data.train_val_split(data.load_text(args.data), args.val_fraction)
+            _, held_out = data.train_val_split(text, args.val_fraction)
             dirs.append(zero_shot.write_next_word_task(held_out, tmp, name=NEXT_WORD_TASK, n=args.limit or 500))
         results = zero_shot.run_tasks(model, tokenizer, tasks, tasks_dir=dirs or None, batch_size=args.batch_size,
                                       limit=args.limit)
@@ -299,11 +322,12 @@ def cmd_export(args) -> int:
     if args.round_zeros and args.format != "gptq":
         raise ValueError("--round-zeros changes the model and only serves --format gptq; "
                          "the default picks a format that keeps it exact")
+    text = _read_text(args) if args.round_zeros else None
     check_target(args.output, args.overwrite)
     model = _load_model(args.model, torch.device("cpu"))
     if args.round_zeros:
         args.seq_len = _resolve_seq_len(model, args.seq_len)
-        val, _ = _held_out(args, model)
+        val, _ = _held_out(args, model, text)
 
         def ppl():
             return evaluate.perplexity(model, val, seq_len=args.seq_len, max_windows=args.max_windows,

@@ -41,13 +41,13 @@ def load_text(source: str | Path | None) -> str:
         return load_kjv()
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"data: {source!r} is neither 'kjv' nor a readable text file")
+        raise ValueError(f"{source!r} is neither 'kjv' nor a readable text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"data: {source} is not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
+        raise ValueError(f"{source} is not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
     if not text.strip():
-        raise ValueError(f"data: {source} is empty; give a text file with the training or evaluation text")
+        raise ValueError(f"{source} is empty; give a text file with the training or evaluation text")
     return text
 
 
@@ -59,9 +59,14 @@ def train_val_split(tokens, val_fraction: float = 0.05):
     return tokens[:cut], tokens[cut:]
 
 
+def fits_a_window(tokens, seq_len: int) -> bool:
+    """Whether random_batch can draw its windows (seq_len + 1 tokens) from tokens."""
+    return len(tokens) > seq_len + 1
+
+
 def random_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     """[batch, seq_len + 1] windows at random offsets (inputs and shifted targets)."""
-    if len(tokens) <= seq_len + 1:
+    if not fits_a_window(tokens, seq_len):
         raise ValueError(f"data: {len(tokens)} tokens are too few for seq_len {seq_len}")
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
     return torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])

@@ -376,6 +376,37 @@ def test_generate_streams_a_continuation(trained_run, tiny_model_dir):
                    "exceed the model's 128 positions")
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+@pytest.mark.parametrize("flags, fragment", [
+    (["--data", "missing.txt"], "--data 'missing.txt' is neither 'kjv' nor a readable text file"),
+    (["--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0.0"),
+])
+def test_text_options_are_checked_before_the_model_loads(tmp_path, command, flags, fragment):
+    # The model directory does not exist: --data and --val-fraction are refused before it is looked at.
+    args = {"train": ["--method", "rtn", "--output-dir", tmp_path / "out"], "eval": [],
+            "export": ["--output", tmp_path / "out", "--format", "gptq", "--round-zeros"]}[command]
+    one_line_error(qatext(command, "--model", tmp_path / "absent", *args, *flags), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--bits", "1"], "--bits must be an int in 2..8, got 1"),
+    (["--group-size", "0"], "--group-size must be a positive int or -1 (per-channel), got 0"),
+])
+def test_quantization_flags_are_named_in_their_errors(tmp_path, flags, fragment):
+    one_line_error(qatext("train", "--method", "rtn", "--model", tmp_path / "absent", "--output-dir", tmp_path / "o",
+                          *flags), fragment)
+
+
+def test_training_text_shorter_than_a_window_is_refused_before_writing(tmp_path, bpe_model_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("In the beginning was the word.\n")
+    out = tmp_path / "run"
+    one_line_error(qatext("train", "--method", "lrqat", "--model", bpe_model_dir, "--output-dir", out, *TRAIN,
+                          "--data", short), "is shorter than one window of --seq-len 32")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
     (["--temperature", "0.7", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),

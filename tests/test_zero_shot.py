@@ -119,7 +119,7 @@ def test_cli_eval_tasks(tmp_path, bpe_model_dir):
     (["--tasks", " , "], "--tasks: give lm-eval task names"),
     (["--tasks", "x", "--tasks-dir", "missing_dir"], "--tasks-dir missing_dir is not a directory"),
     (["--tasks", "x", "--limit", "0"], "--limit must be >= 1"),
-    (["--tasks", "qatext_next_word", "--val-fraction", "2"], "val_fraction must be in (0, 1)"),
+    (["--tasks", "qatext_next_word", "--val-fraction", "2"], "--val-fraction must be in (0, 1)"),
 ])
 def test_cli_eval_tasks_bad_input(tmp_path, bpe_model_dir, extra, message):
     pytest.importorskip("lm_eval")
