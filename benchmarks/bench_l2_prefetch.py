@@ -87,8 +87,8 @@ def main():
                 ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
                 tuned.add((n, k))
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            gemms.append({"name": name, "codes": tiled.view(-1), "gap_us": gap_us,
-                          "call": lambda x=x, t=tiled, s=scale, z=zero, k=k: ops.dequant_matmul_tiled(x, t, s, z, bits, g)})
+            call = lambda x=x, t=tiled, s=scale, z=zero: ops.dequant_matmul_tiled(x, t, s, z, bits, g)
+            gemms.append({"name": name, "codes": tiled.view(-1), "gap_us": gap_us, "call": call})
             gaps.append(int(gap_us * per_us))
     # The gap before GEMM i is the one after GEMM i - 1; the first GEMM's is the last one's (the step wraps).
     before = [gemms[i - 1]["gap_us"] for i in range(len(gemms))]
@@ -100,7 +100,8 @@ def main():
     # Alternate once more: a drift between the first and last graphs timed shows here.
     ms_again = {name: timing.replay_ms(graph, args.repeats, warmup=3) for name, graph in graphs.items()}
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-              "bits": bits, "group_size": g, "dram_bandwidth_TBps": bw / 1e12, "gaps_us": {n: gap for n, *_, gap in LAYER},
+              "bits": bits, "group_size": g, "dram_bandwidth_TBps": bw / 1e12,
+              "gaps_us": {n: gap for n, *_, gap in LAYER},
               "ms": ms, "ms_again": ms_again,
               "gemm_ms_per_step": {n: ms[n] - ms["gaps only"] for n in ("plain", "prefetch", "whole")},
               "saved_ms_per_step": {n: ms["plain"] - ms[n] for n in ("prefetch", "whole")},

@@ -177,7 +177,8 @@ def cmd_train(args) -> int:
     try:
         spec = QuantSpec(args.bits, args.group_size, args.symmetric)
     except ValueError as e:  # QuantSpec's own check, in the flags' names
-        raise ValueError(str(e).replace("QuantSpec.bits", "--bits").replace("QuantSpec.group_size", "--group-size"))
+        raise ValueError(str(e).replace("QuantSpec.bits", "--bits").replace("QuantSpec.group_size",
+                                                                             "--group-size")) from None
     text = _read_text(args)
     _refuse_quantized_input(args.model)
     out = Path(args.output_dir)
@@ -384,7 +385,8 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    run_demo(args.out, device=_device(args.device), cfg=DemoConfig.quick() if args.quick else None, cache_dir=args.cache_dir)
+    run_demo(args.out, device=_device(args.device), cfg=DemoConfig.quick() if args.quick else None,
+             cache_dir=args.cache_dir)
     return 0
 
 
