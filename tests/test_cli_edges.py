@@ -441,3 +441,23 @@ def test_an_hqq_export_is_named_not_misread(tmp_path, trained_run):
     for command in ("eval", "generate"):
         one_line_error(qatext(command, "--model", out, "--prompt" if command == "generate" else "--seq-len",
                               "x" if command == "generate" else "32"), "is an HQQ export")
+
+
+def test_demo_writes_only_its_own_results(tmp_path):
+    cache = tmp_path / "cache"
+    demo = ["demo", "--quick", "--cache-dir", cache, "--device", "cpu", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my own results\n")
+    one_line_error(qatext(*demo, mine), "is not empty and was not written by qatext")
+    assert (mine / "results.md").read_text() == "my own results\n"
+    assert not cache.exists()  # refused before the run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    one_line_error(qatext(*demo, a_file), "is a file, not a directory")
+    out = tmp_path / "out"
+    assert qatext(*demo, out).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    rerun = qatext(*demo, out)  # an earlier demo's directory: its results replaced, the user's file kept
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "results.json").read_text())["runs"]
