@@ -508,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to change when a command runs out of GPU memory (a run resumes only with the same settings).
+OUT_OF_MEMORY_HINTS = {
+    "train": "add --activation-checkpointing (the run resumes with it), or lower --batch-size or --seq-len "
+             "with --restart",
+    "eval": "lower --batch-size (windows a forward) or --seq-len",
+    "generate": "give a shorter --prompt or fewer --max-new-tokens, or --device cpu",
+    "demo": "give --device cpu",
+}
+
+
 def main(argv=None) -> int:
     import logging
 
@@ -525,6 +535,10 @@ def main(argv=None) -> int:
     except OSError as e:
         where = f" {e.filename}:" if e.filename else ""
         print(f"{prefix}{where} {e.strerror or e}", file=sys.stderr)
+    except torch.cuda.OutOfMemoryError as e:
+        what = ". ".join(str(e).split(". ")[:2]).splitlines()[0]  # "CUDA out of memory. Tried to allocate 2 GiB"
+        hint = OUT_OF_MEMORY_HINTS.get(args.command, "free the GPU's memory")
+        print(f"{prefix} the GPU ran out of memory ({what}); {hint}", file=sys.stderr)
     except KeyboardInterrupt:
         hint = ""
         if args.command == "train":

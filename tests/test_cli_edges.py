@@ -461,3 +461,24 @@ def test_demo_writes_only_its_own_results(tmp_path):
     rerun = qatext(*demo, out)  # an earlier demo's directory: its results replaced, the user's file kept
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "results.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("command, hint", [
+    ("train", "add --activation-checkpointing (the run resumes with it)"),
+    ("eval", "lower --batch-size"),
+    ("generate", "or --device cpu"),
+])
+def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(monkeypatch, capsys, command, hint):
+    from qatext import cli
+
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.10 GiB of which 3.94 GiB is free. Including non-PyTorch ...")
+
+    monkeypatch.setattr(cli, f"cmd_{command}", out_of_memory)
+    required = {"train": ["--method", "rtn", "--model", "m", "--output-dir", "o"], "eval": ["--model", "m"],
+                "generate": ["--model", "m", "--prompt", "x"]}[command]
+    assert cli.main([command, *required]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qatext {command}: the GPU ran out of memory (CUDA out of memory. "
+                                                "Tried to allocate 20.00 GiB); ") and hint in err[0]
