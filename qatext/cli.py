@@ -67,7 +67,11 @@ def _refuse_quantized_input(path: str) -> None:
     from .io import CONFIG_NAME
 
     p = _model_dir(path)
-    quantized = json.loads((p / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model {path}: its config.json is not valid JSON ({e})") from None
+    quantized = config.get("quantization_config", {}).get("quant_method")
     if (p / CONFIG_NAME).exists() or quantized:
         raise ValueError(f"--model {path} is already quantized ({quantized or 'by qatext'}); train from the "
                          "full-precision model it came from (qatext eval and export take this one)")
@@ -531,7 +535,8 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ValueError, LossNotFinite, ImportError) as e:  # ImportError: a loader's missing package, named by it
-        print(f"{prefix} {e}", file=sys.stderr)
+        # One line: a library's message may go on with paragraphs of advice (transformers' unknown model type).
+        print(f"{prefix} {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
     except OSError as e:
         where = f" {e.filename}:" if e.filename else ""
         print(f"{prefix}{where} {e.strerror or e}", file=sys.stderr)

@@ -482,3 +482,16 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"qatext {command}: the GPU ran out of memory (CUDA out of memory. "
                                                 "Tried to allocate 20.00 GiB); ") and hint in err[0]
+
+
+def test_a_broken_model_directory_is_one_line(tmp_path):
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    one_line_error(qatext("train", "--method", "rtn", "--model", bad_json, "--output-dir", tmp_path / "o"),
+                   f"--model {bad_json}: its config.json is not valid JSON")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    # transformers' message goes on for paragraphs; the user gets its first line
+    one_line_error(qatext("eval", "--model", unknown, "--device", "cpu"), "no_such_architecture")
