@@ -272,7 +272,8 @@ def test_common_mistakes_are_one_line(tmp_path, bpe_model_dir, trained_run):
         (["eval", "--model", tmp_path / "nowhere"], "is not a directory"),
         (["eval", "--model", trained_run / "model", "--data", empty, "--seq-len", "32"], "is empty"),
         (["eval", "--model", trained_run / "model", "--max-windows", "0"], "--max-windows must be >= 1"),
-        (["export", "--model", bpe_model_dir, "--output", tmp_path / "x"], "no QuantLinear layers"),
+        (["export", "--model", bpe_model_dir, "--output", tmp_path / "x"],
+         "no quantized layers (a full-precision model); export the model `qatext train` wrote"),
     ]
     for args, fragment in cases:
         one_line_error(qatext(*args), fragment)
@@ -495,3 +496,4 @@ def test_a_broken_model_directory_is_one_line(tmp_path):
     (unknown / "config.json").write_text('{"model_type": "no_such_architecture"}')
     # transformers' message goes on for paragraphs; the user gets its first line
     one_line_error(qatext("eval", "--model", unknown, "--device", "cpu"), "no_such_architecture")
+

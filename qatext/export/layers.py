@@ -47,7 +47,8 @@ def read_quantized(model: nn.Module, fmt: str) -> list[QuantizedWeight]:
     """Every QuantLinear of `model` merged to integer codes (training modes merge losslessly first)."""
     layers = quant_layers(model)
     if not layers:
-        raise ValueError(f"export ({fmt}): the model has no QuantLinear layers (train or quantize it first)")
+        raise ValueError(f"export ({fmt}): the model has no quantized layers (a full-precision model); export the "
+                         "model `qatext train` wrote (OUTPUT/model), or quantize this one first")
     out = []
     for name, layer in layers:
         if layer.act_bits is not None:
