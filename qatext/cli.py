@@ -242,8 +242,7 @@ def _read_text(args) -> str:
     a 7B model has loaded costs the user a minute)."""
     from . import data
 
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    data.check_val_fraction(args.val_fraction, "--val-fraction")
     try:
         return data.load_text(args.data)
     except ValueError as e:
@@ -536,7 +535,8 @@ def main(argv=None) -> int:
         return args.fn(args)
     except (ValueError, LossNotFinite, ImportError) as e:  # ImportError: a loader's missing package, named by it
         # One line: a library's message may go on with paragraphs of advice (transformers' unknown model type).
-        print(f"{prefix} {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        message = str(e).strip()
+        print(f"{prefix} {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
     except OSError as e:
         where = f" {e.filename}:" if e.filename else ""
         print(f"{prefix}{where} {e.strerror or e}", file=sys.stderr)

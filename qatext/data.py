@@ -51,10 +51,15 @@ def load_text(source: str | Path | None) -> str:
     return text
 
 
+def check_val_fraction(val_fraction: float, name: str = "val_fraction") -> None:
+    """The held-out share must leave text on both sides of the cut; `name`: how the caller calls it."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {val_fraction}")
+
+
 def train_val_split(tokens, val_fraction: float = 0.05):
     """Held-out text is the tail of the corpus (never seen in training): of its tokens, or of the text."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     cut = int(len(tokens) * (1 - val_fraction))
     return tokens[:cut], tokens[cut:]
 
