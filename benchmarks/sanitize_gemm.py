@@ -2,7 +2,7 @@
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, the warps of a block splitting K,
-2 and 4 row tiles per warp, rings of 4 and 8 stages); and beyond it, the tiled layout untiled and
+2 and 4 row tiles per warp, rings of 4 and 8 stages, SwiGLU's epilogue); and beyond it, the tiled layout untiled and
 dequantised straight into a 16- or 32-bit weight (group sizes that a lane's 16 columns straddle
 included); and the packed codes dequantised at every width 2-8 into each dtype, from aligned and odd
 addresses (the vector and element-wise kernels); QA-LoRA's pooling and its transpose at 1 to 32 lanes a
@@ -42,6 +42,8 @@ for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
         for m in (1, 7, 16, 37):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
+            # SwiGLU in the warp-split epilogue: gate and up halves, 2 or 4 row tiles a block.
+            ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
 qatext.set_tuning(decode_gemm_max_m=0, dequant_gemm_max_m=0)  # dequant_tiled + cuBLAS, and untile
 for n, k, g in [(48, 384, 24), (1040, 512, 128), (128, 64, -1)]:
     for bits, dtype in itertools.product((2, 3, 4), (torch.bfloat16, torch.float32)):

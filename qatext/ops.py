@@ -75,6 +75,16 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
     return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
 
 
+def swiglu_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
+    """silu(gate) * up, where y = x @ deq(W)^T + bias and W (tiled) holds a SwiGLU MLP's gate rows, then its up
+    rows: silu(y[..., :N / 2]) * y[..., N / 2:] (inference: no backward). Where dequant_matmul_tiled would take
+    the decode kernel, this is that kernel with silu(gate) * up in its epilogue (from the fp32 sums, rounded
+    once: one kernel where there were two); beyond it, the GEMM, then silu(gate) * up in x's dtype (as an
+    unfused MLP computes them).
+    """
+    return _ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
+
+
 def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features: int) -> bool:
     """Time the decode kernel's variants (ring depth, split-K reduction and shape) on this weight for 1, 8 and 16
     tokens, once per device and weight shape, and let every later decode call on that shape take the
@@ -236,6 +246,11 @@ def _(tiled, bits, in_features):
 @torch.library.register_fake("qatext::dequant_matmul_tiled")
 def _(x, tiled, scale, zero, bits, group_size, bias):
     return _empty((*x.shape[:-1], tiled.shape[0]), x)
+
+
+@torch.library.register_fake("qatext::swiglu_matmul_tiled")
+def _(x, tiled, scale, zero, bits, group_size, bias):
+    return _empty((*x.shape[:-1], tiled.shape[0] // 2), x)
 
 
 @torch.library.register_fake("qatext::e2eqp_scale_grad")

@@ -187,6 +187,13 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
     return dequant_matmul(x, untile_packed(tiled, bits, x.shape[-1]), scale, zero, bits, group_size, bias)
 
 
+def swiglu_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None):
+    """silu(gate) * up of y = x @ deq(W)^T + bias, W = [gate; up] (fp32 throughout, rounded once)."""
+    y = dequant_matmul_tiled(x.float(), tiled, scale, zero, bits, group_size, None if bias is None else bias.float())
+    gate, up = y.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
 def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int):
     """d loss / d scale[n, g] = sum_{k in g} (q[n, k] - z[n, g]) * (grad_y^T x)[n, k]."""
     k = x.shape[-1]

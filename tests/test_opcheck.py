@@ -39,6 +39,8 @@ def _cases(device):
         "untile_packed": [(tiled2, 4, k2)],
         "dequant_matmul_tiled": [(x2.bfloat16(), tiled2, scale2, zero2, 4, 64, None),
                                  (x2, tiled2, scale2[:, :1], zero2[:, :1], 4, -1, torch.randn(n2, device=device))],
+        "swiglu_matmul_tiled": [(x2.bfloat16(), tiled2, scale2, zero2, 4, 64, None),
+                                (x2, tiled2, scale2[:, :1], zero2[:, :1], 4, -1, torch.randn(n2, device=device))],
         "e2eqp_scale_grad": [(x, grad_y, packed, zero, bits, g)],
         "lrqat_weight": [(packed, rg(a), rg(b), rg(scale), zero, 0.5, bits, g, 0),
                          (q44, a.bfloat16(), b.bfloat16(), scale, zero, 0.5, bits, g, 4)],

@@ -35,9 +35,12 @@ def decode_everywhere(device, monkeypatch):
 
 @pytest.fixture
 def count_decode_calls(monkeypatch):
+    """The rows of every tiled GEMM called (dequant_matmul_tiled, and swiglu_matmul_tiled for a SwiGLU MLP's
+    gate/up group)."""
     calls = []
-    real = ops.dequant_matmul_tiled
-    monkeypatch.setattr(ops, "dequant_matmul_tiled", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    for name in ("dequant_matmul_tiled", "swiglu_matmul_tiled"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     return calls
 
 
@@ -72,7 +75,8 @@ def test_compiled_graph_has_one_call_per_group(monkeypatch):
     counts = []
 
     def backend(gm, example_inputs):
-        counts.append(sum("dequant_matmul_tiled" in str(node.target) for node in gm.graph.nodes))
+        counts.append(sum(any(op in str(node.target) for op in ("dequant_matmul_tiled", "swiglu_matmul_tiled"))
+                          for node in gm.graph.nodes))
         return gm
 
     ids = torch.randint(0, 100, (1, 2))

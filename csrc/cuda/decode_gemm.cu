@@ -64,6 +64,8 @@ struct DecodeArgs {
   int splits;
   int cluster;            // the splits of a column tile form a cluster: partials stay in shared memory
   int warp_split;         // a block's warps split K over the same row tiles (splits == 1)
+  int swiglu;             // (warp split) out [M, N / 2] = silu(gate) * up, W = [gate; up]: a block's first NT / 2
+                          // row tiles are gate's, the others the same rows of up's, N / 32 row tiles further on
 };
 
 // Each lane copies its own codes and activations of a stage into its own bytes of a per-warp ring of
@@ -99,12 +101,13 @@ struct Stage {
 // warp's row tiles (3 bits: the 2-bit plane, then the 1-bit plane) and its two 16-byte activation
 // vectors per token tile.
 template <typename T, int BITS, int MT, int NT>
-__device__ __forceinline__ void issue_stage(uint8_t* st, const uint8_t* codes, int64_t tile_row_bytes, int t,
-                                            const T* const (&xrow)[MT], int lane) {
+__device__ __forceinline__ void issue_stage(uint8_t* st, const uint8_t* codes, int64_t tile_row_bytes,
+                                            int64_t mid_step, int t, const T* const (&xrow)[MT], int lane) {
   using L = StageLayout<BITS, MT, NT>;
+  const uint8_t* src = codes + int64_t(t) * tile_bytes(BITS);
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
-    const uint8_t* src = codes + i * tile_row_bytes + int64_t(t) * tile_bytes(BITS);
+    if (i > 0) src += i == NT / 2 ? mid_step : tile_row_bytes;  // (the step from tile i - 1 to tile i)
     if constexpr (BITS == 3) {
       cp_async_once<8>(st + L::codes(i, lane), src);
       cp_async_once<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
@@ -260,9 +263,24 @@ __device__ __forceinline__ void cluster_reduce(const DecodeArgs& args, const flo
 #endif
 }
 
+// Row tile of a warp's tile i: nt0 + i, and with SwiGLU (jump > 0) its second half's in up's rows.
+template <int NT>
+__device__ __forceinline__ int row_tile(int nt0, int i, int jump) {
+  return nt0 + i + (i >= NT / 2 ? jump : 0);
+}
+
+// One output in warp order after the bias: sum over the block's warps of sums[w * per_warp + j].
+__device__ __forceinline__ float warp_sum(const float* sums, int per_warp, int j, float bias) {
+  float v = bias;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) v += sums[w * per_warp + j];
+  return v;
+}
+
 // Warp split: the block's warps leave their fp32 sums in shared memory (over their rings, which all
 // have been read: hence the first barrier), and the block sums each output over the warps in warp
-// (K slice) order after the bias.
+// (K slice) order after the bias. SwiGLU: each gate output meets the up output of its row (same
+// thread, both in fp32) and silu(gate) * up is rounded once.
 template <typename T, int MT, int NT>
 __device__ __forceinline__ void warp_split_reduce(const DecodeArgs& args, const float (&out)[MT][NT][4], uint8_t* smem,
                                                   int m0, int nt0, const T* bias, T* y) {
@@ -277,20 +295,35 @@ __device__ __forceinline__ void warp_split_reduce(const DecodeArgs& args, const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) sums[warp * kPerWarp + ((mt * NT + i) * 4 + e) * 32 + lane] = out[mt][i][e];
   __syncthreads();
+  if constexpr (NT >= 2) {  // (SwiGLU runs with 2 or more row tiles a block)
+    if (args.swiglu) {
+      constexpr int kHalf = NT / 2 * 128;  // a token tile's gate sums; up's follow them
+      const int width = args.N / 2;
+      for (int j = threadIdx.x; j < MT * kHalf; j += kDecodeThreads) {
+        const int mt = j / kHalf, r = j % kHalf, l = r % 32, e = (r / 32) % 4, i = r / 128;
+        const int m = m0 + 8 * mt + 2 * (l % 4) + (e & 1);
+        if (m >= args.M) continue;
+        const int n = (nt0 + i) * kTileRows + l / 4 + 8 * (e >> 1);  // gate's row; up's is width further on
+        const int at = mt * NT * 128 + r;
+        const float gate = warp_sum(sums, kPerWarp, at, bias != nullptr ? float(bias[n]) : 0.f);
+        const float up = warp_sum(sums, kPerWarp, at + kHalf, bias != nullptr ? float(bias[n + width]) : 0.f);
+        y[int64_t(m) * width + n] = T(gate / (1.f + expf(-gate)) * up);
+      }
+      return;
+    }
+  }
   for (int j = threadIdx.x; j < kPerWarp; j += kDecodeThreads) {
     const int l = j % 32, e = (j / 32) % 4, i = (j / 128) % NT, mt = j / (128 * NT);
     const int m = m0 + 8 * mt + 2 * (l % 4) + (e & 1);
     if (m >= args.M) continue;
     const int n = (nt0 + i) * kTileRows + l / 4 + 8 * (e >> 1);
-    float v = bias != nullptr ? float(bias[n]) : 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += sums[w * kPerWarp + j];
-    y[int64_t(m) * args.N + n] = T(v);
+    y[int64_t(m) * args.N + n] = T(warp_sum(sums, kPerWarp, j, bias != nullptr ? float(bias[n]) : 0.f));
   }
 }
 
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y (warp split: row
-// tiles b * NT + i over K slice w); tokens 8 MT blockIdx.z + (0 .. 8 MT).
+// tiles b * NT + i over K slice w; SwiGLU: b * NT / 2 + i and the same of up's); tokens 8 MT blockIdx.z +
+// (0 .. 8 MT).
 template <typename T, int BITS, int MT, int NT, int S>
 __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
   using L = StageLayout<BITS, MT, NT>;
@@ -298,11 +331,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane / 4, c = lane % 4;
   const int KT = args.K / kTileCols;
-  const int nt0 = (args.warp_split ? blockIdx.x : blockIdx.x * kWarps + warp) * NT;
+  const int row_tiles = args.swiglu ? args.N / (2 * kTileRows) : args.N / kTileRows;  // (SwiGLU: gate's)
+  const int nt0 = args.swiglu       ? blockIdx.x * (NT / 2)
+                  : args.warp_split ? blockIdx.x * NT
+                                    : (blockIdx.x * kWarps + warp) * NT;
+  const int jump = args.swiglu ? row_tiles - NT / 2 : 0;  // row tiles from a block's gate tiles to its up tiles
   const int m0 = blockIdx.z * 8 * MT;
   const int t_begin = (args.warp_split ? warp : blockIdx.y) * args.tiles_per_split;
   const int t_end = min(KT, t_begin + args.tiles_per_split);
-  const bool active = nt0 < args.N / kTileRows;  // N % (16 NT) == 0: a warp's tiles are all in or all out
+  const bool active = nt0 < row_tiles;  // N % (16 NT) == 0: a warp's tiles are all in or all out
 
   float out[MT][NT][4];
 #pragma unroll
@@ -316,6 +353,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     // This lane's bytes of a tile (3 bits: of its 2-bit plane; its 1-bit plane at 256 + 4 * lane).
     const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
     const uint8_t* codes = args.tiled + nt0 * tile_row_bytes + lane * (BITS == 3 ? 8 : 4 * BITS);
+    const int64_t mid_step = (jump + 1) * tile_row_bytes;  // from tile NT / 2 - 1 to tile NT / 2
     const T* xrow[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -325,7 +363,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     // Issue the copies of tile t into ring slot `slot` (nothing past the slice; the group is still
     // committed so that the wait counts stay aligned).
     const auto issue = [&](int slot, int t) {
-      if (t < t_end) issue_stage<T, BITS, MT, NT>(warp_smem + slot * L::kBytes, codes, tile_row_bytes, t, xrow, lane);
+      if (t < t_end) {
+        issue_stage<T, BITS, MT, NT>(warp_smem + slot * L::kBytes, codes, tile_row_bytes, mid_step, t, xrow, lane);
+      }
       cp_async_commit();
     };
 
@@ -337,8 +377,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     const float* zp[NT];
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
-      sp[i] = args.scale + int64_t((nt0 + i) * kTileRows + g) * args.G;
-      zp[i] = args.zero + int64_t((nt0 + i) * kTileRows + g) * args.G;
+      sp[i] = args.scale + int64_t(row_tile<NT>(nt0, i, jump) * kTileRows + g) * args.G;
+      zp[i] = args.zero + int64_t(row_tile<NT>(nt0, i, jump) * kTileRows + g) * args.G;
     }
     const int row8 = 8 * args.G;
     float qs[NT][2], qz[NT][2], next_s[NT][2] = {}, next_z[NT][2] = {};  // this batch of four, the next
@@ -505,10 +545,11 @@ struct Config {
 };
 // The most row tiles per warp allowed that divide N (4 only with one token tile: registers). Four
 // token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
-// decode it twice; their ring has 4 stages (8 would not fit in shared memory).
-Config widest_config(int64_t M, int64_t N, DecodeTuning tuning) {
+// decode it twice; their ring has 4 stages (8 would not fit in shared memory). SwiGLU takes at least 2
+// (a gate tile and its up tile).
+Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
   const int mt = M <= 8 ? 1 : M <= 16 ? 2 : 4;
-  int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 ? 2 : 1;
+  int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
   return {mt, nt, tuning.stages >= 8 && mt < 4 ? 8 : 4};
 }
@@ -595,10 +636,10 @@ Config fit_shared_memory(Config cfg, int bits) {
   return cfg;
 }
 
-Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  Config cfg = fit_shared_memory(widest_config(M, shape.N, tuning), shape.bits);
+Config config_for(int64_t M, GroupShape shape, DecodeTuning tuning, bool swiglu = false) {
+  Config cfg = fit_shared_memory(widest_config(M, shape.N, tuning, swiglu), shape.bits);
   if (tuning.warp_split) {  // the grid is its column blocks: fewer row tiles a block until they cover the SMs
-    while (cfg.nt > 1 && column_blocks(M, shape.N, cfg, true) < sm_count()) cfg.nt /= 2;
+    while (cfg.nt > (swiglu ? 2 : 1) && column_blocks(M, shape.N, cfg, true) < sm_count()) cfg.nt /= 2;
   } else if (cfg.nt == 4 &&
              column_blocks(M, shape.N, cfg) * most_splits(shape, tuning) < resident_blocks(cfg, shape.bits)) {
     cfg.nt = 2;
@@ -663,6 +704,11 @@ bool decode_gemm_supported(GroupShape shape) {
          group_ok && shape.N * shape.K < (int64_t(1) << 31);
 }
 
+bool decode_gemm_swiglu_supported(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  tuning.warp_split = true;
+  return decode_gemm_supported(shape) && shape.N % (2 * kTileRows) == 0 && config_for(M, shape, tuning, true).nt >= 2;
+}
+
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning) {
   return column_blocks(M, shape.N, config_for(M, shape, tuning));
 }
@@ -716,8 +762,12 @@ int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream) {
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
                  float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
-                 cudaStream_t stream) {
+                 bool swiglu, cudaStream_t stream) {
   if (M == 0 || shape.N == 0) return;
+  if (swiglu && (splits != 1 || !decode_gemm_swiglu_supported(M, shape, tuning))) {
+    throw std::runtime_error("qatext: decode_gemm: SwiGLU needs warp split and two row tiles a block");
+  }
+  tuning.warp_split = tuning.warp_split || swiglu;
   const int64_t tiles = shape.K / kTileCols;
   DecodeArgs args{};
   args.x = x;
@@ -734,10 +784,11 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.G = int(shape.groups());
   args.tiles_per_group = int(shape.group_size / kTileCols);
   args.warp_split = tuning.warp_split ? 1 : 0;
+  args.swiglu = swiglu ? 1 : 0;
   const int64_t slices = tuning.warp_split ? kWarps : splits;
   args.tiles_per_split = int((tiles + slices - 1) / slices);
   args.splits = int(splits);
-  const Config cfg = config_for(M, shape, tuning);
+  const Config cfg = config_for(M, shape, tuning, swiglu);
   args.cluster = use_cluster(M, shape, splits, cfg, tuning) ? 1 : 0;
   const int64_t cols = block_cols(cfg, tuning.warp_split), tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
@@ -752,9 +803,9 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
 
 template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const uint8_t*, const float*, const float*,
                                          const c10::BFloat16*, c10::BFloat16*, float*, int*, int64_t, GroupShape,
-                                         int64_t, DecodeTuning, cudaStream_t);
+                                         int64_t, DecodeTuning, bool, cudaStream_t);
 template void decode_gemm<c10::Half>(const c10::Half*, const uint8_t*, const float*, const float*, const c10::Half*,
-                                     c10::Half*, float*, int*, int64_t, GroupShape, int64_t, DecodeTuning,
+                                     c10::Half*, float*, int*, int64_t, GroupShape, int64_t, DecodeTuning, bool,
                                      cudaStream_t);
 
 }  // namespace qatext::cuda

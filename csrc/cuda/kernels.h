@@ -83,6 +83,9 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // cluster_reduce allows it and decode_gemm_cluster says so (no partials or counters needed then).
 // warp_split: a block's 8 warps split K over the same row tiles and sum in shared memory instead (one
 // split, min_slice_tiles and cluster_reduce unused).
+// swiglu: W holds gate's rows then up's (N / 2 each) and out [M, N / 2] = silu(x gate^T) * (x up^T) (biases
+// added first), from the fp32 sums, rounded once; warp split is taken (splits must be 1), and it needs
+// decode_gemm_swiglu_supported.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
@@ -95,13 +98,14 @@ bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning);
 bool decode_gemm_cluster(int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning);
+bool decode_gemm_swiglu_supported(int64_t M, GroupShape shape, DecodeTuning tuning);
 // A zeroed counter buffer of at least `count` for calls on `stream` (made on its first use there and
 // kept), or nullptr when there is none yet and the stream is capturing a graph, or count is too large.
 int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);
 template <typename T>
 void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
                  float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
-                 cudaStream_t stream);
+                 bool swiglu, cudaStream_t stream);
 
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);

@@ -15,9 +15,10 @@ namespace qatext::ops {
 cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M);
 
 // dequant_matmul_tiled's decode path (tile_ops.cpp): a [M, K] 16-bit, w the tiled codes, scale and
-// zero fp32, b the bias in a's dtype or undefined.
+// zero fp32, b the bias in a's dtype or undefined; swiglu: silu(gate) * up [M, N / 2] (warp split taken,
+// cuda::decode_gemm_swiglu_supported checked by the caller).
 at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
-                         const at::Tensor& b, GroupShape shape, const cuda::DecodeTuning& decode_tuning);
+                         const at::Tensor& b, GroupShape shape, cuda::DecodeTuning decode_tuning, bool swiglu = false);
 #endif
 
 // The largest token count for which dequant_matmul_tiled (and a packed layer) takes the decode kernel

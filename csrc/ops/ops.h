@@ -38,6 +38,11 @@ at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_featu
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                 const at::Tensor& zero, int64_t bits, int64_t group_size,
                                 const std::optional<at::Tensor>& bias);
+// silu(y[..., :N / 2]) * y[..., N / 2:] for y = dequant_matmul_tiled(...): a SwiGLU MLP's gate and up rows
+// in one tiled weight (N a multiple of 16).
+at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size,
+                               const std::optional<at::Tensor>& bias);
 at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed,
                             const at::Tensor& zero, int64_t bits, int64_t group_size);
 

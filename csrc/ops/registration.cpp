@@ -21,6 +21,8 @@ TORCH_LIBRARY(qatext, m) {
   m.def("untile_packed(Tensor tiled, int bits, int in_features) -> Tensor");
   m.def("dequant_matmul_tiled(Tensor x, Tensor tiled, Tensor scale, Tensor zero, int bits, int group_size,"
         " Tensor? bias) -> Tensor");
+  m.def("swiglu_matmul_tiled(Tensor x, Tensor tiled, Tensor scale, Tensor zero, int bits, int group_size,"
+        " Tensor? bias) -> Tensor");
   m.def("e2eqp_scale_grad(Tensor x, Tensor grad_y, Tensor packed, Tensor zero, int bits, int group_size)"
         " -> Tensor");
   m.def("lrqat_weight(Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero, float lora_scale, int bits,"
@@ -51,6 +53,7 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("tile_packed", &qatext::ops::tile_packed);                           \
   m.impl("untile_packed", &qatext::ops::untile_packed);                       \
   m.impl("dequant_matmul_tiled", &qatext::ops::dequant_matmul_tiled);         \
+  m.impl("swiglu_matmul_tiled", &qatext::ops::swiglu_matmul_tiled);           \
   m.impl("e2eqp_scale_grad", &qatext::ops::e2eqp_scale_grad);                 \
   m.impl("lrqat_weight", &qatext::ops::lrqat_weight);                         \
   m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward);       \

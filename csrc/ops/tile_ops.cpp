@@ -1,6 +1,8 @@
 // The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, and
 // dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; beyond it the fused
-// kernel on the codes untiled, or the weight dequantised straight from the tiled layout and one GEMM).
+// kernel on the codes untiled, or the weight dequantised straight from the tiled layout and one GEMM);
+// and a SwiGLU MLP's gate and up projections on one such weight, silu(gate) * up in the decode kernel's
+// epilogue.
 #include "core/quant_math.h"
 #include "core/tile_layout.h"
 #include "ops/common.h"
@@ -60,11 +62,12 @@ at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_featu
 
 #ifdef QATEXT_WITH_CUDA
 at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
-                         const at::Tensor& b, GroupShape shape, const cuda::DecodeTuning& decode_tuning) {
+                         const at::Tensor& b, GroupShape shape, cuda::DecodeTuning decode_tuning, bool swiglu) {
   const int64_t M = a.size(0);
   const at::OptionalDeviceGuard guard(at::device_of(a));
+  decode_tuning.warp_split = decode_tuning.warp_split || swiglu;  // (its epilogue sums the block's warps)
   const int64_t splits = cuda::decode_gemm_splits(M, shape, decode_tuning);
-  at::Tensor out = at::empty({M, shape.N}, a.options());
+  at::Tensor out = at::empty({M, swiglu ? shape.N / 2 : shape.N}, a.options());
   at::Tensor partial, zeroed;
   int* counters = nullptr;
   if (splits > 1 && !cuda::decode_gemm_cluster(M, shape, splits, decode_tuning)) {
@@ -82,37 +85,68 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
                                 scale.const_data_ptr<float>(), zero.const_data_ptr<float>(),
                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
                                 partial.defined() ? partial.mutable_data_ptr<float>() : nullptr, counters, M, shape,
-                                splits, decode_tuning, current_stream(a));
+                                splits, decode_tuning, swiglu, current_stream(a));
   });
   return out;
 }
 #endif
 
-at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale_in,
-                                const at::Tensor& zero_in, int64_t bits, int64_t group_size,
-                                const std::optional<at::Tensor>& bias) {
-  const char* op = "qatext.dequant_matmul_tiled";
-  check_matmul_inputs(op, x, "tiled", tiled, bias);
-  const int64_t K = x.size(-1);
-  check_tileable(op, "tiled", tiled, bits, K);
-  const GroupShape shape = check_packed_weight(op, tiled, scale_in, zero_in, bits, group_size, K);
+namespace {
+
+// x @ deq(W)^T (+ bias) on the decode kernel where it takes this call (CUDA, 16-bit x, at most the
+// shape's decode token count); with swiglu, silu(gate) * up of it. Undefined where it does not.
+at::Tensor decode_path(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero,
+                       const GroupShape& shape, const std::optional<at::Tensor>& bias, bool swiglu) {
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
-  const int64_t M = x.numel() / K;
-  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 &&
-      M <= decode_max_tokens(x.get_device(), shape) && cuda::decode_gemm_supported(shape)) {
-    const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
-    if (aligned16(a) && aligned16(w)) {
-      const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
-      at::Tensor out = decode_matmul(a, w, as_float(scale_in), as_float(zero_in), b, shape,
-                                     decode_tuning_for(a.get_device(), shape, M));
-      auto sizes = x.sizes().vec();
-      sizes.back() = shape.N;
-      return out.view(sizes);
-    }
+  const int64_t M = x.numel() / shape.K;
+  if (!x.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || M < 1 ||
+      M > decode_max_tokens(x.get_device(), shape) || !cuda::decode_gemm_supported(shape)) {
+    return {};
   }
+  const cuda::DecodeTuning tuning = decode_tuning_for(x.get_device(), shape, M);
+  const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
+  if (!aligned16(a) || !aligned16(w) || (swiglu && !cuda::decode_gemm_swiglu_supported(M, shape, tuning))) return {};
+  const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
+  const at::Tensor out = decode_matmul(a, w, as_float(scale), as_float(zero), b, shape, tuning, swiglu);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out.size(1);
+  return out.view(sizes);
+#else
+  return {};
 #endif
-  return tiled_matmul_beyond_decode(x, tiled, scale_in, zero_in, shape, bias);
+}
+
+// Checks a tiled weight for x; returns its shape.
+GroupShape check_tiled_matmul(const char* op, const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                              const at::Tensor& zero, int64_t bits, int64_t group_size,
+                              const std::optional<at::Tensor>& bias) {
+  check_matmul_inputs(op, x, "tiled", tiled, bias);
+  check_tileable(op, "tiled", tiled, bits, x.size(-1));
+  return check_packed_weight(op, tiled, scale, zero, bits, group_size, x.size(-1));
+}
+
+}  // namespace
+
+at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                const std::optional<at::Tensor>& bias) {
+  const GroupShape shape =
+      check_tiled_matmul("qatext.dequant_matmul_tiled", x, tiled, scale, zero, bits, group_size, bias);
+  const at::Tensor out = decode_path(x, tiled, scale, zero, shape, bias, false);
+  return out.defined() ? out : tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias);
+}
+
+at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size,
+                               const std::optional<at::Tensor>& bias) {
+  const GroupShape shape =
+      check_tiled_matmul("qatext.swiglu_matmul_tiled", x, tiled, scale, zero, bits, group_size, bias);
+  const at::Tensor out = decode_path(x, tiled, scale, zero, shape, bias, true);
+  if (out.defined()) return out;
+  // Beyond the decode kernel: the GEMM, then silu(gate) * up as the MLP computes them unfused (in x's dtype).
+  const auto halves = tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias).chunk(2, -1);
+  return at::silu(halves[0]) * halves[1];
 }
 
 at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,

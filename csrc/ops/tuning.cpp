@@ -44,6 +44,10 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
      "Decode ring depth, split-K reduction and split-K shape as measured fastest for the weight's shape by "
      "tune_decode_gemm (run where a layer takes its decode layout), in place of decode_gemm_stages / _cluster / "
      "_min_slice / _row_tiles / _warp_split (which rule shapes not measured)."},
+    {"decode_swiglu", 1, 0, 1,
+     "A SwiGLU MLP (transformers' Llama family) whose gate and up projections decode as one GEMM applies "
+     "silu(gate) * up in that GEMM's epilogue (swiglu_matmul_tiled): one kernel a layer fewer. 0: the MLP's own "
+     "forward (the GEMM, then silu and the product). Read where a compiled model is traced."},
     {"lrqat_fused", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters uses the tensor-core kernels (else fp32 A B + elementwise)."},
     {"lrqat_fused_blocks", 0, 0, kMax,

@@ -18,6 +18,7 @@ enum class Knob : int {
   DecodeGemmCluster,   // decode split-K summed through a thread-block cluster where it fits (sm_90)
   DecodeGemmWarpSplit, // decode warps of a block split K over the same row tiles (no split-K across blocks)
   DecodeGemmAutotune,  // decode ring depth and split-K reduction from tune_decode_gemm's measurements
+  DecodeSwiglu,        // a SwiGLU MLP's gate/up decode GEMM applies silu(gate) * up in its epilogue
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   LrqatFusedBlocks,    // most blocks of the LR-QAT tile kernels (0: one wave of the GPU)
   Count,

@@ -8,14 +8,20 @@ holds no second copy) as a submodule of the members' parent, non-persistent: sta
 checkpoints are unchanged. The first member called with an input computes every member's output; the
 others take theirs for the same input tensor (an identity check, so a member fed anything else
 computes its own). Under torch.compile the bookkeeping traces away into one GEMM and slices.
+
+A SwiGLU MLP (transformers' Llama-family MLP: down_proj(silu(gate_proj(x)) * up_proj(x))) whose gate/up
+group decodes goes one step further (`fuse_swiglu`): silu(gate) * up is the group's GEMM's epilogue
+(ops.swiglu_matmul_tiled), one kernel a layer fewer.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
-from .. import ops
+from .. import knobs, ops
 
 # Sibling layers (last name component) that read their parent's one input in the model families
 # qatext trains (Llama, Mistral, Qwen2 / 3, Gemma, ...).
@@ -96,6 +102,13 @@ class SharedInputProjections(nn.Module):
         self._pending = (pending[0], pending[1], left) if left else None
         return pending[1][index]
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for x, the members being a SwiGLU MLP's gate and up projections (see fuse_swiglu)."""
+        if not torch.compiler.is_compiling() and self._built_from != self._stamp():
+            self._build()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return ops.swiglu_matmul_tiled(x, self.tiled, self.scale, self.zero, self.bits, self.group_size, bias)
+
     def tune(self) -> None:
         """Time the decode kernel's variants for the concatenated shape (ops.tune_decode_gemm); the members
         then take the decode kernel up to the concatenated GEMM's crossover, not their own shapes'."""
@@ -128,5 +141,52 @@ def share_inputs(parent: nn.Module) -> list[SharedInputProjections]:
         else:
             group = SharedInputProjections(layers)
             parent.add_module(name, group)
+        fuse_swiglu(parent, group)
         groups.append(group)
     return groups
+
+
+def _swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An MLP's forward with silu(gate) * up in its gate/up GEMM where that GEMM decodes x; else its own."""
+    group = mlp.decode_gate_up
+    gate, up = group.members
+    if (knobs.current("decode_swiglu") and mlp.gate_proj is gate and mlp.up_proj is up and gate.mode == "packed"
+            and gate._decodes(x)):
+        return mlp.down_proj(group.swiglu(x))
+    return type(mlp).forward(mlp, x)
+
+
+def _llama_mlp_forward():
+    """transformers' LlamaMLP.forward (the MLP forward Mistral, Qwen2 / 3 and others copy), or None."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaMLP
+    except ImportError:
+        return None
+    return LlamaMLP.forward
+
+
+def _same_code(f, g) -> bool:
+    a, b = f.__code__, g.__code__
+    return (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (b.co_code, b.co_names, b.co_consts, b.co_varnames)
+
+
+def is_swiglu_mlp(parent: nn.Module) -> bool:
+    """Whether parent computes down_proj(silu(gate_proj(x)) * up_proj(x)): its forward is (bytecode for
+    bytecode) transformers' LlamaMLP.forward and its act_fn is SiLU."""
+    reference = _llama_mlp_forward()
+    forward = getattr(type(parent), "forward", None)
+    return (reference is not None and callable(forward) and hasattr(forward, "__code__")
+            and _same_code(forward, reference) and type(getattr(parent, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
+
+
+def fuse_swiglu(parent: nn.Module, group: SharedInputProjections) -> bool:
+    """Give a SwiGLU MLP whose gate and up projections form `group` a forward that takes
+    ops.swiglu_matmul_tiled where the group's GEMM decodes (else the MLP's own forward runs). The
+    forward is an attribute of this module only: its class, state dict and checkpoints are unchanged.
+    Returns whether it did."""
+    if group.members != (getattr(parent, "gate_proj", None), getattr(parent, "up_proj", None)):
+        return False
+    if not is_swiglu_mlp(parent) or group.sizes[0] != group.sizes[1]:
+        return False
+    parent.forward = types.MethodType(_swiglu_mlp_forward, parent)
+    return True
