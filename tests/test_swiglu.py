@@ -56,7 +56,8 @@ def test_matches_reference(device, bits, half, k, g, m):
     with knob("decode_gemm_max_m", 64):
         y = ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
     assert y.dtype == dtype and y.shape == (m, half)
-    _assert_close_to_reference(y, x, tiled, scale, zero, bits, g, bias, fused=device == "cuda")
+    # (The decode kernel's epilogue needs each half in whole 16-row tiles; 520 rows a half take the path beyond.)
+    _assert_close_to_reference(y, x, tiled, scale, zero, bits, g, bias, fused=device == "cuda" and half % 16 == 0)
     # The reference itself (fp32 throughout, rounded once) is within the same bound.
     _assert_close_to_reference(reference.swiglu_matmul_tiled(x, tiled, scale, zero, bits, g, bias), x, tiled, scale,
                                zero, bits, g, bias, fused=True)
