@@ -200,5 +200,6 @@ def test_prefill_takes_the_mlps_own_forward_and_compiled_decode_the_fused_one(mo
         ids = torch.randint(0, 100, (1, 1), device="cuda")
         expected = model(ids).logits
         assert len(calls) == 1
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # (inductor would fuse other roundings)
         torch.testing.assert_close(compiled(ids).logits, expected, rtol=0, atol=0)
+        assert len(calls) == 2
