@@ -4,6 +4,7 @@ taking it by themselves after models.tile_for_decode (same outputs, one kernel f
 MLP's forward is that formula)."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -150,10 +151,13 @@ def test_tiled_llama_mlp_fuses_with_the_same_outputs(device, decode_everywhere, 
         expected = unfused(ids).logits.float()
         got = model(ids).logits.float()
         assert len(calls) == 2  # one a layer
-        # A copy's forward is bound to the copy.
-        twin = copy.deepcopy(model)
-        assert twin.model.layers[0].mlp.forward.__self__ is twin.model.layers[0].mlp
-        torch.testing.assert_close(twin(ids).logits.float(), got, rtol=0, atol=0)
+        # A copy's forward (deep copy, or a whole model pickled by torch.save) is bound to the copy.
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            assert twin.model.layers[0].mlp.forward.args[0] is twin.model.layers[0].mlp
+            torch.testing.assert_close(twin(ids).logits.float(), got, rtol=0, atol=0)
     # CPU: the same roundings as the unfused MLP. GPU: one rounding of silu(gate) * up, other sums.
     torch.testing.assert_close(got, expected, rtol=0, atol=0 if device == "cpu" else 0.05 * expected.abs().max().item())
 

@@ -16,7 +16,7 @@ group decodes goes one step further (`fuse_swiglu`): silu(gate) * up is the grou
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import nn
@@ -188,5 +188,7 @@ def fuse_swiglu(parent: nn.Module, group: SharedInputProjections) -> bool:
         return False
     if not is_swiglu_mlp(parent) or group.sizes[0] != group.sizes[1]:
         return False
-    parent.forward = types.MethodType(_swiglu_mlp_forward, parent)
+    # A partial of a module-level function (not a bound method): a pickled model (torch.save) and a
+    # deep copy carry it, bound to their own MLP.
+    parent.forward = functools.partial(_swiglu_mlp_forward, parent)
     return True
