@@ -178,11 +178,8 @@ def cmd_train(args) -> int:
     _positive(steps=(args.steps, 1), batch_size=(args.batch_size, 1), seq_len=(args.seq_len, 1),
               rank=(args.rank, 1), calib_samples=(args.calib_samples, 1), checkpoint_every=(args.checkpoint_every, 0))
     kwargs = _method_kwargs(args)
-    try:
-        spec = QuantSpec(args.bits, args.group_size, args.symmetric)
-    except ValueError as e:  # QuantSpec's own check, in the flags' names
-        raise ValueError(str(e).replace("QuantSpec.bits", "--bits").replace("QuantSpec.group_size",
-                                                                             "--group-size")) from None
+    QuantSpec.check(args.bits, args.group_size, "--bits", "--group-size")
+    spec = QuantSpec(args.bits, args.group_size, args.symmetric)
     text = _read_text(args)
     _refuse_quantized_input(args.model)
     out = Path(args.output_dir)

@@ -16,10 +16,15 @@ class QuantSpec:
     symmetric: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"QuantSpec.bits must be an int in 2..8, got {self.bits!r}")
-        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise ValueError(f"QuantSpec.group_size must be a positive int or -1 (per-channel), got {self.group_size!r}")
+        self.check(self.bits, self.group_size)
+
+    @staticmethod
+    def check(bits, group_size, bits_name: str = "QuantSpec.bits", group_size_name: str = "QuantSpec.group_size"):
+        """ValueError unless bits and group_size are valid, naming each as its caller calls it (a CLI: its flags)."""
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"{bits_name} must be an int in 2..8, got {bits!r}")
+        if group_size != -1 and (not isinstance(group_size, int) or group_size <= 0):
+            raise ValueError(f"{group_size_name} must be a positive int or -1 (per-channel), got {group_size!r}")
 
     @property
     def qmax(self) -> int:
