@@ -89,11 +89,7 @@ class SharedInputProjections(nn.Module):
         """Member `index`'s decode output for x (x through the member's _input)."""
         pending = self._pending
         if pending is None or pending[0] is not x:
-            # Eagerly, a member's weights that changed (load_state_dict, .to()) are concatenated
-            # again; a compiled graph is traced after models.tile_for_decode, on current weights.
-            if not torch.compiler.is_compiling() and self._built_from != self._stamp():
-                self._build()
-            bias = None if self.bias is None else self.bias.to(x.dtype)
+            bias = self._current_bias(x)  # (first: it may concatenate the weights again)
             y = ops.dequant_matmul_tiled(x, self.tiled, self.scale, self.zero, self.bits, self.group_size, bias)
             pending = (x, y.split(self.sizes, dim=-1), len(self.sizes))
         # One attribute written once a call: under torch.compile each write is replayed on the host
@@ -104,10 +100,16 @@ class SharedInputProjections(nn.Module):
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for x, the members being a SwiGLU MLP's gate and up projections (see fuse_swiglu)."""
+        bias = self._current_bias(x)  # (first: it may concatenate the weights again)
+        return ops.swiglu_matmul_tiled(x, self.tiled, self.scale, self.zero, self.bits, self.group_size, bias)
+
+    def _current_bias(self, x: torch.Tensor):
+        """The concatenated bias in x's dtype (or None), after concatenating the members' weights again
+        where they changed (load_state_dict, .to()), eagerly: a compiled graph is traced after
+        models.tile_for_decode, on current weights."""
         if not torch.compiler.is_compiling() and self._built_from != self._stamp():
             self._build()
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return ops.swiglu_matmul_tiled(x, self.tiled, self.scale, self.zero, self.bits, self.group_size, bias)
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def tune(self) -> None:
         """Time the decode kernel's variants for the concatenated shape (ops.tune_decode_gemm); the members
