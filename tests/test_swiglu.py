@@ -126,6 +126,9 @@ def test_which_mlps_are_swiglu():
     assert is_swiglu_mlp(mlp)
     other = GatedOnUp(mlp.config)
     assert not is_swiglu_mlp(other)
+    mlp.config.pretraining_tp = 2  # (older transformers slice the weights in this forward then)
+    assert not is_swiglu_mlp(mlp)
+    mlp.config.pretraining_tp = 1
     mlp.act_fn = nn.GELU()  # Gemma's MLP: the same forward, another activation
     assert not is_swiglu_mlp(mlp)
 

@@ -174,11 +174,14 @@ def _same_code(f, g) -> bool:
 
 def is_swiglu_mlp(parent: nn.Module) -> bool:
     """Whether parent computes down_proj(silu(gate_proj(x)) * up_proj(x)): its forward is (bytecode for
-    bytecode) transformers' LlamaMLP.forward and its act_fn is SiLU."""
+    bytecode) transformers' LlamaMLP.forward, its act_fn is SiLU, and no tensor-parallel slicing
+    (config.pretraining_tp > 1, a branch of that forward in older transformers) applies."""
     reference = _llama_mlp_forward()
     forward = getattr(type(parent), "forward", None)
     return (reference is not None and callable(forward) and hasattr(forward, "__code__")
-            and _same_code(forward, reference) and type(getattr(parent, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
+            and _same_code(forward, reference)
+            and type(getattr(parent, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+            and getattr(getattr(parent, "config", None), "pretraining_tp", 1) == 1)
 
 
 def fuse_swiglu(parent: nn.Module, group: SharedInputProjections) -> bool:
