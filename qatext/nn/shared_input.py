@@ -152,8 +152,8 @@ def _swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An MLP's forward with silu(gate) * up in its gate/up GEMM where that GEMM decodes x; else its own."""
     group = mlp.decode_gate_up
     gate, up = group.members
-    if (knobs.current("decode_swiglu") and mlp.gate_proj is gate and mlp.up_proj is up and gate.mode == "packed"
-            and gate._decodes(x)):
+    # (The members, packed layers, still the MLP's: a layer replaced since, by a conversion, is not.)
+    if knobs.current("decode_swiglu") and mlp.gate_proj is gate and mlp.up_proj is up and gate._decodes(x):
         return mlp.down_proj(group.swiglu(x))
     return type(mlp).forward(mlp, x)
 
