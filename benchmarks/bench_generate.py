@@ -165,7 +165,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--also-tuning", default="", metavar="KNOB=VALUE,...",
-                   help="measure each qatext variant again with these knobs (compiled anew), as a row of its own")
+                   help="measure each qatext variant again with these knobs (compiled anew), as a row of its own; "
+                   "such a second compile of one model ran slow once and decoded another first token (NOTES, SwiGLU "
+                   "section): for an A/B, run each setting in its own process with --tuning")
     p.add_argument("--profile", type=int, nargs="?", const=30, default=0, metavar="ROWS",
                    help="also each row's ROWS most costly ops (30 when not given) by device time over one generate "
                    "(torch.profiler), in the row; a row timed after a profiled one has run slow (W4 3.08 against "
