@@ -4,6 +4,7 @@ taking it by themselves after models.tile_for_decode (same outputs, one kernel f
 MLP's forward is that formula)."""
 
 import copy
+import functools
 import io
 
 import pytest
@@ -179,6 +180,26 @@ def test_knob_off_runs_the_mlps_own_forward(monkeypatch):
             unfused = model(ids).logits
     assert len(calls) == 1
     torch.testing.assert_close(fused, unfused, rtol=0, atol=0)  # (CPU: the same roundings)
+
+
+def test_an_mlp_whose_forward_another_library_wrapped_is_left_alone(monkeypatch):
+    """accelerate's device hooks replace a module's forward by a wrapper of the old one: fusing over it would
+    drop the hook (the fused forward's fallback is the class's forward), so such an MLP keeps it."""
+    monkeypatch.setattr(PackedLinear, "_decodes", lambda self, x: True)
+    model = _llama()
+    mlp = model.model.layers[0].mlp
+    seen = []
+
+    def hooked(module, x):
+        seen.append(x.shape)
+        return type(module).forward(module, x)
+
+    mlp.forward = functools.partial(hooked, mlp)
+    models.tile_for_decode(model)
+    assert mlp.forward.func is hooked and model.model.layers[0].mlp.decode_gate_up is not None
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 1)))
+    assert len(seen) == 1
 
 
 def test_an_mlp_whose_layers_change_runs_its_own_forward(monkeypatch):

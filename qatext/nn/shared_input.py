@@ -193,6 +193,9 @@ def fuse_swiglu(parent: nn.Module, group: SharedInputProjections) -> bool:
         return False
     if not is_swiglu_mlp(parent) or group.sizes[0] != group.sizes[1]:
         return False
+    current = parent.__dict__.get("forward")
+    if current is not None and getattr(current, "func", None) is not _swiglu_mlp_forward:
+        return False  # another library's forward on this module (accelerate's device hooks): left in place
     # A partial of a module-level function (not a bound method): a pickled model (torch.save) and a
     # deep copy carry it, bound to their own MLP.
     parent.forward = functools.partial(_swiglu_mlp_forward, parent)
