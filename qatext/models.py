@@ -111,7 +111,8 @@ def merge_model(model: nn.Module) -> nn.Module:
 def tile_for_decode(model: nn.Module, keep_packed: bool = False) -> int:
     """QuantLinear.tile_for_decode on every 'packed' layer whose shape and bits allow it (the others
     keep the packed path), and one decode GEMM for each set of siblings that read the same input (q/k/v,
-    gate/up: nn.shared_input); returns how many layers were tiled. The tiled codes become each layer's
+    gate/up: nn.shared_input), with silu(gate) * up in the gate/up GEMM of a transformers Llama-family MLP
+    (nn.shared_input.fuse_swiglu); returns how many layers were tiled. The tiled codes become each layer's
     storage (its `packed` buffer dropped: one copy of the codes) unless `keep_packed`."""
     layers = [layer for _, layer in quant_layers(model) if layer.mode == "packed" and layer._tileable]
     # Groups first: their members' tiled codes become views of the group's, and only the group's
