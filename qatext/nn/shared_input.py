@@ -148,9 +148,9 @@ def share_inputs(parent: nn.Module) -> list[SharedInputProjections]:
     return groups
 
 
-def _swiglu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An MLP's forward with silu(gate) * up in its gate/up GEMM where that GEMM decodes x; else its own."""
-    group = mlp.decode_gate_up
+def _swiglu_mlp_forward(mlp: nn.Module, group: SharedInputProjections, x: torch.Tensor) -> torch.Tensor:
+    """An MLP's forward with silu(gate) * up in its gate/up GEMM (`group`) where that GEMM decodes x; else its
+    own."""
     gate, up = group.members
     # (The members, packed layers, still the MLP's: a layer replaced since, by a conversion, is not.)
     if knobs.current("decode_swiglu") and mlp.gate_proj is gate and mlp.up_proj is up and gate._decodes(x):
@@ -197,6 +197,6 @@ def fuse_swiglu(parent: nn.Module, group: SharedInputProjections) -> bool:
     if current is not None and getattr(current, "func", None) is not _swiglu_mlp_forward:
         return False  # another library's forward on this module (accelerate's device hooks): left in place
     # A partial of a module-level function (not a bound method): a pickled model (torch.save) and a
-    # deep copy carry it, bound to their own MLP.
-    parent.forward = functools.partial(_swiglu_mlp_forward, parent)
+    # deep copy carry it, bound to their own MLP and group.
+    parent.forward = functools.partial(_swiglu_mlp_forward, parent, group)
     return True
