@@ -7,7 +7,8 @@ configured as its users configure it: a plain bf16 nn.Linear with a trainable we
 adapters (autocast_adapter_dtype=False: PEFT's default fp32 adapters would hold an fp32 copy of the
 input); QLoRA (bitsandbytes NF4 base + PEFT LoRA r64, bf16 adapters and compute); and the pure-PyTorch
 LR-QAT formulation (reference.py under torch.utils.checkpoint). A peer that is not installed is
-listed under "skipped" with the reason. Time (CUDA events, median), the host's time for one step
+listed under "skipped" with the reason. Time (CUDA events, median of rounds that each time every variant
+once, after two seconds of them all running, so each sees the same GPU clocks), the host's time for one step
 started on an idle GPU (the 7B steps are host-bound), and the memory the layer holds between forward
 and backward (allocated after forward, less its output).
 
@@ -27,7 +28,7 @@ from qatext import QuantSpec, reference
 from qatext.nn import QuantLinear
 import peers
 import timing
-from timing import cuda_time_ms, peak_extra_mib
+from timing import cuda_time_interleaved_ms, peak_extra_mib
 
 LAYERS = [(4096, 11008), (11008, 4096)]  # (in, out)
 
@@ -113,12 +114,16 @@ def variants(k, n, dtype):
 def main():
     parser = timing.parser()
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="timed rounds; each round times every variant once, in an order rotating by one")
     parser.add_argument("--profile", action="store_true",
                         help="also each variant's ops by device time per step (torch.profiler), in its row")
     parser.add_argument("--variants", default=None, metavar="NAME,...",
                         help="only these variants (default: all), e.g. lrqat_int4,qalora_r64; bf16_linear, the "
                         "reference of the time_vs_bf16_linear column, is always run")
     args = timing.start(parser)
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected a positive number of rounds, got {args.repeats}")
     timing.require_gpu(parser)
     dtype = torch.bfloat16
     rows, skipped = [], []
@@ -129,6 +134,7 @@ def main():
         wanted = list(built) if args.variants is None else ["bf16_linear", *args.variants.split(",")]
         if unknown := [name for name in wanted if name not in built]:
             parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(built)}")
+        runs = {}
         for name, fn in built.items():
             if name not in wanted:
                 continue
@@ -136,8 +142,10 @@ def main():
                 skipped.append({"layer": f"{k}->{n}", "variant": name, "reason": fn})
                 print(f"{k}->{n} {name:32s} skipped: {fn}", flush=True)
                 continue
-            run = step(fn, x, grad_y)
-            ms = cuda_time_ms(run, warmup=3, repeats=10, inner=3)
+            runs[name] = step(fn, x, grad_y)
+        times = cuda_time_interleaved_ms(runs, warmup=3, repeats=args.repeats, inner=3)
+        for name, run in runs.items():
+            fn, ms = built[name], times[name]
             row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "fwd_bwd_ms": ms,
                    "host_us": timing.host_time_us(run),  # what a host-bound step pays for this layer
                    "held_for_backward_MiB": held_mib(fn, x), "step_peak_extra_MiB": peak_extra_mib(run),

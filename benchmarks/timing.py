@@ -75,6 +75,39 @@ def cuda_time_ms(fn, warmup=5, repeats=20, inner=10) -> float:
     return statistics.median(times)
 
 
+def cuda_time_interleaved_ms(fns: dict, warmup=3, repeats=10, inner=3, settle_s=2.0) -> dict[str, float]:
+    """Median milliseconds of one call of each fn, the fns timed in turn within every repeat (the order
+    rotating by one each repeat) after `settle_s` seconds of them run round-robin: each sees the same
+    clocks and the same neighbours. Timed one after another instead, the same cuBLAS GEMM on the same
+    inputs took 443 us in the first variant and 458-479 us in later ones (results/layer_h200_profile.json),
+    as much as the differences the layer benchmark is after."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < settle_s:
+        for name in names:
+            fns[name]()
+        torch.cuda.synchronize()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        events = []
+        for name in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fns[name]()
+            end.record()
+            events.append((name, start, end))
+        torch.cuda.synchronize()
+        for name, start, end in events:
+            times[name].append(start.elapsed_time(end) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def host_time_us(fn, warmup=3, repeats=20) -> float:
     """Median microseconds the host spends in one fn() call started on an idle GPU (synchronised
     before each call, none inside it): the Python, dispatch and launch cost a host-bound training step

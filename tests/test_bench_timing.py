@@ -53,6 +53,26 @@ def test_cold_cycles_copies_past_twice_the_l2():
     assert seen[:copies] == seen[copies:2 * copies]  # cycled in order: each call's weight the least recent
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_interleaved_timing_times_every_fn_in_each_round_in_rotating_order():
+    a = torch.randn(2048, 2048, device="cuda")
+    calls = []
+
+    def fn(name, n):
+        def run():
+            calls.append(name)
+            for _ in range(n):
+                a @ a
+        return run
+
+    ms = timing.cuda_time_interleaved_ms({"one": fn("one", 1), "four": fn("four", 4)}, warmup=2, repeats=3, inner=2,
+                                         settle_s=0)
+    assert list(ms) == ["one", "four"] and 2.5 < ms["four"] / ms["one"] < 6
+    assert calls[:4] == ["one", "one", "four", "four"]  # warm-up
+    assert calls[4:] == ["one"] * 2 + ["four"] * 2 + ["four"] * 2 + ["one"] * 2 + ["one"] * 2 + ["four"] * 2
+
+
 @pytest.mark.parametrize("group_size", ["100", "0"])
 def test_bench_decode_refuses_a_group_size_the_layout_cannot_take(group_size):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"

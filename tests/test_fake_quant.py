@@ -124,6 +124,33 @@ def test_cuda_rounds_edge_values_as_cpu():
             torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_divides_by_the_scale_as_cpu():
+    # The forward divides by a group's scale as a product with its rounded reciprocal and two FMA
+    # corrections, which must round w / s as the division does. Quotients a few ulps from a half (a third
+    # of them) round to the CPU's codes only if every bit of w / s is the division's; the others span the
+    # 8-bit code range and beyond, over scales from 2^-62 to 2^62 (past the fast path's range at both ends).
+    # The backward (a plain division) is held to the CPU's bits too: with g = 1 and groups of 8 its ds sums
+    # (round(w/s) - w/s) in the CPU's order.
+    gen = torch.Generator().manual_seed(0)
+    rows, k = 4096, 64
+    s = (2.0 ** torch.randint(-62, 63, (rows, k // 8), generator=gen)) * (1 + torch.rand(rows, k // 8, generator=gen))
+    x = torch.rand(rows, k, generator=gen) * 300 - 150
+    halves = torch.randint(-140, 140, (rows, k), generator=gen) + 0.5
+    near_half = torch.rand(rows, k, generator=gen) < 1 / 3
+    w = (torch.where(near_half, halves, x) * s.repeat_interleave(8, dim=1)).float()
+    ulps = torch.randint(-3, 4, (rows, k), generator=gen, dtype=torch.int32)
+    w = torch.where(near_half, (w.view(torch.int32) + ulps).view(torch.float32), w)
+    zero = torch.full_like(s, 128.0)
+    assert torch.equal(ops.fake_quant(w.cuda(), s.cuda(), zero.cuda(), 8, 8).cpu(), ops.fake_quant(w, s, zero, 8, 8))
+    grad = torch.ones_like(w)
+    cpu = torch.ops.qatext.fake_quant_backward(grad, w, s, zero, 8, 8)
+    gpu = torch.ops.qatext.fake_quant_backward(grad.cuda(), w.cuda(), s.cuda(), zero.cuda(), 8, 8)
+    for g, c in zip(gpu, cpu):
+        assert torch.equal(g.cpu(), c)
+
+
 @pytest.mark.parametrize("shape", [(9, 256, 128), (5, 4096, -1)])
 def test_unaligned_storage_takes_the_fallback_correctly(device, shape):
     n, k, g = shape

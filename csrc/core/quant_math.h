@@ -81,21 +81,63 @@ constexpr float kMinScale = 1e-6f;
 QATEXT_HOST_DEVICE float trained_scale(float s) { return s < kMinScale ? kMinScale : s; }
 QATEXT_HOST_DEVICE float trained_zero(float z) { return round_half_even(z); }
 
-// Forward of the weight quantizer.
-QATEXT_HOST_DEVICE float fake_quant_value(float w, float s, float z, float qmax) {
-  const float q = clampf(round_code(w / s) + z, 0.f, qmax);
+// w / s for the weights of one scale, rounded as the division rounds. On a GPU a division is a
+// special-function reciprocal, a range check and a branch per element, which held the fake-quant
+// kernels under the copy rate. Here the reciprocal is rounded once (divisor) and each weight takes a
+// product and two FMA corrections: by Markstein's theorem the second gives the correctly rounded
+// quotient where nothing under- or overflows, which the ranges below keep (|s| in [2^-60, 2^60], every
+// |w / s| of the batch in [2^-40, 2^40]). A batch with anything else (zero, inf, NaN, extremes) divides.
+// The host divides.
+struct Divisor {
+  float s, inv;  // inv: 1 / s rounded, or NaN where s is outside the fast path's range
+};
+
+QATEXT_HOST_DEVICE Divisor divisor(float s) {
+#ifdef __CUDA_ARCH__
+  const float a = fabsf(s);
+  return {s, a >= 0x1p-60f && a <= 0x1p60f ? __frcp_rn(s) : __int_as_float(0x7fffffff)};
+#else
+  return {s, 1.f / s};
+#endif
+}
+
+// x[i] = w[i] / d.s for i < N, one range check for the N.
+template <int N>
+QATEXT_HOST_DEVICE void divide(const float (&w)[N], Divisor d, float (&x)[N]) {
+#ifdef __CUDA_ARCH__
+  bool fast = true;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    x[i] = __fmul_rn(w[i], d.inv);
+    fast = fast && fabsf(x[i]) >= 0x1p-40f && fabsf(x[i]) <= 0x1p40f;  // false for NaN
+  }
+  if (fast) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float q1 = __fmaf_rn(__fmaf_rn(-d.s, x[i], w[i]), d.inv, x[i]);
+      x[i] = __fmaf_rn(__fmaf_rn(-d.s, q1, w[i]), d.inv, q1);
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < N; ++i) x[i] = w[i] / d.s;
+}
+
+// Forward of the weight quantizer at x = w / s.
+QATEXT_HOST_DEVICE float fake_quant_value(float x, float s, float z, float qmax) {
+  const float q = clampf(round_code(x) + z, 0.f, qmax);
   return (q - z) * s;
 }
 
-// Gradients of fq at one element for upstream gradient g, with round() straight-through:
+// Gradients of fq at one element, x = w / s, for upstream gradient g, with round() straight-through:
 //   in range (0 <= round(w/s)+z <= qmax): dw = g, ds = g * (round(w/s) - w/s), dz = 0
 //   clipped:                              dw = 0, ds = g * (clamp(...) - z),    dz = -g * s
 struct FakeQuantGrad {
   float dw, ds, dz;
 };
 
-QATEXT_HOST_DEVICE FakeQuantGrad fake_quant_grad(float w, float s, float z, float qmax, float g) {
-  const float x = w / s;
+QATEXT_HOST_DEVICE FakeQuantGrad fake_quant_grad(float x, float s, float z, float qmax, float g) {
   const float r = round_code(x);
   const float c = r + z;
   if (c >= 0.f && c <= qmax) return {g, g * (r - x), 0.f};

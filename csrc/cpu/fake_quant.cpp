@@ -19,7 +19,7 @@ void fake_quant_forward(const T* w, const float* scale, const float* zero, T* ou
     const int64_t base = n * shape.K + k0;
     const float s = trained_scale(scale[ng]), z = trained_zero(zero[ng]);
     for (int64_t k = 0; k < shape.group_size; ++k) {
-      out[base + k] = T(fake_quant_value(float(w[base + k]), s, z, qmax));
+      out[base + k] = T(fake_quant_value(float(w[base + k]) / s, s, z, qmax));
     }
   });
 }
@@ -33,7 +33,7 @@ void fake_quant_backward(const T* grad, const T* w, const float* scale, const fl
     const float s = trained_scale(scale[ng]), z = trained_zero(zero[ng]);
     float ds = 0.f, dz = 0.f;
     for (int64_t k = 0; k < shape.group_size; ++k) {
-      const FakeQuantGrad d = fake_quant_grad(float(w[base + k]), s, z, qmax, float(grad[base + k]));
+      const FakeQuantGrad d = fake_quant_grad(float(w[base + k]) / s, s, z, qmax, float(grad[base + k]));
       grad_w[base + k] = T(d.dw);
       ds += d.ds;
       dz += d.dz;
@@ -60,7 +60,7 @@ void fake_quant_per_token_forward(const T* x, T* out, int64_t M, int64_t K, int 
     for (int64_t m = begin; m < end; ++m) {
       const T* row = x + m * K;
       const TokenQParams p = row_qparams(row, K, bits, symmetric);
-      for (int64_t k = 0; k < K; ++k) out[m * K + k] = T(fake_quant_value(float(row[k]), p.s, p.z, qmax));
+      for (int64_t k = 0; k < K; ++k) out[m * K + k] = T(fake_quant_value(float(row[k]) / p.s, p.s, p.z, qmax));
     }
   });
 }
@@ -74,7 +74,7 @@ void fake_quant_per_token_backward(const T* grad, const T* x, T* grad_x, int64_t
       const T* row = x + m * K;
       const TokenQParams p = row_qparams(row, K, bits, symmetric);
       for (int64_t k = 0; k < K; ++k) {
-        grad_x[m * K + k] = T(fake_quant_grad(float(row[k]), p.s, p.z, qmax, float(grad[m * K + k])).dw);
+        grad_x[m * K + k] = T(fake_quant_grad(float(row[k]) / p.s, p.s, p.z, qmax, float(grad[m * K + k])).dw);
       }
     }
   });

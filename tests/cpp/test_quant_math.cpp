@@ -18,14 +18,14 @@ TEST(QuantMath, RoundsHalfToEven) {
 
 TEST(QuantMath, FakeQuantValueClampsToTheCodeRange) {
   // 4 bits, s = 0.5, z = 8: codes 0..15 represent -4.0 .. 3.5.
-  EXPECT_FLOAT_EQ(fake_quant_value(1.2f, 0.5f, 8.f, 15.f), 1.0f);
-  EXPECT_FLOAT_EQ(fake_quant_value(100.f, 0.5f, 8.f, 15.f), 3.5f);
-  EXPECT_FLOAT_EQ(fake_quant_value(-100.f, 0.5f, 8.f, 15.f), -4.0f);
-  EXPECT_FLOAT_EQ(fake_quant_value(0.75f, 0.5f, 8.f, 15.f), 1.0f);  // 1.5 rounds to 2
+  EXPECT_FLOAT_EQ(fake_quant_value(1.2f / 0.5f, 0.5f, 8.f, 15.f), 1.0f);
+  EXPECT_FLOAT_EQ(fake_quant_value(100.f / 0.5f, 0.5f, 8.f, 15.f), 3.5f);
+  EXPECT_FLOAT_EQ(fake_quant_value(-100.f / 0.5f, 0.5f, 8.f, 15.f), -4.0f);
+  EXPECT_FLOAT_EQ(fake_quant_value(0.75f / 0.5f, 0.5f, 8.f, 15.f), 1.0f);  // 1.5 rounds to 2
 }
 
 TEST(QuantMath, FakeQuantGradInRangeIsStraightThrough) {
-  const FakeQuantGrad d = fake_quant_grad(1.2f, 0.5f, 8.f, 15.f, 2.f);
+  const FakeQuantGrad d = fake_quant_grad(1.2f / 0.5f, 0.5f, 8.f, 15.f, 2.f);
   EXPECT_FLOAT_EQ(d.dw, 2.f);
   EXPECT_FLOAT_EQ(d.ds, 2.f * (2.f - 2.4f));  // g * (round(w/s) - w/s)
   EXPECT_FLOAT_EQ(d.dz, 0.f);
@@ -33,12 +33,12 @@ TEST(QuantMath, FakeQuantGradInRangeIsStraightThrough) {
 
 TEST(QuantMath, FakeQuantGradOnTheBoundaryCodeStillFlows) {
   // w/s = -8 -> code 0: representable, so the gradient passes.
-  const FakeQuantGrad d = fake_quant_grad(-4.f, 0.5f, 8.f, 15.f, 1.f);
+  const FakeQuantGrad d = fake_quant_grad(-4.f / 0.5f, 0.5f, 8.f, 15.f, 1.f);
   EXPECT_FLOAT_EQ(d.dw, 1.f);
 }
 
 TEST(QuantMath, FakeQuantGradClippedGoesToScaleAndZero) {
-  const FakeQuantGrad d = fake_quant_grad(10.f, 0.5f, 8.f, 15.f, 3.f);
+  const FakeQuantGrad d = fake_quant_grad(10.f / 0.5f, 0.5f, 8.f, 15.f, 3.f);
   EXPECT_FLOAT_EQ(d.dw, 0.f);
   EXPECT_FLOAT_EQ(d.ds, 3.f * (15.f - 8.f));  // g * (qmax - z)
   EXPECT_FLOAT_EQ(d.dz, -3.f * 0.5f);         // -g * s
@@ -87,4 +87,11 @@ TEST(QuantMath, LrqatCodeMaskAndFixedPoint) {
   const LrqatCode out = lrqat_code(14.f, 4.f, 1.f, 15.f);
   EXPECT_FLOAT_EQ(out.q, 15.f);
   EXPECT_FALSE(out.in_range);
+}
+
+TEST(QuantMath, DivideByADivisorIsTheDivision) {
+  const float w[4] = {1.2f, -3.7f, 0.f, 1e30f};
+  float x[4];
+  divide(w, divisor(0.3f), x);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(x[i], w[i] / 0.3f);
 }
