@@ -107,7 +107,8 @@ template <typename T>
 __device__ __forceinline__ void backward_vec8(const T* __restrict__ grad, const T* __restrict__ w,
                                               T* __restrict__ grad_w, int64_t offset, float s, float z, float qmax,
                                               float& ds, float& dz) {
-  // A plain division here: `divide` made this kernel 5-10% slower on the H200 (it sped the forward up).
+  // A plain division here: with `divide` this kernel took 46 registers against 40 and ran 3-6% slower on
+  // the H200 (benchmarks/NOTES.md), where the forward gained 9%.
   const Vec8<T> x = load8(w + offset), g = load8(grad + offset);
   Vec8<T> gw;
 #pragma unroll
@@ -123,7 +124,7 @@ __device__ __forceinline__ void backward_vec8(const T* __restrict__ grad, const 
 // Backward for groups of 8 * Lanes elements (Lanes in 1..32): a group is Lanes consecutive lanes
 // of one warp, reduced with xor shuffles in a fixed order.
 template <typename T, int Lanes>
-__global__ void __launch_bounds__(kThreads, 8) fake_quant_backward_vec_kernel(
+__global__ void __launch_bounds__(kThreads) fake_quant_backward_vec_kernel(
     const T* __restrict__ grad, const T* __restrict__ w, const float* __restrict__ scale,
     const float* __restrict__ zero, T* __restrict__ grad_w, float* __restrict__ grad_scale,
     float* __restrict__ grad_zero, int64_t vectors, float qmax) {
