@@ -112,7 +112,7 @@ def train(model, param_groups: list[dict], tokens: torch.Tensor, cfg: TrainConfi
     module = wrapped.module if wrapped else model
     param_groups = wrapped.param_groups if wrapped else param_groups
     params = [p for g in param_groups for p in g["params"]]
-    opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = local_shards.adamw(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[float] = []

@@ -101,3 +101,40 @@ def test_clip_of_other_dtensor_layouts_takes_torch_path(one_rank_mesh, monkeypat
     assert calls == [1.0]
     torch.testing.assert_close(norm.full_tensor() if hasattr(norm, "full_tensor") else norm, ref_norm)
     torch.testing.assert_close(rep.grad.full_tensor(), plain.grad)
+
+
+def test_adamw_keeps_torchs_default_for_cpu_and_sharded_parameters(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    p = nn.Parameter(torch.randn(4, 4))
+    q = nn.Parameter(distribute_tensor(torch.randn(4, 4), one_rank_mesh, [Shard(0)]))
+    for params in ([p], [q]):
+        opt = local_shards.adamw([{"params": params, "lr": 0.1}], betas=(0.9, 0.95), weight_decay=0.1)
+        assert not opt.param_groups[0]["fused"] and opt.param_groups[0]["betas"] == (0.9, 0.95)
+    with pytest.raises(ValueError):  # torch's own check of an argument still applies
+        local_shards.adamw([{"params": [p]}], lr=-1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adamw_is_fused_on_cuda_and_steps_as_foreach():
+    # bf16 weights beside fp32 scales, as full QAT trains them: one fused AdamW over both dtypes.
+    torch.manual_seed(0)
+    shapes = [((64, 32), torch.bfloat16), ((64, 1), torch.float32)]
+    fused = [nn.Parameter(torch.randn(s, device="cuda", dtype=d)) for s, d in shapes]
+    foreach = [nn.Parameter(p.detach().clone()) for p in fused]
+    opt = local_shards.adamw([{"params": fused, "lr": 1e-2}], weight_decay=0.1)
+    ref = torch.optim.AdamW([{"params": foreach, "lr": 1e-2}], weight_decay=0.1, foreach=True)
+    assert opt.param_groups[0]["fused"] and not local_shards.adamw([{"params": [nn.Parameter(torch.ones(2))]}],
+                                                                  lr=0.1).param_groups[0]["fused"]
+    for _ in range(3):
+        for p, q in zip(fused, foreach):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        local_shards.adamw_step(opt)
+        ref.step()
+    # The same update, rounded otherwise: foreach rounds each bf16 op's result (5 ops, 2^-8 each, of an
+    # update of at most ~3 lr), fused computes in fp32; then an ulp of the parameter.
+    for p, q in zip(fused, foreach):
+        bf16 = p.dtype == torch.bfloat16
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2**-7 if bf16 else 1e-5, atol=1e-3 if bf16 else 1e-6)

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
+from .. import local_shards
 from ..data import random_batch
 from ..models import convert_layers, decoder_layers, quant_layers, quantize_model
 from ..quant import QuantSpec
@@ -97,8 +98,8 @@ def block_ap(model, spec: QuantSpec, tokens, n_samples: int = 128, seq_len: int 
         quantize_model(_BlockHolder(block), spec, method="fake", init=init, target_modules=target_modules)
         weights = layer_params(block, ("weight",))
         qparams = layer_params(block, ("scale", "zero"))
-        opt = torch.optim.AdamW([{"params": weights, "lr": weight_lr}, {"params": qparams, "lr": quant_lr}],
-                                weight_decay=0.0)
+        opt = local_shards.adamw([{"params": weights, "lr": weight_lr}, {"params": qparams, "lr": quant_lr}],
+                                 weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1 / 20 + (1 - 1 / 20) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
         block.train()
