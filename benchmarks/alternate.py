@@ -89,6 +89,7 @@ def main() -> None:
         for pair in range(1, args.pairs + 1):
             for side in ("a", "b"):
                 out = Path(tmp) / f"{side}{pair}.json"
+                print(f"pair {pair} {side.upper()}: {getattr(args, side)} ...", flush=True)
                 done = subprocess.run([*argv[side], "--out", str(out)], capture_output=True, text=True)
                 if done.returncode != 0 or not out.exists():
                     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -100,7 +101,7 @@ def main() -> None:
                 except ValueError as e:
                     sys.exit(f"alternate.py: --metric {args.metric!r} in run {side}{pair}'s result: {e}")
                 runs.append({"side": side, "pair": pair, "value": value, "result": result})
-                print(f"pair {pair} {side.upper()}: {value:.6g}", flush=True)
+                print(f"pair {pair} {side.upper()}: {args.metric} = {value:.6g}", flush=True)
 
     a = [r["value"] for r in runs if r["side"] == "a"]
     b = [r["value"] for r in runs if r["side"] == "b"]
