@@ -2,7 +2,7 @@
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, the warps of a block splitting K,
-2 and 4 row tiles per warp, rings of 4 and 8 stages, SwiGLU's epilogue); and beyond it, the tiled layout untiled and
+2 and 4 row tiles per warp, rings of 4 and 8 stages, SwiGLU's epilogue); the staged kernel; and beyond them, the tiled layout untiled and
 dequantised straight into a 16- or 32-bit weight (group sizes that a lane's 16 columns straddle
 included); and the packed codes dequantised at every width 2-8 into each dtype, from aligned and odd
 addresses (the vector and element-wise kernels); QA-LoRA's pooling and its transpose at 1 to 32 lanes a
@@ -44,7 +44,21 @@ for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
             # SwiGLU in the warp-split epilogue: gate and up halves, 2 or 4 row tiles a block.
             ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
-qatext.set_tuning(decode_gemm_max_m=0, dequant_gemm_max_m=0)  # dequant_tiled + cuBLAS, and untile
+# The staged kernel: 4 and 8 token tiles (several token blocks, a partial last one), 1 and 2 row tiles a
+# warp, a partial column block, split-K of one to many slices through a cluster and through global partials.
+for (n, k, g), (min_slice, row_tiles, cluster) in itertools.product(
+        [(48, 384, -1), (1040, 512, 128), (256, 4096, 64)], itertools.product((1, 8), (1, 2), (0, 1))):
+    qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=512, decode_gemm_min_slice=min_slice,
+                      decode_gemm_row_tiles=row_tiles, staged_gemm_cluster=cluster)
+    for bits in (2, 3, 4):
+        packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+        tiled = ops.tile_packed(packed, bits, k)
+        scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
+        zero = torch.full_like(scale, 1.5)
+        for m in (17, 64, 150):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.bfloat16))
+qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=0, dequant_gemm_max_m=0)  # dequant_tiled + cuBLAS, untile
 for n, k, g in [(48, 384, 24), (1040, 512, 128), (128, 64, -1)]:
     for bits, dtype in itertools.product((2, 3, 4), (torch.bfloat16, torch.float32)):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)

@@ -61,14 +61,14 @@ def test_tiled_layer_holds_one_copy_and_reads_as_before(device):
 
 @pytest.mark.parametrize("tokens", [20, 200])
 def test_tiled_layer_prefill_equals_the_packed_path(device, tokens):
-    """A prompt beyond the decode kernel on a tiled-only layer (16-bit, as served) dequantises from the
+    """A prompt beyond the decode and staged kernels on a tiled-only layer (16-bit, as served) dequantises from the
     tiled codes (20 tokens on a GPU: untiled for the fused kernel): bit for bit the output of the layer
     that keeps its packed codes."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     both = _packed_layer(device).to(dtype).tile_for_decode(keep_packed=True)
     tiled = _packed_layer(device).to(dtype).tile_for_decode()
     x = torch.randn(tokens, 384, device=device, dtype=dtype)
-    with torch.no_grad(), knob("decode_gemm_max_m", 0):
+    with torch.no_grad(), knob("decode_gemm_max_m", 0), knob("staged_gemm_max_m", 0):
         assert torch.equal(tiled(x), both._matmul(x))
 
 

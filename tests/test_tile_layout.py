@@ -78,8 +78,8 @@ def test_dequant_matmul_tiled_matches_dequant_matmul(device, bits):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [5, 80])
 def test_dequant_matmul_tiled_beyond_decode_equals_dequant_matmul_exactly(device, bits, g, dtype, rows):
-    """Beyond the decode kernel a tiled weight is dequantised straight from its layout (16-bit CUDA inputs
-    of at most dequant_gemm_max_m rows: untiled for the fused kernel), to the very values dequant makes
+    """Beyond the decode and staged kernels a tiled weight is dequantised straight from its layout (16-bit
+    CUDA inputs of at most dequant_gemm_max_m rows: untiled for the fused kernel), to the very values dequant makes
     from the packed codes: the output equals dequant_matmul's bit for bit (g = 24: a lane's 16 columns
     straddle two groups)."""
     n, k = 48, 384
@@ -88,7 +88,7 @@ def test_dequant_matmul_tiled_beyond_decode_equals_dequant_matmul_exactly(device
     x = torch.randn(rows, k, device=device, dtype=dtype)
     bias = torch.randn(n, device=device, dtype=dtype)
     tiled = ops.tile_packed(packed, bits, k)
-    with knob("decode_gemm_max_m", 0):
+    with knob("decode_gemm_max_m", 0), knob("staged_gemm_max_m", 0):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
     torch.testing.assert_close(y, ops.dequant_matmul(x, packed, scale, zero, bits, g, bias), rtol=0, atol=0)
 

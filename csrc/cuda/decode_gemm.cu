@@ -321,6 +321,74 @@ __device__ __forceinline__ void warp_split_reduce(const DecodeArgs& args, const 
   }
 }
 
+// The outputs of a warp's sums `out` (rows of row tiles nt0 .., tokens m0 ..) over the K slices of a
+// column tile: summed in a cluster (each warp's sums through warp_bytes of shared memory at
+// smem + warp * warp_bytes, which it no longer reads), or stored (one slice), or left as the split's
+// partials, of which the last block of the column tile to finish sums all in split order.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void finish_split_k(const DecodeArgs& args, const float (&out)[MT][NT][4], uint8_t* smem,
+                                               int warp_bytes, int m0, int nt0, bool active) {
+  T* y = static_cast<T*>(args.out);
+  const T* bias = static_cast<const T*>(args.bias);
+  if (args.cluster) {
+    cluster_reduce<T, MT, NT>(args, out, smem, warp_bytes, m0, bias, y);
+    return;
+  }
+  if (active) store_outputs<T, MT, NT>(args, out, m0, nt0, (threadIdx.x & 31) / 4, threadIdx.x % 4, bias, y);
+  if (args.splits == 1) return;
+
+  // The last block of this column tile to finish sums the splits in order.
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = args.counters + blockIdx.z * gridDim.x + blockIdx.x;
+    last = atomicAdd(counter, 1) == args.splits - 1;
+    if (last) *counter = 0;  // every split has counted: zero again for the next launch (no memset per call)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Each thread sums kE outputs at once and loads kU splits of each before adding them (in split
+  // order): kE * kU independent L2 loads in flight, where one at a time left the block waiting
+  // splits * outputs-per-thread L2 round trips.
+  constexpr int kE = 4, kU = 4;
+  const int n0 = blockIdx.x * kColsPerBlock * NT, cols = min(kColsPerBlock * NT, args.N - n0);
+  const int total = min(8 * MT, args.M - m0) * cols;
+  const int64_t MN = int64_t(args.M) * args.N;
+  for (int i0 = threadIdx.x; i0 < total; i0 += kE * kDecodeThreads) {
+    float v[kE];
+    const float* p[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int i = min(i0 + e * kDecodeThreads, total - 1);  // a clamped duplicate is summed, not stored
+      const int m = m0 + i / cols, n = n0 + i % cols;
+      v[e] = bias != nullptr ? float(bias[n]) : 0.f;
+      p[e] = args.partial + int64_t(m) * args.N + n;
+    }
+    int sp = 0;
+    for (; sp + kU <= args.splits; sp += kU) {
+      float part[kU][kE];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int e = 0; e < kE; ++e) part[u][e] = __ldcg(p[e] + (sp + u) * MN);
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int e = 0; e < kE; ++e) v[e] += part[u][e];
+    }
+    for (; sp < args.splits; ++sp)
+#pragma unroll
+      for (int e = 0; e < kE; ++e) v[e] += __ldcg(p[e] + sp * MN);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+      const int i = i0 + e * kDecodeThreads;
+      if (i < total) y[int64_t(m0 + i / cols) * args.N + n0 + i % cols] = T(v[e]);
+    }
+  }
+}
+
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y (warp split: row
 // tiles b * NT + i over K slice w; SwiGLU: b * NT / 2 + i and the same of up's); tokens 8 MT blockIdx.z +
 // (0 .. 8 MT).
@@ -480,106 +548,249 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     warp_split_reduce<T, MT, NT>(args, out, smem, m0, nt0, bias, y);
     return;
   }
-  if (args.cluster) {
-    cluster_reduce<T, MT, NT>(args, out, smem, S * L::kBytes, m0, bias, y);
-    return;
-  }
-  if (active) store_outputs<T, MT, NT>(args, out, m0, nt0, g, c, bias, y);
-  if (args.splits == 1) return;
+  finish_split_k<T, MT, NT>(args, out, smem, S * L::kBytes, m0, nt0, active);
+}
 
-  // The last block of this column tile to finish sums the splits in order.
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* counter = args.counters + blockIdx.z * gridDim.x + blockIdx.x;
-    last = atomicAdd(counter, 1) == args.splits - 1;
-    if (last) *counter = 0;  // every split has counted: zero again for the next launch (no memset per call)
+// Staged kernel (more tokens than decode: M up to a few hundred). The block's tokens (8 MT of them) are
+// staged once per 64-column tile in shared memory for all 8 warps, by a ring of S stages with one block
+// barrier a tile, where the decode kernel's warps each copied them; each warp's weight fragments are
+// dequantised to 16 bits in registers, w = (q - z) s rounded once (as dequant + cuBLAS rounds them), so
+// one set of fp32 sums serves every group and no sum_k x is formed. Each fragment then meets all 8 MT
+// tokens of the block. The warps' codes and, at a group's first tile, their rows' scales and zeros
+// ride in the same stage, each lane copying and reading back its own bytes.
+template <int BITS, int MT, int NT>
+struct StagedLayout {
+  static constexpr int kCodeBytes = BITS == 3 ? 16 : 4 * BITS;  // per lane per row tile
+  static constexpr int kTokenBytes = 8 * MT * kTileCols * 2;    // [tokens][64 columns], 16-byte chunks swizzled
+  static constexpr int kWarpBytes = NT * 32 * (kCodeBytes + 4);  // codes, then one scale or zero a lane
+  static constexpr int kBytes = kTokenBytes + kWarps * kWarpBytes;
+  // Token row r's 16-byte chunk ch (columns 8 ch .. 8 ch + 7) sits at chunk ch ^ (r % 8): the 8 rows a
+  // 16-byte read of a warp's quarter touches then fall in 8 distinct chunk columns (no bank conflict).
+  static __device__ __forceinline__ int token(int r, int ch) { return r * kTileCols * 2 + ((ch ^ (r & 7)) << 4); }
+  static __device__ __forceinline__ int codes(int warp, int i, int lane) {
+    return kTokenBytes + warp * kWarpBytes + (i * 32 + lane) * kCodeBytes;
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  // Each thread sums kE outputs at once and loads kU splits of each before adding them (in split
-  // order): kE * kU independent L2 loads in flight, where one at a time left the block waiting
-  // splits * outputs-per-thread L2 round trips.
-  constexpr int kE = 4, kU = 4;
-  const int n0 = blockIdx.x * kColsPerBlock * NT, cols = min(kColsPerBlock * NT, args.N - n0);
-  const int total = min(8 * MT, args.M - m0) * cols;
-  const int64_t MN = int64_t(args.M) * args.N;
-  for (int i0 = threadIdx.x; i0 < total; i0 += kE * kDecodeThreads) {
-    float v[kE];
-    const float* p[kE];
+  static __device__ __forceinline__ int qparams(int warp, int i, int lane) {
+    return kTokenBytes + warp * kWarpBytes + NT * 32 * kCodeBytes + (i * 32 + lane) * 4;
+  }
+};
+
+template <int BITS, int MT, int NT, int S>
+constexpr int staged_smem_bytes() {
+  // (the ring is reused for the warps' sums when a cluster sums the K slices: MT * NT * 512 bytes a warp)
+  return std::max(S * StagedLayout<BITS, MT, NT>::kBytes, kWarps * MT * NT * 512);
+}
+
+// The 16-bit A fragment (w = (q - z) s, rounded once) of a row tile at 16-deep step j, from the lane's
+// code words (decode_fragment's exact code pairs): register r holds rows g (r even) and g + 8 (r odd).
+// nzs = -(z + base) s where the pair still holds base + q (bf16), else -z s.
+template <typename T, int BITS>
+__device__ __forceinline__ void dequant_fragment(uint32_t word, uint32_t hi, int j, const float (&s)[2],
+                                                 const float (&nzs)[2], uint32_t (&a)[4]) {
+  decode_fragment<T, BITS>(word, hi, j, a);
 #pragma unroll
-    for (int e = 0; e < kE; ++e) {
-      const int i = min(i0 + e * kDecodeThreads, total - 1);  // a clamped duplicate is summed, not stored
-      const int m = m0 + i / cols, n = n0 + i % cols;
-      v[e] = bias != nullptr ? float(bias[n]) : 0.f;
-      p[e] = args.partial + int64_t(m) * args.N + n;
-    }
-    int sp = 0;
-    for (; sp + kU <= args.splits; sp += kU) {
-      float part[kU][kE];
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int e = 0; e < kE; ++e) part[u][e] = __ldcg(p[e] + (sp + u) * MN);
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-#pragma unroll
-        for (int e = 0; e < kE; ++e) v[e] += part[u][e];
-    }
-    for (; sp < args.splits; ++sp)
-#pragma unroll
-      for (int e = 0; e < kE; ++e) v[e] += __ldcg(p[e] + sp * MN);
-#pragma unroll
-    for (int e = 0; e < kE; ++e) {
-      const int i = i0 + e * kDecodeThreads;
-      if (i < total) y[int64_t(m0 + i / cols) * args.N + n0 + i % cols] = T(v[e]);
-    }
+  for (int r = 0; r < 4; ++r) {
+    const float2 q = Native<T>::unpack2(a[r]);
+    a[r] = Native<T>::pack2(fmaf(q.x, s[r & 1], nzs[r & 1]), fmaf(q.y, s[r & 1], nzs[r & 1]));
   }
 }
 
-// Kernel configuration: token tiles MT, row tiles per warp NT, ring stages S.
+// Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y; tokens
+// 8 MT blockIdx.z + (0 .. 8 MT), as the decode kernel's (so the two share their split-K epilogue).
+template <typename T, int BITS, int MT, int NT, int S>
+__global__ void __launch_bounds__(kDecodeThreads) staged_gemm_kernel(DecodeArgs args) {
+  using L = StagedLayout<BITS, MT, NT>;
+  constexpr int kTokenChunks = 8 * MT * kTileCols / 8, kChunksPerThread = kTokenChunks / kDecodeThreads;
+  static_assert(kTokenChunks % kDecodeThreads == 0, "every thread copies the same number of token chunks");
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane / 4, c = lane % 4;
+  const int KT = args.K / kTileCols, row_tiles = args.N / kTileRows;
+  const int nt0 = (blockIdx.x * kWarps + warp) * NT;
+  const int m0 = blockIdx.z * 8 * MT;
+  const int t_begin = blockIdx.y * args.tiles_per_split;
+  const int t_end = min(KT, t_begin + args.tiles_per_split);
+  const bool active = nt0 < row_tiles;  // N % (16 NT) == 0: a warp's tiles are all in or all out
+  const int tpg = args.tiles_per_group;
+
+  // This thread's token chunks (rows past M read as zeros), its lane's codes and the scale or zero it
+  // copies for its row tiles: lane 4g + c takes the scale (c = 0, 1) or zero (c = 2, 3) of row g + 8 (c % 2).
+  const T* x = static_cast<const T*>(args.x);
+  const T* xsrc[kChunksPerThread];
+  int xdst[kChunksPerThread], xbytes[kChunksPerThread];
+#pragma unroll
+  for (int u = 0; u < kChunksPerThread; ++u) {
+    const int q = threadIdx.x + u * kDecodeThreads, r = q / 8, ch = q % 8, m = m0 + r;
+    xsrc[u] = x + int64_t(min(m, args.M - 1)) * args.K + 8 * ch;
+    xdst[u] = L::token(r, ch);
+    xbytes[u] = m < args.M ? 16 : 0;
+  }
+  const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
+  const uint8_t* codes = args.tiled + int64_t(active ? nt0 : 0) * tile_row_bytes + lane * (BITS == 3 ? 8 : 4 * BITS);
+  const float* qp[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int row = (active ? nt0 + i : 0) * kTileRows + g + 8 * (c & 1);
+    qp[i] = (c < 2 ? args.scale : args.zero) + int64_t(row) * args.G;
+  }
+  // A tile's copies into ring slot `slot` (nothing past the slice; the group is still committed so that
+  // the wait counts stay aligned).
+  const auto issue = [&](int slot, int t) {
+    if (t < t_end) {
+      uint8_t* st = smem + slot * L::kBytes;
+#pragma unroll
+      for (int u = 0; u < kChunksPerThread; ++u) cp_async16_zfill(st + xdst[u], xsrc[u] + t * kTileCols, xbytes[u]);
+      if (active) {
+        const uint8_t* src = codes + int64_t(t) * tile_bytes(BITS);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          if constexpr (BITS == 3) {
+            cp_async_once<8>(st + L::codes(warp, i, lane), src + i * tile_row_bytes);
+            cp_async_once<4>(st + L::codes(warp, i, lane) + 8, src + i * tile_row_bytes + 256 - 4 * lane);
+          } else {
+            cp_async_once<L::kCodeBytes>(st + L::codes(warp, i, lane), src + i * tile_row_bytes);
+          }
+        }
+        if (t == t_begin || t % tpg == 0) {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) cp_async_once<4>(st + L::qparams(warp, i, lane), qp[i] + t / tpg);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  float out[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[mt][i][e] = 0.f;
+  float s[NT][2] = {}, nzs[NT][2] = {};
+  constexpr float folded = Native<T>::fold_base ? Native<T>::base : 0.f;
+
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) issue(st, t_begin + st);
+  for (int t = t_begin, slot = 0; t < t_end; ++t) {
+    cp_async_wait<S - 2>();  // tile t landed (this thread's copies) ...
+    __syncthreads();         // ... and every thread's; every warp is done with tile t - 1
+    issue(slot == 0 ? S - 1 : slot - 1, t + S - 1);  // refill tile t - 1's slot
+    const uint8_t* st = smem + slot * L::kBytes;
+    if (active) {
+      if (t == t_begin || t % tpg == 0) {  // a group's first tile: its scales and zeros
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          const float4 v = *reinterpret_cast<const float4*>(st + L::qparams(warp, i, 4 * g));
+          s[i][0] = v.x, s[i][1] = v.y;
+          nzs[i][0] = -(v.z + folded) * v.x, nzs[i][1] = -(v.w + folded) * v.y;
+        }
+      }
+      uint32_t a[NT][4][4];  // [row tile][step j]
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        uint32_t w[4];
+        if constexpr (BITS == 2) {
+          const uint2 v = *reinterpret_cast<const uint2*>(st + L::codes(warp, i, lane));
+          w[0] = v.x, w[1] = v.y, w[2] = w[3] = 0u;
+        } else {
+          const uint4 v = *reinterpret_cast<const uint4*>(st + L::codes(warp, i, lane));
+          w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+        }
+        constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          dequant_fragment<T, BITS>(w[j / kStepsPerWord], w[BITS == 3 ? 2 : 0], j, s[i], nzs[i], a[i][j]);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r = 8 * mt + g;
+        const uint4 v0 = *reinterpret_cast<const uint4*>(st + L::token(r, 2 * c));
+        const uint4 v1 = *reinterpret_cast<const uint4*>(st + L::token(r, 2 * c + 1));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint4& v = j < 2 ? v0 : v1;
+#pragma unroll
+          for (int i = 0; i < NT; ++i) mma16816<T>(out[mt][i], a[i][j], (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+        }
+      }
+    }
+    slot = slot == S - 1 ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the ring before a cluster's sums reuse it
+  finish_split_k<T, MT, NT>(args, out, smem, MT * NT * 512, m0, nt0, active);
+}
+
+// Kernel configuration: token tiles MT, row tiles per warp NT, ring stages S; the staged kernel or
+// the decode kernel.
 struct Config {
   int mt, nt, stages;
+  bool staged;
 };
 // The most row tiles per warp allowed that divide N (4 only with one token tile: registers). Four
 // token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
 // decode it twice; their ring has 4 stages (8 would not fit in shared memory). SwiGLU takes at least 2
 // (a gate tile and its up tile).
+// Staged: 32 tokens a block up to 32, else 64 (each weight fragment meets all of a block's tokens);
+// 2 row tiles a warp where allowed (each token read from shared memory feeds both).
 Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
+  if (tuning.staged) {
+    const int nt = tuning.max_row_tiles >= 2 && N % (2 * kTileRows) == 0 ? 2 : 1;
+    return {M <= 32 ? 4 : 8, nt, 4, true};
+  }
   const int mt = M <= 8 ? 1 : M <= 16 ? 2 : 4;
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
-  return {mt, nt, tuning.stages >= 8 && mt < 4 ? 8 : 4};
+  return {mt, nt, tuning.stages >= 8 && mt < 4 ? 8 : 4, false};
 }
 
-template <typename T, int BITS, int MT, int NT, int S>
+template <bool STAGED, int BITS, int MT, int NT, int S>
+constexpr int smem_bytes() {
+  if constexpr (STAGED) return staged_smem_bytes<BITS, MT, NT, S>();
+  return decode_smem_bytes<BITS, MT, NT, S>();
+}
+
+template <typename T, bool STAGED, int BITS, int MT, int NT, int S>
 const void* prepared_kernel() {
   static std::atomic<int> prepared[kMaxDevices];
-  opt_in_smem(prepared, decode_gemm_kernel<T, BITS, MT, NT, S>, decode_smem_bytes<BITS, MT, NT, S>(), "decode_gemm");
-  return reinterpret_cast<const void*>(decode_gemm_kernel<T, BITS, MT, NT, S>);
+  constexpr int smem = smem_bytes<STAGED, BITS, MT, NT, S>();
+  if constexpr (STAGED) {
+    opt_in_smem(prepared, staged_gemm_kernel<T, BITS, MT, NT, S>, smem, "staged_gemm");
+    return reinterpret_cast<const void*>(staged_gemm_kernel<T, BITS, MT, NT, S>);
+  } else {
+    opt_in_smem(prepared, decode_gemm_kernel<T, BITS, MT, NT, S>, smem, "decode_gemm");
+    return reinterpret_cast<const void*>(decode_gemm_kernel<T, BITS, MT, NT, S>);
+  }
 }
 
 // Blocks of one instance resident per SM (the bf16 instances stand for fp16: same registers).
-template <int BITS, int MT, int NT, int S>
+template <bool STAGED, int BITS, int MT, int NT, int S>
 int blocks_per_sm() {
   static std::atomic<int> memo[kMaxDevices];
   return per_device(memo, [] {
     int per_sm = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, prepared_kernel<c10::BFloat16, BITS, MT, NT, S>(),
-                                                  kDecodeThreads, decode_smem_bytes<BITS, MT, NT, S>());
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, prepared_kernel<c10::BFloat16, STAGED, BITS, MT, NT, S>(),
+                                                  kDecodeThreads, smem_bytes<STAGED, BITS, MT, NT, S>());
     return std::max(per_sm, 1);
   });
 }
 
-// f.template operator()<BITS, MT, NT, S>() for the kernel instance of `bits` and cfg.
+// f.template operator()<STAGED, BITS, MT, NT, S>() for the kernel instance of `bits` and cfg.
 template <typename F>
 auto with_instance(int bits, Config cfg, F&& f) {
   const auto with_stages = [&]<int BITS, int MT, int NT>() {
-    return cfg.stages == 8 ? f.template operator()<BITS, MT, NT, 8>() : f.template operator()<BITS, MT, NT, 4>();
+    return cfg.stages == 8 ? f.template operator()<false, BITS, MT, NT, 8>()
+                           : f.template operator()<false, BITS, MT, NT, 4>();
   };
   return with_bits(bits, [&]<int BITS>() {
+    if (cfg.staged) {
+      if (cfg.mt == 8) {
+        return cfg.nt == 2 ? f.template operator()<true, BITS, 8, 2, 4>() : f.template operator()<true, BITS, 8, 1, 4>();
+      }
+      return cfg.nt == 2 ? f.template operator()<true, BITS, 4, 2, 4>() : f.template operator()<true, BITS, 4, 1, 4>();
+    }
     if (cfg.mt == 1 && cfg.nt == 4) return with_stages.template operator()<BITS, 1, 4>();
     if (cfg.mt == 1) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 1, 2>() : with_stages.template operator()<BITS, 1, 1>();
@@ -587,18 +798,20 @@ auto with_instance(int bits, Config cfg, F&& f) {
     if (cfg.mt == 2) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
     }
-    return cfg.nt == 2 ? f.template operator()<BITS, 4, 2, 4>() : f.template operator()<BITS, 4, 1, 4>();
+    return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 4>() : f.template operator()<false, BITS, 4, 1, 4>();
   });
 }
 
 int smem_for(Config cfg, int bits) {
-  return with_instance(bits, cfg,
-                       []<int BITS, int MT, int NT, int S>() { return decode_smem_bytes<BITS, MT, NT, S>(); });
+  return with_instance(
+      bits, cfg, []<bool STAGED, int BITS, int MT, int NT, int S>() { return smem_bytes<STAGED, BITS, MT, NT, S>(); });
 }
 
 int64_t resident_blocks(Config cfg, int bits) {
   return int64_t(with_instance(bits, cfg,
-                               []<int BITS, int MT, int NT, int S>() { return blocks_per_sm<BITS, MT, NT, S>(); })) *
+                               []<bool STAGED, int BITS, int MT, int NT, int S>() {
+                                 return blocks_per_sm<STAGED, BITS, MT, NT, S>();
+                               })) *
          sm_count();
 }
 
@@ -627,7 +840,7 @@ Config fit_shared_memory(Config cfg, int bits) {
       cfg.stages = 4;
     } else if (cfg.nt > 1) {
       cfg.nt /= 2;
-    } else if (cfg.mt > 1) {
+    } else if (cfg.mt > (cfg.staged ? 4 : 1)) {
       cfg.mt /= 2;
     } else {
       break;
@@ -667,7 +880,7 @@ struct DecodeLaunch {
 };
 
 // Clusters of `splits` blocks of an instance that can be resident at once (-1: none, or before sm_90).
-template <int BITS, int MT, int NT, int S>
+template <bool STAGED, int BITS, int MT, int NT, int S>
 int resident_clusters(int splits) {
   static std::atomic<int> memo[kMaxClusterSplits + 1][kMaxDevices];
   return per_device(memo[splits], [splits] {
@@ -675,8 +888,8 @@ int resident_clusters(int splits) {
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (major < 9) return -1;
-    const DecodeLaunch launch(dim3(1, unsigned(splits), 1), decode_smem_bytes<BITS, MT, NT, S>(), nullptr, true);
-    if (cudaOccupancyMaxActiveClusters(&clusters, prepared_kernel<c10::BFloat16, BITS, MT, NT, S>(),
+    const DecodeLaunch launch(dim3(1, unsigned(splits), 1), smem_bytes<STAGED, BITS, MT, NT, S>(), nullptr, true);
+    if (cudaOccupancyMaxActiveClusters(&clusters, prepared_kernel<c10::BFloat16, STAGED, BITS, MT, NT, S>(),
                                        &launch.config) != cudaSuccess) {
       cudaGetLastError();
       return -1;
@@ -690,8 +903,8 @@ int resident_clusters(int splits) {
 // wave of them would serialise).
 bool use_cluster(int64_t M, GroupShape shape, int64_t splits, Config cfg, DecodeTuning tuning) {
   if (!tuning.cluster_reduce || tuning.warp_split || splits < 2 || splits > kMaxClusterSplits) return false;
-  const int resident = with_instance(shape.bits, cfg, [splits]<int BITS, int MT, int NT, int S>() {
-    return resident_clusters<BITS, MT, NT, S>(int(splits));
+  const int resident = with_instance(shape.bits, cfg, [splits]<bool STAGED, int BITS, int MT, int NT, int S>() {
+    return resident_clusters<STAGED, BITS, MT, NT, S>(int(splits));
   });
   return column_blocks(M, shape.N, cfg) <= resident;
 }
@@ -764,8 +977,11 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
                  float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
                  bool swiglu, cudaStream_t stream) {
   if (M == 0 || shape.N == 0) return;
-  if (swiglu && (splits != 1 || !decode_gemm_swiglu_supported(M, shape, tuning))) {
+  if (swiglu && (splits != 1 || tuning.staged || !decode_gemm_swiglu_supported(M, shape, tuning))) {
     throw std::runtime_error("qatext: decode_gemm: SwiGLU needs warp split and two row tiles a block");
+  }
+  if (tuning.staged && tuning.warp_split) {
+    throw std::runtime_error("qatext: decode_gemm: the staged kernel splits K across blocks, not warps");
   }
   tuning.warp_split = tuning.warp_split || swiglu;
   const int64_t tiles = shape.K / kTileCols;
@@ -792,8 +1008,9 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   args.cluster = use_cluster(M, shape, splits, cfg, tuning) ? 1 : 0;
   const int64_t cols = block_cols(cfg, tuning.warp_split), tokens = 8 * cfg.mt;
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), unsigned(splits), unsigned((M + tokens - 1) / tokens));
-  const void* kernel = with_instance(
-      shape.bits, cfg, []<int BITS, int MT, int NT, int S>() { return prepared_kernel<T, BITS, MT, NT, S>(); });
+  const void* kernel = with_instance(shape.bits, cfg, []<bool STAGED, int BITS, int MT, int NT, int S>() {
+    return prepared_kernel<T, STAGED, BITS, MT, NT, S>();
+  });
   void* params[] = {&args};
   const DecodeLaunch launch(grid, smem_for(cfg, shape.bits), stream, args.cluster != 0);
   const cudaError_t err = cudaLaunchKernelExC(&launch.config, kernel, params);

@@ -86,6 +86,10 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // swiglu: W holds gate's rows then up's (N / 2 each) and out [M, N / 2] = silu(x gate^T) * (x up^T) (biases
 // added first), from the fp32 sums, rounded once; warp split is taken (splits must be 1), and it needs
 // decode_gemm_swiglu_supported.
+// staged: the staged kernel instead, for more tokens (M up to a few hundred): the block's tokens are
+// staged once a 64-column tile in shared memory for its 8 warps, and the weight is dequantised to 16
+// bits in registers, w = (q - z) s rounded once, as dequant + cuBLAS rounds it (the decode kernel keeps
+// it exact); split-K across blocks as above (1 or 2 row tiles a warp; stages and warp_split unused).
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
@@ -93,6 +97,7 @@ struct DecodeTuning {
   int stages;
   bool cluster_reduce;
   bool warp_split;
+  bool staged = false;
 };
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);

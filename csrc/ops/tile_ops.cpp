@@ -1,6 +1,7 @@
 // The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, and
-// dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; beyond it the fused
-// kernel on the codes untiled, or the weight dequantised straight from the tiled layout and one GEMM);
+// dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; beyond it the staged
+// kernel up to staged_gemm_max_m tokens, then the fused kernel on the codes untiled, or the weight
+// dequantised straight from the tiled layout and one GEMM);
 // and a SwiGLU MLP's gate and up projections on one such weight, silu(gate) * up in the decode kernel's
 // epilogue.
 #include "core/quant_math.h"
@@ -93,18 +94,29 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
 
 namespace {
 
-// x @ deq(W)^T (+ bias) on the decode kernel where it takes this call (CUDA, 16-bit x, at most the
-// shape's decode token count); with swiglu, silu(gate) * up of it. Undefined where it does not.
-at::Tensor decode_path(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero,
-                       const GroupShape& shape, const std::optional<at::Tensor>& bias, bool swiglu) {
+#ifdef QATEXT_WITH_CUDA
+// The staged kernel's settings (cuda::DecodeTuning): split-K across blocks, its slices at least
+// decode_gemm_min_slice tiles long, at most 2 row tiles a warp.
+cuda::DecodeTuning staged_tuning() {
+  cuda::DecodeTuning t{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)), 4,
+                       tuning(Knob::StagedGemmCluster) != 0, false};
+  t.staged = true;
+  return t;
+}
+#endif
+
+// x @ deq(W)^T (+ bias) on the decode kernel (or, staged, the staged kernel) where it takes this call
+// (CUDA, 16-bit x, at most the shape's decode token count or staged_gemm_max_m tokens); with swiglu
+// (decode only), silu(gate) * up of it. Undefined where it does not.
+at::Tensor kernel_path(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero,
+                       const GroupShape& shape, const std::optional<at::Tensor>& bias, bool swiglu, bool staged) {
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
+  if (!x.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || !cuda::decode_gemm_supported(shape)) return {};
   const int64_t M = x.numel() / shape.K;
-  if (!x.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || M < 1 ||
-      M > decode_max_tokens(x.get_device(), shape) || !cuda::decode_gemm_supported(shape)) {
-    return {};
-  }
-  const cuda::DecodeTuning tuning = decode_tuning_for(x.get_device(), shape, M);
+  const int64_t limit = staged ? tuning(Knob::StagedGemmMaxM) : decode_max_tokens(x.get_device(), shape);
+  if (M < 1 || M > limit) return {};
+  const cuda::DecodeTuning tuning = staged ? staged_tuning() : decode_tuning_for(x.get_device(), shape, M);
   const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
   if (!aligned16(a) || !aligned16(w) || (swiglu && !cuda::decode_gemm_swiglu_supported(M, shape, tuning))) return {};
   const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
@@ -113,6 +125,7 @@ at::Tensor decode_path(const at::Tensor& x, const at::Tensor& tiled, const at::T
   sizes.back() = out.size(1);
   return out.view(sizes);
 #else
+  (void)x, (void)tiled, (void)scale, (void)zero, (void)shape, (void)bias, (void)swiglu, (void)staged;
   return {};
 #endif
 }
@@ -133,7 +146,7 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
                                 const std::optional<at::Tensor>& bias) {
   const GroupShape shape =
       check_tiled_matmul("qatext.dequant_matmul_tiled", x, tiled, scale, zero, bits, group_size, bias);
-  const at::Tensor out = decode_path(x, tiled, scale, zero, shape, bias, false);
+  const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, false, false);
   return out.defined() ? out : tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias);
 }
 
@@ -142,7 +155,7 @@ at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, con
                                const std::optional<at::Tensor>& bias) {
   const GroupShape shape =
       check_tiled_matmul("qatext.swiglu_matmul_tiled", x, tiled, scale, zero, bits, group_size, bias);
-  const at::Tensor out = decode_path(x, tiled, scale, zero, shape, bias, true);
+  const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, true, false);
   if (out.defined()) return out;
   // Beyond the decode kernel: the GEMM, then silu(gate) * up as the MLP computes them unfused (in x's dtype).
   const auto halves = tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias).chunk(2, -1);
@@ -152,6 +165,7 @@ at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, con
 at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                       const at::Tensor& zero, const GroupShape& shape,
                                       const std::optional<at::Tensor>& bias) {
+  if (const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, false, true); out.defined()) return out;
   if (fused_dequant_gemm_applies(x, shape)) {
     return dequant_matmul_checked(x, untile_packed(tiled, shape.bits, shape.K), scale, zero, shape, bias);
   }

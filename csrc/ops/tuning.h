@@ -19,6 +19,8 @@ enum class Knob : int {
   DecodeGemmWarpSplit, // decode warps of a block split K over the same row tiles (no split-K across blocks)
   DecodeGemmAutotune,  // decode ring depth and split-K reduction from tune_decode_gemm's measurements
   DecodeSwiglu,        // a SwiGLU MLP's gate/up decode GEMM applies silu(gate) * up in its epilogue
+  StagedGemmMaxM,      // largest M for which a tiled weight beyond the decode kernel takes the staged kernel
+  StagedGemmCluster,   // the staged kernel's split-K summed through a thread-block cluster where it fits
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   LrqatFusedBlocks,    // most blocks of the LR-QAT tile kernels (0: one wave of the GPU)
   Count,

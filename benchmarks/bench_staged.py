@@ -1,0 +1,76 @@
+"""Tiled (inference) weights between decode and prefill, M = 16-512, g128: the staged kernel against
+cuBLAS bf16, the decode kernel and the path beyond them before it (the fused kernel on the codes
+untiled up to dequant_gemm_max_m tokens, else dequant + cuBLAS), and the default dispatch, same run.
+
+    python benchmarks/bench_staged.py --out benchmarks/results/staged_h200.json
+
+Per row: median us (CUDA events around a CUDA graph of 20 calls, each on the next of enough copies of
+its weight to pass twice the L2: `timing.cold`), each path's speedup over cuBLAS, and the floor (weight,
+scales and zeros, activations and output at the copy bandwidth measured in the run). Staged variants:
+1 or 2 row tiles a warp, split-K summed in a cluster or through global partials.
+"""
+
+from __future__ import annotations
+
+import timing
+import torch
+from bench_gemm import SHAPES, copy_bandwidth, random_weight
+from timing import cold
+from timing import cuda_graph_time_ms as gpu_time_ms
+
+import qatext
+from qatext import ops
+
+TOKENS = [16, 32, 64, 128, 256, 512]
+STAGED_VARIANTS = {
+    f"staged nt{nt} {'cluster' if cluster else 'partials'}": {"decode_gemm_row_tiles": nt, "staged_gemm_cluster": cluster}
+    for nt in (2, 1)
+    for cluster in (1, 0)
+}
+
+
+def main():
+    parser = timing.parser()
+    parser.add_argument("--shapes", type=int, default=4, help="first n shapes only")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    args = timing.start(parser)
+    timing.require_gpu(parser)
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    g = 128
+    for n, k in SHAPES[: args.shapes]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for bits in args.bits:
+            packed, scale, zero = random_weight(n, k, bits, g)
+            tiled = ops.tile_packed(packed, bits, k)
+            for m in args.tokens:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                call = cold(lambda t, s, z: ops.dequant_matmul_tiled(x, t, s, z, bits, g), tiled, scale, zero)  # noqa: B023
+
+                def timed(**knobs):
+                    with qatext.tuning(**knobs):
+                        return gpu_time_ms(call) * 1e3  # noqa: B023
+
+                us = {"cublas": gpu_time_ms(cold(lambda v: x @ v.t(), w)) * 1e3}  # noqa: B023
+                us["before"] = timed(decode_gemm_max_m=0, staged_gemm_max_m=0)
+                us["decode"] = timed(decode_gemm_max_m=m, staged_gemm_max_m=0)
+                for name, knobs in STAGED_VARIANTS.items():
+                    us[name] = timed(decode_gemm_max_m=0, staged_gemm_max_m=m, **knobs)
+                us["default"] = timed()
+                floor = (n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)) / bw * 1e6
+                row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, "us": us, "floor_us": floor,
+                       "speedup_vs_cublas": {p: us["cublas"] / t for p, t in us.items()}}
+                rows.append(row)
+                best = min(STAGED_VARIANTS, key=us.get)
+                print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {us['cublas']:6.1f} | before {us['before']:6.1f} | "
+                      f"decode {us['decode']:6.1f} | {best} {us[best]:6.1f} x{us['cublas'] / us[best]:.2f} | "
+                      f"default {us['default']:6.1f} x{us['cublas'] / us['default']:.2f} | floor {floor:.1f}",
+                      flush=True)
+    timing.save_rows(args.out, rows, tuning=qatext.get_tuning(), copy_TBps=bw / 1e12)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The staged GEMM on the tiled layout (CUDA, 16-bit x, M beyond the decode kernel up to
+staged_gemm_max_m): against the reference with the weight rounded to x's dtype (as the kernel rounds
+it), on every bit width, group size, token tail, both row-tile counts, split-K through global partials
+and through a cluster; it runs where the dispatch says, and is deterministic."""
+
+import contextlib
+import re
+
+import pytest
+import torch
+from conftest import knob
+from test_decode_gemm import _weight
+from test_dequant_gemm import _kernel_names
+
+from qatext import ops, reference
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# The kernel sums exact fp32 products of x and the weight rounded once to x's dtype: against the
+# reference with that same rounded weight, only the summation order and the output rounding differ.
+TOL = {torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}, torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
+
+
+def _expected(x, packed, scale, zero, bits, g, bias=None):
+    k = x.shape[-1]
+    w = reference.dequant(packed, scale, zero, bits, g, k, dtype=x.dtype).float()
+    y = x.float() @ w.T
+    return y + bias.float() if bias is not None else y
+
+
+def _staged(x, tiled, scale, zero, bits, g, bias=None, **knobs):
+    settings = {"decode_gemm_max_m": 0, "staged_gemm_max_m": 512, **knobs}
+    with contextlib.ExitStack() as stack:
+        for name, value in settings.items():
+            stack.enter_context(knob(name, value))
+        return ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,g", [(128, 256, 64), (256, 512, 128), (48, 192, -1), (384, 1024, 256), (1040, 128, 64),
+                                   (64, 4096, 128)])
+@pytest.mark.parametrize("m", [2, 17, 32, 33, 64, 100, 128, 257])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_the_reference_with_the_weight_rounded(bits, n, k, g, m, dtype):
+    """48 and 1040 rows: one row tile a warp (N not a multiple of 32) and a part-empty last block; 257
+    tokens: five token blocks, the last with one token."""
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+    y = _staged(x, tiled, scale, zero, bits, g, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    torch.testing.assert_close(y.float(), _expected(x, packed, scale, zero, bits, g, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("cluster", [0, 1])
+@pytest.mark.parametrize("row_tiles", [1, 2])
+@pytest.mark.parametrize("min_slice,g", [(1, 128), (3, 128), (3, 256), (64, 128), (7, -1), (2, 64)])
+@pytest.mark.parametrize("m", [20, 64, 72])
+def test_split_k_slices_of_any_length_match_the_reference(min_slice, g, m, row_tiles, cluster):
+    """From 64 slices of one tile to one slice; slices that start inside a group carry its scales and
+    zeros; the slices summed through a cluster where they fit, else through global partials."""
+    n, k, bits = 1088, 4096, 4
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = _staged(x, tiled, scale, zero, bits, g, bias, decode_gemm_min_slice=min_slice,
+                decode_gemm_row_tiles=row_tiles, staged_gemm_cluster=cluster)
+    torch.testing.assert_close(y.float(), _expected(x, packed, scale, zero, bits, g, bias), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 64), (1024, 4096, 40), (2048, 1024, 128)])
+def test_cluster_split_k_equals_the_global_partials_bit_for_bit(n, k, m):
+    bits, g = 4, 128
+    _, tiled, scale, zero = _weight(n, k, bits, g)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    results = [_staged(x, tiled, scale, zero, bits, g, bias, staged_gemm_cluster=c) for c in (0, 1)]
+    assert torch.equal(results[0], results[1])
+
+
+def test_dispatch_runs_the_staged_kernel_between_decode_and_its_limit_deterministically():
+    n, k, bits, g = 512, 2048, 4, 128
+    _, tiled, scale, zero = _weight(n, k, bits, g)
+
+    def names(m, **knobs):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        return _kernel_names(lambda: _staged(x, tiled, scale, zero, bits, g, **knobs))
+
+    assert re.findall(r"staged_gemm_kernel<[^<>]*, (\d+), (\d+), \d+>", names(40)) == [("8", "2")]  # MT 8, NT 2
+    assert re.findall(r"staged_gemm_kernel<[^<>]*, (\d+), (\d+), \d+>", names(20)) == [("4", "2")]
+    assert "staged_gemm_kernel" not in names(129, staged_gemm_max_m=128)
+    assert "staged_gemm_kernel" not in names(40, staged_gemm_max_m=0)
+    with knob("decode_gemm_max_m", 64):  # the decode kernel first, up to its limit
+        x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16)
+        assert "staged_gemm_kernel" not in _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, 4, g))
+    x = torch.randn(3, 40, k, device="cuda", dtype=torch.bfloat16)
+    first = _staged(x, tiled, scale, zero, bits, g)
+    assert first.shape == (3, 40, n) and torch.equal(_staged(x, tiled, scale, zero, bits, g), first)
+
+
+def test_long_sums_of_offset_activations_stay_accurate():
+    """K = 8192, activations with mean 4: the weight is rounded once (as dequant + cuBLAS does), the
+    sums of exact products stay within the output's rounding."""
+    n, k, bits, g = 64, 8192, 4, 128
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    x = (torch.randn(40, k, device="cuda") + 4).to(torch.bfloat16)
+    y = _staged(x, tiled, scale, zero, bits, g)
+    expected = _expected(x, packed, scale, zero, bits, g)
+    torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=expected.abs().max().item() / 4096)
