@@ -1,5 +1,5 @@
 """One dequant-GEMM launch after warm-up, for Nsight Compute: the v4 fused kernel on the packed layout,
-or with --tiled the decode kernel on the tiled layout.
+or with --tiled the decode kernel on the tiled layout (with --staged, the staged kernel).
 
     ncu --kernel-name regex:'dequant_gemm_kernel|decode_gemm_kernel' --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats python benchmarks/profile_gemm.py [--tiled] [--n N --k K --m M]
@@ -14,12 +14,15 @@ from qatext import ops
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tiled", action="store_true")
+parser.add_argument("--staged", action="store_true", help="with --tiled: the staged kernel, not the decode kernel")
 parser.add_argument("--n", type=int, default=11008)
 parser.add_argument("--k", type=int, default=4096)
 parser.add_argument("--m", type=int, default=1)
 parser.add_argument("--bits", type=int, default=4)
 args = parser.parse_args()
 qatext.set_value_checks(False)
+if args.staged:
+    qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=1 << 20)
 n, k, bits, g = args.n, args.k, args.bits, 128
 packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
 tiled = ops.tile_packed(packed, bits, k)

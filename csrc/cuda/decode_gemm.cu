@@ -583,15 +583,17 @@ constexpr int staged_smem_bytes() {
 
 // The 16-bit A fragment (w = (q - z) s, rounded once) of a row tile at 16-deep step j, from the lane's
 // code words (decode_fragment's exact code pairs): register r holds rows g (r even) and g + 8 (r odd).
-// nzs = -(z + base) s where the pair still holds base + q (bf16), else -z s.
+// As the reference and dequant compute it: q exact in fp32 (base, where the pair still holds base + q,
+// comes off exactly), then q - z and the product each rounded in fp32, then the 16-bit rounding.
 template <typename T, int BITS>
 __device__ __forceinline__ void dequant_fragment(uint32_t word, uint32_t hi, int j, const float (&s)[2],
-                                                 const float (&nzs)[2], uint32_t (&a)[4]) {
+                                                 const float (&z)[2], uint32_t (&a)[4]) {
+  constexpr float folded = Native<T>::fold_base ? Native<T>::base : 0.f;
   decode_fragment<T, BITS>(word, hi, j, a);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const float2 q = Native<T>::unpack2(a[r]);
-    a[r] = Native<T>::pack2(fmaf(q.x, s[r & 1], nzs[r & 1]), fmaf(q.y, s[r & 1], nzs[r & 1]));
+    a[r] = Native<T>::pack2((q.x - folded - z[r & 1]) * s[r & 1], (q.y - folded - z[r & 1]) * s[r & 1]);
   }
 }
 
@@ -667,8 +669,7 @@ __global__ void __launch_bounds__(kDecodeThreads) staged_gemm_kernel(DecodeArgs 
     for (int i = 0; i < NT; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[mt][i][e] = 0.f;
-  float s[NT][2] = {}, nzs[NT][2] = {};
-  constexpr float folded = Native<T>::fold_base ? Native<T>::base : 0.f;
+  float s[NT][2] = {}, z[NT][2] = {};
 
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) issue(st, t_begin + st);
@@ -682,37 +683,43 @@ __global__ void __launch_bounds__(kDecodeThreads) staged_gemm_kernel(DecodeArgs 
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           const float4 v = *reinterpret_cast<const float4*>(st + L::qparams(warp, i, 4 * g));
-          s[i][0] = v.x, s[i][1] = v.y;
-          nzs[i][0] = -(v.z + folded) * v.x, nzs[i][1] = -(v.w + folded) * v.y;
+          s[i][0] = v.x, s[i][1] = v.y, z[i][0] = v.z, z[i][1] = v.w;
         }
       }
-      uint32_t a[NT][4][4];  // [row tile][step j]
+      uint32_t words[NT][4];  // this lane's code words of each row tile
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
-        uint32_t w[4];
         if constexpr (BITS == 2) {
           const uint2 v = *reinterpret_cast<const uint2*>(st + L::codes(warp, i, lane));
-          w[0] = v.x, w[1] = v.y, w[2] = w[3] = 0u;
+          words[i][0] = v.x, words[i][1] = v.y, words[i][2] = words[i][3] = 0u;
         } else {
           const uint4 v = *reinterpret_cast<const uint4*>(st + L::codes(warp, i, lane));
-          w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-        }
-        constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          dequant_fragment<T, BITS>(w[j / kStepsPerWord], w[BITS == 3 ? 2 : 0], j, s[i], nzs[i], a[i][j]);
+          words[i][0] = v.x, words[i][1] = v.y, words[i][2] = v.z, words[i][3] = v.w;
         }
       }
+      // Two halves of the tile (steps 0-1, 2-3: this lane's columns 16c .. 16c + 7, then + 8 .. + 15): each
+      // token tile's 16 bytes of the half read once; consecutive mma go to different token tiles, so none
+      // waits for the one before.
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int r = 8 * mt + g;
-        const uint4 v0 = *reinterpret_cast<const uint4*>(st + L::token(r, 2 * c));
-        const uint4 v1 = *reinterpret_cast<const uint4*>(st + L::token(r, 2 * c + 1));
+      for (int half = 0; half < 2; ++half) {
+        uint4 xv[MT];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint4& v = j < 2 ? v0 : v1;
+        for (int mt = 0; mt < MT; ++mt) xv[mt] = *reinterpret_cast<const uint4*>(st + L::token(8 * mt + g, 2 * c + half));
 #pragma unroll
-          for (int i = 0; i < NT; ++i) mma16816<T>(out[mt][i], a[i][j], (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+        for (int jj = 0; jj < 2; ++jj) {
+          constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
+          const int j = 2 * half + jj;
+          uint32_t a[NT][4];
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            dequant_fragment<T, BITS>(words[i][j / kStepsPerWord], words[i][BITS == 3 ? 2 : 0], j, s[i], z[i], a[i]);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+              mma16816<T>(out[mt][i], a[i], jj ? xv[mt].z : xv[mt].x, jj ? xv[mt].w : xv[mt].y);
+            }
         }
       }
     }
