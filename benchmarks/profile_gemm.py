@@ -15,6 +15,7 @@ from qatext import ops
 parser = argparse.ArgumentParser()
 parser.add_argument("--tiled", action="store_true")
 parser.add_argument("--staged", action="store_true", help="with --tiled: the staged kernel, not the decode kernel")
+parser.add_argument("--row-tiles", type=int, default=2, help="with --staged: most row tiles a warp (1 or 2)")
 parser.add_argument("--n", type=int, default=11008)
 parser.add_argument("--k", type=int, default=4096)
 parser.add_argument("--m", type=int, default=1)
@@ -22,7 +23,7 @@ parser.add_argument("--bits", type=int, default=4)
 args = parser.parse_args()
 qatext.set_value_checks(False)
 if args.staged:
-    qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=1 << 20)
+    qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=1 << 20, decode_gemm_row_tiles=args.row_tiles)
 n, k, bits, g = args.n, args.k, args.bits, 128
 packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
 tiled = ops.tile_packed(packed, bits, k)

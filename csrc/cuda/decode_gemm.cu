@@ -582,25 +582,26 @@ constexpr int staged_smem_bytes() {
 }
 
 // The 16-bit A fragment (w = (q - z) s, rounded once) of a row tile at 16-deep step j, from the lane's
-// code words (decode_fragment's exact code pairs): register r holds rows g (r even) and g + 8 (r odd).
-// As the reference and dequant compute it: q exact in fp32 (base, where the pair still holds base + q,
-// comes off exactly), then q - z and the product each rounded in fp32, then the 16-bit rounding.
+// code words: register r holds rows g (r even) and g + 8 (r odd). As the reference and dequant compute
+// it: q exact (base comes off in 16 bits), then q - z and the product each rounded in fp32, then the
+// 16-bit rounding.
 template <typename T, int BITS>
 __device__ __forceinline__ void dequant_fragment(uint32_t word, uint32_t hi, int j, const float (&s)[2],
                                                  const float (&z)[2], uint32_t (&a)[4]) {
-  constexpr float folded = Native<T>::fold_base ? Native<T>::base : 0.f;
   decode_fragment<T, BITS>(word, hi, j, a);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const float2 q = Native<T>::unpack2(a[r]);
-    a[r] = Native<T>::pack2((q.x - folded - z[r & 1]) * s[r & 1], (q.y - folded - z[r & 1]) * s[r & 1]);
+    const float2 q = Native<T>::unpack2(Native<T>::fold_base ? Native<T>::sub2(a[r], Native<T>::code_base) : a[r]);
+    a[r] = Native<T>::pack2((q.x - z[r & 1]) * s[r & 1], (q.y - z[r & 1]) * s[r & 1]);
   }
 }
 
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y; tokens
 // 8 MT blockIdx.z + (0 .. 8 MT), as the decode kernel's (so the two share their split-K epilogue).
+// (Registers capped for 3 blocks a SM with one row tile a warp, 2 with two: a block waits at a barrier
+// every tile, so the SM needs other blocks' warps to issue meanwhile.)
 template <typename T, int BITS, int MT, int NT, int S>
-__global__ void __launch_bounds__(kDecodeThreads) staged_gemm_kernel(DecodeArgs args) {
+__global__ void __launch_bounds__(kDecodeThreads, NT == 1 ? 3 : 2) staged_gemm_kernel(DecodeArgs args) {
   using L = StagedLayout<BITS, MT, NT>;
   constexpr int kTokenChunks = 8 * MT * kTileCols / 8, kChunksPerThread = kTokenChunks / kDecodeThreads;
   static_assert(kTokenChunks % kDecodeThreads == 0, "every thread copies the same number of token chunks");
@@ -697,30 +698,33 @@ __global__ void __launch_bounds__(kDecodeThreads) staged_gemm_kernel(DecodeArgs 
           words[i][0] = v.x, words[i][1] = v.y, words[i][2] = v.z, words[i][3] = v.w;
         }
       }
-      // Two halves of the tile (steps 0-1, 2-3: this lane's columns 16c .. 16c + 7, then + 8 .. + 15): each
-      // token tile's 16 bytes of the half read once; consecutive mma go to different token tiles, so none
-      // waits for the one before.
+      uint32_t a[NT][4][4];  // [row tile][step j]
+      constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        uint4 xv[MT];
+      for (int i = 0; i < NT; ++i)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) xv[mt] = *reinterpret_cast<const uint4*>(st + L::token(8 * mt + g, 2 * c + half));
+        for (int j = 0; j < 4; ++j) {
+          dequant_fragment<T, BITS>(words[i][j / kStepsPerWord], words[i][BITS == 3 ? 2 : 0], j, s[i], z[i], a[i][j]);
+        }
+      // MP token tiles at a time (their 32 bytes a lane each, columns 16c .. 16c + 15): with NT row tiles,
+      // MP * NT = 2 independent sums take turns, so an mma rarely waits for the one before.
+      constexpr int MP = NT == 1 ? 2 : 1;
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
-          const int j = 2 * half + jj;
-          uint32_t a[NT][4];
+      for (int mt0 = 0; mt0 < MT; mt0 += MP) {
+        uint4 xv[MP][2];
 #pragma unroll
-          for (int i = 0; i < NT; ++i) {
-            dequant_fragment<T, BITS>(words[i][j / kStepsPerWord], words[i][BITS == 3 ? 2 : 0], j, s[i], z[i], a[i]);
-          }
+        for (int p = 0; p < MP; ++p)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
+          for (int h = 0; h < 2; ++h) xv[p][h] = *reinterpret_cast<const uint4*>(st + L::token(8 * (mt0 + p) + g, 2 * c + h));
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int p = 0; p < MP; ++p)
 #pragma unroll
             for (int i = 0; i < NT; ++i) {
-              mma16816<T>(out[mt][i], a[i], jj ? xv[mt].z : xv[mt].x, jj ? xv[mt].w : xv[mt].y);
+              const uint4& v = xv[p][j / 2];
+              mma16816<T>(out[mt0 + p][i], a[i][j], (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
             }
-        }
       }
     }
     slot = slot == S - 1 ? 0 : slot + 1;
