@@ -1,6 +1,7 @@
 """Tiled (inference) weights between decode and prefill, M = 16-512, g128: the staged kernel against
 cuBLAS bf16, the decode kernel and the path beyond them before it (the fused kernel on the codes
-untiled up to dequant_gemm_max_m tokens, else dequant + cuBLAS), and the default dispatch, same run.
+untiled up to dequant_gemm_max_m tokens, else dequant + cuBLAS), and the default dispatch (after
+tune_decode_gemm measured the shape's decode crossover and staged limit, as a layer does), same run.
 
     python benchmarks/bench_staged.py --out benchmarks/results/staged_h200.json
 
@@ -46,6 +47,10 @@ def main():
         for bits in args.bits:
             packed, scale, zero = random_weight(n, k, bits, g)
             tiled = ops.tile_packed(packed, bits, k)
+            ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)  # as a layer does: the default's limits
+            limits = {"decode_crossover": ops.decode_gemm_crossover("cuda", n, k, bits, g),
+                      "staged_limit": ops.staged_gemm_limit("cuda", n, k, bits, g)}
+            print(f"{n}x{k} W{bits}: measured {limits}", flush=True)
             for m in args.tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 call = cold(lambda t, s, z: ops.dequant_matmul_tiled(x, t, s, z, bits, g), tiled, scale, zero)  # noqa: B023
@@ -61,7 +66,7 @@ def main():
                     us[name] = timed(decode_gemm_max_m=0, staged_gemm_max_m=m, **knobs)
                 us["default"] = timed()
                 floor = (n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)) / bw * 1e6
-                row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, "us": us, "floor_us": floor,
+                row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, **limits, "us": us, "floor_us": floor,
                        "speedup_vs_cublas": {p: us["cublas"] / t for p, t in us.items()}}
                 rows.append(row)
                 best = min(STAGED_VARIANTS, key=us.get)

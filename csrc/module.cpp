@@ -54,6 +54,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bits"), py::arg("group_size"), py::arg("in_features"));
   m.def("decode_gemm_crossover", &qatext::ops::decode_gemm_crossover, py::arg("device"), py::arg("out_features"),
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"));
+  m.def("staged_gemm_limit", &qatext::ops::staged_gemm_limit, py::arg("device"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("bits"), py::arg("group_size"));
   m.def("decode_gemm_choice", &qatext::ops::decode_gemm_choice, py::arg("device"), py::arg("out_features"),
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("tokens"));
   m.def("tuning_table", [] {

@@ -69,7 +69,10 @@ def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias
 
     On CUDA with 16-bit x and at most ``decode_gemm_max_m`` tokens (by default the crossover that
     ``tune_decode_gemm`` measured for the shape, see ``decode_gemm_crossover``) this is the register-direct
-    decode kernel; beyond it, the fused kernel on the codes untiled where dequant_matmul would take it (at most
+    decode kernel; beyond it, up to ``staged_gemm_max_m`` tokens (by default the limit ``tune_decode_gemm``
+    measured, see ``staged_gemm_limit``; none where it measured nothing) the staged kernel, which stages a
+    block's tokens once in shared memory and dequantises the weight to 16 bits in registers, as dequant does;
+    beyond that the fused kernel on the codes untiled where dequant_matmul would take it (at most
     ``dequant_gemm_max_m`` tokens), else the weight dequantised straight from the tiled layout and one GEMM.
     """
     return _ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
@@ -112,6 +115,16 @@ def decode_gemm_crossover(device, out_features: int, in_features: int, bits: int
     # (-1, no CUDA device: nothing was measured there)
     index = -1 if device.type != "cuda" else torch.cuda.current_device() if device.index is None else device.index
     return _C.decode_gemm_crossover(index, out_features, in_features, bits, group_size)
+
+
+def staged_gemm_limit(device, out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """The token count up to which the staged kernel beat the path beyond it (the fused kernel or dequant +
+    cuBLAS) for this weight shape on a CUDA device, as ``tune_decode_gemm`` measured it: 0 (it lost at 32
+    tokens), 32, 64 or 128; 0 where it has measured nothing. With ``staged_gemm_max_m`` at -1, packed layers
+    and ``dequant_matmul_tiled`` take the staged kernel beyond the decode kernel up to this many tokens."""
+    device = torch.device(device)
+    index = -1 if device.type != "cuda" else torch.cuda.current_device() if device.index is None else device.index
+    return _C.staged_gemm_limit(index, out_features, in_features, bits, group_size)
 
 
 def decode_gemm_choice(device, out_features: int, in_features: int, bits: int, group_size: int,

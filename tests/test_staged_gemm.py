@@ -107,3 +107,27 @@ def test_long_sums_of_offset_activations_stay_accurate():
     y = _staged(x, tiled, scale, zero, bits, g)
     expected = _expected(x, packed, scale, zero, bits, g)
     torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=expected.abs().max().item() / 4096)
+
+
+def test_tuning_measures_the_staged_limit_and_the_dispatch_follows_it():
+    """tune_decode_gemm times the staged kernel against the path beyond it at 32, 64 and 128 tokens; with
+    staged_gemm_max_m at -1 (the default) calls between the decode crossover and that limit take it, and
+    no others. A CPU has nothing measured; an unmeasured shape never takes it."""
+    n, k, bits, g = 2048, 2048, 4, 128
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    assert ops.staged_gemm_limit("cuda", n, k, bits, g) == 0  # not yet measured
+    assert ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
+    limit, crossover = ops.staged_gemm_limit("cuda", n, k, bits, g), ops.decode_gemm_crossover("cuda", n, k, bits, g)
+    assert limit in (0, 32, 64, 128) and ops.staged_gemm_limit("cpu", n, k, bits, g) == 0
+
+    def staged(m):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
+        torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g).float(),
+                                   _expected(x, packed, scale, zero, bits, g), rtol=2e-2, atol=3e-2)
+        return "staged_gemm_kernel" in names
+
+    for m in {crossover + 1, limit + 1} | ({limit} if limit else set()):
+        assert staged(m) == (crossover < m <= limit), (m, crossover, limit)
+    with knob("staged_gemm_max_m", 0):
+        assert not staged(crossover + 1)

@@ -110,10 +110,14 @@ bool fused_dequant_gemm_applies(const at::Tensor& x, const GroupShape& shape);
 // x @ w^T (+ bias, in x's dtype): the GEMM on a dequantised weight (cuBLAS on a GPU).
 at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 
-// dequant_matmul_tiled's path beyond the decode kernel, on arguments already checked: the fused kernel
-// on the codes untiled where it applies, else the weight dequantised straight from the tiled layout
-// and one GEMM (no untiled copy of the codes).
+// dequant_matmul_tiled's path beyond the decode kernel, on arguments already checked: the staged kernel
+// up to its token limit (staged_max_tokens), else tiled_matmul_beyond_staged.
 at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                      const at::Tensor& zero, const GroupShape& shape,
+                                      const std::optional<at::Tensor>& bias);
+// Beyond both kernels: the fused kernel on the codes untiled where it applies, else the weight dequantised
+// straight from the tiled layout and one GEMM (no untiled copy of the codes).
+at::Tensor tiled_matmul_beyond_staged(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                       const at::Tensor& zero, const GroupShape& shape,
                                       const std::optional<at::Tensor>& bias);
 

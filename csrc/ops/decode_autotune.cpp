@@ -68,6 +68,13 @@ int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
 // crossover is the largest one up to which it won at each (the smallest bucket, 16, where it lost at 32).
 constexpr std::array<int64_t, 3> kCrossoverTokens{32, 64, 128};
 constexpr int kCrossoverBucket = -1;  // the crossover's key
+constexpr int kStagedBucket = -2;     // the staged kernel's limit's key
+
+// The staged kernel's measured limit (0: it lost at the smallest count) and its faster row tiles a warp.
+struct StagedChoice {
+  int64_t limit;
+  int row_tiles;
+};
 
 // device, N, K, bits, group size, token bucket (or kCrossoverBucket).
 using Key = std::tuple<int, int64_t, int64_t, int, int64_t, int>;
@@ -79,6 +86,7 @@ Key key(int device, GroupShape shape, int b) {
 std::mutex table_mutex;
 std::map<Key, Variant> table;
 std::map<Key, int64_t> crossovers;
+std::map<Key, StagedChoice> staged_choices;
 
 template <typename V>
 std::optional<V> measured(const std::map<Key, V>& in, const Key& k) {
@@ -185,6 +193,31 @@ Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
   return kVariants[size_t(std::min_element(best.begin(), best.end()) - best.begin())];
 }
 
+cuda::DecodeTuning staged_tuning(int row_tiles) {
+  cuda::DecodeTuning t{tuning(Knob::DecodeGemmMinSlice), row_tiles, 4, tuning(Knob::StagedGemmCluster) != 0, false};
+  t.staged = true;
+  return t;
+}
+
+// The staged kernel (1 and 2 row tiles a warp) against the path beyond it (tiled_matmul_beyond_staged)
+// at each of kCrossoverTokens: the largest count up to which its faster setting won at each, and the
+// setting that won there ({0, knob} where it lost at the first).
+StagedChoice staged_choice(const ColdCopies& copies, GroupShape shape) {
+  StagedChoice choice{0, int(std::min<int64_t>(tuning(Knob::DecodeGemmRowTiles), 2))};
+  for (const int64_t M : kCrossoverTokens) {
+    const at::Tensor a = random_tokens(copies, shape, M);
+    const Call beyond_call = [&copies, a, shape](size_t c) {
+      tiled_matmul_beyond_staged(a, copies.w[c], copies.scale[c], copies.zero[c], shape, std::nullopt);
+    };
+    const std::vector<float> ms = best_replay_ms(
+        {decode_call(copies, a, shape, staged_tuning(1)), decode_call(copies, a, shape, staged_tuning(2)), beyond_call},
+        copies.size(), copies.w[0].get_device());
+    if (std::min(ms[0], ms[1]) >= ms[2]) break;
+    choice = {M, ms[0] <= ms[1] ? 1 : 2};
+  }
+  return choice;
+}
+
 // The largest of kCrossoverTokens up to which the decode kernel (with the variant tuned for its
 // bucket) beat the path a tiled weight takes beyond it (tiled_matmul_beyond_decode: what a layer that
 // holds only the tiled codes runs) at each, else kUnmeasuredCrossover.
@@ -213,6 +246,15 @@ cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
   const std::optional<Variant> v = measured(key(device, shape, bucket(M)));
   return v ? with_variant(*v) : knobs;
 }
+
+cuda::DecodeTuning staged_tuning_for(int device, GroupShape shape) {
+  if (tuning(Knob::DecodeGemmAutotune) != 0) {
+    if (const std::optional<StagedChoice> c = measured(staged_choices, key(device, shape, kStagedBucket))) {
+      return staged_tuning(c->row_tiles);
+    }
+  }
+  return staged_tuning(int(std::min<int64_t>(tuning(Knob::DecodeGemmRowTiles), 2)));
+}
 #endif
 
 namespace {
@@ -231,6 +273,31 @@ int64_t decode_crossover(int device, GroupShape shape) {
 int64_t decode_max_tokens(int device, GroupShape shape) {
   const int64_t knob = tuning(Knob::DecodeGemmMaxM);
   return knob >= 0 ? knob : decode_crossover(device, shape);
+}
+
+int64_t staged_max_tokens(int device, GroupShape shape) {
+  const int64_t knob = tuning(Knob::StagedGemmMaxM);
+  if (knob >= 0) return knob;
+#ifdef QATEXT_WITH_CUDA
+  if (tuning(Knob::DecodeGemmAutotune) != 0) {
+    if (const std::optional<StagedChoice> c = measured(staged_choices, key(device, shape, kStagedBucket))) {
+      return c->limit;
+    }
+  }
+#else
+  (void)device, (void)shape;
+#endif
+  return 0;
+}
+
+int64_t staged_gemm_limit(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size) {
+  const GroupShape shape = make_shape("qatext.staged_gemm_limit", N, K, bits, group_size);
+#ifdef QATEXT_WITH_CUDA
+  if (const std::optional<StagedChoice> c = measured(staged_choices, key(device, shape, kStagedBucket))) return c->limit;
+#else
+  (void)device, (void)shape;
+#endif
+  return 0;
 }
 
 int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size) {
@@ -282,6 +349,14 @@ bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
     const ColdCopies* c = cold();
     if (c == nullptr) return false;
     remember(table, at_bucket, fastest(*c, shape, kBucketTokens[b]));
+  }
+  // The staged kernel's limit first: the decode kernel's crossover is measured against the path beyond
+  // it, which takes the staged kernel within that limit.
+  const Key at_staged = key(device, shape, kStagedBucket);
+  if (tuning(Knob::StagedGemmMaxM) < 0 && !measured(staged_choices, at_staged)) {
+    const ColdCopies* c = cold();
+    if (c == nullptr) return false;
+    remember(staged_choices, at_staged, staged_choice(*c, shape));
   }
   const Key at_crossover = key(device, shape, kCrossoverBucket);
   if (max_m < 0 && !measured(crossovers, at_crossover)) {

@@ -21,6 +21,20 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
                          const at::Tensor& b, GroupShape shape, cuda::DecodeTuning decode_tuning, bool swiglu = false);
 #endif
 
+#ifdef QATEXT_WITH_CUDA
+// The staged kernel's tuning for a weight of this shape: split-K across blocks, slices of at least
+// decode_gemm_min_slice tiles, the row tiles a warp that tune_decode_gemm measured faster (else
+// decode_gemm_row_tiles, at most 2), the cluster as staged_gemm_cluster says.
+cuda::DecodeTuning staged_tuning_for(int device, GroupShape shape);
+#endif
+
+// The largest token count for which dequant_matmul_tiled (and a packed layer) takes the staged kernel
+// beyond the decode kernel: staged_gemm_max_m where it is set (>= 0), else its measured limit (0 where
+// tune_decode_gemm has measured none).
+int64_t staged_max_tokens(int device, GroupShape shape);
+// The staged kernel's limit as tune_decode_gemm measured it (0, 32, 64 or 128; 0 where it has not).
+int64_t staged_gemm_limit(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size);
+
 // The largest token count for which dequant_matmul_tiled (and a packed layer) takes the decode kernel
 // for a weight of this shape on a device: decode_gemm_max_m where it is set (>= 0), else the crossover.
 int64_t decode_max_tokens(int device, GroupShape shape);
@@ -33,8 +47,10 @@ int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, in
 // Times the decode kernel's variants on this weight (random activations of 1, 8 and 16 tokens, each
 // bucket up to decode_gemm_max_m) and keeps the fastest per bucket for every later call on a weight of
 // this shape: 4 or 8 stages, cluster or partials, 4, 8 or 16 tiles a K slice, at most 1, 2 or 4 row
-// tiles a warp, or the warps of a block splitting K (42 settings). With decode_gemm_max_m at -1 it then
-// times the decode kernel against the packed path at 32, 64 and 128 tokens, for the crossover.
+// tiles a warp, or the warps of a block splitting K (42 settings). With staged_gemm_max_m at -1 it times
+// the staged kernel (1 and 2 row tiles a warp) against the path beyond it at 32, 64 and 128 tokens, for
+// its limit; with decode_gemm_max_m at -1 it then times the decode kernel against the path beyond it
+// (the staged kernel within its limit) at the same counts, for the crossover.
 // Synchronises the GPU, so it runs where a layer takes its decode layout, not in a forward.
 // Nothing to do for CPU tensors, shapes the kernel does not take, a capturing stream, shapes already
 // measured, or with decode_gemm_autotune off. Returns false only where the GPU had no memory left for

@@ -1,6 +1,6 @@
 // The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, and
 // dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; beyond it the staged
-// kernel up to staged_gemm_max_m tokens, then the fused kernel on the codes untiled, or the weight
+// kernel up to its measured limit, then the fused kernel on the codes untiled, or the weight
 // dequantised straight from the tiled layout and one GEMM);
 // and a SwiGLU MLP's gate and up projections on one such weight, silu(gate) * up in the decode kernel's
 // epilogue.
@@ -94,19 +94,8 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
 
 namespace {
 
-#ifdef QATEXT_WITH_CUDA
-// The staged kernel's settings (cuda::DecodeTuning): split-K across blocks, its slices at least
-// decode_gemm_min_slice tiles long, at most 2 row tiles a warp.
-cuda::DecodeTuning staged_tuning() {
-  cuda::DecodeTuning t{tuning(Knob::DecodeGemmMinSlice), int(tuning(Knob::DecodeGemmRowTiles)), 4,
-                       tuning(Knob::StagedGemmCluster) != 0, false};
-  t.staged = true;
-  return t;
-}
-#endif
-
 // x @ deq(W)^T (+ bias) on the decode kernel (or, staged, the staged kernel) where it takes this call
-// (CUDA, 16-bit x, at most the shape's decode token count or staged_gemm_max_m tokens); with swiglu
+// (CUDA, 16-bit x, at most the shape's decode or staged token limit); with swiglu
 // (decode only), silu(gate) * up of it. Undefined where it does not.
 at::Tensor kernel_path(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero,
                        const GroupShape& shape, const std::optional<at::Tensor>& bias, bool swiglu, bool staged) {
@@ -114,9 +103,10 @@ at::Tensor kernel_path(const at::Tensor& x, const at::Tensor& tiled, const at::T
   const auto dtype = x.scalar_type();
   if (!x.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) || !cuda::decode_gemm_supported(shape)) return {};
   const int64_t M = x.numel() / shape.K;
-  const int64_t limit = staged ? tuning(Knob::StagedGemmMaxM) : decode_max_tokens(x.get_device(), shape);
+  const int device = x.get_device();
+  const int64_t limit = staged ? staged_max_tokens(device, shape) : decode_max_tokens(device, shape);
   if (M < 1 || M > limit) return {};
-  const cuda::DecodeTuning tuning = staged ? staged_tuning() : decode_tuning_for(x.get_device(), shape, M);
+  const cuda::DecodeTuning tuning = staged ? staged_tuning_for(device, shape) : decode_tuning_for(device, shape, M);
   const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
   if (!aligned16(a) || !aligned16(w) || (swiglu && !cuda::decode_gemm_swiglu_supported(M, shape, tuning))) return {};
   const at::Tensor b = bias.has_value() ? bias->to(dtype).contiguous() : at::Tensor();
@@ -165,7 +155,13 @@ at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, con
 at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                       const at::Tensor& zero, const GroupShape& shape,
                                       const std::optional<at::Tensor>& bias) {
-  if (const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, false, true); out.defined()) return out;
+  const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, false, true);
+  return out.defined() ? out : tiled_matmul_beyond_staged(x, tiled, scale, zero, shape, bias);
+}
+
+at::Tensor tiled_matmul_beyond_staged(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                      const at::Tensor& zero, const GroupShape& shape,
+                                      const std::optional<at::Tensor>& bias) {
   if (fused_dequant_gemm_applies(x, shape)) {
     return dequant_matmul_checked(x, untile_packed(tiled, shape.bits, shape.K), scale, zero, shape, bias);
   }

@@ -48,10 +48,11 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
      "A SwiGLU MLP (transformers' Llama family) whose gate and up projections decode as one GEMM applies "
      "silu(gate) * up in that GEMM's epilogue (swiglu_matmul_tiled): one kernel a layer fewer. 0: the MLP's own "
      "forward (the GEMM, then silu and the product). Read where a compiled model is traced."},
-    {"staged_gemm_max_m", 128, 0, kMax,
+    {"staged_gemm_max_m", -1, -1, kMax,
      "Largest token count for which CUDA dequant_matmul_tiled and packed layers, beyond the decode kernel, use the "
      "staged kernel (a block's tokens staged once in shared memory for its warps, the weight dequantised to 16 bits "
-     "in registers); beyond it, or 0, the fused kernel or dequant + cuBLAS."},
+     "in registers); beyond it the fused kernel or dequant + cuBLAS. -1: the limit tune_decode_gemm measured for the "
+     "weight's shape against that path (0, 32, 64 or 128), 0 (never) for shapes it has not measured."},
     {"staged_gemm_cluster", 1, 0, 1,
      "The staged kernel's split-K of at most 8 slices summed in a thread-block cluster (sm_90, where the grid's "
      "clusters are all resident), else through global partials and a counter."},
