@@ -133,8 +133,10 @@ def test_adamw_is_fused_on_cuda_and_steps_as_foreach():
             q.grad = p.grad.clone()
         local_shards.adamw_step(opt)
         ref.step()
-    # The same update, rounded otherwise: foreach rounds each bf16 op's result (5 ops, 2^-8 each, of an
-    # update of at most ~3 lr), fused computes in fp32; then an ulp of the parameter.
+    # The same update, rounded otherwise: foreach rounds each bf16 op's result, fused computes in fp32, and
+    # an update of about lr (under half an ulp of a parameter beyond 2) rounds the parameter one way or the
+    # other: up to an ulp (2^-7 of it) a step, three steps (measured on an H200: 3 ulps at most).
     for p, q in zip(fused, foreach):
         bf16 = p.dtype == torch.bfloat16
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=2**-7 if bf16 else 1e-5, atol=1e-3 if bf16 else 1e-6)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=3 * 2**-7 if bf16 else 1e-5,
+                                   atol=1e-3 if bf16 else 1e-6)

@@ -123,8 +123,9 @@ def test_tuning_measures_the_staged_limit_and_the_dispatch_follows_it():
     def staged(m):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
-        torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g).float(),
-                                   _expected(x, packed, scale, zero, bits, g), rtol=2e-2, atol=3e-2)
+        expected = _expected(x, packed, scale, zero, bits, g)  # (beyond the limit cuBLAS's bf16 GEMM: 2 output ulps)
+        torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g).float(), expected,
+                                   rtol=2e-2, atol=expected.abs().max().item() / 64)
         return "staged_gemm_kernel" in names
 
     for m in {crossover + 1, limit + 1} | ({limit} if limit else set()):
