@@ -598,10 +598,10 @@ __device__ __forceinline__ void dequant_fragment(uint32_t word, uint32_t hi, int
 
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y; tokens
 // 8 MT blockIdx.z + (0 .. 8 MT), as the decode kernel's (so the two share their split-K epilogue).
-// (Registers capped for 3 blocks a SM with one row tile a warp, 2 with two: a block waits at a barrier
-// every tile, so the SM needs other blocks' warps to issue meanwhile.)
+// (Registers capped for 2 blocks a SM: a block waits at a barrier every tile, so the SM needs another
+// block's warps to issue meanwhile.)
 template <typename T, int BITS, int MT, int NT, int S>
-__global__ void __launch_bounds__(kDecodeThreads, NT == 1 ? 3 : 2) staged_gemm_kernel(DecodeArgs args) {
+__global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeArgs args) {
   using L = StagedLayout<BITS, MT, NT>;
   constexpr int kTokenChunks = 8 * MT * kTileCols / 8, kChunksPerThread = kTokenChunks / kDecodeThreads;
   static_assert(kTokenChunks % kDecodeThreads == 0, "every thread copies the same number of token chunks");
@@ -614,53 +614,63 @@ __global__ void __launch_bounds__(kDecodeThreads, NT == 1 ? 3 : 2) staged_gemm_k
   const int t_begin = blockIdx.y * args.tiles_per_split;
   const int t_end = min(KT, t_begin + args.tiles_per_split);
   const bool active = nt0 < row_tiles;  // N % (16 NT) == 0: a warp's tiles are all in or all out
-  const int tpg = args.tiles_per_group;
+  const int tpg = args.tiles_per_group, first_group = t_begin / tpg;
 
-  // This thread's token chunks (rows past M read as zeros), its lane's codes and the scale or zero it
-  // copies for its row tiles: lane 4g + c takes the scale (c = 0, 1) or zero (c = 2, 3) of row g + 8 (c % 2).
-  const T* x = static_cast<const T*>(args.x);
-  const T* xsrc[kChunksPerThread];
-  int xdst[kChunksPerThread], xbytes[kChunksPerThread];
+  // What this thread copies, as running sources advanced a tile (or, for the scales and zeros, a group)
+  // at a time: its token chunks (rows past M read as zeros), its lane's codes of each row tile, and the
+  // scale or zero of one row of each: lane 4g + c takes the scale (c = 0, 1) or zero (c = 2, 3) of row
+  // g + 8 (c % 2).
+  // Token chunks: thread q copies chunk q % 8 of token rows q / 8 + 32 u (M * K < 2^31: int offsets).
+  const T* x = static_cast<const T*>(args.x) + int64_t(t_begin) * kTileCols;
+  const int xdst = L::token(threadIdx.x / 8, threadIdx.x % 8);  // (+ u * 32 token rows)
+  int xoff[kChunksPerThread];
+  unsigned xvalid = 0;
 #pragma unroll
   for (int u = 0; u < kChunksPerThread; ++u) {
-    const int q = threadIdx.x + u * kDecodeThreads, r = q / 8, ch = q % 8, m = m0 + r;
-    xsrc[u] = x + int64_t(min(m, args.M - 1)) * args.K + 8 * ch;
-    xdst[u] = L::token(r, ch);
-    xbytes[u] = m < args.M ? 16 : 0;
+    const int m = m0 + int(threadIdx.x) / 8 + 32 * u;
+    xoff[u] = min(m, args.M - 1) * args.K + 8 * (threadIdx.x % 8);
+    xvalid |= unsigned(m < args.M) << u;
   }
   const int64_t tile_row_bytes = int64_t(KT) * tile_bytes(BITS);
-  const uint8_t* codes = args.tiled + int64_t(active ? nt0 : 0) * tile_row_bytes + lane * (BITS == 3 ? 8 : 4 * BITS);
-  const float* qp[NT];
+  const uint8_t* csrc = args.tiled + int64_t(active ? nt0 : 0) * tile_row_bytes + int64_t(t_begin) * tile_bytes(BITS) +
+                        lane * (BITS == 3 ? 8 : 4 * BITS);
+  const float* qsrc = (c < 2 ? args.scale : args.zero) +
+                      int64_t((active ? nt0 : 0) * kTileRows + g + 8 * (c & 1)) * args.G + first_group;
+  const int row_tile_qparams = kTileRows * args.G;  // from one row tile's scales to the next's
+  int issued = t_begin, issue_slot = 0, issue_group_end = (first_group + 1) * tpg;
+
+  // The next tile's copies into its ring slot (nothing past the slice; the group is still committed so
+  // that the wait counts stay aligned).
+  const auto issue = [&]() {
+    if (issued < t_end) {
+      uint8_t* st = smem + issue_slot * L::kBytes;
 #pragma unroll
-  for (int i = 0; i < NT; ++i) {
-    const int row = (active ? nt0 + i : 0) * kTileRows + g + 8 * (c & 1);
-    qp[i] = (c < 2 ? args.scale : args.zero) + int64_t(row) * args.G;
-  }
-  // A tile's copies into ring slot `slot` (nothing past the slice; the group is still committed so that
-  // the wait counts stay aligned).
-  const auto issue = [&](int slot, int t) {
-    if (t < t_end) {
-      uint8_t* st = smem + slot * L::kBytes;
-#pragma unroll
-      for (int u = 0; u < kChunksPerThread; ++u) cp_async16_zfill(st + xdst[u], xsrc[u] + t * kTileCols, xbytes[u]);
+      for (int u = 0; u < kChunksPerThread; ++u) {
+        cp_async16_zfill(st + xdst + u * 32 * kTileCols * 2, x + xoff[u], (xvalid >> u & 1u) ? 16 : 0);
+      }
+      x += kTileCols;
       if (active) {
-        const uint8_t* src = codes + int64_t(t) * tile_bytes(BITS);
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           if constexpr (BITS == 3) {
-            cp_async_once<8>(st + L::codes(warp, i, lane), src + i * tile_row_bytes);
-            cp_async_once<4>(st + L::codes(warp, i, lane) + 8, src + i * tile_row_bytes + 256 - 4 * lane);
+            cp_async_once<8>(st + L::codes(warp, i, lane), csrc + i * tile_row_bytes);
+            cp_async_once<4>(st + L::codes(warp, i, lane) + 8, csrc + i * tile_row_bytes + 256 - 4 * lane);
           } else {
-            cp_async_once<L::kCodeBytes>(st + L::codes(warp, i, lane), src + i * tile_row_bytes);
+            cp_async_once<L::kCodeBytes>(st + L::codes(warp, i, lane), csrc + i * tile_row_bytes);
           }
         }
-        if (t == t_begin || t % tpg == 0) {
+        const bool starts_group = issued == t_begin || issued == issue_group_end;
+        if (issued == issue_group_end) issue_group_end += tpg, ++qsrc;
+        if (starts_group) {
 #pragma unroll
-          for (int i = 0; i < NT; ++i) cp_async_once<4>(st + L::qparams(warp, i, lane), qp[i] + t / tpg);
+          for (int i = 0; i < NT; ++i) cp_async_once<4>(st + L::qparams(warp, i, lane), qsrc + i * row_tile_qparams);
         }
       }
+      csrc += tile_bytes(BITS);
     }
     cp_async_commit();
+    ++issued;
+    issue_slot = issue_slot == S - 1 ? 0 : issue_slot + 1;
   };
 
   float out[MT][NT][4];
@@ -671,16 +681,19 @@ __global__ void __launch_bounds__(kDecodeThreads, NT == 1 ? 3 : 2) staged_gemm_k
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[mt][i][e] = 0.f;
   float s[NT][2] = {}, z[NT][2] = {};
+  // This lane's smem offsets: its token row g of each token tile, columns 16c .. 16c + 7 and + 8 .. + 15.
+  const int x0 = L::token(g, 2 * c), x1 = L::token(g, 2 * c + 1);
 
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) issue(st, t_begin + st);
-  for (int t = t_begin, slot = 0; t < t_end; ++t) {
+  for (int st = 0; st < S - 1; ++st) issue();
+  for (int t = t_begin, slot = 0, group_end = (first_group + 1) * tpg; t < t_end; ++t) {
     cp_async_wait<S - 2>();  // tile t landed (this thread's copies) ...
-    __syncthreads();         // ... and every thread's; every warp is done with tile t - 1
-    issue(slot == 0 ? S - 1 : slot - 1, t + S - 1);  // refill tile t - 1's slot
+    __syncthreads();         // ... and every thread's; every warp is done with tile t - 1, whose slot ...
+    issue();                 // ... takes tile t + S - 1
     const uint8_t* st = smem + slot * L::kBytes;
     if (active) {
-      if (t == t_begin || t % tpg == 0) {  // a group's first tile: its scales and zeros
+      if (t == t_begin || t == group_end) {  // a group's first tile: its scales and zeros
+        if (t == group_end) group_end += tpg;
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           const float4 v = *reinterpret_cast<const float4*>(st + L::qparams(warp, i, 4 * g));
@@ -706,16 +719,17 @@ __global__ void __launch_bounds__(kDecodeThreads, NT == 1 ? 3 : 2) staged_gemm_k
         for (int j = 0; j < 4; ++j) {
           dequant_fragment<T, BITS>(words[i][j / kStepsPerWord], words[i][BITS == 3 ? 2 : 0], j, s[i], z[i], a[i][j]);
         }
-      // MP token tiles at a time (their 32 bytes a lane each, columns 16c .. 16c + 15): with NT row tiles,
-      // MP * NT = 2 independent sums take turns, so an mma rarely waits for the one before.
+      // MP token tiles at a time (their 32 bytes a lane each): with NT row tiles, MP * NT = 2 independent
+      // sums take turns, so an mma rarely waits for the one before.
       constexpr int MP = NT == 1 ? 2 : 1;
 #pragma unroll
       for (int mt0 = 0; mt0 < MT; mt0 += MP) {
         uint4 xv[MP][2];
 #pragma unroll
-        for (int p = 0; p < MP; ++p)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) xv[p][h] = *reinterpret_cast<const uint4*>(st + L::token(8 * (mt0 + p) + g, 2 * c + h));
+        for (int p = 0; p < MP; ++p) {
+          xv[p][0] = *reinterpret_cast<const uint4*>(st + (mt0 + p) * 8 * kTileCols * 2 + x0);
+          xv[p][1] = *reinterpret_cast<const uint4*>(st + (mt0 + p) * 8 * kTileCols * 2 + x1);
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -744,8 +758,8 @@ struct Config {
 // token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
 // decode it twice; their ring has 4 stages (8 would not fit in shared memory). SwiGLU takes at least 2
 // (a gate tile and its up tile).
-// Staged: 32 tokens a block up to 32, else 64 (each weight fragment meets all of a block's tokens);
-// 2 row tiles a warp where allowed (each token read from shared memory feeds both).
+// Staged: 32 tokens a block up to 32, else 64 (each weight fragment meets all of a block's tokens; 128
+// would spill the sums); 2 row tiles a warp where allowed (each token read from shared memory feeds both).
 Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
   if (tuning.staged) {
     const int nt = tuning.max_row_tiles >= 2 && N % (2 * kTileRows) == 0 ? 2 : 1;
