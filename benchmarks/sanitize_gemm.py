@@ -17,6 +17,14 @@ from qatext import ops
 
 qatext.set_tuning(dequant_gemm_max_m=512)  # every M here takes the fused kernel
 
+
+def tiled_weight(n, k, bits, g):
+    """Random codes in the tiled layout, with scales and zeros."""
+    packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
+    scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
+    return ops.tile_packed(packed, bits, k), scale, torch.full_like(scale, 1.5)
+
+
 for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
     for bits in (2, 3, 4):
         packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
@@ -35,10 +43,7 @@ for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
     qatext.set_tuning(decode_gemm_max_m=64, decode_gemm_min_slice=min_slice, decode_gemm_stages=stages,
                       decode_gemm_cluster=cluster, decode_gemm_warp_split=warp_split)
     for bits in (2, 3, 4):
-        packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
-        tiled = ops.tile_packed(packed, bits, k)
-        scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
-        zero = torch.full_like(scale, 1.5)
+        tiled, scale, zero = tiled_weight(n, k, bits, g)
         for m in (1, 7, 16, 37):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
@@ -51,20 +56,14 @@ for (n, k, g), (min_slice, row_tiles, cluster) in itertools.product(
     qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=512, decode_gemm_min_slice=min_slice,
                       decode_gemm_row_tiles=row_tiles, staged_gemm_cluster=cluster)
     for bits in (2, 3, 4):
-        packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
-        tiled = ops.tile_packed(packed, bits, k)
-        scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
-        zero = torch.full_like(scale, 1.5)
+        tiled, scale, zero = tiled_weight(n, k, bits, g)
         for m in (17, 64, 150):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.bfloat16))
 qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=0, dequant_gemm_max_m=0)  # dequant_tiled + cuBLAS, untile
 for n, k, g in [(48, 384, 24), (1040, 512, 128), (128, 64, -1)]:
     for bits, dtype in itertools.product((2, 3, 4), (torch.bfloat16, torch.float32)):
-        packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda"), bits)
-        tiled = ops.tile_packed(packed, bits, k)
-        scale = torch.rand(n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
-        zero = torch.full_like(scale, 1.5)
+        tiled, scale, zero = tiled_weight(n, k, bits, g)
         ops.dequant_matmul_tiled(torch.randn(3, k, device="cuda", dtype=dtype), tiled, scale, zero, bits, g)
         ops.untile_packed(tiled, bits, k)
 for bits, dtype, (n, k, g) in itertools.product(range(2, 9), (torch.bfloat16, torch.float16, torch.float32),
