@@ -275,29 +275,26 @@ int64_t decode_max_tokens(int device, GroupShape shape) {
   return knob >= 0 ? knob : decode_crossover(device, shape);
 }
 
-int64_t staged_max_tokens(int device, GroupShape shape) {
-  const int64_t knob = tuning(Knob::StagedGemmMaxM);
-  if (knob >= 0) return knob;
-#ifdef QATEXT_WITH_CUDA
-  if (tuning(Knob::DecodeGemmAutotune) != 0) {
-    if (const std::optional<StagedChoice> c = measured(staged_choices, key(device, shape, kStagedBucket))) {
-      return c->limit;
-    }
-  }
-#else
-  (void)device, (void)shape;
-#endif
-  return 0;
-}
-
-int64_t staged_gemm_limit(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size) {
-  const GroupShape shape = make_shape("qatext.staged_gemm_limit", N, K, bits, group_size);
+namespace {
+// The staged kernel's limit as tune_decode_gemm measured it, 0 where it has not.
+int64_t measured_staged_limit(int device, GroupShape shape) {
 #ifdef QATEXT_WITH_CUDA
   if (const std::optional<StagedChoice> c = measured(staged_choices, key(device, shape, kStagedBucket))) return c->limit;
 #else
   (void)device, (void)shape;
 #endif
   return 0;
+}
+}  // namespace
+
+int64_t staged_max_tokens(int device, GroupShape shape) {
+  const int64_t knob = tuning(Knob::StagedGemmMaxM);
+  if (knob >= 0) return knob;
+  return tuning(Knob::DecodeGemmAutotune) != 0 ? measured_staged_limit(device, shape) : 0;
+}
+
+int64_t staged_gemm_limit(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size) {
+  return measured_staged_limit(device, make_shape("qatext.staged_gemm_limit", N, K, bits, group_size));
 }
 
 int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size) {
