@@ -97,6 +97,32 @@ struct Stage {
   uint4 x[MT][2];            // token g (+ 8 mt): columns 16c .. 16c + 15 of the tile
 };
 
+// A lane's code bytes of one row tile, from `src` (the tile plus the lane's offset) into its own slot
+// `dst` by cp.async: 4 * BITS bytes, or for 3 bits its 8 bytes of the 2-bit plane and its 4 of the
+// 1-bit plane (at 256 + 4 * lane in the tile) in a 16-byte slot.
+template <int BITS>
+__device__ __forceinline__ void copy_lane_codes(uint8_t* dst, const uint8_t* src, int lane) {
+  if constexpr (BITS == 3) {
+    cp_async_once<8>(dst, src);
+    cp_async_once<4>(dst + 8, src + 256 - 4 * lane);
+  } else {
+    cp_async_once<4 * BITS>(dst, src);
+  }
+}
+
+// Those bytes back as the lane's code words (3 bits: two 2-bit plane words, then the 1-bit plane word).
+template <int BITS>
+__device__ __forceinline__ void read_lane_codes(const uint8_t* src, uint32_t (&w)[BITS]) {
+  if constexpr (BITS == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(src);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z;
+    if constexpr (BITS == 4) w[3] = v.w;
+  }
+}
+
 // Async copies of tile t into this lane's own bytes of a ring slot `st`: its code bytes of each of the
 // warp's row tiles (3 bits: the 2-bit plane, then the 1-bit plane) and its two 16-byte activation
 // vectors per token tile.
@@ -108,12 +134,7 @@ __device__ __forceinline__ void issue_stage(uint8_t* st, const uint8_t* codes, i
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
     if (i > 0) src += i == NT / 2 ? mid_step : tile_row_bytes;  // (the step from tile i - 1 to tile i)
-    if constexpr (BITS == 3) {
-      cp_async_once<8>(st + L::codes(i, lane), src);
-      cp_async_once<4>(st + L::codes(i, lane) + 8, src + 256 - 4 * lane);
-    } else {
-      cp_async_once<L::kCodeBytes>(st + L::codes(i, lane), src);
-    }
+    copy_lane_codes<BITS>(st + L::codes(i, lane), src, lane);
   }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -128,18 +149,7 @@ template <int BITS, int MT, int NT>
 __device__ __forceinline__ void read_stage(const uint8_t* src, int lane, Stage<BITS, MT, NT>& st) {
   using L = StageLayout<BITS, MT, NT>;
 #pragma unroll
-  for (int i = 0; i < NT; ++i) {
-    if constexpr (BITS == 4) {
-      const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
-      st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z, st.codes[i][3] = v.w;
-    } else if constexpr (BITS == 3) {  // 2-bit plane words, then the 1-bit plane word
-      const uint4 v = *reinterpret_cast<const uint4*>(src + L::codes(i, lane));
-      st.codes[i][0] = v.x, st.codes[i][1] = v.y, st.codes[i][2] = v.z;
-    } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(src + L::codes(i, lane));
-      st.codes[i][0] = v.x, st.codes[i][1] = v.y;
-    }
-  }
+  for (int i = 0; i < NT; ++i) read_lane_codes<BITS>(src + L::codes(i, lane), st.codes[i]);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
@@ -651,14 +661,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
       x += kTileCols;
       if (active) {
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
-          if constexpr (BITS == 3) {
-            cp_async_once<8>(st + L::codes(warp, i, lane), csrc + i * tile_row_bytes);
-            cp_async_once<4>(st + L::codes(warp, i, lane) + 8, csrc + i * tile_row_bytes + 256 - 4 * lane);
-          } else {
-            cp_async_once<L::kCodeBytes>(st + L::codes(warp, i, lane), csrc + i * tile_row_bytes);
-          }
-        }
+        for (int i = 0; i < NT; ++i) copy_lane_codes<BITS>(st + L::codes(warp, i, lane), csrc + i * tile_row_bytes, lane);
         const bool starts_group = issued == t_begin || issued == issue_group_end;
         if (issued == issue_group_end) issue_group_end += tpg, ++qsrc;
         if (starts_group) {
@@ -700,17 +703,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
           s[i][0] = v.x, s[i][1] = v.y, z[i][0] = v.z, z[i][1] = v.w;
         }
       }
-      uint32_t words[NT][4];  // this lane's code words of each row tile
+      uint32_t words[NT][BITS];  // this lane's code words of each row tile
 #pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        if constexpr (BITS == 2) {
-          const uint2 v = *reinterpret_cast<const uint2*>(st + L::codes(warp, i, lane));
-          words[i][0] = v.x, words[i][1] = v.y, words[i][2] = words[i][3] = 0u;
-        } else {
-          const uint4 v = *reinterpret_cast<const uint4*>(st + L::codes(warp, i, lane));
-          words[i][0] = v.x, words[i][1] = v.y, words[i][2] = v.z, words[i][3] = v.w;
-        }
-      }
+      for (int i = 0; i < NT; ++i) read_lane_codes<BITS>(st + L::codes(warp, i, lane), words[i]);
       uint32_t a[NT][4][4];  // [row tile][step j]
       constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
 #pragma unroll

@@ -193,6 +193,9 @@ Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
   return kVariants[size_t(std::min_element(best.begin(), best.end()) - best.begin())];
 }
 
+// The staged kernel's row tiles a warp where nothing was measured: decode_gemm_row_tiles, at most 2.
+int knob_staged_row_tiles() { return int(std::min<int64_t>(tuning(Knob::DecodeGemmRowTiles), 2)); }
+
 cuda::DecodeTuning staged_tuning(int row_tiles) {
   cuda::DecodeTuning t{tuning(Knob::DecodeGemmMinSlice), row_tiles, 4, tuning(Knob::StagedGemmCluster) != 0, false};
   t.staged = true;
@@ -203,7 +206,7 @@ cuda::DecodeTuning staged_tuning(int row_tiles) {
 // at each of kCrossoverTokens: the largest count up to which its faster setting won at each, and the
 // setting that won there ({0, knob} where it lost at the first).
 StagedChoice staged_choice(const ColdCopies& copies, GroupShape shape) {
-  StagedChoice choice{0, int(std::min<int64_t>(tuning(Knob::DecodeGemmRowTiles), 2))};
+  StagedChoice choice{0, knob_staged_row_tiles()};
   for (const int64_t M : kCrossoverTokens) {
     const at::Tensor a = random_tokens(copies, shape, M);
     const Call beyond_call = [&copies, a, shape](size_t c) {
@@ -253,7 +256,7 @@ cuda::DecodeTuning staged_tuning_for(int device, GroupShape shape) {
       return staged_tuning(c->row_tiles);
     }
   }
-  return staged_tuning(int(std::min<int64_t>(tuning(Knob::DecodeGemmRowTiles), 2)));
+  return staged_tuning(knob_staged_row_tiles());
 }
 #endif
 
