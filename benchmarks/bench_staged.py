@@ -23,8 +23,10 @@ import qatext
 from qatext import ops
 
 TOKENS = [16, 32, 64, 128, 256, 512]
+# (autotune off: the row tiles the tuner chose would otherwise replace each variant's)
 STAGED_VARIANTS = {
-    f"staged nt{nt} {'cluster' if cluster else 'partials'}": {"decode_gemm_row_tiles": nt, "staged_gemm_cluster": cluster}
+    f"staged nt{nt} {'cluster' if cluster else 'partials'}": {"decode_gemm_row_tiles": nt, "staged_gemm_cluster": cluster,
+                                                            "decode_gemm_autotune": 0}
     for nt in (2, 1)
     for cluster in (1, 0)
 }

@@ -64,6 +64,9 @@ int device_attribute() {
 // Streaming multiprocessors of the current device (split-K sizing).
 inline int sm_count() { return std::max(device_attribute<cudaDevAttrMultiProcessorCount>(), 1); }
 
+// Whether the current device is sm_90 (Hopper: wgmma, clusters).
+inline bool is_sm90() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() == 9; }
+
 // The most shared memory a block of the current device may opt into (227 KB on sm_90, 163 KB on
 // sm_80, 99 KB on sm_86 / sm_89).
 inline int max_block_smem() {

@@ -40,6 +40,7 @@
 #include "cuda/kernels.h"
 #include "cuda/mma.cuh"
 #include "cuda/ptx.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace qatext::cuda {
 namespace {
@@ -51,6 +52,7 @@ constexpr int kMaxClusterSplits = 8;               // K slices summed in a clust
 
 struct DecodeArgs {
   const void* x;          // [M, K]
+  const void* x_wgmma;    // x in wgmma's k order (wgmma_token_order), where the staged kernel takes wgmma
   const uint8_t* tiled;   // tiled layout of [N, K] codes
   const float* scale;     // [N, G]
   const float* zero;      // [N, G]
@@ -568,6 +570,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 // one set of fp32 sums serves every group and no sum_k x is formed. Each fragment then meets all 8 MT
 // tokens of the block. The warps' codes and, at a group's first tile, their rows' scales and zeros
 // ride in the same stage, each lane copying and reading back its own bytes.
+// With one row tile a warp on sm_90a, each warpgroup's 4 row tiles are one 64-row wgmma (A, the
+// fragments, from registers; B, the tokens, from the ring in wgmma's 128-byte swizzle, staged from x in
+// wgmma's k order: wgmma_token_order), up to 128 tokens a block, and a tile's fragments are dequantised
+// while the last tile's wgmma runs. Elsewhere mma.sync takes them, up to 64 tokens a block.
 template <int BITS, int MT, int NT>
 struct StagedLayout {
   static constexpr int kCodeBytes = BITS == 3 ? 16 : 4 * BITS;  // per lane per row tile
@@ -587,8 +593,9 @@ struct StagedLayout {
 
 template <int BITS, int MT, int NT, int S>
 constexpr int staged_smem_bytes() {
-  // (the ring is reused for the warps' sums when a cluster sums the K slices: MT * NT * 512 bytes a warp)
-  return std::max(S * StagedLayout<BITS, MT, NT>::kBytes, kWarps * MT * NT * 512);
+  // (the ring is reused for the warps' sums when a cluster sums the K slices: MT * NT * 512 bytes a warp;
+  // up to 1024 bytes before it align it)
+  return 1024 + std::max(S * StagedLayout<BITS, MT, NT>::kBytes, kWarps * MT * NT * 512);
 }
 
 // The 16-bit A fragment (w = (q - z) s, rounded once) of a row tile at 16-deep step j, from the lane's
@@ -615,7 +622,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   using L = StagedLayout<BITS, MT, NT>;
   constexpr int kTokenChunks = 8 * MT * kTileCols / 8, kChunksPerThread = kTokenChunks / kDecodeThreads;
   static_assert(kTokenChunks % kDecodeThreads == 0, "every thread copies the same number of token chunks");
-  extern __shared__ __align__(16) uint8_t smem[];
+#ifdef QATEXT_WGMMA
+  constexpr bool kWgmma = NT == 1;  // a warpgroup's 4 row tiles as one 64-row wgmma (sm_90a)
+#else
+  constexpr bool kWgmma = false;
+#endif
+  static_assert(!kWgmma || L::kBytes % 1024 == 0, "wgmma reads a slot's tokens in the 128-byte swizzle");
+  extern __shared__ __align__(16) uint8_t staged_smem[];
+  // The ring from the first 1024-byte boundary (wgmma reads the tokens in the 128-byte swizzle, whose
+  // pattern repeats every 1024 bytes; the static shared memory before it need not end on one).
+  uint8_t* const smem = staged_smem + ((1024u - (smem_addr(staged_smem) & 1023u)) & 1023u);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane / 4, c = lane % 4;
   const int KT = args.K / kTileCols, row_tiles = args.N / kTileRows;
@@ -630,8 +646,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   // at a time: its token chunks (rows past M read as zeros), its lane's codes of each row tile, and the
   // scale or zero of one row of each: lane 4g + c takes the scale (c = 0, 1) or zero (c = 2, 3) of row
   // g + 8 (c % 2).
-  // Token chunks: thread q copies chunk q % 8 of token rows q / 8 + 32 u (M * K < 2^31: int offsets).
-  const T* x = static_cast<const T*>(args.x) + int64_t(t_begin) * kTileCols;
+  // Token chunks: thread q copies chunk q % 8 of token rows q / 8 + 32 u (M * K < 2^31: int offsets);
+  // wgmma reads them in its k order (wgmma_token_order).
+  const T* x = static_cast<const T*>(kWgmma ? args.x_wgmma : args.x) + int64_t(t_begin) * kTileCols;
   const int xdst = L::token(threadIdx.x / 8, threadIdx.x % 8);  // (+ u * 32 token rows)
   int xoff[kChunksPerThread];
   unsigned xvalid = 0;
@@ -687,13 +704,22 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   // This lane's smem offsets: its token row g of each token tile, columns 16c .. 16c + 7 and + 8 .. + 15.
   const int x0 = L::token(g, 2 * c), x1 = L::token(g, 2 * c + 1);
 
+  // Tiles in flight ahead of the one read: S - 1, or with wgmma S - 2 (a warp's wgmma of tile t - 1 may
+  // still read its slot while tile t is dequantised; it is done before the warp reaches the barrier of
+  // tile t + 1, after which that slot is refilled).
+  constexpr int kAhead = kWgmma ? S - 2 : S - 1;
+  uint32_t a_even[4][4], a_odd[4][4];  // (wgmma) the fragment buffers of even and odd tiles
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) issue();
+  for (int st = 0; st < kAhead; ++st) issue();
   for (int t = t_begin, slot = 0, group_end = (first_group + 1) * tpg; t < t_end; ++t) {
-    cp_async_wait<S - 2>();  // tile t landed (this thread's copies) ...
-    __syncthreads();         // ... and every thread's; every warp is done with tile t - 1, whose slot ...
-    issue();                 // ... takes tile t + S - 1
+    // (wgmma reads the tokens after this wait and barrier with no proxy fence, as CUTLASS's cp.async +
+    // GMMA mainloops do; fence.proxy.async compiles to a MEMBAR that would also wait for the copies still
+    // in flight)
+    cp_async_wait<kAhead - 1>();  // tile t landed (this thread's copies) ...
+    __syncthreads();              // ... and every thread's; every warp is done with the slot that ...
+    issue();                      // ... takes tile t + kAhead
     const uint8_t* st = smem + slot * L::kBytes;
+    uint32_t words[NT][BITS];  // this lane's code words of each row tile
     if (active) {
       if (t == t_begin || t == group_end) {  // a group's first tile: its scales and zeros
         if (t == group_end) group_end += tpg;
@@ -703,11 +729,38 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
           s[i][0] = v.x, s[i][1] = v.y, z[i][0] = v.z, z[i][1] = v.w;
         }
       }
-      uint32_t words[NT][BITS];  // this lane's code words of each row tile
 #pragma unroll
       for (int i = 0; i < NT; ++i) read_lane_codes<BITS>(st + L::codes(warp, i, lane), words[i]);
-      uint32_t a[NT][4][4];  // [row tile][step j]
-      constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
+    }
+    constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
+#ifdef QATEXT_WGMMA
+    if constexpr (kWgmma) {
+      // The warpgroup's 64 rows against all the block's tokens, 4 steps of 16 columns from shared memory,
+      // into one of two fragment buffers by tile parity: this tile's fragments are dequantised while the
+      // last tile's wgmma still runs on the other (an idle warp of the warpgroup takes part with zeros).
+      const auto run = [&](uint32_t (&a)[4][4]) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[j][r] = 0u;
+          if (active) dequant_fragment<T, BITS>(words[0][j / kStepsPerWord], words[0][BITS == 3 ? 2 : 0], j, s[0], z[0], a[j]);
+        }
+        wgmma_fence();
+        const uint32_t tokens = smem_addr(st);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_rs<T, MT>(out, a[j], sw128_desc(tokens + 32 * j));
+        wgmma_commit();
+        wgmma_wait<1>();  // the last tile's wgmma is done: its buffer and its ring slot are free
+      };
+      if ((t - t_begin) % 2 == 0) {
+        run(a_even);
+      } else {
+        run(a_odd);
+      }
+    }
+#endif
+    if (!kWgmma && active) {
+      uint32_t a[NT][4][4];  // [row tile][step j]: this lane's dequantised fragments
 #pragma unroll
       for (int i = 0; i < NT; ++i)
 #pragma unroll
@@ -738,9 +791,38 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
     }
     slot = slot == S - 1 ? 0 : slot + 1;
   }
+#ifdef QATEXT_WGMMA
+  if constexpr (kWgmma) wgmma_wait<0>();
+#endif
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the ring before a cluster's sums reuse it
   finish_split_k<T, MT, NT>(args, out, smem, MT * NT * 512, m0, nt0, active);
+}
+
+// x in wgmma's k order, one thread a token row's 64-column tile. The tiled layout holds a lane's codes of
+// column pair (c, j, h), columns 16c + 4j + 2h + (0, 1), at k 16j + 8h + 2c of its A fragment (so that the
+// decode kernel reads 16 contiguous columns of x a lane); wgmma reads B in k order, so that pair of x
+// goes to k 16j + 8h + 2c.
+template <typename T>
+__global__ void wgmma_token_order_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t row_tiles) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= row_tiles) return;
+  const uint4* src = reinterpret_cast<const uint4*>(x) + i * 8;
+  uint4* dst = reinterpret_cast<uint4*>(out) + i * 8;
+  uint32_t in[32], moved[32];
+#pragma unroll
+  for (int v = 0; v < 8; ++v) {
+    const uint4 q = src[v];
+    in[4 * v] = q.x, in[4 * v + 1] = q.y, in[4 * v + 2] = q.z, in[4 * v + 3] = q.w;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) moved[8 * j + 4 * h + c] = in[8 * c + 2 * j + h];
+#pragma unroll
+  for (int v = 0; v < 8; ++v) dst[v] = make_uint4(moved[4 * v], moved[4 * v + 1], moved[4 * v + 2], moved[4 * v + 3]);
 }
 
 // Kernel configuration: token tiles MT, row tiles per warp NT, ring stages S; the staged kernel or
@@ -753,12 +835,13 @@ struct Config {
 // token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
 // decode it twice; their ring has 4 stages (8 would not fit in shared memory). SwiGLU takes at least 2
 // (a gate tile and its up tile).
-// Staged: 32 tokens a block up to 32, else 64 (each weight fragment meets all of a block's tokens; 128
-// would spill the sums); 2 row tiles a warp where allowed (each token read from shared memory feeds both).
+// Staged: 32 tokens a block up to 32, else 64, and with one row tile a warp 128 beyond 64 (each weight
+// fragment meets all of a block's tokens; mma.sync's 128 would spill its sums, wgmma's (sm_90) take 64);
+// 2 row tiles a warp where allowed and asked for (each token read from shared memory feeds both).
 Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
   if (tuning.staged) {
     const int nt = tuning.max_row_tiles >= 2 && N % (2 * kTileRows) == 0 ? 2 : 1;
-    return {M <= 32 ? 4 : 8, nt, 4, true};
+    return {M <= 32 ? 4 : M <= 64 || nt == 2 || !is_sm90() ? 8 : 16, nt, 4, true};
   }
   const int mt = M <= 8 ? 1 : M <= 16 ? 2 : 4;
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
@@ -806,6 +889,7 @@ auto with_instance(int bits, Config cfg, F&& f) {
   };
   return with_bits(bits, [&]<int BITS>() {
     if (cfg.staged) {
+      if (cfg.mt == 16) return f.template operator()<true, BITS, 16, 1, 4>();
       if (cfg.mt == 8) {
         return cfg.nt == 2 ? f.template operator()<true, BITS, 8, 2, 4>() : f.template operator()<true, BITS, 8, 1, 4>();
       }
@@ -931,6 +1015,21 @@ bool use_cluster(int64_t M, GroupShape shape, int64_t splits, Config cfg, Decode
 
 }  // namespace
 
+bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  return tuning.staged && is_sm90() && config_for(M, shape, tuning).nt == 1;  // (as the kernel's kWgmma)
+}
+
+template <typename T>
+void wgmma_token_order(const T* x, T* out, int64_t M, int64_t K, cudaStream_t stream) {
+  const int64_t row_tiles = M * (K / kTileCols);
+  if (row_tiles == 0) return;
+  constexpr int kThreads = 256;
+  wgmma_token_order_kernel<T><<<unsigned((row_tiles + kThreads - 1) / kThreads), kThreads, 0, stream>>>(x, out, row_tiles);
+  check_launch("wgmma_token_order");
+}
+template void wgmma_token_order<c10::BFloat16>(const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t, cudaStream_t);
+template void wgmma_token_order<c10::Half>(const c10::Half*, c10::Half*, int64_t, int64_t, cudaStream_t);
+
 bool decode_gemm_supported(GroupShape shape) {
   const bool group_ok = shape.group_size % kTileCols == 0 || shape.group_size == shape.K;
   return tile_layout_bits_ok(shape.bits) && shape.N % kTileRows == 0 && shape.K % kTileCols == 0 && shape.K > 0 &&
@@ -993,10 +1092,13 @@ int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream) {
 }
 
 template <typename T>
-void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
-                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
-                 bool swiglu, cudaStream_t stream) {
+void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float* scale, const float* zero,
+                 const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits,
+                 DecodeTuning tuning, bool swiglu, cudaStream_t stream) {
   if (M == 0 || shape.N == 0) return;
+  if (x_wgmma == nullptr && decode_gemm_wgmma_tokens(M, shape, tuning)) {
+    throw std::runtime_error("qatext: decode_gemm: this launch reads the tokens in wgmma's order (wgmma_token_order)");
+  }
   if (swiglu && (splits != 1 || tuning.staged || !decode_gemm_swiglu_supported(M, shape, tuning))) {
     throw std::runtime_error("qatext: decode_gemm: SwiGLU needs warp split and two row tiles a block");
   }
@@ -1007,6 +1109,7 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   const int64_t tiles = shape.K / kTileCols;
   DecodeArgs args{};
   args.x = x;
+  args.x_wgmma = x_wgmma;
   args.tiled = tiled;
   args.scale = scale;
   args.zero = zero;
@@ -1038,11 +1141,11 @@ void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const flo
   check_launch("decode_gemm");
 }
 
-template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const uint8_t*, const float*, const float*,
-                                         const c10::BFloat16*, c10::BFloat16*, float*, int*, int64_t, GroupShape,
-                                         int64_t, DecodeTuning, bool, cudaStream_t);
-template void decode_gemm<c10::Half>(const c10::Half*, const uint8_t*, const float*, const float*, const c10::Half*,
-                                     c10::Half*, float*, int*, int64_t, GroupShape, int64_t, DecodeTuning, bool,
-                                     cudaStream_t);
+template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const uint8_t*, const float*,
+                                         const float*, const c10::BFloat16*, c10::BFloat16*, float*, int*, int64_t,
+                                         GroupShape, int64_t, DecodeTuning, bool, cudaStream_t);
+template void decode_gemm<c10::Half>(const c10::Half*, const c10::Half*, const uint8_t*, const float*, const float*,
+                                     const c10::Half*, c10::Half*, float*, int*, int64_t, GroupShape, int64_t,
+                                     DecodeTuning, bool, cudaStream_t);
 
 }  // namespace qatext::cuda

@@ -90,6 +90,8 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // staged once a 64-column tile in shared memory for its 8 warps, and the weight is dequantised to 16
 // bits in registers, w = (q - z) s rounded once, as dequant + cuBLAS rounds it (the decode kernel keeps
 // it exact); split-K across blocks as above (1 or 2 row tiles a warp; stages and warp_split unused).
+// On sm_90 its one-row-tile form takes wgmma (where built for sm_90a), which reads x in its own k order:
+// decode_gemm_wgmma_tokens says when, and then x_wgmma = wgmma_token_order(x) must be given too.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
@@ -107,10 +109,14 @@ bool decode_gemm_swiglu_supported(int64_t M, GroupShape shape, DecodeTuning tuni
 // A zeroed counter buffer of at least `count` for calls on `stream` (made on its first use there and
 // kept), or nullptr when there is none yet and the stream is capturing a graph, or count is too large.
 int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);
+bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning);
+// out [M, K] = x with each 64-column tile's column pairs in wgmma's k order (16-byte aligned, K % 64 == 0).
 template <typename T>
-void decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const T* bias, T* out,
-                 float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits, DecodeTuning tuning,
-                 bool swiglu, cudaStream_t stream);
+void wgmma_token_order(const T* x, T* out, int64_t M, int64_t K, cudaStream_t stream);
+template <typename T>
+void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float* scale, const float* zero,
+                 const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits,
+                 DecodeTuning tuning, bool swiglu, cudaStream_t stream);
 
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);

@@ -68,6 +68,9 @@ int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
 // crossover is the largest one up to which it won at each (the smallest bucket, 16, where it lost at 32).
 constexpr std::array<int64_t, 3> kCrossoverTokens{32, 64, 128};
 constexpr int kCrossoverBucket = -1;  // the crossover's key
+// Token counts at which the staged kernel is timed against the path beyond it (on sm_90a its wgmma
+// form reaches prefill sizes).
+constexpr std::array<int64_t, 5> kStagedTokens{32, 64, 128, 256, 512};
 constexpr int kStagedBucket = -2;     // the staged kernel's limit's key
 
 // The staged kernel's measured limit (0: it lost at the smallest count) and its faster row tiles a warp.
@@ -203,11 +206,12 @@ cuda::DecodeTuning staged_tuning(int row_tiles) {
 }
 
 // The staged kernel (1 and 2 row tiles a warp) against the path beyond it (tiled_matmul_beyond_staged)
-// at each of kCrossoverTokens: the largest count up to which its faster setting won at each, and the
+// at each of kStagedTokens: the largest count up to which its faster setting won at each, and the
 // setting that won there ({0, knob} where it lost at the first).
 StagedChoice staged_choice(const ColdCopies& copies, GroupShape shape) {
   StagedChoice choice{0, knob_staged_row_tiles()};
-  for (const int64_t M : kCrossoverTokens) {
+  for (const int64_t M : kStagedTokens) {
+    if (M * shape.K >= (int64_t(1) << 31)) break;  // (the staged kernel's int offsets)
     const at::Tensor a = random_tokens(copies, shape, M);
     const Call beyond_call = [&copies, a, shape](size_t c) {
       tiled_matmul_beyond_staged(a, copies.w[c], copies.scale[c], copies.zero[c], shape, std::nullopt);
