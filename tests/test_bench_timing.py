@@ -76,7 +76,7 @@ def test_interleaved_timing_times_every_fn_in_each_round_in_rotating_order():
 @pytest.mark.parametrize("group_size", ["100", "0"])
 def test_bench_decode_refuses_a_group_size_the_layout_cannot_take(group_size):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
-    run = subprocess.run([sys.executable, str(script), "--group-size", group_size], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(script), "--group-size", group_size], capture_output=True, text=True, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert f"--group-size: expected a positive multiple of 64 or -1 (one group a row), got {group_size}" in run.stderr
 
@@ -116,3 +116,20 @@ def test_step_diagnostics_refuse_bad_arguments_in_one_line(script, args, flag):
     run = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert flag in run.stderr.strip().splitlines()[-1]
+
+
+def test_bench_staged_variants_set_their_row_tiles_with_the_tuner_off():
+    """Each staged variant times its own row tiles: with autotune on, the row tiles tune_decode_gemm chose
+    would replace the variant's and every variant would time the same kernel."""
+    import bench_staged
+
+    import qatext
+
+    row_tiles = set()
+    for knobs in bench_staged.STAGED_VARIANTS.values():
+        assert knobs["decode_gemm_autotune"] == 0
+        with qatext.tuning(**knobs):
+            applied = qatext.get_tuning()
+            assert all(applied[name] == value for name, value in knobs.items())
+        row_tiles.add(knobs["decode_gemm_row_tiles"])
+    assert row_tiles == {1, 2}
