@@ -110,6 +110,8 @@ bool decode_gemm_swiglu_supported(int64_t M, GroupShape shape, DecodeTuning tuni
 // kept), or nullptr when there is none yet and the stream is capturing a graph, or count is too large.
 int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);
 bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning);
+// Whether M tokens of K columns fit the staged kernel's 32-bit token offsets.
+inline bool staged_gemm_fits(int64_t M, int64_t K) { return M * K < (int64_t(1) << 31); }
 // out [M, K] = x with each 64-column tile's column pairs in wgmma's k order (16-byte aligned, K % 64 == 0).
 template <typename T>
 void wgmma_token_order(const T* x, T* out, int64_t M, int64_t K, cudaStream_t stream);

@@ -211,7 +211,7 @@ cuda::DecodeTuning staged_tuning(int row_tiles) {
 StagedChoice staged_choice(const ColdCopies& copies, GroupShape shape) {
   StagedChoice choice{0, knob_staged_row_tiles()};
   for (const int64_t M : kStagedTokens) {
-    if (M * shape.K >= (int64_t(1) << 31)) break;  // (the staged kernel's int offsets)
+    if (!cuda::staged_gemm_fits(M, shape.K)) break;
     const at::Tensor a = random_tokens(copies, shape, M);
     const Call beyond_call = [&copies, a, shape](size_t c) {
       tiled_matmul_beyond_staged(a, copies.w[c], copies.scale[c], copies.zero[c], shape, std::nullopt);

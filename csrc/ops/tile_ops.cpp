@@ -112,7 +112,7 @@ at::Tensor kernel_path(const at::Tensor& x, const at::Tensor& tiled, const at::T
   const int64_t M = x.numel() / shape.K;
   const int device = x.get_device();
   const int64_t limit = staged ? staged_max_tokens(device, shape) : decode_max_tokens(device, shape);
-  if (M < 1 || M > limit || (staged && M * shape.K >= (int64_t(1) << 31))) return {};
+  if (M < 1 || M > limit || (staged && !cuda::staged_gemm_fits(M, shape.K))) return {};
   const cuda::DecodeTuning tuning = staged ? staged_tuning_for(device, shape) : decode_tuning_for(device, shape, M);
   const at::Tensor a = flatten_rows(x).contiguous(), w = tiled.contiguous();
   if (!aligned16(a) || !aligned16(w) || (swiglu && !cuda::decode_gemm_swiglu_supported(M, shape, tuning))) return {};
