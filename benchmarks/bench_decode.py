@@ -26,7 +26,7 @@ import torch
 
 import qatext
 from qatext import ops, reference
-from bench_gemm import SHAPES, copy_bandwidth, random_weight, with_max_m
+from bench_gemm import SHAPES, copy_bandwidth, floor_bytes, random_weight, with_max_m
 import timing
 from timing import cuda_graph_time_ms as gpu_time_ms
 from timing import cold, cuda_time_ms
@@ -107,8 +107,7 @@ def main():
                 # Eager back-to-back calls: bounded by host dispatch at these sizes (for the host cost).
                 row["tiled_eager_us"] = with_decode_max_m(max_m, lambda: cuda_time_ms(  # noqa: B023
                     lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))) * 1e3  # noqa: B023
-                floor_bytes = n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)
-                row["floor_us"] = floor_bytes / bw * 1e6
+                row["floor_us"] = floor_bytes(n, k, m, bits, g) / bw * 1e6
                 row["tiled_speedup_vs_cublas"] = row["cublas_us"] / row["tiled_us"]
                 row["tiled_pct_of_floor"] = 100 * row["floor_us"] / row["tiled_us"]
                 rows.append(row)

@@ -32,6 +32,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def floor_bytes(n, k, m, bits, g):
+    """Bytes a packed GEMM must move at least: the codes, an fp32 scale and zero a group, x and the output
+    (16-bit)."""
+    return n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)
+
+
 def with_max_m(m, fn, knob="dequant_gemm_max_m"):
     """fn() with tuning knob `knob` set to m, then the old value back."""
     with qatext.tuning(**{knob: m}):
@@ -92,8 +98,8 @@ def main():
                     row[f"{name}_dequant_cublas_us"] = with_max_m(0, lambda: cuda_time_ms(fn, **repeat)) * 1e3  # noqa: B023
                     row[f"{name}_fused_us"] = (with_max_m(FUSED_UP_TO, lambda: cuda_time_ms(fn, **repeat)) * 1e3  # noqa: B023
                                                if m <= FUSED_UP_TO else None)
-                floor_bytes = n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)
-                row["floor_us"] = floor_bytes / bw * 1e6  # bw counts every byte moved, as the floor does
+                # (bw counts every byte moved, as the floor does)
+                row["floor_us"] = floor_bytes(n, k, m, bits, g) / bw * 1e6
                 row["fwd_speedup_vs_cublas"] = row["cublas_us"] / row["fwd_dispatch_us"]
                 row["grad_input_speedup_vs_cublas"] = row["cublas_grad_input_us"] / row["grad_input_dispatch_us"]
                 row["fwd_pct_of_floor"] = 100 * row["floor_us"] / row["fwd_dispatch_us"]

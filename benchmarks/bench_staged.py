@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import timing
 import torch
-from bench_gemm import SHAPES, copy_bandwidth, random_weight
+from bench_gemm import SHAPES, copy_bandwidth, floor_bytes, random_weight
 from timing import cold
 from timing import cuda_graph_time_ms as gpu_time_ms
 
@@ -67,7 +67,7 @@ def main():
                 for name, knobs in STAGED_VARIANTS.items():
                     us[name] = timed(decode_gemm_max_m=0, staged_gemm_max_m=m, **knobs)
                 us["default"] = timed()
-                floor = (n * k * bits / 8 + n * (k // g) * 8 + 2 * m * (n + k)) / bw * 1e6
+                floor = floor_bytes(n, k, m, bits, g) / bw * 1e6
                 row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, **limits, "us": us, "floor_us": floor,
                        "speedup_vs_cublas": {p: us["cublas"] / t for p, t in us.items()}}
                 rows.append(row)
