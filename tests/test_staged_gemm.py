@@ -1,7 +1,9 @@
 """The staged GEMM on the tiled layout (CUDA, 16-bit x, M beyond the decode kernel up to
-staged_gemm_max_m): against the reference with the weight rounded to x's dtype (as the kernel rounds
-it), on every bit width, group size, token tail, both row-tile counts, split-K through global partials
-and through a cluster; it runs where the dispatch says, and is deterministic."""
+staged_gemm_max_m): against the reference with the weight rounded to x's dtype (as its mma.sync form
+rounds it), on every bit width, group size, token tail, both row-tile counts, split-K through global
+partials and through a cluster; its wgmma form (sm_90, one row tile a warp, more than 32 tokens) against
+the exact weight, with integer, fractional and far zeros and zero scales; it runs where the dispatch
+says, and is deterministic."""
 
 import contextlib
 import re
@@ -16,9 +18,12 @@ from qatext import ops, reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-# The kernel sums exact fp32 products of x and the weight rounded once to x's dtype: against the
+# The mma.sync form sums exact fp32 products of x and the weight rounded once to x's dtype: against the
 # reference with that same rounded weight, only the summation order and the output rounding differ.
 TOL = {torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}, torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
+# The wgmma form keeps the weight exact: against the rounded one it also differs by that rounding, at
+# most half an ulp of each weight (2^-8 and 2^-11 of it) times |x|, summed.
+WEIGHT_ROUNDING = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
 def _expected(x, packed, scale, zero, bits, g, bias=None):
@@ -26,6 +31,16 @@ def _expected(x, packed, scale, zero, bits, g, bias=None):
     w = reference.dequant(packed, scale, zero, bits, g, k, dtype=x.dtype).float()
     y = x.float() @ w.T
     return y + bias.float() if bias is not None else y
+
+
+def _assert_matches_rounded(y, x, packed, scale, zero, bits, g, bias=None):
+    """y within TOL of the reference with the weight rounded to x's dtype, widened by that rounding."""
+    expected = _expected(x, packed, scale, zero, bits, g, bias)
+    w = reference.dequant(packed, scale, zero, bits, g, x.shape[-1], dtype=x.dtype).float()
+    tol = TOL[x.dtype]
+    bound = tol["atol"] + tol["rtol"] * expected.abs() + WEIGHT_ROUNDING[x.dtype] * (x.float().abs() @ w.abs().T)
+    excess = (y.float() - expected).abs() - bound
+    assert excess.max() <= 0, f"{(excess > 0).sum().item()} outputs beyond the bound, worst by {excess.max().item():.3g}"
 
 
 def _staged(x, tiled, scale, zero, bits, g, bias=None, **knobs):
@@ -49,7 +64,7 @@ def test_matches_the_reference_with_the_weight_rounded(bits, n, k, g, m, dtype):
     bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
     y = _staged(x, tiled, scale, zero, bits, g, bias)
     assert y.dtype == dtype and y.shape == (m, n)
-    torch.testing.assert_close(y.float(), _expected(x, packed, scale, zero, bits, g, bias), **TOL[dtype])
+    _assert_matches_rounded(y, x, packed, scale, zero, bits, g, bias)
 
 
 @pytest.mark.parametrize("cluster", [0, 1])
@@ -65,7 +80,7 @@ def test_split_k_slices_of_any_length_match_the_reference(min_slice, g, m, row_t
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     y = _staged(x, tiled, scale, zero, bits, g, bias, decode_gemm_min_slice=min_slice,
                 decode_gemm_row_tiles=row_tiles, staged_gemm_cluster=cluster)
-    torch.testing.assert_close(y.float(), _expected(x, packed, scale, zero, bits, g, bias), **TOL[torch.bfloat16])
+    _assert_matches_rounded(y, x, packed, scale, zero, bits, g, bias)
 
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 64), (1024, 4096, 40), (2048, 1024, 128)])
@@ -96,6 +111,29 @@ def test_dispatch_runs_the_staged_kernel_between_decode_and_its_limit_determinis
     x = torch.randn(3, 40, k, device="cuda", dtype=torch.bfloat16)
     first = _staged(x, tiled, scale, zero, bits, g)
     assert first.shape == (3, 40, n) and torch.equal(_staged(x, tiled, scale, zero, bits, g), first)
+
+
+@pytest.mark.parametrize("zeros", ["integer", "fraction", "far"])
+@pytest.mark.parametrize("m,min_slice", [(64, 1), (100, 3), (128, 64), (257, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_form_keeps_the_weight_exact(zeros, m, min_slice, dtype):
+    """One row tile a warp: on sm_90 the wgmma form (fragments q - round(z), sums rescaled from group to
+    group, z's fraction times sum_k x over the slice's part of the group). Zeros integer, with a fraction,
+    or beyond the 16-bit range of q - round(z); a row with every scale zero, rows with one group's zero;
+    slices of 1 and 3 tiles (starting inside a group); 1040 rows (a last block with one busy warp).
+    Against x @ the exact fp32 weight: fp32 sums, one output rounding."""
+    n, k, bits, g = 1040, 1024, 4, 128
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    zero = {"integer": zero.round(), "fraction": zero, "far": zero * 20 - 100.3}[zeros]
+    scale = scale.clone()
+    scale[3] = 0
+    scale[::7, 2] = 0
+    x = (torch.randn(m, k, device="cuda") + 1).to(dtype)
+    y = _staged(x, tiled, scale, zero, bits, g, decode_gemm_row_tiles=1, decode_gemm_min_slice=min_slice)
+    w = reference.dequant(packed, scale, zero, bits, g, k, dtype=torch.float32)
+    expected = x.float() @ w.T
+    assert torch.all(y[:, 3] == 0)
+    torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=expected.abs().max().item() / 4096)
 
 
 def test_long_sums_of_offset_activations_stay_accurate():

@@ -52,7 +52,8 @@ constexpr int kMaxClusterSplits = 8;               // K slices summed in a clust
 
 struct DecodeArgs {
   const void* x;          // [M, K]
-  const void* x_wgmma;    // x in wgmma's k order (wgmma_token_order), where the staged kernel takes wgmma
+  const void* x_wgmma;    // x in wgmma's k order (wgmma_tokens), where the staged kernel takes wgmma
+  const float* x_sums;    // and its token sums over each part of a group in a K slice: [splits][sums_groups][sums_rows]
   const uint8_t* tiled;   // tiled layout of [N, K] codes
   const float* scale;     // [N, G]
   const float* zero;      // [N, G]
@@ -61,6 +62,7 @@ struct DecodeArgs {
   float* partial;         // [splits, M, N] when splits > 1
   int* counters;          // [gridDim.z * gridDim.x], zero on entry and left zero, when splits > 1
   int M, N, K, G;
+  int sums_groups, sums_rows;  // (wgmma) groups a K slice can touch; tokens, rounded up to whole blocks
   int tiles_per_group;    // 64-column tiles per quantization group
   int tiles_per_split;
   int splits;
@@ -159,27 +161,34 @@ __device__ __forceinline__ void read_stage(const uint8_t* src, int lane, Stage<B
   }
 }
 
-// The mma A fragment (4 registers of 16-bit code pairs, exact) of a row tile at 16-deep step j of its
-// 64 columns: each pair is shifted out of `word` and masked by one lop3 into the mantissa of base,
-// then base is subtracted in 16 bits (3 bits: a second shift and lop3 or the high bit in from `hi`,
-// the 1-bit plane word, at bit 2 of each half).
+// A lane's code pairs of a row tile at 16-deep step j of its 64 columns, each as the exact 16-bit pair
+// base + q (4 registers, the mma A fragment's order): each pair is shifted out of `word` and masked by
+// one lop3 into the mantissa of base (3 bits: a second shift and lop3 or the high bit in from `hi`, the
+// 1-bit plane word, at bit 2 of each half).
 template <typename T, int BITS>
-__device__ __forceinline__ void decode_fragment(uint32_t word, uint32_t hi, int j, uint32_t (&a)[4]) {
+__device__ __forceinline__ void code_pairs(uint32_t word, uint32_t hi, int j, uint32_t (&v)[4]) {
   constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;  // (of the 2-bit plane for 3 bits)
   constexpr uint32_t mask = ((1u << (BITS == 3 ? 2 : BITS)) - 1u) * 0x00010001u, base = Native<T>::code_base;
   constexpr uint32_t high_bit = 0x00040004u;
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     if constexpr (BITS == 3) {
-      uint32_t v = and_or(word >> (2 * (r + 4 * (j % kStepsPerWord))), mask, base);
+      v[r] = and_or(word >> (2 * (r + 4 * (j % kStepsPerWord))), mask, base);
       const int hb = r + 4 * j;  // the high bits' position in the 1-bit plane word, moved to bit 2
-      v = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v);
-      a[r] = Native<T>::fold_base ? v : Native<T>::sub2(v, base);
+      v[r] = and_or(hb >= 2 ? hi >> (hb - 2) : hi << (2 - hb), high_bit, v[r]);
     } else {
-      const uint32_t v = and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base);
-      a[r] = Native<T>::fold_base ? v : Native<T>::sub2(v, base);
+      v[r] = and_or(word >> (BITS * (r + 4 * (j % kStepsPerWord))), mask, base);
     }
   }
+}
+
+// The mma A fragment (4 registers of 16-bit code pairs, exact) of a row tile at step j: base + q where
+// the mma takes it so (Native::fold_base), else q (base subtracted in 16 bits, exact).
+template <typename T, int BITS>
+__device__ __forceinline__ void decode_fragment(uint32_t word, uint32_t hi, int j, uint32_t (&a)[4]) {
+  code_pairs<T, BITS>(word, hi, j, a);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) a[r] = Native<T>::fold_base ? a[r] : Native<T>::sub2(a[r], Native<T>::code_base);
 }
 
 // At a group's end, fold its sums into the output, out += s * sum_k x q - z * s * sum_k x, and clear them
@@ -565,21 +574,30 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 
 // Staged kernel (more tokens than decode: M up to a few hundred). The block's tokens (8 MT of them) are
 // staged once per 64-column tile in shared memory for all 8 warps, by a ring of S stages with one block
-// barrier a tile, where the decode kernel's warps each copied them; each warp's weight fragments are
-// dequantised to 16 bits in registers, w = (q - z) s rounded once (as dequant + cuBLAS rounds them), so
-// one set of fp32 sums serves every group and no sum_k x is formed. Each fragment then meets all 8 MT
-// tokens of the block. The warps' codes and, at a group's first tile, their rows' scales and zeros
+// barrier a tile, where the decode kernel's warps each copied them. Each weight fragment then meets all
+// 8 MT tokens of the block. The warps' codes and, at a group's first tile, their rows' scales and zeros
 // ride in the same stage, each lane copying and reading back its own bytes.
-// With one row tile a warp on sm_90a, each warpgroup's 4 row tiles are one 64-row wgmma (A, the
-// fragments, from registers; B, the tokens, from the ring in wgmma's 128-byte swizzle, staged from x in
-// wgmma's k order: wgmma_token_order), up to 128 tokens a block, and a tile's fragments are dequantised
-// while the last tile's wgmma runs. Elsewhere mma.sync takes them, up to 64 tokens a block.
+// With one row tile a warp and 64 or 128 tokens on sm_90a (the wgmma form), each warpgroup's 4 row tiles
+// are one 64-row wgmma (A, the fragments, from registers; B, the tokens, from the ring in wgmma's
+// 128-byte swizzle, staged from x in wgmma's k order: wgmma_tokens), and a tile's fragments are made
+// while the last tile's wgmma runs. The scale and zero stay out of the element path, as in the decode
+// kernel: a fragment is q - zi, exact in 16 bits (zi the zero rounded to an integer, one 16-bit
+// subtraction a code pair), and the fp32 sums run in units of the current group's scale: at a group's
+// first tile they are multiplied by s_last / s_new, less zf * sum_k x where the zero has a fraction
+// zf = z - zi (sum_k x over the slice's part of the group, from the ring), and at the end by s. So the
+// weight is exact, never rounded to 16 bits; a row whose scale is zero takes zeros for the group.
+// Elsewhere mma.sync takes the fragments, dequantised to 16 bits in registers, w = (q - z) s rounded
+// once (as dequant + cuBLAS rounds them), up to 64 tokens a block.
+constexpr bool staged_wgmma_form(int MT, int NT) { return NT == 1 && MT >= 8; }
+
 template <int BITS, int MT, int NT>
 struct StagedLayout {
   static constexpr int kCodeBytes = BITS == 3 ? 16 : 4 * BITS;  // per lane per row tile
   static constexpr int kTokenBytes = 8 * MT * kTileCols * 2;    // [tokens][64 columns], 16-byte chunks swizzled
   static constexpr int kWarpBytes = NT * 32 * (kCodeBytes + 4);  // codes, then one scale or zero a lane
-  static constexpr int kBytes = kTokenBytes + kWarps * kWarpBytes;
+  // (wgmma form) the block's token sums of a group, 4 bytes a token, in 1 KB (slots stay 1024-aligned)
+  static constexpr int kSums = kTokenBytes + kWarps * kWarpBytes;
+  static constexpr int kBytes = kSums + (staged_wgmma_form(MT, NT) ? 1024 : 0);
   // Token row r's 16-byte chunk ch (columns 8 ch .. 8 ch + 7) sits at chunk ch ^ (r % 8): the 8 rows a
   // 16-byte read of a warp's quarter touches then fall in 8 distinct chunk columns (no bank conflict).
   static __device__ __forceinline__ int token(int r, int ch) { return r * kTileCols * 2 + ((ch ^ (r & 7)) << 4); }
@@ -623,7 +641,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   constexpr int kTokenChunks = 8 * MT * kTileCols / 8, kChunksPerThread = kTokenChunks / kDecodeThreads;
   static_assert(kTokenChunks % kDecodeThreads == 0, "every thread copies the same number of token chunks");
 #ifdef QATEXT_WGMMA
-  constexpr bool kWgmma = NT == 1;  // a warpgroup's 4 row tiles as one 64-row wgmma (sm_90a)
+  constexpr bool kWgmma = staged_wgmma_form(MT, NT);  // a warpgroup's 4 row tiles as one 64-row wgmma (sm_90a)
 #else
   constexpr bool kWgmma = false;
 #endif
@@ -647,7 +665,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   // scale or zero of one row of each: lane 4g + c takes the scale (c = 0, 1) or zero (c = 2, 3) of row
   // g + 8 (c % 2).
   // Token chunks: thread q copies chunk q % 8 of token rows q / 8 + 32 u (M * K < 2^31: int offsets);
-  // wgmma reads them in its k order (wgmma_token_order).
+  // wgmma reads them in its k order (wgmma_tokens).
   const T* x = static_cast<const T*>(kWgmma ? args.x_wgmma : args.x) + int64_t(t_begin) * kTileCols;
   const int xdst = L::token(threadIdx.x / 8, threadIdx.x % 8);  // (+ u * 32 token rows)
   int xoff[kChunksPerThread];
@@ -664,6 +682,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   const float* qsrc = (c < 2 ? args.scale : args.zero) +
                       int64_t((active ? nt0 : 0) * kTileRows + g + 8 * (c & 1)) * args.G + first_group;
   const int row_tile_qparams = kTileRows * args.G;  // from one row tile's scales to the next's
+  // (wgmma form) the block's token sums of the slice's first group: 16 bytes a thread of the first 2 MT
+  const float* sums = kWgmma ? args.x_sums + int64_t(blockIdx.y) * args.sums_groups * args.sums_rows + m0 +
+                                   4 * int(threadIdx.x)
+                             : nullptr;
   int issued = t_begin, issue_slot = 0, issue_group_end = (first_group + 1) * tpg;
 
   // The next tile's copies into its ring slot (nothing past the slice; the group is still committed so
@@ -676,15 +698,21 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
         cp_async16_zfill(st + xdst + u * 32 * kTileCols * 2, x + xoff[u], (xvalid >> u & 1u) ? 16 : 0);
       }
       x += kTileCols;
+      const bool starts_group = issued == t_begin || issued == issue_group_end;
+      if (issued == issue_group_end) {
+        issue_group_end += tpg, ++qsrc;
+        if constexpr (kWgmma) sums += args.sums_rows;
+      }
       if (active) {
 #pragma unroll
         for (int i = 0; i < NT; ++i) copy_lane_codes<BITS>(st + L::codes(warp, i, lane), csrc + i * tile_row_bytes, lane);
-        const bool starts_group = issued == t_begin || issued == issue_group_end;
-        if (issued == issue_group_end) issue_group_end += tpg, ++qsrc;
         if (starts_group) {
 #pragma unroll
           for (int i = 0; i < NT; ++i) cp_async_once<4>(st + L::qparams(warp, i, lane), qsrc + i * row_tile_qparams);
         }
+      }
+      if constexpr (kWgmma) {
+        if (starts_group && threadIdx.x < 2 * MT) cp_async_once<16>(st + L::kSums + 16 * threadIdx.x, sums);
       }
       csrc += tile_bytes(BITS);
     }
@@ -709,6 +737,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   // tile t + 1, after which that slot is refilled).
   constexpr int kAhead = kWgmma ? S - 2 : S - 1;
   uint32_t a_even[4][4], a_odd[4][4];  // (wgmma) the fragment buffers of even and odd tiles
+  // (wgmma) per row g, g + 8 of this lane: the scale the sums are in units of; at a group's first tile,
+  // the factor into the new group's units and the zero's fraction; the pair base + zi; a zero scale.
+  float unit[2] = {1.f, 1.f}, ratio[2] = {1.f, 1.f}, frac[2] = {0.f, 0.f};
+  uint32_t zero_pair[2] = {Native<T>::code_base, Native<T>::code_base};
+  bool dead[2] = {!active, !active}, any_dead = !active, any_frac = false;  // (the last two warp-uniform)
 #pragma unroll
   for (int st = 0; st < kAhead; ++st) issue();
   for (int t = t_begin, slot = 0, group_end = (first_group + 1) * tpg; t < t_end; ++t) {
@@ -720,15 +753,31 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
     issue();                      // ... takes tile t + kAhead
     const uint8_t* st = smem + slot * L::kBytes;
     uint32_t words[NT][BITS];  // this lane's code words of each row tile
+    const bool group_start = t == t_begin || t == group_end;  // a group's first tile: its scales and zeros
+    if (t == group_end) group_end += tpg;
     if (active) {
-      if (t == t_begin || t == group_end) {  // a group's first tile: its scales and zeros
-        if (t == group_end) group_end += tpg;
+      if (group_start) {
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           const float4 v = *reinterpret_cast<const float4*>(st + L::qparams(warp, i, 4 * g));
           s[i][0] = v.x, s[i][1] = v.y, z[i][0] = v.z, z[i][1] = v.w;
         }
+        if constexpr (kWgmma) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float zi = fminf(fmaxf(rintf(z[0][h]), -64.f), 64.f);  // (q - zi exact in 16 bits)
+            dead[h] = s[0][h] == 0.f;
+            zero_pair[h] = Native<T>::pack2(Native<T>::base + zi, Native<T>::base + zi);
+            frac[h] = dead[h] ? 0.f : z[0][h] - zi;
+            ratio[h] = dead[h] || t == t_begin ? 1.f : unit[h] / s[0][h];
+            unit[h] = dead[h] ? unit[h] : s[0][h];
+          }
+          any_dead = __any_sync(0xffffffffu, dead[0] || dead[1]);
+          any_frac = __any_sync(0xffffffffu, frac[0] != 0.f || frac[1] != 0.f);
+        }
       }
+    }
+    if (active || kWgmma) {  // (an idle warp of the wgmma form reads its slot's bytes, then takes zeros)
 #pragma unroll
       for (int i = 0; i < NT; ++i) read_lane_codes<BITS>(st + L::codes(warp, i, lane), words[i]);
     }
@@ -737,13 +786,46 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
     if constexpr (kWgmma) {
       // The warpgroup's 64 rows against all the block's tokens, 4 steps of 16 columns from shared memory,
       // into one of two fragment buffers by tile parity: this tile's fragments are dequantised while the
-      // last tile's wgmma still runs on the other (an idle warp of the warpgroup takes part with zeros).
+      // last tile's wgmma still runs on the other (an idle warp of the warpgroup takes part with zeros: its
+      // rows count as dead).
       const auto run = [&](uint32_t (&a)[4][4]) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) a[j][r] = 0u;
-          if (active) dequant_fragment<T, BITS>(words[0][j / kStepsPerWord], words[0][BITS == 3 ? 2 : 0], j, s[0], z[0], a[j]);
+        if (active) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            code_pairs<T, BITS>(words[0][j / kStepsPerWord], words[0][BITS == 3 ? 2 : 0], j, a[j]);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[j][r] = Native<T>::sub2(a[j][r], zero_pair[r & 1]);  // q - zi
+          }
+        }
+        if (any_dead) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[j][r] = dead[r & 1] ? 0u : a[j][r];
+        }
+        wgmma_ready(a);
+        if (group_start) {  // the sums into the new group's units, less its zero's fraction times sum_k x
+          wgmma_wait<0>();
+          if (any_frac) {
+            const float* sx = reinterpret_cast<const float*>(st + L::kSums) + 2 * c;  // tokens 2c, 2c + 1 (+ 8 mt)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              const float2 v = *reinterpret_cast<const float2*>(sx + 8 * mt);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                out[mt][0][e] = fmaf(out[mt][0][e], ratio[e >> 1], -frac[e >> 1] * ((e & 1) ? v.y : v.x));
+              }
+            }
+          } else {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) out[mt][0][e] *= ratio[e >> 1];
+          }
         }
         wgmma_fence();
         const uint32_t tokens = smem_addr(st);
@@ -792,7 +874,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
     slot = slot == S - 1 ? 0 : slot + 1;
   }
 #ifdef QATEXT_WGMMA
-  if constexpr (kWgmma) wgmma_wait<0>();
+  if constexpr (kWgmma) {
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[mt][0][e] *= unit[e >> 1];
+  }
 #endif
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the ring before a cluster's sums reuse it
@@ -823,6 +911,37 @@ __global__ void wgmma_token_order_kernel(const T* __restrict__ x, T* __restrict_
       for (int h = 0; h < 2; ++h) moved[8 * j + 4 * h + c] = in[8 * c + 2 * j + h];
 #pragma unroll
   for (int v = 0; v < 8; ++v) dst[v] = make_uint4(moved[4 * v], moved[4 * v + 1], moved[4 * v + 2], moved[4 * v + 3]);
+}
+
+// The token sums the wgmma form's zero fractions take: entry e = (y * groups + j) * rows + m is the sum of
+// token m's x over the columns where K slice y (tiles_per_split tiles) and its j-th group meet (0 where
+// they do not, or past M). One warp an entry: its lanes add 8 columns at a time in fp32, then a fixed
+// xor-shuffle tree (deterministic).
+template <typename T>
+__global__ void wgmma_sums_kernel(const T* __restrict__ x, float* __restrict__ sums, int M, int K, int rows,
+                                  int groups, int tiles_per_group, int tiles_per_split, int64_t entries) {
+  const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (e >= entries) return;  // (a whole warp)
+  const int m = int(e % rows), j = int(e / rows % groups), y = int(e / rows / groups);
+  const int t0 = y * tiles_per_split, t1 = min(K / kTileCols, t0 + tiles_per_split);
+  const int group = t0 / tiles_per_group + j;
+  const int lo = max(t0, group * tiles_per_group) * kTileCols, hi = min(t1, (group + 1) * tiles_per_group) * kTileCols;
+  float sum = 0.f;
+  if (m < M) {
+    for (int k = lo + 8 * lane; k < hi; k += 256) {
+      const uint4 v = *reinterpret_cast<const uint4*>(x + int64_t(m) * K + k);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = Native<T>::unpack2(w[i]);
+        sum += f.x + f.y;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) sums[e] = sum;
 }
 
 // Kernel configuration: token tiles MT, row tiles per warp NT, ring stages S; the staged kernel or
@@ -1016,19 +1135,46 @@ bool use_cluster(int64_t M, GroupShape shape, int64_t splits, Config cfg, Decode
 }  // namespace
 
 bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  return tuning.staged && is_sm90() && config_for(M, shape, tuning).nt == 1;  // (as the kernel's kWgmma)
+  if (!tuning.staged || !is_sm90()) return false;
+  const Config cfg = config_for(M, shape, tuning);
+  return staged_wgmma_form(cfg.mt, cfg.nt);  // (as the kernel's kWgmma)
+}
+
+namespace {
+struct SumsShape {
+  int groups, rows, tiles_per_group, tiles_per_split;
+};
+SumsShape sums_shape(int64_t M, GroupShape shape, int64_t splits) {
+  const int64_t tiles = shape.K / kTileCols, per_split = (tiles + splits - 1) / splits;
+  const int64_t per_group = shape.group_size / kTileCols, block = 16 * 8;  // (the most tokens a block)
+  return {int((per_split + per_group - 1) / per_group + 1), int((M + block - 1) / block * block), int(per_group),
+          int(per_split)};
+}
+}  // namespace
+
+int64_t wgmma_sums_size(int64_t M, GroupShape shape, int64_t splits) {
+  const SumsShape s = sums_shape(M, shape, splits);
+  return splits * s.groups * s.rows;
 }
 
 template <typename T>
-void wgmma_token_order(const T* x, T* out, int64_t M, int64_t K, cudaStream_t stream) {
-  const int64_t row_tiles = M * (K / kTileCols);
+void wgmma_tokens(const T* x, T* ordered, float* sums, int64_t M, GroupShape shape, int64_t splits,
+                  cudaStream_t stream) {
+  const int64_t row_tiles = M * (shape.K / kTileCols);
   if (row_tiles == 0) return;
   constexpr int kThreads = 256;
-  wgmma_token_order_kernel<T><<<unsigned((row_tiles + kThreads - 1) / kThreads), kThreads, 0, stream>>>(x, out, row_tiles);
+  wgmma_token_order_kernel<T><<<unsigned((row_tiles + kThreads - 1) / kThreads), kThreads, 0, stream>>>(x, ordered,
+                                                                                                          row_tiles);
   check_launch("wgmma_token_order");
+  const SumsShape s = sums_shape(M, shape, splits);
+  const int64_t entries = wgmma_sums_size(M, shape, splits), per_block = kThreads / 32;
+  wgmma_sums_kernel<T><<<unsigned((entries + per_block - 1) / per_block), kThreads, 0, stream>>>(
+      x, sums, int(M), int(shape.K), s.rows, s.groups, s.tiles_per_group, s.tiles_per_split, entries);
+  check_launch("wgmma_sums");
 }
-template void wgmma_token_order<c10::BFloat16>(const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t, cudaStream_t);
-template void wgmma_token_order<c10::Half>(const c10::Half*, c10::Half*, int64_t, int64_t, cudaStream_t);
+template void wgmma_tokens<c10::BFloat16>(const c10::BFloat16*, c10::BFloat16*, float*, int64_t, GroupShape, int64_t,
+                                          cudaStream_t);
+template void wgmma_tokens<c10::Half>(const c10::Half*, c10::Half*, float*, int64_t, GroupShape, int64_t, cudaStream_t);
 
 bool decode_gemm_supported(GroupShape shape) {
   const bool group_ok = shape.group_size % kTileCols == 0 || shape.group_size == shape.K;
@@ -1092,12 +1238,12 @@ int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream) {
 }
 
 template <typename T>
-void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float* scale, const float* zero,
-                 const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits,
-                 DecodeTuning tuning, bool swiglu, cudaStream_t stream) {
+void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_t* tiled, const float* scale,
+                 const float* zero, const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape,
+                 int64_t splits, DecodeTuning tuning, bool swiglu, cudaStream_t stream) {
   if (M == 0 || shape.N == 0) return;
-  if (x_wgmma == nullptr && decode_gemm_wgmma_tokens(M, shape, tuning)) {
-    throw std::runtime_error("qatext: decode_gemm: this launch reads the tokens in wgmma's order (wgmma_token_order)");
+  if ((x_wgmma == nullptr || x_sums == nullptr) && decode_gemm_wgmma_tokens(M, shape, tuning)) {
+    throw std::runtime_error("qatext: decode_gemm: this launch reads the tokens in wgmma's order (wgmma_tokens)");
   }
   if (swiglu && (splits != 1 || tuning.staged || !decode_gemm_swiglu_supported(M, shape, tuning))) {
     throw std::runtime_error("qatext: decode_gemm: SwiGLU needs warp split and two row tiles a block");
@@ -1110,6 +1256,7 @@ void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float
   DecodeArgs args{};
   args.x = x;
   args.x_wgmma = x_wgmma;
+  args.x_sums = x_sums;
   args.tiled = tiled;
   args.scale = scale;
   args.zero = zero;
@@ -1127,6 +1274,9 @@ void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float
   const int64_t slices = tuning.warp_split ? kWarps : splits;
   args.tiles_per_split = int((tiles + slices - 1) / slices);
   args.splits = int(splits);
+  const SumsShape sums = sums_shape(M, shape, splits);
+  args.sums_groups = sums.groups;
+  args.sums_rows = sums.rows;
   const Config cfg = config_for(M, shape, tuning, swiglu);
   args.cluster = use_cluster(M, shape, splits, cfg, tuning) ? 1 : 0;
   const int64_t cols = block_cols(cfg, tuning.warp_split), tokens = 8 * cfg.mt;
@@ -1141,11 +1291,11 @@ void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float
   check_launch("decode_gemm");
 }
 
-template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const uint8_t*, const float*,
-                                         const float*, const c10::BFloat16*, c10::BFloat16*, float*, int*, int64_t,
-                                         GroupShape, int64_t, DecodeTuning, bool, cudaStream_t);
-template void decode_gemm<c10::Half>(const c10::Half*, const c10::Half*, const uint8_t*, const float*, const float*,
-                                     const c10::Half*, c10::Half*, float*, int*, int64_t, GroupShape, int64_t,
-                                     DecodeTuning, bool, cudaStream_t);
+template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const float*, const uint8_t*,
+                                         const float*, const float*, const c10::BFloat16*, c10::BFloat16*, float*, int*,
+                                         int64_t, GroupShape, int64_t, DecodeTuning, bool, cudaStream_t);
+template void decode_gemm<c10::Half>(const c10::Half*, const c10::Half*, const float*, const uint8_t*, const float*,
+                                     const float*, const c10::Half*, c10::Half*, float*, int*, int64_t, GroupShape,
+                                     int64_t, DecodeTuning, bool, cudaStream_t);
 
 }  // namespace qatext::cuda

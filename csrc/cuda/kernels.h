@@ -87,11 +87,12 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // added first), from the fp32 sums, rounded once; warp split is taken (splits must be 1), and it needs
 // decode_gemm_swiglu_supported.
 // staged: the staged kernel instead, for more tokens (M up to a few hundred): the block's tokens are
-// staged once a 64-column tile in shared memory for its 8 warps, and the weight is dequantised to 16
-// bits in registers, w = (q - z) s rounded once, as dequant + cuBLAS rounds it (the decode kernel keeps
-// it exact); split-K across blocks as above (1 or 2 row tiles a warp; stages and warp_split unused).
-// On sm_90 its one-row-tile form takes wgmma (where built for sm_90a), which reads x in its own k order:
-// decode_gemm_wgmma_tokens says when, and then x_wgmma = wgmma_token_order(x) must be given too.
+// staged once a 64-column tile in shared memory for its 8 warps; split-K across blocks as above (1 or 2
+// row tiles a warp; stages and warp_split unused). On sm_90 with one row tile a warp and more than 32
+// tokens it takes wgmma (where built for sm_90a) and keeps the weight exact, as the decode kernel does;
+// it then reads x in its own k order and x's sums over the K slices' parts of each group:
+// decode_gemm_wgmma_tokens says when, and then wgmma_tokens must fill x_wgmma and x_sums. Elsewhere it
+// dequantises the weight to 16 bits, w = (q - z) s rounded once, as dequant + cuBLAS rounds it.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
   int64_t min_slice_tiles;
@@ -112,13 +113,17 @@ int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);
 bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning);
 // Whether M tokens of K columns fit the staged kernel's 32-bit token offsets.
 inline bool staged_gemm_fits(int64_t M, int64_t K) { return M * K < (int64_t(1) << 31); }
-// out [M, K] = x with each 64-column tile's column pairs in wgmma's k order (16-byte aligned, K % 64 == 0).
+// ordered [M, K] = x with each 64-column tile's column pairs in wgmma's k order (16-byte aligned, K % 64
+// == 0), and sums (fp32, wgmma_sums_size of them) = x's sums over each part of a group in each of the
+// `splits` K slices.
+int64_t wgmma_sums_size(int64_t M, GroupShape shape, int64_t splits);
 template <typename T>
-void wgmma_token_order(const T* x, T* out, int64_t M, int64_t K, cudaStream_t stream);
+void wgmma_tokens(const T* x, T* ordered, float* sums, int64_t M, GroupShape shape, int64_t splits,
+                  cudaStream_t stream);
 template <typename T>
-void decode_gemm(const T* x, const T* x_wgmma, const uint8_t* tiled, const float* scale, const float* zero,
-                 const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape, int64_t splits,
-                 DecodeTuning tuning, bool swiglu, cudaStream_t stream);
+void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_t* tiled, const float* scale,
+                 const float* zero, const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape,
+                 int64_t splits, DecodeTuning tuning, bool swiglu, cudaStream_t stream);
 
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);

@@ -21,6 +21,14 @@ namespace qatext::cuda {
 #ifdef QATEXT_WGMMA
 // Orders this thread's register writes (A fragments, sums) before the next wgmma reads them.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// Pins the registers of a tile's 4 A fragments as computed by this point (the fence after it): ptxas
+// serialises every wgmma when one's input registers are defined after the first has started (C7513).
+__device__ __forceinline__ void wgmma_ready(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[j][r]));
+}
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 // Waits until at most N committed groups of this warp's wgmma are in flight.
 template <int N>
@@ -37,14 +45,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
 }
 
 #define QATEXT_WGMMA_D(i) "+f"(d[i][0][0]), "+f"(d[i][0][1]), "+f"(d[i][0][2]), "+f"(d[i][0][3])
-
-#define QATEXT_WGMMA_N32(TYPE)                                        \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"               \
-               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " " \
-               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}," \
-               "{%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n" \
-               : QATEXT_WGMMA_D(0), QATEXT_WGMMA_D(1), QATEXT_WGMMA_D(2), QATEXT_WGMMA_D(3) \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
 
 #define QATEXT_WGMMA_N64(TYPE)                                        \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"               \
@@ -73,18 +73,15 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
 // d += a b for a warpgroup: a this warp's 16 x 16 fragment, b the [8 MT tokens][16] step at `desc`.
 template <typename T, int MT>
 __device__ __forceinline__ void wgmma_rs(float (&d)[MT][1][4], const uint32_t (&a)[4], uint64_t desc) {
-  static_assert(MT == 4 || MT == 8 || MT == 16, "wgmma for 32, 64 or 128 tokens");
+  static_assert(MT == 8 || MT == 16, "wgmma for 64 or 128 tokens");
   constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
-  if constexpr (MT == 4) {
-    if constexpr (bf16) QATEXT_WGMMA_N32("bf16"); else QATEXT_WGMMA_N32("f16");
-  } else if constexpr (MT == 8) {
+  if constexpr (MT == 8) {
     if constexpr (bf16) QATEXT_WGMMA_N64("bf16"); else QATEXT_WGMMA_N64("f16");
   } else {
     if constexpr (bf16) QATEXT_WGMMA_N128("bf16"); else QATEXT_WGMMA_N128("f16");
   }
 }
 
-#undef QATEXT_WGMMA_N32
 #undef QATEXT_WGMMA_N64
 #undef QATEXT_WGMMA_N128
 #undef QATEXT_WGMMA_D
