@@ -8,7 +8,8 @@ tune_decode_gemm measured the shape's decode crossover and staged limit, as a la
 Per row: median us (CUDA events around a CUDA graph of 20 calls, each on the next of enough copies of
 its weight to pass twice the L2: `timing.cold`), each path's speedup over cuBLAS, and the floor (weight,
 scales and zeros, activations and output at the copy bandwidth measured in the run). Staged variants:
-1 or 2 row tiles a warp, split-K summed in a cluster or through global partials.
+1 or 2 row tiles a warp, split-K summed in a cluster or through global partials; and the default with the
+zeros rounded to integers (the random zeros have fractions, as QA-LoRA's merged zeros do).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main():
                 for name, knobs in STAGED_VARIANTS.items():
                     us[name] = timed(decode_gemm_max_m=0, staged_gemm_max_m=m, **knobs)
                 us["default"] = timed()
+                # (integer zeros, as LR-QAT's and EfficientQAT's: the wgmma form skips the zeros' fractions)
+                int_call = cold(lambda t, s, z: ops.dequant_matmul_tiled(x, t, s, z, bits, g), tiled, scale,  # noqa: B023
+                                zero.round())
+                us["default integer zeros"] = gpu_time_ms(int_call) * 1e3
                 floor = floor_bytes(n, k, m, bits, g) / bw * 1e6
                 row = {"N": n, "K": k, "M": m, "bits": bits, "group_size": g, **limits, "us": us, "floor_us": floor,
                        "speedup_vs_cublas": {p: us["cublas"] / t for p, t in us.items()}}
@@ -74,7 +79,8 @@ def main():
                 best = min(STAGED_VARIANTS, key=us.get)
                 print(f"{n}x{k} W{bits} M={m:3d}: cuBLAS {us['cublas']:6.1f} | before {us['before']:6.1f} | "
                       f"decode {us['decode']:6.1f} | {best} {us[best]:6.1f} x{us['cublas'] / us[best]:.2f} | "
-                      f"default {us['default']:6.1f} x{us['cublas'] / us['default']:.2f} | floor {floor:.1f}",
+                      f"default {us['default']:6.1f} x{us['cublas'] / us['default']:.2f} | integer zeros "
+                      f"{us['default integer zeros']:6.1f} | floor {floor:.1f}",
                       flush=True)
     timing.save_rows(args.out, rows, tuning=qatext.get_tuning(), copy_TBps=bw / 1e12)
 

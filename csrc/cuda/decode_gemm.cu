@@ -52,7 +52,7 @@ constexpr int kMaxClusterSplits = 8;               // K slices summed in a clust
 
 struct DecodeArgs {
   const void* x;          // [M, K]
-  const void* x_wgmma;    // x in wgmma's k order (wgmma_tokens), where the staged kernel takes wgmma
+  const void* x_wgmma;    // x laid out for the staged kernel's wgmma form (wgmma_tokens), where it takes that
   const float* x_sums;    // and its token sums over each part of a group in a K slice: [splits][sums_groups][sums_rows]
   const uint8_t* tiled;   // tiled layout of [N, K] codes
   const float* scale;     // [N, G]
@@ -579,8 +579,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
 // ride in the same stage, each lane copying and reading back its own bytes.
 // With one row tile a warp and 64 or 128 tokens on sm_90a (the wgmma form), each warpgroup's 4 row tiles
 // are one 64-row wgmma (A, the fragments, from registers; B, the tokens, from the ring in wgmma's
-// 128-byte swizzle, staged from x in wgmma's k order: wgmma_tokens), and a tile's fragments are made
-// while the last tile's wgmma runs. The scale and zero stay out of the element path, as in the decode
+// 128-byte swizzle, one bulk copy a tile from x laid out by wgmma_tokens, counted by an mbarrier a slot).
+// The scale and zero stay out of the element path, as in the decode
 // kernel: a fragment is q - zi, exact in 16 bits (zi the zero rounded to an integer, one 16-bit
 // subtraction a code pair), and the fp32 sums run in units of the current group's scale: at a group's
 // first tile they are multiplied by s_last / s_new, less zf * sum_k x where the zero has a fraction
@@ -665,8 +665,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   // scale or zero of one row of each: lane 4g + c takes the scale (c = 0, 1) or zero (c = 2, 3) of row
   // g + 8 (c % 2).
   // Token chunks: thread q copies chunk q % 8 of token rows q / 8 + 32 u (M * K < 2^31: int offsets);
-  // wgmma reads them in its k order (wgmma_tokens).
-  const T* x = static_cast<const T*>(kWgmma ? args.x_wgmma : args.x) + int64_t(t_begin) * kTileCols;
+  // in the wgmma form thread 0 copies the block's whole tile at once instead, from x laid out by
+  // wgmma_tokens (a token block's tile of tokens is one contiguous 8 MT x 128-byte block, in wgmma's k
+  // order and the ring's swizzle), and a barrier a slot counts its bytes in.
+  const T* x = static_cast<const T*>(args.x) + int64_t(t_begin) * kTileCols;
+  const T* xtiles =
+      kWgmma ? static_cast<const T*>(args.x_wgmma) + (int64_t(blockIdx.z) * KT + t_begin) * 8 * MT * kTileCols : nullptr;
+  __shared__ alignas(8) uint64_t tokens_landed[S];
   const int xdst = L::token(threadIdx.x / 8, threadIdx.x % 8);  // (+ u * 32 token rows)
   int xoff[kChunksPerThread];
   unsigned xvalid = 0;
@@ -693,11 +698,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   const auto issue = [&]() {
     if (issued < t_end) {
       uint8_t* st = smem + issue_slot * L::kBytes;
-#pragma unroll
-      for (int u = 0; u < kChunksPerThread; ++u) {
-        cp_async16_zfill(st + xdst + u * 32 * kTileCols * 2, x + xoff[u], (xvalid >> u & 1u) ? 16 : 0);
+#ifdef QATEXT_WGMMA
+      if constexpr (kWgmma) {
+        if (threadIdx.x == 0) bulk_copy_to_shared(st, xtiles, L::kTokenBytes, &tokens_landed[issue_slot]);
+        xtiles += 8 * MT * kTileCols;
       }
-      x += kTileCols;
+#endif
+      if constexpr (!kWgmma) {
+#pragma unroll
+        for (int u = 0; u < kChunksPerThread; ++u) {
+          cp_async16_zfill(st + xdst + u * 32 * kTileCols * 2, x + xoff[u], (xvalid >> u & 1u) ? 16 : 0);
+        }
+        x += kTileCols;
+      }
       const bool starts_group = issued == t_begin || issued == issue_group_end;
       if (issued == issue_group_end) {
         issue_group_end += tpg, ++qsrc;
@@ -732,16 +745,27 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   // This lane's smem offsets: its token row g of each token tile, columns 16c .. 16c + 7 and + 8 .. + 15.
   const int x0 = L::token(g, 2 * c), x1 = L::token(g, 2 * c + 1);
 
-  // Tiles in flight ahead of the one read: S - 1, or with wgmma S - 2 (a warp's wgmma of tile t - 1 may
-  // still read its slot while tile t is dequantised; it is done before the warp reaches the barrier of
-  // tile t + 1, after which that slot is refilled).
-  constexpr int kAhead = kWgmma ? S - 2 : S - 1;
+  // The wgmma form at 64 tokens keeps two fragment buffers, by tile parity: a tile's fragments are made
+  // while the last tile's wgmma still runs on the other. At 128 tokens (64 accumulator registers a
+  // thread) the second buffer spilled and ran 7-15% slower than one buffer with the wgmma waited for at
+  // once (the SM's other warpgroups keep the tensor cores busy meanwhile). Tiles in flight ahead of the
+  // one read: S - 1, or with two buffers S - 2 (a warp's wgmma of tile t - 1 may still read its slot
+  // while tile t's fragments are made; it is done before the warp reaches the barrier of tile t + 1,
+  // after which that slot is refilled).
+  constexpr bool kTwoBuffers = kWgmma && MT == 8;
+  constexpr int kAhead = kTwoBuffers ? S - 2 : S - 1;
   uint32_t a_even[4][4], a_odd[4][4];  // (wgmma) the fragment buffers of even and odd tiles
   // (wgmma) per row g, g + 8 of this lane: the scale the sums are in units of; at a group's first tile,
   // the factor into the new group's units and the zero's fraction; the pair base + zi; a zero scale.
   float unit[2] = {1.f, 1.f}, ratio[2] = {1.f, 1.f}, frac[2] = {0.f, 0.f};
   uint32_t zero_pair[2] = {Native<T>::code_base, Native<T>::code_base};
   bool dead[2] = {!active, !active}, any_dead = !active, any_frac = false;  // (the last two warp-uniform)
+#ifdef QATEXT_WGMMA
+  if constexpr (kWgmma) {
+    if (threadIdx.x < S) mbar_init(&tokens_landed[threadIdx.x]);
+    __syncthreads();
+  }
+#endif
 #pragma unroll
   for (int st = 0; st < kAhead; ++st) issue();
   for (int t = t_begin, slot = 0, group_end = (first_group + 1) * tpg; t < t_end; ++t) {
@@ -769,7 +793,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
             dead[h] = s[0][h] == 0.f;
             zero_pair[h] = Native<T>::pack2(Native<T>::base + zi, Native<T>::base + zi);
             frac[h] = dead[h] ? 0.f : z[0][h] - zi;
-            ratio[h] = dead[h] || t == t_begin ? 1.f : unit[h] / s[0][h];
+            // (2 ulp: far below the 16-bit output's rounding)
+            ratio[h] = dead[h] || t == t_begin ? 1.f : __fdividef(unit[h], s[0][h]);
             unit[h] = dead[h] ? unit[h] : s[0][h];
           }
           any_dead = __any_sync(0xffffffffu, dead[0] || dead[1]);
@@ -784,10 +809,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
     constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;
 #ifdef QATEXT_WGMMA
     if constexpr (kWgmma) {
-      // The warpgroup's 64 rows against all the block's tokens, 4 steps of 16 columns from shared memory,
-      // into one of two fragment buffers by tile parity: this tile's fragments are dequantised while the
-      // last tile's wgmma still runs on the other (an idle warp of the warpgroup takes part with zeros: its
-      // rows count as dead).
+      // The warpgroup's 64 rows against all the block's tokens, 4 steps of 16 columns from shared memory
+      // (an idle warp of the warpgroup takes part with zeros: its rows count as dead).
       const auto run = [&](uint32_t (&a)[4][4]) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -807,7 +830,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
 #pragma unroll
             for (int r = 0; r < 4; ++r) a[j][r] = dead[r & 1] ? 0u : a[j][r];
         }
-        wgmma_ready(a);
+        mbar_wait(&tokens_landed[slot], ((t - t_begin) / S) & 1);  // the tile's tokens landed
         if (group_start) {  // the sums into the new group's units, less its zero's fraction times sum_k x
           wgmma_wait<0>();
           if (any_frac) {
@@ -832,9 +855,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma_rs<T, MT>(out, a[j], sw128_desc(tokens + 32 * j));
         wgmma_commit();
-        wgmma_wait<1>();  // the last tile's wgmma is done: its buffer and its ring slot are free
+        wgmma_wait<kTwoBuffers ? 1 : 0>();  // the last tile's wgmma is done: its buffer and its ring slot are free
       };
-      if ((t - t_begin) % 2 == 0) {
+      if (!kTwoBuffers || (t - t_begin) % 2 == 0) {
         run(a_even);
       } else {
         run(a_odd);
@@ -884,24 +907,32 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
 #endif
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the ring before a cluster's sums reuse it
+#ifdef QATEXT_WGMMA
+  if constexpr (kWgmma) {
+    if (threadIdx.x < S) mbar_inval(&tokens_landed[threadIdx.x]);
+  }
+#endif
   finish_split_k<T, MT, NT>(args, out, smem, MT * NT * 512, m0, nt0, active);
 }
 
-// x in wgmma's k order, one thread a token row's 64-column tile. The tiled layout holds a lane's codes of
-// column pair (c, j, h), columns 16c + 4j + 2h + (0, 1), at k 16j + 8h + 2c of its A fragment (so that the
-// decode kernel reads 16 contiguous columns of x a lane); wgmma reads B in k order, so that pair of x
-// goes to k 16j + 8h + 2c.
+// x for the wgmma form, one thread a token row's 64-column tile: token block b's (`block` tokens) tile t
+// is one contiguous [block][64] block, token r's row at r of it, its 16-byte chunk ch at ch ^ (r % 8) of
+// the row (the ring's swizzle: one bulk copy a tile fills a slot), rows past M zeros. Within a row, the
+// columns in wgmma's k order: the tiled layout holds a lane's codes of column pair (c, j, h), columns
+// 16c + 4j + 2h + (0, 1), at k 16j + 8h + 2c of its A fragment (so that the decode kernel reads 16
+// contiguous columns of x a lane); wgmma reads B in k order, so that pair of x goes to k 16j + 8h + 2c.
 template <typename T>
-__global__ void wgmma_token_order_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t row_tiles) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= row_tiles) return;
-  const uint4* src = reinterpret_cast<const uint4*>(x) + i * 8;
-  uint4* dst = reinterpret_cast<uint4*>(out) + i * 8;
-  uint32_t in[32], moved[32];
+__device__ __forceinline__ void wgmma_token_tile(const T* __restrict__ x, T* __restrict__ out, int M, int K, int block,
+                                                 int64_t i) {
+  const int KT = K / kTileCols, m = int(i / KT), t = int(i % KT), r = m % block;
+  uint32_t in[32] = {}, moved[32];
+  if (m < M) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + int64_t(m) * K + int64_t(t) * kTileCols);
 #pragma unroll
-  for (int v = 0; v < 8; ++v) {
-    const uint4 q = src[v];
-    in[4 * v] = q.x, in[4 * v + 1] = q.y, in[4 * v + 2] = q.z, in[4 * v + 3] = q.w;
+    for (int v = 0; v < 8; ++v) {
+      const uint4 q = src[v];
+      in[4 * v] = q.x, in[4 * v + 1] = q.y, in[4 * v + 2] = q.z, in[4 * v + 3] = q.w;
+    }
   }
 #pragma unroll
   for (int c = 0; c < 4; ++c)
@@ -909,8 +940,9 @@ __global__ void wgmma_token_order_kernel(const T* __restrict__ x, T* __restrict_
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h) moved[8 * j + 4 * h + c] = in[8 * c + 2 * j + h];
+  uint4* dst = reinterpret_cast<uint4*>(out + ((int64_t(m / block) * KT + t) * block + r) * kTileCols);
 #pragma unroll
-  for (int v = 0; v < 8; ++v) dst[v] = make_uint4(moved[4 * v], moved[4 * v + 1], moved[4 * v + 2], moved[4 * v + 3]);
+  for (int v = 0; v < 8; ++v) dst[v ^ (r & 7)] = make_uint4(moved[4 * v], moved[4 * v + 1], moved[4 * v + 2], moved[4 * v + 3]);
 }
 
 // The token sums the wgmma form's zero fractions take: entry e = (y * groups + j) * rows + m is the sum of
@@ -918,11 +950,10 @@ __global__ void wgmma_token_order_kernel(const T* __restrict__ x, T* __restrict_
 // they do not, or past M). One warp an entry: its lanes add 8 columns at a time in fp32, then a fixed
 // xor-shuffle tree (deterministic).
 template <typename T>
-__global__ void wgmma_sums_kernel(const T* __restrict__ x, float* __restrict__ sums, int M, int K, int rows,
-                                  int groups, int tiles_per_group, int tiles_per_split, int64_t entries) {
-  const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+__device__ __forceinline__ void wgmma_token_sum(const T* __restrict__ x, float* __restrict__ sums, int M, int K,
+                                                int rows, int groups, int tiles_per_group, int tiles_per_split,
+                                                int64_t e) {
   const int lane = threadIdx.x & 31;
-  if (e >= entries) return;  // (a whole warp)
   const int m = int(e % rows), j = int(e / rows % groups), y = int(e / rows / groups);
   const int t0 = y * tiles_per_split, t1 = min(K / kTileCols, t0 + tiles_per_split);
   const int group = t0 / tiles_per_group + j;
@@ -942,6 +973,24 @@ __global__ void wgmma_sums_kernel(const T* __restrict__ x, float* __restrict__ s
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) sums[e] = sum;
+}
+
+// Both in one launch: the first `tile_blocks` blocks lay out the tiles (a thread a row tile), the others
+// form the sums (a warp an entry).
+struct WgmmaTokensArgs {
+  int M, K, block, rows, groups, tiles_per_group, tiles_per_split;
+  int64_t row_tiles, entries, tile_blocks;
+};
+template <typename T>
+__global__ void __launch_bounds__(256) wgmma_tokens_kernel(const T* __restrict__ x, T* __restrict__ tiles,
+                                                           float* __restrict__ sums, WgmmaTokensArgs a) {
+  if (blockIdx.x < a.tile_blocks) {
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < a.row_tiles) wgmma_token_tile(x, tiles, a.M, a.K, a.block, i);
+    return;
+  }
+  const int64_t e = ((int64_t(blockIdx.x) - a.tile_blocks) * blockDim.x + threadIdx.x) / 32;
+  if (e < a.entries) wgmma_token_sum(x, sums, a.M, a.K, a.rows, a.groups, a.tiles_per_group, a.tiles_per_split, e);
 }
 
 // Kernel configuration: token tiles MT, row tiles per warp NT, ring stages S; the staged kernel or
@@ -1134,10 +1183,10 @@ bool use_cluster(int64_t M, GroupShape shape, int64_t splits, Config cfg, Decode
 
 }  // namespace
 
-bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning) {
-  if (!tuning.staged || !is_sm90()) return false;
+int64_t wgmma_block_tokens(int64_t M, GroupShape shape, DecodeTuning tuning) {
+  if (!tuning.staged || !is_sm90()) return 0;
   const Config cfg = config_for(M, shape, tuning);
-  return staged_wgmma_form(cfg.mt, cfg.nt);  // (as the kernel's kWgmma)
+  return staged_wgmma_form(cfg.mt, cfg.nt) ? 8 * cfg.mt : 0;  // (as the kernel's kWgmma)
 }
 
 namespace {
@@ -1157,24 +1206,26 @@ int64_t wgmma_sums_size(int64_t M, GroupShape shape, int64_t splits) {
   return splits * s.groups * s.rows;
 }
 
+int64_t wgmma_tiles_size(int64_t M, int64_t K, int64_t block) { return (M + block - 1) / block * block * K; }
+
 template <typename T>
-void wgmma_tokens(const T* x, T* ordered, float* sums, int64_t M, GroupShape shape, int64_t splits,
+void wgmma_tokens(const T* x, T* tiles, float* sums, int64_t M, GroupShape shape, int64_t splits, int64_t block,
                   cudaStream_t stream) {
-  const int64_t row_tiles = M * (shape.K / kTileCols);
+  const int64_t row_tiles = wgmma_tiles_size(M, shape.K, block) / kTileCols;
   if (row_tiles == 0) return;
   constexpr int kThreads = 256;
-  wgmma_token_order_kernel<T><<<unsigned((row_tiles + kThreads - 1) / kThreads), kThreads, 0, stream>>>(x, ordered,
-                                                                                                          row_tiles);
-  check_launch("wgmma_token_order");
   const SumsShape s = sums_shape(M, shape, splits);
-  const int64_t entries = wgmma_sums_size(M, shape, splits), per_block = kThreads / 32;
-  wgmma_sums_kernel<T><<<unsigned((entries + per_block - 1) / per_block), kThreads, 0, stream>>>(
-      x, sums, int(M), int(shape.K), s.rows, s.groups, s.tiles_per_group, s.tiles_per_split, entries);
-  check_launch("wgmma_sums");
+  const int64_t entries = wgmma_sums_size(M, shape, splits), tile_blocks = (row_tiles + kThreads - 1) / kThreads;
+  const WgmmaTokensArgs args{int(M), int(shape.K), int(block), s.rows, s.groups, s.tiles_per_group, s.tiles_per_split,
+                             row_tiles, entries, tile_blocks};
+  const int64_t sum_blocks = (entries + kThreads / 32 - 1) / (kThreads / 32);
+  wgmma_tokens_kernel<T><<<unsigned(tile_blocks + sum_blocks), kThreads, 0, stream>>>(x, tiles, sums, args);
+  check_launch("wgmma_tokens");
 }
 template void wgmma_tokens<c10::BFloat16>(const c10::BFloat16*, c10::BFloat16*, float*, int64_t, GroupShape, int64_t,
-                                          cudaStream_t);
-template void wgmma_tokens<c10::Half>(const c10::Half*, c10::Half*, float*, int64_t, GroupShape, int64_t, cudaStream_t);
+                                          int64_t, cudaStream_t);
+template void wgmma_tokens<c10::Half>(const c10::Half*, c10::Half*, float*, int64_t, GroupShape, int64_t, int64_t,
+                                      cudaStream_t);
 
 bool decode_gemm_supported(GroupShape shape) {
   const bool group_ok = shape.group_size % kTileCols == 0 || shape.group_size == shape.K;
@@ -1242,7 +1293,7 @@ void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_
                  const float* zero, const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape,
                  int64_t splits, DecodeTuning tuning, bool swiglu, cudaStream_t stream) {
   if (M == 0 || shape.N == 0) return;
-  if ((x_wgmma == nullptr || x_sums == nullptr) && decode_gemm_wgmma_tokens(M, shape, tuning)) {
+  if ((x_wgmma == nullptr || x_sums == nullptr) && wgmma_block_tokens(M, shape, tuning) > 0) {
     throw std::runtime_error("qatext: decode_gemm: this launch reads the tokens in wgmma's order (wgmma_tokens)");
   }
   if (swiglu && (splits != 1 || tuning.staged || !decode_gemm_swiglu_supported(M, shape, tuning))) {

@@ -90,8 +90,8 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // staged once a 64-column tile in shared memory for its 8 warps; split-K across blocks as above (1 or 2
 // row tiles a warp; stages and warp_split unused). On sm_90 with one row tile a warp and more than 32
 // tokens it takes wgmma (where built for sm_90a) and keeps the weight exact, as the decode kernel does;
-// it then reads x in its own k order and x's sums over the K slices' parts of each group:
-// decode_gemm_wgmma_tokens says when, and then wgmma_tokens must fill x_wgmma and x_sums. Elsewhere it
+// it then reads x in its own layout and x's sums over the K slices' parts of each group:
+// wgmma_block_tokens says when, and then wgmma_tokens must fill x_wgmma and x_sums. Elsewhere it
 // dequantises the weight to 16 bits, w = (q - z) s rounded once, as dequant + cuBLAS rounds it.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 struct DecodeTuning {
@@ -110,15 +110,17 @@ bool decode_gemm_swiglu_supported(int64_t M, GroupShape shape, DecodeTuning tuni
 // A zeroed counter buffer of at least `count` for calls on `stream` (made on its first use there and
 // kept), or nullptr when there is none yet and the stream is capturing a graph, or count is too large.
 int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream);
-bool decode_gemm_wgmma_tokens(int64_t M, GroupShape shape, DecodeTuning tuning);
+// The wgmma form's token block (64 or 128) for this call, or 0 where the call takes another path.
+int64_t wgmma_block_tokens(int64_t M, GroupShape shape, DecodeTuning tuning);
 // Whether M tokens of K columns fit the staged kernel's 32-bit token offsets.
 inline bool staged_gemm_fits(int64_t M, int64_t K) { return M * K < (int64_t(1) << 31); }
-// ordered [M, K] = x with each 64-column tile's column pairs in wgmma's k order (16-byte aligned, K % 64
-// == 0), and sums (fp32, wgmma_sums_size of them) = x's sums over each part of a group in each of the
-// `splits` K slices.
+// tiles (wgmma_tiles_size elements) = x as the wgmma form reads it, by token blocks of `block` and
+// 64-column tiles (x 16-byte aligned, K % 64 == 0), and sums (fp32, wgmma_sums_size of them) = x's sums
+// over each part of a group in each of the `splits` K slices.
+int64_t wgmma_tiles_size(int64_t M, int64_t K, int64_t block);
 int64_t wgmma_sums_size(int64_t M, GroupShape shape, int64_t splits);
 template <typename T>
-void wgmma_tokens(const T* x, T* ordered, float* sums, int64_t M, GroupShape shape, int64_t splits,
+void wgmma_tokens(const T* x, T* tiles, float* sums, int64_t M, GroupShape shape, int64_t splits, int64_t block,
                   cudaStream_t stream);
 template <typename T>
 void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_t* tiled, const float* scale,

@@ -80,15 +80,17 @@ at::Tensor decode_matmul(const at::Tensor& a, const at::Tensor& w, const at::Ten
       counters = zeroed.mutable_data_ptr<int>();
     }
   }
-  const bool wgmma = cuda::decode_gemm_wgmma_tokens(M, shape, decode_tuning);
-  const at::Tensor a_wgmma = wgmma ? at::empty_like(a) : at::Tensor();
+  const int64_t wgmma_block = cuda::wgmma_block_tokens(M, shape, decode_tuning);
+  const bool wgmma = wgmma_block > 0;
+  const at::Tensor a_wgmma =
+      wgmma ? at::empty({cuda::wgmma_tiles_size(M, shape.K, wgmma_block)}, a.options()) : at::Tensor();
   const at::Tensor sums =
       wgmma ? at::empty({cuda::wgmma_sums_size(M, shape, splits)}, a.options().dtype(at::kFloat)) : at::Tensor();
   dispatch_half(a.scalar_type(), [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     if (wgmma) {
       cuda::wgmma_tokens<scalar_t>(a.const_data_ptr<scalar_t>(), a_wgmma.mutable_data_ptr<scalar_t>(),
-                                   sums.mutable_data_ptr<float>(), M, shape, splits, current_stream(a));
+                                   sums.mutable_data_ptr<float>(), M, shape, splits, wgmma_block, current_stream(a));
     }
     cuda::decode_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), wgmma ? a_wgmma.const_data_ptr<scalar_t>() : nullptr,
                                 wgmma ? sums.const_data_ptr<float>() : nullptr, w.const_data_ptr<uint8_t>(),
