@@ -49,8 +49,9 @@ for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
             # SwiGLU in the warp-split epilogue: gate and up halves, 2 or 4 row tiles a block.
             ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
-# The staged kernel: 4, 8 and 16 token tiles (several token blocks, a partial last one), 1 (wgmma) and 2 row tiles a
-# warp, a partial column block, split-K of one to many slices through a cluster and through global partials.
+# The staged kernel: 4, 8 and 16 token tiles (several token blocks, a partial last one), 1 (wgmma from 64 tokens)
+# and 2 row tiles a warp, a partial column block, split-K of one to many slices through a cluster and through global
+# partials.
 for (n, k, g), (min_slice, row_tiles, cluster) in itertools.product(
         [(48, 384, -1), (1040, 512, 128), (256, 4096, 64)], itertools.product((1, 8), (1, 2), (0, 1))):
     qatext.set_tuning(decode_gemm_max_m=0, staged_gemm_max_m=512, decode_gemm_min_slice=min_slice,
