@@ -26,17 +26,23 @@ TOL = {torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}, torch.float16: {"rtol": 2e-
 WEIGHT_ROUNDING = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
-def _expected(x, packed, scale, zero, bits, g, bias=None):
-    k = x.shape[-1]
-    w = reference.dequant(packed, scale, zero, bits, g, k, dtype=x.dtype).float()
+def _rounded_weight(x, packed, scale, zero, bits, g):
+    return reference.dequant(packed, scale, zero, bits, g, x.shape[-1], dtype=x.dtype).float()
+
+
+def _product(x, w, bias=None):
     y = x.float() @ w.T
     return y + bias.float() if bias is not None else y
 
 
+def _expected(x, packed, scale, zero, bits, g, bias=None):
+    return _product(x, _rounded_weight(x, packed, scale, zero, bits, g), bias)
+
+
 def _assert_matches_rounded(y, x, packed, scale, zero, bits, g, bias=None):
     """y within TOL of the reference with the weight rounded to x's dtype, widened by that rounding."""
-    expected = _expected(x, packed, scale, zero, bits, g, bias)
-    w = reference.dequant(packed, scale, zero, bits, g, x.shape[-1], dtype=x.dtype).float()
+    w = _rounded_weight(x, packed, scale, zero, bits, g)
+    expected = _product(x, w, bias)
     tol = TOL[x.dtype]
     bound = tol["atol"] + tol["rtol"] * expected.abs() + WEIGHT_ROUNDING[x.dtype] * (x.float().abs() @ w.abs().T)
     excess = (y.float() - expected).abs() - bound

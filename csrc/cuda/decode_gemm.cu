@@ -898,7 +898,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) staged_gemm_kernel(DecodeAr
   }
 #ifdef QATEXT_WGMMA
   if constexpr (kWgmma) {
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // (before the barrier below: with two buffers the last wgmma may still read the ring)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
