@@ -154,17 +154,18 @@ def test_cluster_split_k_equals_the_global_partials_bit_for_bit(n, k, m):
 
 def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
     """tune_decode_gemm times the variants once per weight shape; every later call of that shape takes
-    the one it chose for its token bucket (1, up to 8, more), deterministic and within the reference's
-    tolerance. A second call measures nothing new; the split-K knobs do not override a measured choice."""
+    the one it chose for its token bucket (1, up to 8, up to 16, and up to 32, 64 and 128 as it measures the
+    crossover, from 32 tokens up), deterministic and within the reference's tolerance. A second call
+    measures nothing new; the split-K knobs do not override a measured choice."""
     n, k, bits, g = 2112, 2048, 4, 128  # a shape no other test tunes
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
-    choices = {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in (1, 5, 8, 13, 16)}
+    choices = {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in (1, 5, 8, 13, 16, 17, 32)}
     assert all(c is not None and c["stages"] in (4, 8) and c["row_tiles"] in (1, 2, 4)
                and (c["min_slice"] in (4, 8, 16) or (c["warp_split"] and c["min_slice"] == 0 and not c["cluster"]))
                for c in choices.values()), choices
-    assert choices[5] == choices[8] and choices[13] == choices[16]
+    assert choices[5] == choices[8] and choices[13] == choices[16] and choices[17] == choices[32]
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     assert {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in choices} == choices
     with knob("decode_gemm_min_slice", 4), knob("decode_gemm_row_tiles", 1):  # they rule unmeasured shapes only

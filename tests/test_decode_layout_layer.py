@@ -89,7 +89,8 @@ def test_shapes_not_measured_decode_up_to_16_tokens(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_packed_layer_decodes_up_to_the_measured_crossover():
     """tile_for_decode times the decode kernel against the packed path for the weight's shape (at 32, 64
-    and 128 tokens); the layer then takes the decode kernel exactly up to the crossover, and
+    and 128 tokens, with its variant tuned at each); the layer then takes the decode kernel exactly up to
+    the crossover, and
     decode_gemm_max_m, where set, rules instead."""
     from test_dequant_gemm import _kernel_names
 
@@ -98,6 +99,8 @@ def test_packed_layer_decodes_up_to_the_measured_crossover():
     layer.tile_for_decode()
     crossover = ops.decode_gemm_crossover("cuda", n, k, 4, 64)
     assert crossover in (16, 32, 64, 128)
+    # the decode kernel's variant was tuned at each count it was timed at (32 always, on to the first loss)
+    assert all(ops.decode_gemm_choice("cuda", n, k, 4, 64, m) is not None for m in (32, max(32, crossover)))
     assert ops.decode_gemm_crossover("cpu", n, k, 4, 64) == 16  # measured on the GPU, not for a CPU
 
     def decodes(m):

@@ -60,12 +60,21 @@ constexpr auto kVariants = [] {
   return v;
 }();
 
-// Token buckets (one token; one 8-token tile; two), each timed at its largest M.
-constexpr std::array<int64_t, 3> kBucketTokens{1, 8, 16};
-int bucket(int64_t M) { return M <= 1 ? 0 : M <= 8 ? 1 : 2; }
+// Token buckets (one token; one 8-token tile; two; then the crossover's counts), each timed at its
+// largest M. The first three are tuned up front; the others as the crossover is measured, each at its
+// count before the decode kernel is timed there against the packed path (a variant tuned at 16 tokens
+// ran 19 or 29 us at 64 tokens on 4096 x 4096 from one tuning to the next).
+constexpr std::array<int64_t, 6> kBucketTokens{1, 8, 16, 32, 64, 128};
+constexpr int kUpFrontBuckets = 3;
+int bucket(int64_t M) {
+  int b = 0;
+  while (b + 1 < int(kBucketTokens.size()) && M > kBucketTokens[b]) ++b;
+  return b;
+}
 
-// Token counts above the buckets at which the decode kernel is timed against the packed path; the
-// crossover is the largest one up to which it won at each (the smallest bucket, 16, where it lost at 32).
+// Token counts above the up-front buckets at which the decode kernel is timed against the packed path;
+// the crossover is the largest one up to which it won at each (the smallest bucket, 16, where it lost at
+// 32).
 constexpr std::array<int64_t, 3> kCrossoverTokens{32, 64, 128};
 constexpr int kCrossoverBucket = -1;  // the crossover's key
 // Token counts at which the staged kernel is timed against the path beyond it (on sm_90a its wgmma
@@ -98,6 +107,14 @@ std::optional<V> measured(const std::map<Key, V>& in, const Key& k) {
   return it == in.end() ? std::nullopt : std::optional<V>(it->second);
 }
 std::optional<Variant> measured(const Key& k) { return measured(table, k); }
+
+// The variant tuned for M's bucket, or where that one is not measured, for the nearest bucket below.
+std::optional<Variant> measured_variant(int device, GroupShape shape, int64_t M) {
+  for (int b = bucket(M); b >= 0; --b) {
+    if (const std::optional<Variant> v = measured(key(device, shape, b))) return v;
+  }
+  return std::nullopt;
+}
 
 template <typename V>
 void remember(std::map<Key, V>& in, const Key& k, V v) {
@@ -226,12 +243,15 @@ StagedChoice staged_choice(const ColdCopies& copies, GroupShape shape) {
 }
 
 // The largest of kCrossoverTokens up to which the decode kernel (with the variant tuned for its
-// bucket) beat the path a tiled weight takes beyond it (tiled_matmul_beyond_decode: what a layer that
-// holds only the tiled codes runs) at each, else kUnmeasuredCrossover.
+// bucket, tuned here first where it is not yet) beat the path a tiled weight takes beyond it
+// (tiled_matmul_beyond_decode: what a layer that holds only the tiled codes runs) at each, else
+// kUnmeasuredCrossover.
 int64_t crossover(const ColdCopies& copies, GroupShape shape) {
   const int device = copies.w[0].get_device();
   int64_t limit = kUnmeasuredCrossover;
   for (const int64_t M : kCrossoverTokens) {
+    const Key at_bucket = key(device, shape, bucket(M));
+    if (!measured(at_bucket)) remember(table, at_bucket, fastest(copies, shape, M));
     const at::Tensor a = random_tokens(copies, shape, M);
     const Call beyond_call = [&copies, a, shape](size_t c) {
       tiled_matmul_beyond_decode(a, copies.w[c], copies.scale[c], copies.zero[c], shape, std::nullopt);
@@ -250,7 +270,7 @@ int64_t crossover(const ColdCopies& copies, GroupShape shape) {
 cuda::DecodeTuning decode_tuning_for(int device, GroupShape shape, int64_t M) {
   const cuda::DecodeTuning knobs = knob_tuning();
   if (tuning(Knob::DecodeGemmAutotune) == 0) return knobs;
-  const std::optional<Variant> v = measured(key(device, shape, bucket(M)));
+  const std::optional<Variant> v = measured_variant(device, shape, M);
   return v ? with_variant(*v) : knobs;
 }
 
@@ -311,7 +331,7 @@ int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, in
 DecodeChoice decode_gemm_choice(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size, int64_t M) {
 #ifdef QATEXT_WITH_CUDA
   const GroupShape shape = make_shape("qatext.decode_gemm_choice", N, K, bits, group_size);
-  if (const std::optional<Variant> v = measured(key(device, shape, bucket(M)))) {
+  if (const std::optional<Variant> v = measured(key(device, shape, bucket(M)))) {  // (M's bucket only)
     return {v->stages, v->cluster, v->min_slice, v->row_tiles, v->warp_split};
   }
 #else
@@ -347,7 +367,10 @@ bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
     }
     return &*copies;
   };
-  for (int b = 0; b < int(kBucketTokens.size()) && (max_m < 0 || kBucketTokens[b] <= max_m); ++b) {
+  // The buckets up front; with decode_gemm_max_m set (no crossover to measure), every one up to it.
+  for (int b = 0; b < (max_m < 0 ? kUpFrontBuckets : int(kBucketTokens.size())) &&
+                  (max_m < 0 || kBucketTokens[b] <= max_m);
+       ++b) {
     const Key at_bucket = key(device, shape, b);
     if (measured(at_bucket)) continue;
     const ColdCopies* c = cold();
