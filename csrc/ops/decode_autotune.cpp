@@ -62,8 +62,8 @@ constexpr auto kVariants = [] {
 
 // Token buckets (one token; one 8-token tile; two; then the crossover's counts), each timed at its
 // largest M. The first three are tuned up front; the others as the crossover is measured, each at its
-// count before the decode kernel is timed there against the packed path (a variant tuned at 16 tokens
-// ran 19 or 29 us at 64 tokens on 4096 x 4096 from one tuning to the next).
+// count before the decode kernel is timed there against the path beyond it (a variant tuned at 16
+// tokens ran 19 or 29 us at 64 tokens on 4096 x 4096 from one tuning to the next).
 constexpr std::array<int64_t, 6> kBucketTokens{1, 8, 16, 32, 64, 128};
 constexpr int kUpFrontBuckets = 3;
 int bucket(int64_t M) {
@@ -368,9 +368,8 @@ bool tune_decode_gemm(const at::Tensor& tiled, const at::Tensor& scale, const at
     return &*copies;
   };
   // The buckets up front; with decode_gemm_max_m set (no crossover to measure), every one up to it.
-  for (int b = 0; b < (max_m < 0 ? kUpFrontBuckets : int(kBucketTokens.size())) &&
-                  (max_m < 0 || kBucketTokens[b] <= max_m);
-       ++b) {
+  const int buckets = max_m < 0 ? kUpFrontBuckets : int(kBucketTokens.size());
+  for (int b = 0; b < buckets && (max_m < 0 || kBucketTokens[b] <= max_m); ++b) {
     const Key at_bucket = key(device, shape, b);
     if (measured(at_bucket)) continue;
     const ColdCopies* c = cold();
