@@ -56,7 +56,13 @@ def plain_moves_us(nbytes):
 
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
-VARIANTS = [(4, 0, 0), (4, 1, 0), (8, 0, 0), (8, 1, 0), (4, 0, 1), (8, 0, 1)]  # ring stages, cluster, warp split
+
+
+def variants(m):
+    """(ring stages, cluster, warp split) of the decode kernel timed at m tokens: rings of 4 or 8 stages up to
+    16 tokens, of 3 or 4 for 32-token blocks (8 would not fit)."""
+    shallow, deep = (3, 4) if m > 16 else (4, 8)
+    return [(shallow, 0, 0), (shallow, 1, 0), (deep, 0, 0), (deep, 1, 0), (shallow, 0, 1), (deep, 0, 1)]
 
 
 def main():
@@ -101,7 +107,7 @@ def main():
                 row["tiled_us"] = with_decode_max_m(max_m, lambda: gpu_time_ms(tiled_call)) * 1e3  # noqa: B023
                 row["variant"] = ops.decode_gemm_choice("cuda", n, k, bits, g, m)
                 row["variants_us"] = {}
-                for stages, cluster, warp_split in VARIANTS:
+                for stages, cluster, warp_split in variants(m):
                     with qatext.tuning(decode_gemm_autotune=0, decode_gemm_stages=stages, decode_gemm_cluster=cluster,
                                        decode_gemm_warp_split=warp_split):
                         name = f"stages={stages},cluster={cluster},warp_split={warp_split}"

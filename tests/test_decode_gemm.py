@@ -82,7 +82,7 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
     torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=6e-2)  # its weight is rounded to bf16
 
 
-@pytest.mark.parametrize("stages,cluster", [(4, 0), (4, 1), (8, 0), (8, 1)])
+@pytest.mark.parametrize("stages,cluster", [(3, 0), (3, 1), (4, 0), (4, 1), (8, 0), (8, 1)])
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
 @pytest.mark.parametrize("n,min_slice,g", [(1088, 1, 128), (1088, 3, 128), (1088, 3, 256), (1088, 64, 128),
                                            (4352, 1, 128), (1088, 7, -1), (1088, 2, 64)])
@@ -92,8 +92,9 @@ def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, ro
     warp allowed (4352 rows with single-tile slices fill the grid with 4: a partial last column block);
     the last block's reduction takes the splits four at a time and a remainder. Slices that start inside
     a group (4-tile groups over 3-tile slices, per-channel) and groups of one tile carry each
-    group's scales and zeros; rings of 4 and 8 stages, longer and shorter than a slice; the slices summed
-    through a cluster where they fit one, else through global partials."""
+    group's scales and zeros; rings of 4 and 8 stages (3 and 4 at 29 tokens: one 32-token block), longer
+    and shorter than a slice; the slices summed through a cluster where they fit one, else through global
+    partials."""
     k, bits = 4096, 4
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -106,7 +107,7 @@ def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, ro
                                **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("stages", [4, 8])
+@pytest.mark.parametrize("stages", [3, 4, 8])
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
 @pytest.mark.parametrize("n,k,g", [(1088, 4096, 128), (1088, 576, 64), (1088, 11008, 256), (1088, 4096, -1),
                                    (64, 64, -1), (8448, 1024, 128)])
@@ -162,9 +163,9 @@ def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
     assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     choices = {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in (1, 5, 8, 13, 16, 17, 32)}
-    assert all(c is not None and c["stages"] in (4, 8) and c["row_tiles"] in (1, 2, 4)
+    assert all(c is not None and c["stages"] in ((4, 8) if m <= 16 else (3, 4)) and c["row_tiles"] in (1, 2, 4)
                and (c["min_slice"] in (4, 8, 16) or (c["warp_split"] and c["min_slice"] == 0 and not c["cluster"]))
-               for c in choices.values()), choices
+               for m, c in choices.items()), choices  # (32-token blocks: rings of 3 or 4 stages)
     assert choices[5] == choices[8] and choices[13] == choices[16] and choices[17] == choices[32]
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     assert {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in choices} == choices

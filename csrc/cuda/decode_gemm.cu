@@ -1001,7 +1001,8 @@ struct Config {
 };
 // The most row tiles per warp allowed that divide N (4 only with one token tile: registers). Four
 // token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
-// decode it twice; their ring has 4 stages (8 would not fit in shared memory). SwiGLU takes at least 2
+// decode it twice; their ring has 3 or 4 stages (8 would not fit in shared memory; 4 fill 147 KB of a
+// block's rings at one row tile, so one block a SM, where 3 let two share it). SwiGLU takes at least 2
 // (a gate tile and its up tile).
 // Staged: 32 tokens a block up to 32, else 64, and with one row tile a warp 128 beyond 64 (each weight
 // fragment meets all of a block's tokens; mma.sync's 128 would spill its sums, wgmma's (sm_90) take 64);
@@ -1011,10 +1012,11 @@ Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
     const int nt = tuning.max_row_tiles >= 2 && N % (2 * kTileRows) == 0 ? 2 : 1;
     return {M <= 32 ? 4 : M <= 64 || nt == 2 || !is_sm90() ? 8 : 16, nt, 4, true};
   }
-  const int mt = M <= 8 ? 1 : M <= 16 ? 2 : 4;
+  const int mt = decode_token_tiles(M);
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
-  return {mt, nt, tuning.stages >= 8 && mt < 4 ? 8 : 4, false};
+  const int stages = mt < 4 ? (tuning.stages >= 8 ? 8 : 4) : (tuning.stages <= 3 ? 3 : 4);
+  return {mt, nt, stages, false};
 }
 
 template <bool STAGED, int BITS, int MT, int NT, int S>
@@ -1070,6 +1072,9 @@ auto with_instance(int bits, Config cfg, F&& f) {
     if (cfg.mt == 2) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
     }
+    if (cfg.stages == 3) {
+      return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 3>() : f.template operator()<false, BITS, 4, 1, 3>();
+    }
     return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 4>() : f.template operator()<false, BITS, 4, 1, 4>();
   });
 }
@@ -1110,6 +1115,8 @@ Config fit_shared_memory(Config cfg, int bits) {
   while (smem_for(cfg, bits) > max_block_smem()) {
     if (cfg.stages == 8) {
       cfg.stages = 4;
+    } else if (cfg.stages == 4 && cfg.mt == 4 && !cfg.staged) {
+      cfg.stages = 3;
     } else if (cfg.nt > 1) {
       cfg.nt /= 2;
     } else if (cfg.mt > (cfg.staged ? 4 : 1)) {

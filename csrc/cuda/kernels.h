@@ -94,6 +94,8 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // wgmma_block_tokens says when, and then wgmma_tokens must fill x_wgmma and x_sums. Elsewhere it
 // dequantises the weight to 16 bits, w = (q - z) s rounded once, as dequant + cuBLAS rounds it.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
+// stages: the decode kernel's ring, 4 or 8 stages for blocks of up to 16 tokens (3 takes 4), 3 or 4 for
+// blocks of 32 (8 takes 4).
 struct DecodeTuning {
   int64_t min_slice_tiles;
   int max_row_tiles;
@@ -102,6 +104,8 @@ struct DecodeTuning {
   bool warp_split;
   bool staged = false;
 };
+// 8-token tiles a decode block takes at M tokens (more tokens: more blocks).
+inline int decode_token_tiles(int64_t M) { return M <= 8 ? 1 : M <= 16 ? 2 : 4; }
 bool decode_gemm_supported(GroupShape shape);
 int64_t decode_gemm_splits(int64_t M, GroupShape shape, DecodeTuning tuning);
 int64_t decode_gemm_counters(int64_t M, GroupShape shape, DecodeTuning tuning);

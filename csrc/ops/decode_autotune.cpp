@@ -1,7 +1,7 @@
-// Measured choice of the decode kernel's ring depth (4 or 8 stages), split-K reduction (a cluster,
-// global partials, or the warps of a block splitting K) and split-K shape (slice length, row tiles a
-// warp) per weight shape and token bucket, and of the token count up to which the decode kernel beats
-// the packed path (its crossover).
+// Measured choice of the decode kernel's ring depth (4 or 8 stages; 3 or 4 for 32-token blocks),
+// split-K reduction (a cluster, global partials, or the warps of a block splitting K) and split-K shape
+// (slice length, row tiles a warp) per weight shape and token bucket, and of the token count up to which
+// the decode kernel beats the path beyond it (its crossover).
 // Which is fastest depends on the shape and the GPU (benchmarks/NOTES.md, decode GEMM versions 8 and
 // 13: each wins somewhere by 10-25% and loses elsewhere), so it is timed once per device and shape
 // ahead of inference, as cuBLAS and Triton pick their kernels by measurement.
@@ -29,7 +29,7 @@
 
 namespace qatext::ops {
 
-// The crossover of shapes not measured: the decode kernel beat the packed path at 16 tokens on every
+// The crossover of shapes not measured: the decode kernel beat the path beyond it at 16 tokens on every
 // shape measured (benchmarks/NOTES.md).
 constexpr int64_t kUnmeasuredCrossover = 16;
 
@@ -46,11 +46,13 @@ struct Variant {
   int row_tiles;
   bool warp_split;
 };
-constexpr auto kVariants = [] {
+// The ring depths of the variants: the shallower and the deeper a block's token tiles allow (4 or 8 up to
+// 16 tokens; 3 or 4 with 32 tokens a block, where 4 leave one block a SM).
+constexpr std::array<Variant, 42> variants_with_stages(int shallow, int deep) {
   std::array<Variant, 42> v{};
   size_t i = 0;
   for (const int row_tiles : {1, 2, 4}) {
-    for (const int stages : {4, 8}) {
+    for (const int stages : {shallow, deep}) {
       for (const int64_t min_slice : {4, 8, 16}) {
         for (const bool cluster : {false, true}) v[i++] = {stages, cluster, min_slice, row_tiles, false};
       }
@@ -58,7 +60,11 @@ constexpr auto kVariants = [] {
     }
   }
   return v;
-}();
+}
+constexpr std::array<Variant, 42> kVariants = variants_with_stages(4, 8), kWideVariants = variants_with_stages(3, 4);
+const std::array<Variant, 42>& variants_at(int64_t M) {
+  return cuda::decode_token_tiles(M) == 4 ? kWideVariants : kVariants;
+}
 
 // Token buckets (one token; one 8-token tile; two; then the crossover's counts), each timed at its
 // largest M. The first three are tuned up front; the others as the crossover is measured, each at its
@@ -72,10 +78,8 @@ int bucket(int64_t M) {
   return b;
 }
 
-// Token counts above the up-front buckets at which the decode kernel is timed against the packed path;
-// the crossover is the largest one up to which it won at each (the smallest bucket, 16, where it lost at
-// 32).
-constexpr std::array<int64_t, 3> kCrossoverTokens{32, 64, 128};
+// The crossover: the largest count of the buckets past the up-front ones (32, 64, 128) up to which the
+// decode kernel beat the path beyond it at each (the last up-front bucket, 16, where it lost at 32).
 constexpr int kCrossoverBucket = -1;  // the crossover's key
 // Token counts at which the staged kernel is timed against the path beyond it (on sm_90a its wgmma
 // form reaches prefill sizes).
@@ -207,10 +211,11 @@ Call decode_call(const ColdCopies& copies, const at::Tensor& a, GroupShape shape
 // The fastest variant at M tokens.
 Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
   const at::Tensor a = random_tokens(copies, shape, M);
+  const std::array<Variant, 42>& variants = variants_at(M);
   std::vector<Call> calls;
-  for (const Variant& v : kVariants) calls.push_back(decode_call(copies, a, shape, with_variant(v)));
+  for (const Variant& v : variants) calls.push_back(decode_call(copies, a, shape, with_variant(v)));
   const std::vector<float> best = best_replay_ms(calls, copies.size(), copies.w[0].get_device());
-  return kVariants[size_t(std::min_element(best.begin(), best.end()) - best.begin())];
+  return variants[size_t(std::min_element(best.begin(), best.end()) - best.begin())];
 }
 
 // The staged kernel's row tiles a warp where nothing was measured: decode_gemm_row_tiles, at most 2.
@@ -242,15 +247,16 @@ StagedChoice staged_choice(const ColdCopies& copies, GroupShape shape) {
   return choice;
 }
 
-// The largest of kCrossoverTokens up to which the decode kernel (with the variant tuned for its
-// bucket, tuned here first where it is not yet) beat the path a tiled weight takes beyond it
-// (tiled_matmul_beyond_decode: what a layer that holds only the tiled codes runs) at each, else
+// The largest count of the buckets past the up-front ones up to which the decode kernel (with the
+// variant tuned for its bucket, tuned here first where it is not yet) beat the path a tiled weight takes
+// beyond it (tiled_matmul_beyond_decode: what a layer that holds only the tiled codes runs) at each, else
 // kUnmeasuredCrossover.
 int64_t crossover(const ColdCopies& copies, GroupShape shape) {
   const int device = copies.w[0].get_device();
   int64_t limit = kUnmeasuredCrossover;
-  for (const int64_t M : kCrossoverTokens) {
-    const Key at_bucket = key(device, shape, bucket(M));
+  for (int b = kUpFrontBuckets; b < int(kBucketTokens.size()); ++b) {
+    const int64_t M = kBucketTokens[b];
+    const Key at_bucket = key(device, shape, b);
     if (!measured(at_bucket)) remember(table, at_bucket, fastest(copies, shape, M));
     const at::Tensor a = random_tokens(copies, shape, M);
     const Call beyond_call = [&copies, a, shape](size_t c) {

@@ -39,7 +39,7 @@ int64_t staged_gemm_limit(int device, int64_t N, int64_t K, int64_t bits, int64_
 // for a weight of this shape on a device: decode_gemm_max_m where it is set (>= 0), else the crossover.
 int64_t decode_max_tokens(int device, GroupShape shape);
 
-// The token count up to which the decode kernel beat the packed path for this shape on a device, as
+// The token count up to which the decode kernel beat the path beyond it for this shape on a device, as
 // tune_decode_gemm measured it (16, 32, 64 or 128), or 16 where it has not (or decode_gemm_autotune is
 // off).
 int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, int64_t group_size);
