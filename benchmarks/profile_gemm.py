@@ -8,10 +8,10 @@ A decode kernel variant past 16 tokens: --tiled --m 32 --tuning decode_gemm_max_
 decode_gemm_stages=3 (the knobs: qatext.tuning_table()).
 """
 
+import timing
 import torch
 
 import qatext
-import timing
 from qatext import ops
 
 parser = timing.parser()
