@@ -88,7 +88,7 @@ def test_shapes_not_measured_decode_up_to_16_tokens(device):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_packed_layer_decodes_up_to_the_measured_crossover():
-    """tile_for_decode times the decode kernel against the packed path for the weight's shape (at 32, 64
+    """tile_for_decode times the decode kernel against the path beyond it for the weight's shape (at 32, 64
     and 128 tokens, with its variant tuned at each); the layer then takes the decode kernel exactly up to
     the crossover, and decode_gemm_max_m, where set, rules instead."""
     from test_dequant_gemm import _kernel_names
