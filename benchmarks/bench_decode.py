@@ -60,9 +60,9 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
 def variants(m):
     """(ring stages, cluster, warp split) of the decode kernel timed at m tokens: rings of 4 or 8 stages up to
-    16 tokens, of 3 or 4 for 32-token blocks (8 would not fit)."""
-    shallow, deep = (3, 4) if m > 16 else (4, 8)
-    return [(shallow, 0, 0), (shallow, 1, 0), (deep, 0, 0), (deep, 1, 0), (shallow, 0, 1), (deep, 0, 1)]
+    16 tokens, of 2, 3 or 4 for 32-token blocks (8 would not fit)."""
+    depths = (2, 3, 4) if m > 16 else (4, 8)
+    return [(stages, cluster, 0) for stages in depths for cluster in (0, 1)] + [(stages, 0, 1) for stages in depths]
 
 
 def main():

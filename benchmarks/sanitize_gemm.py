@@ -37,8 +37,8 @@ for n, k, g in [(256, 384, 32), (128, 128, -1), (384, 512, 128)]:
                                                        packed, scale, zero, bits, g, k)
 # (4352 rows in 1-tile slices: 4 row tiles per warp, a partial last column block.)
 # (Warp split: a block's warps split K, summed in shared memory; min slice and cluster unused.)
-# (3 stages: the 32-token blocks of m = 37.)
-settings = [(*s, 0) for s in itertools.product((1, 8), (3, 4, 8), (0, 1))] + [(8, 3, 0, 1), (8, 4, 0, 1), (8, 8, 0, 1)]
+# (2 and 3 stages: the 32-token blocks of m = 37, their sums in units of the group's scale.)
+settings = [(*s, 0) for s in itertools.product((1, 8), (2, 3, 4, 8), (0, 1))] + [(8, d, 0, 1) for d in (2, 3, 4, 8)]
 for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
         [(128, 64, -1), (1040, 512, 128), (256, 4096, 64), (4352, 1024, 128)], settings):
     qatext.set_tuning(decode_gemm_max_m=64, decode_gemm_min_slice=min_slice, decode_gemm_stages=stages,

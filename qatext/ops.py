@@ -130,7 +130,7 @@ def staged_gemm_limit(device, out_features: int, in_features: int, bits: int, gr
 def decode_gemm_choice(device, out_features: int, in_features: int, bits: int, group_size: int,
                        tokens: int) -> dict | None:
     """What tune_decode_gemm chose for this weight shape at this many tokens on a CUDA device:
-    ``{"stages": 3, 4 or 8, "cluster": bool, "min_slice": 4, 8 or 16, "row_tiles": 1, 2 or 4, "warp_split": bool}``
+    ``{"stages": 2, 3, 4 or 8, "cluster": bool, "min_slice": 4, 8 or 16, "row_tiles": 1, 2 or 4, "warp_split": bool}``
     (with warp split, the warps of a block split K: min_slice 0, cluster False), or None where it has measured
     nothing for this many tokens' bucket (1, up to 8, 16, 32, 64, 128; a call then takes the choice of the
     nearest smaller bucket measured, or else the knobs)."""

@@ -82,7 +82,7 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
     torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=6e-2)  # its weight is rounded to bf16
 
 
-@pytest.mark.parametrize("stages,cluster", [(3, 0), (3, 1), (4, 0), (4, 1), (8, 0), (8, 1)])
+@pytest.mark.parametrize("stages,cluster", [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1), (8, 0), (8, 1)])
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
 @pytest.mark.parametrize("n,min_slice,g", [(1088, 1, 128), (1088, 3, 128), (1088, 3, 256), (1088, 64, 128),
                                            (4352, 1, 128), (1088, 7, -1), (1088, 2, 64)])
@@ -92,9 +92,9 @@ def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, ro
     warp allowed (4352 rows with single-tile slices fill the grid with 4: a partial last column block);
     the last block's reduction takes the splits four at a time and a remainder. Slices that start inside
     a group (4-tile groups over 3-tile slices, per-channel) and groups of one tile carry each
-    group's scales and zeros; rings of 4 and 8 stages (3 and 4 at 29 tokens: one 32-token block), longer
-    and shorter than a slice; the slices summed through a cluster where they fit one, else through global
-    partials."""
+    group's scales and zeros; rings of 4 and 8 stages (2, 3 and 4 at 29 tokens: one 32-token block, its sums
+    in units of the group's scale), longer and shorter than a slice; the slices summed through a cluster
+    where they fit one, else through global partials."""
     k, bits = 4096, 4
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -107,7 +107,7 @@ def test_split_k_slices_of_any_length_match_the_reference(n, min_slice, g, m, ro
                                **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("stages", [3, 4, 8])
+@pytest.mark.parametrize("stages", [2, 3, 4, 8])
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
 @pytest.mark.parametrize("n,k,g", [(1088, 4096, 128), (1088, 576, 64), (1088, 11008, 256), (1088, 4096, -1),
                                    (64, 64, -1), (8448, 1024, 128)])
@@ -127,6 +127,34 @@ def test_warp_split_matches_the_reference(bits, n, k, g, m, row_tiles, stages):
         assert torch.equal(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, bias), y)
     torch.testing.assert_close(y.float(), reference.dequant_matmul(x, packed, scale, zero, bits, g, bias).float(),
                                **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("warp_split,row_tiles", [(1, 1), (1, 2), (0, 2)])
+@pytest.mark.parametrize("m", [17, 32, 45])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_32_token_blocks_in_scale_units_match_the_exact_weight(stages, warp_split, row_tiles, m, dtype):
+    """32-token blocks sum in units of each group's scale (out rescaled by s_g / s_(g+1) at a group's
+    start) with one all-ones mma a token-tile pair: scales up to 10^4 apart from group to group, a row
+    whose every scale is zero, rows with one zero group (first, inner, last), fractional zeros; warp split
+    and split-K across blocks (slices of 3 tiles: starting inside a group), 1 and 2 row tiles a warp (66 row
+    tiles: a part-empty last block across blocks). Against x @ the exact fp32 weight: fp32 sums, one output
+    rounding."""
+    n, k, bits, g = 1056, 1024, 4, 128
+    packed, tiled, scale, zero = _weight(n, k, bits, g)
+    scale = scale.clone() * torch.logspace(-2, 2, k // g, device="cuda")[torch.randperm(k // g)]
+    scale[3] = 0
+    scale[::7, 0] = 0
+    scale[1::11, 3] = 0
+    scale[2::13, -1] = 0
+    x = (torch.randn(m, k, device="cuda") + 1).to(dtype)
+    with (knob("decode_gemm_max_m", 64), knob("decode_gemm_autotune", 0), knob("decode_gemm_warp_split", warp_split),
+          knob("decode_gemm_row_tiles", row_tiles), knob("decode_gemm_stages", stages),
+          knob("decode_gemm_min_slice", 3)):
+        y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
+    expected = x.float() @ reference.dequant(packed, scale, zero, bits, g, k, dtype=torch.float32).T
+    assert torch.all(y[:, 3] == 0)
+    torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=expected.abs().max().item() / 4096)
 
 
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (1024, 4096, 8), (2048, 1024, 3), (4096, 4096, 16)])
@@ -163,9 +191,9 @@ def test_tuning_picks_a_variant_per_token_bucket_that_matches_the_reference():
     assert ops.decode_gemm_choice("cuda", n, k, bits, g, 1) is None
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     choices = {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in (1, 5, 8, 13, 16, 17, 32)}
-    assert all(c is not None and c["stages"] in ((4, 8) if m <= 16 else (3, 4)) and c["row_tiles"] in (1, 2, 4)
+    assert all(c is not None and c["stages"] in ((4, 8) if m <= 16 else (2, 3, 4)) and c["row_tiles"] in (1, 2, 4)
                and (c["min_slice"] in (4, 8, 16) or (c["warp_split"] and c["min_slice"] == 0 and not c["cluster"]))
-               for m, c in choices.items()), choices  # (32-token blocks: rings of 3 or 4 stages)
+               for m, c in choices.items()), choices  # (32-token blocks: rings of 2, 3 or 4 stages)
     assert choices[5] == choices[8] and choices[13] == choices[16] and choices[17] == choices[32]
     ops.tune_decode_gemm(tiled, scale, zero, bits, g, k)
     assert {m: ops.decode_gemm_choice("cuda", n, k, bits, g, m) for m in choices} == choices

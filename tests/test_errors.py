@@ -158,10 +158,10 @@ def test_tuning_knobs_reject_bad_values():
     assert qatext.get_tuning("decode_gemm_min_slice") == 8
     with pytest.raises(ValueError, match="decode_gemm_row_tiles must be 1, 2 or 4"):
         qatext.set_tuning(decode_gemm_row_tiles=3)
-    with pytest.raises(ValueError, match="decode_gemm_stages must be 3, 4 or 8, got 6"):
+    with pytest.raises(ValueError, match="decode_gemm_stages must be 2, 3, 4 or 8, got 6"):
         qatext.set_tuning(decode_gemm_stages=6)
-    with pytest.raises(ValueError, match=r"decode_gemm_stages must be in \[3, 8\], got 2"):
-        qatext.set_tuning(decode_gemm_stages=2)
+    with pytest.raises(ValueError, match=r"decode_gemm_stages must be in \[2, 8\], got 1"):
+        qatext.set_tuning(decode_gemm_stages=1)
     with pytest.raises(ValueError, match="unknown knob 'decode_gemm_max_n'; known: value_checks, "):
         qatext.set_tuning(decode_gemm_max_n=3)
 

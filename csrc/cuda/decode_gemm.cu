@@ -95,6 +95,13 @@ constexpr int decode_smem_bytes() {
   return kWarps * S * StageLayout<BITS, MT, NT>::kBytes;
 }
 
+// 32-token blocks (MT = 4) sum in units of the group's scale and read their token fragments a step at a
+// time from the ring, with one all-ones mma a token-tile pair: 196 -> 128 registers at 2 row tiles a warp
+// (benchmarks/NOTES.md, decode GEMM version 15), where the activations' trips through shared memory bound
+// the block.
+template <int MT>
+constexpr bool kScaleUnits = MT == 4;
+
 template <int BITS, int MT, int NT>
 struct Stage {
   uint32_t codes[NT][BITS];  // this lane's 4 * BITS bytes of each of the warp's NT 16 x 64 tiles
@@ -154,10 +161,12 @@ __device__ __forceinline__ void read_stage(const uint8_t* src, int lane, Stage<B
   using L = StageLayout<BITS, MT, NT>;
 #pragma unroll
   for (int i = 0; i < NT; ++i) read_lane_codes<BITS>(src + L::codes(i, lane), st.codes[i]);
+  if constexpr (!kScaleUnits<MT>) {  // (those read their token fragments a step at a time)
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
-    st.x[mt][1] = *reinterpret_cast<const uint4*>(src + L::x(mt, 1, lane));
+    for (int mt = 0; mt < MT; ++mt) {
+      st.x[mt][0] = *reinterpret_cast<const uint4*>(src + L::x(mt, 0, lane));
+      st.x[mt][1] = *reinterpret_cast<const uint4*>(src + L::x(mt, 1, lane));
+    }
   }
 }
 
@@ -214,6 +223,34 @@ __device__ __forceinline__ void fold_group(const float (&s)[NT][2], const float 
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) accx[mt][e] = 0.f;
+}
+
+// Scale-unit sums (kScaleUnits): the codes' mma adds into out, in units of the group's scale; at a group's
+// end the zero term leaves it, out -= (z + base) sum_k x, where sum_k x of tile mt's tokens 2c, 2c + 1
+// comes from lanes 8c and 8c + 4 (the paired all-ones mma leaves token g of tiles 2p, 2p + 1 in lane
+// 4g + c's e = 0 and 2, p < MT / 2); dead rows (scale 0) had their codes left out and take no zero term.
+// sums_x is cleared.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void fold_zero_units(const float (&z)[NT][2], const bool (&dead)[NT][2],
+                                                float (&sums_x)[MT][4], float (&out)[MT][NT][4], int c) {
+  constexpr float folded = Native<T>::fold_base ? Native<T>::base : 0.f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const float sx0 = __shfl_sync(0xffffffffu, sums_x[mt / 2][(mt % 2) * 2], 8 * c);
+    const float sx1 = __shfl_sync(0xffffffffu, sums_x[mt / 2][(mt % 2) * 2], 8 * c + 4);
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      const float zf0 = dead[i][0] ? 0.f : z[i][0] + folded, zf1 = dead[i][1] ? 0.f : z[i][1] + folded;
+      out[mt][i][0] -= zf0 * sx0;
+      out[mt][i][1] -= zf0 * sx1;
+      out[mt][i][2] -= zf1 * sx0;
+      out[mt][i][3] -= zf1 * sx1;
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < MT / 2; ++p)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sums_x[p][e] = 0.f;
 }
 
 // This warp's accumulators into the output (one K slice: plus the bias) or into its split's partial
@@ -499,7 +536,33 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
         }
     };
 
-    float accq[MT][NT][4], accx[MT][4];  // sum_k x q and sum_k x over the current group
+    // Scale-unit sums: the scale out is in (per row g, g + 8 of each tile), the rows whose group has scale 0
+    // (their codes are left out), and whether any lane has one (warp-uniform).
+    constexpr bool kUnits = kScaleUnits<MT>;
+    float unit[NT][2];
+    bool dead[NT][2];
+    bool any_dead = false;
+    // The current group's scale and zero at its start; out into its units (first: out is still zero).
+    const auto enter_group = [&](bool first) {
+      select();
+      bool d_any = false;
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          dead[i][h] = s[i][h] == 0.f;
+          const float ratio = dead[i][h] || first ? 1.f : __fdividef(unit[i][h], s[i][h]);  // (2 ulp)
+          unit[i][h] = dead[i][h] ? (first ? 1.f : unit[i][h]) : s[i][h];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) out[mt][i][2 * h] *= ratio, out[mt][i][2 * h + 1] *= ratio;
+          d_any = d_any || dead[i][h];
+        }
+      any_dead = __any_sync(0xffffffffu, d_any);
+    };
+    if constexpr (kUnits) enter_group(true);
+
+    float accq[MT][NT][4], accx[MT][4];  // sum_k x q and sum_k x over the current group (scale units: accx[p]
+                                         // the sums of token tiles 2p and 2p + 1, accq unused)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -510,32 +573,61 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       }
     const uint32_t ones[4] = {Native<T>::ones, Native<T>::ones, Native<T>::ones, Native<T>::ones};
 
-    const auto compute = [&](const Stage<BITS, MT, NT>& st, int t) {
+    const auto compute = [&](const Stage<BITS, MT, NT>& st, const uint8_t* slot_bytes, int t) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         constexpr int kStepsPerWord = BITS == 3 ? 2 : 4 / BITS;  // (of the 2-bit plane for 3 bits)
+        uint2 b[MT];  // each token tile's B fragment at step j
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (kUnits) {
+            b[mt] = *reinterpret_cast<const uint2*>(slot_bytes + L::x(mt, j / 2, lane) + 8 * (j % 2));
+          } else {
+            const uint4& v = st.x[mt][j / 2];
+            b[mt] = (j % 2) ? make_uint2(v.z, v.w) : make_uint2(v.x, v.y);
+          }
+        }
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
           const uint32_t word = st.codes[i][j / kStepsPerWord];
           uint32_t a[4];
           decode_fragment<T, BITS>(word, st.codes[i][BITS == 3 ? 2 : 0], j, a);
+          if constexpr (kUnits) {
+            if (any_dead) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) a[r] = dead[i][r & 1] ? 0u : a[r];  // (a[r]: row g + 8 (r & 1))
+            }
+          }
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint4& v = st.x[mt][j / 2];
-            mma16816<T>(accq[mt][i], a, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+            if constexpr (kUnits) {
+              mma16816<T>(out[mt][i], a, b[mt].x, b[mt].y);
+            } else {
+              mma16816<T>(accq[mt][i], a, b[mt].x, b[mt].y);
+            }
           }
         }
+        if constexpr (kUnits) {  // two token tiles' B fragments are one A fragment: token g of each, rows g, g + 8
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint4& v = st.x[mt][j / 2];
-          mma16816<T>(accx[mt], ones, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+          for (int p = 0; p < MT / 2; ++p) {
+            const uint32_t pair[4] = {b[2 * p].x, b[2 * p + 1].x, b[2 * p].y, b[2 * p + 1].y};
+            mma16816<T>(accx[p], pair, Native<T>::ones, Native<T>::ones);
+          }
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma16816<T>(accx[mt], ones, b[mt].x, b[mt].y);
         }
       }
-      // At a group's end fold the sums into the output: s * sum x q - z * s * sum x.
+      // At a group's end fold the sums into the output: s * sum x q - z * s * sum x (scale units: the zero
+      // term, then the next group's units).
       const bool group_ends = t + 1 == group_end;
       if (group_ends) {
-        select();
-        fold_group<T, MT, NT>(s, z, accq, accx, out);
+        if constexpr (kUnits) {
+          fold_zero_units<T, MT, NT>(z, dead, accx, out, c);
+        } else {
+          select();
+          fold_group<T, MT, NT>(s, z, accq, accx, out);
+        }
         ++group;
         group_end = min(t_end, group_end + args.tiles_per_group);
         if (group - batch == 4 && group <= last_group) {
@@ -546,6 +638,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
             for (int h = 0; h < 2; ++h) qs[i][h] = next_s[i][h], qz[i][h] = next_z[i][h];
           if (batch + 4 <= last_group) load_batch(batch + 4, next_s, next_z);
         }
+        if constexpr (kUnits) {
+          if (group <= last_group) enter_group(false);
+        }
       }
     };
 
@@ -555,12 +650,23 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
       cp_async_wait<S - 2>();  // tile t landed (this lane's own copies)
       Stage<BITS, MT, NT> cur;
       read_stage<BITS, MT, NT>(warp_smem + slot * L::kBytes, lane, cur);
-      // Refill the slot read one tile ago (its data is in registers already).
+      // Refill the slot read one tile ago (its codes are in registers; scale-unit blocks read their tokens
+      // from this tile's slot during compute, so that one is still theirs).
       issue(slot == 0 ? S - 1 : slot - 1, t + S - 1);
-      compute(cur, t);
+      compute(cur, warp_smem + slot * L::kBytes, t);
       slot = slot == S - 1 ? 0 : slot + 1;
     }
     cp_async_wait<0>();
+    if constexpr (kUnits) {  // out back to true units
+      if (t_begin < t_end) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) out[mt][i][e] *= unit[i][e >> 1];
+      }
+    }
   }
 
   T* y = static_cast<T*>(args.out);
@@ -1001,9 +1107,9 @@ struct Config {
 };
 // The most row tiles per warp allowed that divide N (4 only with one token tile: registers). Four
 // token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
-// decode it twice; their ring has 3 or 4 stages (8 would not fit in shared memory; 4 fill 147 KB of a
-// block's rings at one row tile, so one block a SM, where 3 let two share it). SwiGLU takes at least 2
-// (a gate tile and its up tile).
+// decode it twice; their ring has 2, 3 or 4 stages (8 would not fit in shared memory; 4 fill 147 KB of a
+// block's rings at one row tile, so one block a SM, where 3 let two share it; at two row tiles 3 take
+// 123 KB and 2 take 82). SwiGLU takes at least 2 (a gate tile and its up tile).
 // Staged: 32 tokens a block up to 32, else 64, and with one row tile a warp 128 beyond 64 (each weight
 // fragment meets all of a block's tokens; mma.sync's 128 would spill its sums, wgmma's (sm_90) take 64);
 // 2 row tiles a warp where allowed and asked for (each token read from shared memory feeds both).
@@ -1015,7 +1121,7 @@ Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
   const int mt = decode_token_tiles(M);
   int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
-  const int stages = mt < 4 ? (tuning.stages >= 8 ? 8 : 4) : (tuning.stages <= 3 ? 3 : 4);
+  const int stages = mt < 4 ? (tuning.stages >= 8 ? 8 : 4) : std::clamp(tuning.stages, 2, 4);
   return {mt, nt, stages, false};
 }
 
@@ -1072,6 +1178,9 @@ auto with_instance(int bits, Config cfg, F&& f) {
     if (cfg.mt == 2) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
     }
+    if (cfg.stages == 2) {
+      return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 2>() : f.template operator()<false, BITS, 4, 1, 2>();
+    }
     if (cfg.stages == 3) {
       return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 3>() : f.template operator()<false, BITS, 4, 1, 3>();
     }
@@ -1115,8 +1224,8 @@ Config fit_shared_memory(Config cfg, int bits) {
   while (smem_for(cfg, bits) > max_block_smem()) {
     if (cfg.stages == 8) {
       cfg.stages = 4;
-    } else if (cfg.stages == 4 && cfg.mt == 4 && !cfg.staged) {
-      cfg.stages = 3;
+    } else if (cfg.stages > 2 && cfg.mt == 4 && !cfg.staged) {
+      --cfg.stages;
     } else if (cfg.nt > 1) {
       cfg.nt /= 2;
     } else if (cfg.mt > (cfg.staged ? 4 : 1)) {

@@ -1,4 +1,4 @@
-// Measured choice of the decode kernel's ring depth (4 or 8 stages; 3 or 4 for 32-token blocks),
+// Measured choice of the decode kernel's ring depth (4 or 8 stages; 2, 3 or 4 for 32-token blocks),
 // split-K reduction (a cluster, global partials, or the warps of a block splitting K) and split-K shape
 // (slice length, row tiles a warp) per weight shape and token bucket, and of the token count up to which
 // the decode kernel beats the path beyond it (its crossover).
@@ -46,24 +46,20 @@ struct Variant {
   int row_tiles;
   bool warp_split;
 };
-// The ring depths of the variants: the shallower and the deeper a block's token tiles allow (4 or 8 up to
-// 16 tokens; 3 or 4 with 32 tokens a block, where 4 leave one block a SM).
-constexpr std::array<Variant, 42> variants_with_stages(int shallow, int deep) {
-  std::array<Variant, 42> v{};
-  size_t i = 0;
+// The variants timed at M tokens, with the ring depths a block of that many tokens takes: 4 or 8 up to 16
+// tokens; 2, 3 or 4 with 32 tokens a block, where 4 leave one block a SM (42 or 63 settings).
+std::vector<Variant> variants_at(int64_t M) {
+  const std::vector<int> depths = cuda::decode_token_tiles(M) == 4 ? std::vector<int>{2, 3, 4} : std::vector<int>{4, 8};
+  std::vector<Variant> v;
   for (const int row_tiles : {1, 2, 4}) {
-    for (const int stages : {shallow, deep}) {
+    for (const int stages : depths) {
       for (const int64_t min_slice : {4, 8, 16}) {
-        for (const bool cluster : {false, true}) v[i++] = {stages, cluster, min_slice, row_tiles, false};
+        for (const bool cluster : {false, true}) v.push_back({stages, cluster, min_slice, row_tiles, false});
       }
-      v[i++] = {stages, false, 0, row_tiles, true};
+      v.push_back({stages, false, 0, row_tiles, true});
     }
   }
   return v;
-}
-constexpr std::array<Variant, 42> kVariants = variants_with_stages(4, 8), kWideVariants = variants_with_stages(3, 4);
-const std::array<Variant, 42>& variants_at(int64_t M) {
-  return cuda::decode_token_tiles(M) == 4 ? kWideVariants : kVariants;
 }
 
 // Token buckets (one token; one 8-token tile; two; then the crossover's counts), each timed at its
@@ -211,7 +207,7 @@ Call decode_call(const ColdCopies& copies, const at::Tensor& a, GroupShape shape
 // The fastest variant at M tokens.
 Variant fastest(const ColdCopies& copies, GroupShape shape, int64_t M) {
   const at::Tensor a = random_tokens(copies, shape, M);
-  const std::array<Variant, 42>& variants = variants_at(M);
+  const std::vector<Variant> variants = variants_at(M);
   std::vector<Call> calls;
   for (const Variant& v : variants) calls.push_back(decode_call(copies, a, shape, with_variant(v)));
   const std::vector<float> best = best_replay_ms(calls, copies.size(), copies.w[0].get_device());

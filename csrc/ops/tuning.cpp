@@ -31,9 +31,10 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"decode_gemm_row_tiles", 4, 1, 4,
      "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid "
      "stays full)."},
-    {"decode_gemm_stages", 4, 3, 8,
+    {"decode_gemm_stages", 4, 2, 8,
      "Stages of each decode warp's copy ring: 4 or 8 for blocks of up to 16 tokens (8: a whole 8-tile K slice in "
-     "flight, one block per SM; 3 takes 4), 3 or 4 for blocks of 32 tokens (3: two blocks share an SM; 8 takes 4)."},
+     "flight, one block per SM; 2 and 3 take 4), 2, 3 or 4 for blocks of 32 tokens (fewer: more blocks share an "
+     "SM; 8 takes 4)."},
     {"decode_gemm_cluster", 0, 0, 1,
      "Decode split-K of at most 8 slices summed in a thread-block cluster (sm_90, where the grid's clusters are "
      "all resident), else through global partials and a counter."},
@@ -86,8 +87,8 @@ void set_tuning(Knob knob, int64_t value) {
                     info.min_value, ", ", info.max_value, "], got ", value);
   TORCH_CHECK_VALUE(knob != Knob::DecodeGemmRowTiles || value != 3,
                     "qatext.tuning: decode_gemm_row_tiles must be 1, 2 or 4, got ", value);
-  TORCH_CHECK_VALUE(knob != Knob::DecodeGemmStages || value == 3 || value == 4 || value == 8,
-                    "qatext.tuning: decode_gemm_stages must be 3, 4 or 8, got ", value);
+  TORCH_CHECK_VALUE(knob != Knob::DecodeGemmStages || (value >= 2 && value <= 4) || value == 8,
+                    "qatext.tuning: decode_gemm_stages must be 2, 3, 4 or 8, got ", value);
   values()[int(knob)].store(value, std::memory_order_relaxed);
 }
 

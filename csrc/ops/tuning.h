@@ -14,7 +14,7 @@ enum class Knob : int {
   DecodeGemmMaxM,      // largest M for the decode kernel (0: never; -1: the per-shape crossover measured)
   DecodeGemmMinSlice,  // fewest 64-column tiles per K slice of the decode kernel's split-K
   DecodeGemmRowTiles,  // most 16-row weight tiles per decode warp: 1, 2 or 4
-  DecodeGemmStages,    // stages of each decode warp's copy ring: 3, 4 or 8
+  DecodeGemmStages,    // stages of each decode warp's copy ring: 2, 3, 4 or 8
   DecodeGemmCluster,   // decode split-K summed through a thread-block cluster where it fits (sm_90)
   DecodeGemmWarpSplit, // decode warps of a block split K over the same row tiles (no split-K across blocks)
   DecodeGemmAutotune,  // decode ring depth and split-K reduction from tune_decode_gemm's measurements
