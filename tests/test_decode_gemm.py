@@ -130,17 +130,21 @@ def test_warp_split_matches_the_reference(bits, n, k, g, m, row_tiles, stages):
 
 
 @pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("warp_split,row_tiles", [(1, 1), (1, 2), (0, 2)])
+@pytest.mark.parametrize("warp_split,row_tiles", [(1, 1), (1, 2), (1, 4), (0, 2), (0, 4)])
 @pytest.mark.parametrize("m", [17, 32, 45])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_32_token_blocks_in_scale_units_match_the_exact_weight(stages, warp_split, row_tiles, m, dtype):
     """32-token blocks sum in units of each group's scale (out rescaled by s_g / s_(g+1) at a group's
     start) with one all-ones mma a token-tile pair: scales up to 10^4 apart from group to group, a row
     whose every scale is zero, rows with one zero group (first, inner, last), fractional zeros; warp split
-    and split-K across blocks (slices of 3 tiles: starting inside a group), 1 and 2 row tiles a warp (66 row
-    tiles: a part-empty last block across blocks). Against x @ the exact fp32 weight: fp32 sums, one output
-    rounding."""
-    n, k, bits, g = 1056, 1024, 4, 128
+    and split-K across blocks (slices of 3 tiles: starting inside a group), 1, 2 and 4 row tiles a warp,
+    each on a weight that keeps that many (the kernel run is checked): 66 row tiles (a part-empty last
+    block across blocks), enough blocks to cover the SMs under warp split, 21 slices of 9 column blocks
+    across blocks (the last part-empty). Against x @ the exact fp32 weight: fp32 sums, one output rounding."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, k = {(1, 1): (1056, 1024), (1, 2): (32 * (sms | 1), 1024), (1, 4): (64 * sms, 1024), (0, 2): (1056, 1024),
+            (0, 4): (4352, 4096)}[warp_split, row_tiles]
+    bits, g = 4, 128
     packed, tiled, scale, zero = _weight(n, k, bits, g)
     scale = scale.clone() * torch.logspace(-2, 2, k // g, device="cuda")[torch.randperm(k // g)]
     scale[3] = 0
@@ -152,6 +156,9 @@ def test_32_token_blocks_in_scale_units_match_the_exact_weight(stages, warp_spli
           knob("decode_gemm_row_tiles", row_tiles), knob("decode_gemm_stages", stages),
           knob("decode_gemm_min_slice", 3)):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
+        names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
+    # decode_gemm_kernel<T, BITS, MT, NT, S>
+    assert re.findall(r"decode_gemm_kernel<[^<>]*, 4, (\d+), \d+>", names) == [str(row_tiles)], names
     expected = x.float() @ reference.dequant(packed, scale, zero, bits, g, k, dtype=torch.float32).T
     assert torch.all(y[:, 3] == 0)
     torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=expected.abs().max().item() / 4096)

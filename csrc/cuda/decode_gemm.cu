@@ -1105,11 +1105,14 @@ struct Config {
   int mt, nt, stages;
   bool staged;
 };
-// The most row tiles per warp allowed that divide N (4 only with one token tile: registers). Four
-// token tiles (32 tokens a block) decode each weight fragment once for all 32, where two would
-// decode it twice; their ring has 2, 3 or 4 stages (8 would not fit in shared memory; 4 fill 147 KB of a
-// block's rings at one row tile, so one block a SM, where 3 let two share it; at two row tiles 3 take
-// 123 KB and 2 take 82). SwiGLU takes at least 2 (a gate tile and its up tile).
+// The most row tiles per warp allowed that divide N (4 with one or four token tiles; two token tiles'
+// 4-row-tile sums would take ~200 registers, where 32-token blocks sum in scale units). Four token tiles
+// (32 tokens a block) decode each weight fragment once for all 32, where two would decode it twice, and
+// each token fragment read from shared memory feeds every row tile; their ring has 2, 3 or 4 stages (8
+// would not fit in shared memory; 4 fill 147 KB of a block's rings at one row tile, so one block a SM,
+// where 3 let two share it; at two row tiles 3 take 123 KB and 2 take 82; four row tiles, at 217-241
+// registers one block a SM anyway, take 3 or 4, 147 or 197 KB, and read 2 as 3). SwiGLU takes at least
+// 2 (a gate tile and its up tile).
 // Staged: 32 tokens a block up to 32, else 64, and with one row tile a warp 128 beyond 64 (each weight
 // fragment meets all of a block's tokens; mma.sync's 128 would spill its sums, wgmma's (sm_90) take 64);
 // 2 row tiles a warp where allowed and asked for (each token read from shared memory feeds both).
@@ -1119,7 +1122,7 @@ Config widest_config(int64_t M, int64_t N, DecodeTuning tuning, bool swiglu) {
     return {M <= 32 ? 4 : M <= 64 || nt == 2 || !is_sm90() ? 8 : 16, nt, 4, true};
   }
   const int mt = decode_token_tiles(M);
-  int nt = tuning.max_row_tiles >= 4 && mt == 1 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
+  int nt = tuning.max_row_tiles >= 4 && mt != 2 ? 4 : tuning.max_row_tiles >= 2 || swiglu ? 2 : 1;
   while (nt > 1 && N % (nt * kTileRows) != 0) nt /= 2;
   const int stages = mt < 4 ? (tuning.stages >= 8 ? 8 : 4) : std::clamp(tuning.stages, 2, 4);
   return {mt, nt, stages, false};
@@ -1177,6 +1180,9 @@ auto with_instance(int bits, Config cfg, F&& f) {
     }
     if (cfg.mt == 2) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
+    }
+    if (cfg.nt == 4) {  // (2 stages read as 3)
+      return cfg.stages == 4 ? f.template operator()<false, BITS, 4, 4, 4>() : f.template operator()<false, BITS, 4, 4, 3>();
     }
     if (cfg.stages == 2) {
       return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 2>() : f.template operator()<false, BITS, 4, 1, 2>();

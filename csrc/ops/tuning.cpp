@@ -29,12 +29,12 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"decode_gemm_min_slice", 8, 1, kMax,
      "Fewest 64-column tiles per K slice of the decode kernel's split-K (else: split to fill one wave)."},
     {"decode_gemm_row_tiles", 4, 1, 4,
-     "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 only for M <= 8 where the grid "
-     "stays full)."},
+     "Most 16-row weight tiles per warp of the decode kernel: 1, 2 or 4 (4 for blocks of 1-8 or 32 tokens where "
+     "the grid stays full)."},
     {"decode_gemm_stages", 4, 2, 8,
      "Stages of each decode warp's copy ring: 4 or 8 for blocks of up to 16 tokens (8: a whole 8-tile K slice in "
      "flight, one block per SM; 2 and 3 take 4), 2, 3 or 4 for blocks of 32 tokens (fewer: more blocks share an "
-     "SM; 8 takes 4)."},
+     "SM; 8 takes 4; at 4 row tiles a warp 2 takes 3)."},
     {"decode_gemm_cluster", 0, 0, 1,
      "Decode split-K of at most 8 slices summed in a thread-block cluster (sm_90, where the grid's clusters are "
      "all resident), else through global partials and a counter."},
