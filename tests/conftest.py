@@ -16,6 +16,14 @@ def knob(name: str, value):
     return qatext.tuning(**{name: value})
 
 
+def kernel_names(fn):
+    """The names of the CUDA kernels that fn launches, space-separated (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -6,10 +6,9 @@ import re
 import pytest
 import torch
 
-from conftest import knob
+from conftest import kernel_names, knob
 from qatext import QuantSpec, ops, reference
 from qatext.nn import QuantLinear
-from test_dequant_gemm import _kernel_names
 from test_dequant_gemm import _weight as packed_weight
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -70,11 +69,11 @@ def test_kernel_runs_is_deterministic_and_dispatch_falls_back():
         return ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
 
     with knob("decode_gemm_max_m", 64):
-        assert "decode_gemm_kernel" in _kernel_names(call)
+        assert "decode_gemm_kernel" in kernel_names(call)
         fused = call()
         assert torch.equal(call(), fused)  # split-K partials summed in a fixed order
     with knob("decode_gemm_max_m", 0):
-        assert "decode_gemm_kernel" not in _kernel_names(call)
+        assert "decode_gemm_kernel" not in kernel_names(call)
         plain = call()
     assert fused.shape == plain.shape == (2, 5, n)
     expected = reference.dequant_matmul(x, packed, scale, zero, bits, g).float()
@@ -156,7 +155,7 @@ def test_32_token_blocks_in_scale_units_match_the_exact_weight(stages, warp_spli
           knob("decode_gemm_row_tiles", row_tiles), knob("decode_gemm_stages", stages),
           knob("decode_gemm_min_slice", 3)):
         y = ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g)
-        names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
+        names = kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
     # decode_gemm_kernel<T, BITS, MT, NT, S>
     assert re.findall(r"decode_gemm_kernel<[^<>]*, 4, (\d+), \d+>", names) == [str(row_tiles)], names
     expected = x.float() @ reference.dequant(packed, scale, zero, bits, g, k, dtype=torch.float32).T
@@ -238,7 +237,7 @@ def test_four_row_tiles_per_warp_where_the_grid_stays_full(bits):
         packed, tiled, scale, zero = _weight(n, k, bits, 128)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         with knob("decode_gemm_warp_split", warp_split):
-            names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128))  # noqa: B023
+            names = kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128))  # noqa: B023
             # decode_gemm_kernel<T, BITS, MT, NT, S>
             assert re.findall(r"decode_gemm_kernel<[^<>]*, (\d+), \d+>", names) == [str(row_tiles)], names
             torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, 128).float(),
@@ -265,7 +264,7 @@ def test_quant_linear_decodes_through_the_kernel():
     with torch.no_grad():
         expected = layer(x)
         layer.tile_for_decode()
-        assert "decode_gemm_kernel" in _kernel_names(lambda: layer(x))
+        assert "decode_gemm_kernel" in kernel_names(lambda: layer(x))
         torch.testing.assert_close(layer(x).float(), expected.float(), rtol=2e-2, atol=3e-2)
 
 

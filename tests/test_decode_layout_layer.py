@@ -3,7 +3,7 @@ copy follows changes of `packed`, gradients keep the packed path, and bad layers
 
 import pytest
 import torch
-from conftest import knob
+from conftest import kernel_names, knob
 
 import qatext
 from qatext import QuantSpec, models, ops
@@ -91,8 +91,6 @@ def test_packed_layer_decodes_up_to_the_measured_crossover():
     """tile_for_decode times the decode kernel against the path beyond it for the weight's shape (at 32, 64
     and 128 tokens, with its variant tuned at each); the layer then takes the decode kernel exactly up to
     the crossover, and decode_gemm_max_m, where set, rules instead."""
-    from test_dequant_gemm import _kernel_names
-
     n, k = 2048, 1024
     layer = _packed_layer(4, n=n, k=k, device="cuda").to(torch.bfloat16)
     layer.tile_for_decode()
@@ -105,7 +103,7 @@ def test_packed_layer_decodes_up_to_the_measured_crossover():
     def decodes(m):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            return "decode_gemm_kernel" in _kernel_names(lambda: layer(x))
+            return "decode_gemm_kernel" in kernel_names(lambda: layer(x))
 
     assert decodes(crossover) and not decodes(crossover + 1)
     with knob("decode_gemm_max_m", crossover + 1):

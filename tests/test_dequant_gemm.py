@@ -4,7 +4,7 @@ the reference, on every bit width, group size, odd M, split-K on and off, bias; 
 import pytest
 import torch
 
-from conftest import knob, random_qparams
+from conftest import kernel_names, knob, random_qparams
 from qatext import ops, reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -16,13 +16,6 @@ def _weight(n, k, bits, g):
     codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device="cuda")
     scale, zero = random_qparams(n, k, bits, g, False, "cuda")
     return ops.pack(codes, bits), scale * 0.1, zero
-
-
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -58,10 +51,10 @@ def test_fused_kernel_runs_and_matches_the_cublas_path(grad_input):
         return ops.dequant_matmul(a, packed, scale, zero, bits, g)
 
     with knob("dequant_gemm_max_m", 64):
-        assert "dequant_gemm_kernel" in _kernel_names(call)
+        assert "dequant_gemm_kernel" in kernel_names(call)
         fused = call()
     with knob("dequant_gemm_max_m", 0):
-        assert "dequant_gemm_kernel" not in _kernel_names(call)
+        assert "dequant_gemm_kernel" not in kernel_names(call)
         plain = call()
     assert fused.shape == plain.shape == (2, 5, k if grad_input else n)
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=3e-2)

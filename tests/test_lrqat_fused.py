@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import qatext
-from conftest import random_qparams
+from conftest import kernel_names, random_qparams
 from qatext import ops, reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,13 +27,6 @@ def _inputs(n, k, r, bits, g, frac_bits, dtype, device="cuda"):
     b = (torch.randn(r, k) * 0.5).to(dtype)
     scale, zero = random_qparams(n, k, bits, g, True, "cpu")
     return [t.to(device) for t in (p, a, b, scale, zero)]
-
-
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events())
 
 
 def _assert_close_up_to_ties(got, want, scale, g):
@@ -61,7 +54,7 @@ def test_fused_matches_reference(n, k, r, bits, g, frac_bits, dtype, _):
         w.backward(grad_w.to(w.device))
         return [w] + [t.grad for t in leaves]
 
-    names = _kernel_names(lambda: run(ops.lrqat_weight, p, a, b, scale, zero))
+    names = kernel_names(lambda: run(ops.lrqat_weight, p, a, b, scale, zero))
     assert "lrqat_tile_kernel" in names
     got = run(ops.lrqat_weight, p, a, b, scale, zero)
     want = run(reference.lrqat_weight, *[t.cpu() for t in (p, a, b, scale, zero)])
@@ -78,7 +71,7 @@ def test_fused_and_fp32_paths_agree_and_knob_switches(_):
     p, a, b, scale, zero = _inputs(64, 1024, 32, 4, 128, 0, torch.bfloat16)
     fused = ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0)
     with qatext.tuning(lrqat_fused=False):
-        assert "lrqat_tile_kernel" not in _kernel_names(lambda: ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0))
+        assert "lrqat_tile_kernel" not in kernel_names(lambda: ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0))
         plain = ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, 0)
     assert qatext.get_tuning("lrqat_fused") == 1
     _assert_close_up_to_ties(fused, plain, scale, 128)
@@ -101,7 +94,7 @@ def test_fused_blocks_running_through_many_tiles_match_one_tile_each(n, k, r, bi
 
     one_each = run()
     with qatext.tuning(lrqat_fused_blocks=blocks):
-        assert "lrqat_tile_kernel" in _kernel_names(run)
+        assert "lrqat_tile_kernel" in kernel_names(run)
         few = run()
     for x, y in zip(one_each, few):
         assert torch.equal(x, y)
@@ -169,7 +162,7 @@ def test_fp32_adapters_with_bf16_activations_take_the_tensor_cores(_):
     layer.lora_a.data = layer.lora_a.data.float().normal_(0, 0.02)
     layer.lora_b.data = layer.lora_b.data.float()
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
-    assert "lrqat_tile_kernel" in _kernel_names(lambda: layer(x).float().sum().backward())
+    assert "lrqat_tile_kernel" in kernel_names(lambda: layer(x).float().sum().backward())
     assert layer.lora_a.grad.dtype == torch.float32 and layer.lora_a.grad.abs().sum() > 0
 
 
@@ -189,7 +182,7 @@ def test_lrqat_linear_backward_rebuilds_the_weight_in_its_one_pass(n, k, r, bits
             t.grad = None
         ops.lrqat_linear(leaves[0], p, *leaves[1:4], zero, 0.5, bits, g, frac_bits).backward(grad_y)
 
-    assert _kernel_names(step).count("lrqat_tile_kernel") == 2
+    assert kernel_names(step).count("lrqat_tile_kernel") == 2
     got = [t.grad for t in leaves]
     w = ops.lrqat_weight(p, a, b, scale, zero, 0.5, bits, g, frac_bits)
     grad_w = grad_y.reshape(-1, n).t() @ x.reshape(-1, k)

@@ -10,9 +10,8 @@ import re
 
 import pytest
 import torch
-from conftest import knob
+from conftest import kernel_names, knob
 from test_decode_gemm import _weight
-from test_dequant_gemm import _kernel_names
 
 from qatext import ops, reference
 
@@ -105,7 +104,7 @@ def test_dispatch_runs_the_staged_kernel_between_decode_and_its_limit_determinis
 
     def names(m, **knobs):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        return _kernel_names(lambda: _staged(x, tiled, scale, zero, bits, g, **knobs))
+        return kernel_names(lambda: _staged(x, tiled, scale, zero, bits, g, **knobs))
 
     assert re.findall(r"staged_gemm_kernel<[^<>]*, (\d+), (\d+), \d+>", names(40)) == [("8", "2")]  # MT 8, NT 2
     assert re.findall(r"staged_gemm_kernel<[^<>]*, (\d+), (\d+), \d+>", names(20)) == [("4", "2")]
@@ -113,7 +112,7 @@ def test_dispatch_runs_the_staged_kernel_between_decode_and_its_limit_determinis
     assert "staged_gemm_kernel" not in names(40, staged_gemm_max_m=0)
     with knob("decode_gemm_max_m", 64):  # the decode kernel first, up to its limit
         x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16)
-        assert "staged_gemm_kernel" not in _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, 4, g))
+        assert "staged_gemm_kernel" not in kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, 4, g))
     x = torch.randn(3, 40, k, device="cuda", dtype=torch.bfloat16)
     first = _staged(x, tiled, scale, zero, bits, g)
     assert first.shape == (3, 40, n) and torch.equal(_staged(x, tiled, scale, zero, bits, g), first)
@@ -166,7 +165,7 @@ def test_tuning_measures_the_staged_limit_and_the_dispatch_follows_it():
 
     def staged(m):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        names = _kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
+        names = kernel_names(lambda: ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g))
         expected = _expected(x, packed, scale, zero, bits, g)  # (beyond the limit cuBLAS's bf16 GEMM: 2 output ulps)
         torch.testing.assert_close(ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g).float(), expected,
                                    rtol=2e-2, atol=expected.abs().max().item() / 64)

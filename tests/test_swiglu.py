@@ -9,9 +9,8 @@ import io
 
 import pytest
 import torch
-from conftest import knob
+from conftest import kernel_names, knob
 from test_decode_gemm import _weight
-from test_dequant_gemm import _kernel_names
 from torch import nn
 
 from qatext import QuantSpec, methods, models, ops, reference
@@ -90,7 +89,7 @@ def test_one_kernel_on_the_decode_path_and_beyond_it_the_unfused_formula():
     _, tiled, scale, zero = _weight(2 * 256, 512, 4, 128)
     x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
     with knob("decode_gemm_max_m", 16):
-        names = _kernel_names(lambda: ops.swiglu_matmul_tiled(x, tiled, scale, zero, 4, 128))
+        names = kernel_names(lambda: ops.swiglu_matmul_tiled(x, tiled, scale, zero, 4, 128))
         assert names.count("decode_gemm_kernel") == 1 and "silu" not in names.lower()
     with knob("decode_gemm_max_m", 0):  # beyond: bit for bit what an unfused MLP computes
         y = ops.swiglu_matmul_tiled(x, tiled, scale, zero, 4, 128)
