@@ -95,7 +95,7 @@ void dequant_gemm(const T* a, const uint8_t* packed, const float* scale, const f
 // dequantises the weight to 16 bits, w = (q - z) s rounded once, as dequant + cuBLAS rounds it.
 // The ops layer fills it from its knobs (ops/tuning.cpp holds the defaults).
 // stages: the decode kernel's ring, 4 or 8 stages for blocks of up to 16 tokens (2 and 3 take 4), 2, 3 or 4
-// for blocks of 32 (8 takes 4).
+// for blocks of 32 (8 takes 4; at 4 row tiles a warp 2 takes 3).
 struct DecodeTuning {
   int64_t min_slice_tiles;
   int max_row_tiles;

@@ -48,7 +48,7 @@ int64_t decode_gemm_crossover(int device, int64_t N, int64_t K, int64_t bits, in
 // decode_gemm_max_m set, each bucket up to it of 1, 8, 16, 32, 64 and 128) and keeps the fastest per
 // bucket for every later call on a weight of this shape: 4 or 8 stages (2, 3 or 4 from 32 tokens), cluster
 // or partials, 4, 8 or 16 tiles a K slice, at most 1, 2 or 4 row tiles a warp, or the warps of a block
-// splitting K (42 settings, 63 from 32 tokens).
+// splitting K (42 settings, 56 from 32 tokens: 4 row tiles take 3 or 4 stages).
 // With staged_gemm_max_m at -1 it times the staged kernel (1 and 2 row tiles a warp) against the path
 // beyond it at 32, 64 and 128 tokens, for its limit; with decode_gemm_max_m at -1 it then times the
 // decode kernel against the path beyond it (the staged kernel within its limit) at the same counts, for
