@@ -1181,16 +1181,13 @@ auto with_instance(int bits, Config cfg, F&& f) {
     if (cfg.mt == 2) {
       return cfg.nt == 2 ? with_stages.template operator()<BITS, 2, 2>() : with_stages.template operator()<BITS, 2, 1>();
     }
-    if (cfg.nt == 4) {  // (2 stages read as 3)
-      return cfg.stages == 4 ? f.template operator()<false, BITS, 4, 4, 4>() : f.template operator()<false, BITS, 4, 4, 3>();
-    }
-    if (cfg.stages == 2) {
-      return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 2>() : f.template operator()<false, BITS, 4, 1, 2>();
-    }
-    if (cfg.stages == 3) {
-      return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 3>() : f.template operator()<false, BITS, 4, 1, 3>();
-    }
-    return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, 4>() : f.template operator()<false, BITS, 4, 1, 4>();
+    // 32-token blocks: rings of 2, 3 or 4 stages (widest_config), 2 read as 3 at 4 row tiles a warp.
+    const auto with_ring = [&]<int S>() {
+      if (cfg.nt == 4) return f.template operator()<false, BITS, 4, 4, S == 2 ? 3 : S>();
+      return cfg.nt == 2 ? f.template operator()<false, BITS, 4, 2, S>() : f.template operator()<false, BITS, 4, 1, S>();
+    };
+    if (cfg.stages == 2) return with_ring.template operator()<2>();
+    return cfg.stages == 3 ? with_ring.template operator()<3>() : with_ring.template operator()<4>();
   });
 }
 
