@@ -316,7 +316,7 @@ def cmd_export(args) -> int:
     from . import evaluate
     from .export import export_model, round_zeros
     from .io import has_tokenizer
-    from .outdir import check_target
+    from .outdir import check_not_source, check_target
 
     # Flags and the target before any work.
     _positive(seq_len=(args.seq_len, 1), max_windows=(args.max_windows, 1))
@@ -324,6 +324,7 @@ def cmd_export(args) -> int:
         raise ValueError("--round-zeros changes the model and only serves --format gptq; "
                          "the default picks a format that keeps it exact")
     text = _read_text(args) if args.round_zeros else None
+    check_not_source(args.output, args.model, "--output")
     check_target(args.output, args.overwrite)
     model = _load_model(args.model, torch.device("cpu"))
     if args.round_zeros:

@@ -108,6 +108,7 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
         raise ValueError(f"load_quantized: {in_dir} has no {CONFIG_NAME} (not saved by save_quantized)")
     config = json.loads((in_dir / CONFIG_NAME).read_text())
     hf_config = AutoConfig.from_pretrained(in_dir)
+    hf_config.name_or_path = str(in_dir.resolve())  # (absolute: export_model refuses to write over it)
     model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
     for name, cfg in config["layers"].items():
         old = model.get_submodule(name)

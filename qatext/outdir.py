@@ -41,6 +41,17 @@ def check_target(out_dir, overwrite: bool) -> None:
                              "them (other files there are kept)")
 
 
+def check_not_source(out_dir, source_dir, name: str = "out_dir") -> None:
+    """Refuse to write an export into the directory its model was read from (`name`: the argument that
+    gave out_dir): the export would replace that model's files (overwrite=True replaces an earlier output,
+    never the input)."""
+    if not source_dir or not Path(source_dir).is_dir():  # (a model built in memory has no directory)
+        return
+    if Path(out_dir).resolve() == Path(source_dir).resolve():
+        raise ValueError(f"{name} {out_dir} is the directory the model was read from; exporting there would "
+                         "replace the saved model with the export; choose another directory (nothing was written)")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

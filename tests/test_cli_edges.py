@@ -99,6 +99,15 @@ def test_export_round_zeros_checks_its_window_before_writing(tmp_path, trained_r
     assert f"{positions}-token windows" in proc.stdout and (out / "config.json").exists()
 
 
+def test_export_refuses_to_write_over_the_model_it_reads(trained_run):
+    model = trained_run / "model"
+    before = snapshot(model)
+    for output in (model, f"{model}/", model / ".." / "model"):
+        one_line_error(qatext("export", "--model", model, "--output", output, "--overwrite"),
+                       f"--output {output} is the directory the model was read from")
+    assert snapshot(model) == before
+
+
 def test_export_overwrite_replaces_only_qatexts_files(tmp_path, trained_run):
     out = tmp_path / "export"
     assert qatext("export", "--model", trained_run / "model", "--output", out).returncode == 0

@@ -208,6 +208,23 @@ def test_export_refuses_what_it_cannot_hold(tmp_path, tokens):
         export_model(model, tmp_path / "w4a8")
 
 
+def test_export_refuses_the_directory_its_model_was_loaded_from(tmp_path, monkeypatch):
+    """Even with overwrite=True and after the working directory changed: the export would replace the
+    saved model (load_quantized records where it read it, absolute)."""
+    saved = tmp_path / "saved"
+    save_quantized(models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="packed"), saved)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    model = load_quantized("saved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match="export: out_dir ../saved is the directory the model was read from"):
+        export_model(model, "../saved", overwrite=True)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert export_model(model, "export")["path"] == "export" and (elsewhere / "export" / "config.json").exists()
+
+
 def test_scales_beyond_fp16_refuse_gptq(tmp_path):
     model = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="packed")
     with torch.no_grad():

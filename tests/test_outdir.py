@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 
-from qatext.outdir import MANIFEST_NAME, owned_files, written_dir
+from qatext.outdir import MANIFEST_NAME, check_not_source, owned_files, written_dir
 
 
 def write(out, files, overwrite=False):
@@ -58,3 +58,19 @@ def test_unwritable_parent_names_the_users_path(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         write(tmp_path / "out", {"a": "1"})
     assert str(e.value) == f"cannot write {tmp_path / 'out'}: Permission denied"
+
+
+def test_the_source_directory_is_refused_however_spelled(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("model", "model/", "./model/../model", str(model)):
+        with pytest.raises(ValueError, match=f"--output {spelled} is the directory the model was read from"):
+            check_not_source(spelled, model, "--output")
+    (tmp_path / "link").symlink_to(model)
+    with pytest.raises(ValueError, match="read from"):
+        check_not_source("link", "model")
+    for other in ("model/export", "export", tmp_path):
+        check_not_source(other, model)
+    check_not_source(".", "")  # a model built in memory (no directory) has no source to protect
+    check_not_source("model", None)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..io import quant_layers, write_companions
-from ..outdir import check_target, written_dir
+from ..outdir import check_not_source, check_target, written_dir
 from . import gptq, hqq
 from .layers import QuantizedWeight, read_quantized
 
@@ -57,13 +57,15 @@ def export_model(model: nn.Module, out_dir, format: str = "auto", tokenizer=None
     with its config, generation config and, given `tokenizer` (a directory or tokenizer object), the
     tokenizer files. checkpoint_format (GPTQ only): 'gptq' (v1) or 'gptq_v2'; default v1 unless a zero
     is 0 (giving it means GPTQ). A non-empty out_dir is refused unless qatext wrote it and overwrite=True
-    (then only qatext's files are replaced). Returns {"format", "reason", "quantization_config", "path"}."""
+    (then only qatext's files are replaced), and so is the directory the model was loaded from. Returns
+    {"format", "reason", "quantization_config", "path"}."""
     if format not in ("auto", *FORMATS):
         raise ValueError(f"export: format must be 'auto' or one of {FORMATS}, got {format!r}")
     if checkpoint_format is not None:
         if format == "hqq":
             raise ValueError("export: checkpoint_format applies to format 'gptq' only")
         format = "gptq"
+    check_not_source(out_dir, getattr(getattr(model, "config", None), "name_or_path", None), "export: out_dir")
     check_target(out_dir, overwrite)
     weights = read_quantized(model, format)
     reason = "requested"
