@@ -106,6 +106,8 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
     in_dir = Path(in_dir)
     if not (in_dir / CONFIG_NAME).exists():
         raise ValueError(f"load_quantized: {in_dir} has no {CONFIG_NAME} (not saved by save_quantized)")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_quantized: device {str(device)!r}, but no CUDA GPU is visible here; give device='cpu'")
     config = json.loads((in_dir / CONFIG_NAME).read_text())
     hf_config = AutoConfig.from_pretrained(in_dir)
     hf_config.name_or_path = str(in_dir.resolve())  # (absolute: export_model refuses to write over it)

@@ -92,6 +92,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
         raise ValueError(f"quantize_model: target_modules {sorted(targets - found)} match no Linear in the decoder "
                          f"blocks (available: {sorted({n.split('.')[-1] for n, _ in linears})})")
     if not found:
+        if quantized := len(quant_layers(model)):
+            raise ValueError(f"quantize_model: the model is already quantized ({quantized} QuantLinear layers); "
+                             "quantize the full-precision model, or train or merge this one")
         raise ValueError("quantize_model: no nn.Linear found in the decoder blocks")
     return model
 
@@ -105,6 +108,8 @@ def convert_layers(model: nn.Module, mode: str, **layer_kwargs) -> nn.Module:
 
 def merge_model(model: nn.Module) -> nn.Module:
     """Fold every trained QuantLinear into frozen integer weights (mode 'packed'), losslessly."""
+    if not quant_layers(model):
+        raise ValueError("merge_model: the model has no QuantLinear layers (run quantize_model first)")
     return convert_layers(model, "packed")
 
 

@@ -176,3 +176,21 @@ def test_tuning_restores_every_knob():
             assert qatext.get_tuning("value_checks") == 0 and qatext.get_tuning("decode_gemm_max_m") == 64
             raise RuntimeError
     assert qatext.get_tuning() == before
+
+
+def test_model_api_misuse_is_one_clear_error(tmp_path):
+    """Quantizing a quantized model, merging a model with nothing to merge, loading onto a GPU that is not
+    there: each names what is wrong and what to do, before anything changes."""
+    from test_recipes import tiny_llama
+
+    from qatext import QuantSpec, load_quantized, merge_model, quantize_model, save_quantized
+
+    model = quantize_model(tiny_llama(), QuantSpec(4, 32), method="lrqat", rank=4)
+    with pytest.raises(ValueError, match=r"quantize_model: the model is already quantized \(14 QuantLinear layers\)"):
+        quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
+    with pytest.raises(ValueError, match=r"merge_model: the model has no QuantLinear layers \(run quantize_model"):
+        merge_model(tiny_llama())
+    save_quantized(merge_model(model), tmp_path / "saved")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="load_quantized: device 'cuda', but no CUDA GPU is visible here"):
+            load_quantized(tmp_path / "saved", device="cuda")
