@@ -95,7 +95,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
         if quantized := len(quant_layers(model)):
             raise ValueError(f"quantize_model: the model is already quantized ({quantized} QuantLinear layers); "
                              "quantize the full-precision model, or train or merge this one")
-        raise ValueError("quantize_model: no nn.Linear found in the decoder blocks")
+        kinds = sorted({type(m).__name__ for m in blocks.modules() if type(m).__name__ == "Conv1D"})
+        held = f" (its blocks hold {', '.join(kinds)} layers, as GPT-2's do)" if kinds else ""
+        raise ValueError(f"quantize_model: no nn.Linear found in the decoder blocks{held}; qatext quantizes models "
+                         "whose blocks use nn.Linear (Llama, Mistral, Qwen, ...)")
     return model
 
 

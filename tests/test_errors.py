@@ -179,8 +179,9 @@ def test_tuning_restores_every_knob():
 
 
 def test_model_api_misuse_is_one_clear_error(tmp_path):
-    """Quantizing a quantized model, merging a model with nothing to merge, loading onto a GPU that is not
-    there: each names what is wrong and what to do, before anything changes."""
+    """Quantizing a quantized model or one without nn.Linear (GPT-2's Conv1D), merging a model with nothing
+    to merge, loading onto a GPU that is not there: each names what is wrong and what to do, before
+    anything changes."""
     from test_recipes import tiny_llama
 
     from qatext import QuantSpec, load_quantized, merge_model, quantize_model, save_quantized
@@ -190,6 +191,10 @@ def test_model_api_misuse_is_one_clear_error(tmp_path):
         quantize_model(model, QuantSpec(4, 32), method="lrqat", rank=4)
     with pytest.raises(ValueError, match=r"merge_model: the model has no QuantLinear layers \(run quantize_model"):
         merge_model(tiny_llama())
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"no nn.Linear found in the decoder blocks \(its blocks hold Conv1D"):
+        quantize_model(gpt2, QuantSpec(4, 32))
     save_quantized(merge_model(model), tmp_path / "saved")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="load_quantized: device 'cuda', but no CUDA GPU is visible here"):
