@@ -95,8 +95,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
         if quantized := len(quant_layers(model)):
             raise ValueError(f"quantize_model: the model is already quantized ({quantized} QuantLinear layers); "
                              "quantize the full-precision model, or train or merge this one")
-        kinds = sorted({type(m).__name__ for m in blocks.modules() if type(m).__name__ == "Conv1D"})
-        held = f" (its blocks hold {', '.join(kinds)} layers, as GPT-2's do)" if kinds else ""
+        conv1d = any(type(m).__name__ == "Conv1D" for m in blocks.modules())  # (transformers' GPT-2 family)
+        held = " (its blocks hold Conv1D layers, as GPT-2's do)" if conv1d else ""
         raise ValueError(f"quantize_model: no nn.Linear found in the decoder blocks{held}; qatext quantizes models "
                          "whose blocks use nn.Linear (Llama, Mistral, Qwen, ...)")
     return model
