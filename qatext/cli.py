@@ -170,7 +170,7 @@ def _method_kwargs(args) -> dict:
 def cmd_train(args) -> int:
     from . import data, distributed, methods, runs
     from .io import has_tokenizer, save_quantized
-    from .models import merge_model
+    from .models import check_no_fused_experts, merge_model
     from .quant import QuantSpec
 
     if args.lr is not None and not args.lr > 0:
@@ -190,6 +190,7 @@ def cmd_train(args) -> int:
     model = _load_model(args.model, device, decode_layout=False)
     args.seq_len = _resolve_seq_len(model, args.seq_len)
     _check_group_size(model, spec)
+    check_no_fused_experts(model)
     encode, tok_info = _tokenizer(args.model, args.byte_tokens, model)
     tokens = encode(text)
     train_tokens, _ = data.train_val_split(tokens, args.val_fraction)

@@ -69,6 +69,26 @@ def compiled_layers(model: nn.Module, mode: str | None = None):
     return _layer_forwards(model, functools.partial(torch.compile, mode=mode))
 
 
+def check_no_fused_experts(model: nn.Module) -> None:
+    """Refuse decoder blocks that hold stacks of weight matrices outside nn.Linear (transformers' fused
+    MoE experts, a 3-D tensor [experts, out, in]; a depthwise conv's [channels, 1, width] is not one):
+    qatext quantizes nn.Linear layers, so those weights, most of a mixture-of-experts model, would stay
+    in full precision under a model labelled W4."""
+    blocks = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    stacks = [(f"{prefix}.{n}", p) for n, p in blocks.named_parameters() if p.dim() == 3 and min(p.shape[1:]) > 1]
+    if not stacks:
+        return
+    matrices = sum(p.numel() for p in blocks.parameters() if p.dim() >= 2)
+    share = sum(p.numel() for _, p in stacks) / matrices
+    name, first = stacks[0]
+    raise ValueError(f"quantize_model: the decoder blocks hold {len(stacks)} stacked weight tensors outside nn.Linear "
+                     f"(e.g. {name} {list(first.shape)}: fused mixture-of-experts weights), {share:.0%} of their "
+                     "weights; qatext quantizes nn.Linear layers only, so those would stay in full precision. Models "
+                     "with fused experts are not supported (quantize_model(..., target_modules=[...]) quantizes the "
+                     "nn.Linear layers alone, knowingly)")
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", target_modules=None,
                    init: str = "minmax", **layer_kwargs) -> nn.Module:
     """Replace the nn.Linear layers of the decoder blocks by QuantLinear in mode `method`.
@@ -80,6 +100,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     targets = None if target_modules is None else set(target_modules)
+    if targets is None:
+        check_no_fused_experts(model)
     found = set()
     linears = [(f"{prefix}.{n}", m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:

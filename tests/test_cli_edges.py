@@ -151,6 +151,22 @@ def test_train_with_a_group_size_the_model_cannot_take_writes_nothing(tmp_path, 
     assert not out.exists()
 
 
+def test_a_model_with_fused_experts_is_refused_before_writing(tmp_path):
+    """A Mixtral (transformers keeps its experts as 3-D tensors, not nn.Linear): quantizing only its
+    attention would leave 89% of the block weights in full precision under a W4 label, so the run is
+    refused, naming the tensors and the share, before anything is written."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "mixtral")
+    out = tmp_path / "run"
+    one_line_error(qatext("train", "--method", "rtn", "--model", tmp_path / "mixtral", "--byte-tokens",
+                          "--group-size", "32", "--output-dir", out, "--device", "cpu"),
+                   "2 stacked weight tensors outside nn.Linear", "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]",
+                   "89% of their weights", "fused experts are not supported")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- resume is safe
 
 
