@@ -124,6 +124,29 @@ def test_hqq_export_is_exact(tmp_path, tokens, method, bits, symmetric, group_si
     torch.testing.assert_close(logits(load_hqq(tmp_path / "hqq"), x), logits(model, x), rtol=1e-5, atol=1e-5)
 
 
+# Families whose layers differ from Llama's: q/k/v biases (Qwen2), q/k norms (Qwen3), Gemma 2's head size
+# and soft-capping, fused qkv_proj / gate_up_proj (Phi-3), GPT-NeoX's fused query_key_value, Cohere.
+FAMILIES = {"Qwen2Config": {}, "Qwen3Config": {}, "Gemma2Config": dict(head_dim=16), "Phi3Config": {},
+            "GPTNeoXConfig": {}, "CohereConfig": {}}
+
+
+@needs_gptq_loader
+@needs_hqq_loader
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_other_families_export_to_both_loaders(tmp_path, tokens, arch):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, arch)(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      pad_token_id=None, bos_token_id=None, eos_token_id=None, **FAMILIES[arch])
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model = roundtrip(models.merge_model(models.quantize_model(model, QuantSpec(4, 32))), tmp_path)
+    x = tokens[:48].unsqueeze(0)
+    export_model(model, tmp_path / "hqq", format="hqq")
+    torch.testing.assert_close(logits(load_hqq(tmp_path / "hqq"), x), logits(model, x), rtol=1e-5, atol=1e-5)
+    assert export_model(model, tmp_path / "gptq")["format"] == "gptq"
+    assert_gptq_loads_as(tmp_path / "gptq", model, x)
+
+
 @needs_hqq_loader
 @pytest.mark.parametrize("lr", [2e-4, 2e-3])
 def test_trained_qalora_exports_its_trained_perplexity(tmp_path, tokens, lr):
@@ -206,6 +229,23 @@ def test_export_refuses_what_it_cannot_hold(tmp_path, tokens):
     model = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="lrqat", rank=4, act_bits=8)
     with pytest.raises(ValueError, match="act_bits=8"):
         export_model(model, tmp_path / "w4a8")
+
+
+@pytest.mark.parametrize("fmt", ["auto", "gptq", "hqq"])
+def test_export_refuses_linear_subclasses_the_loaders_skip(tmp_path, fmt):
+    """Falcon builds its layers as FalconLinear: transformers' GPTQ loader and hqq swap exact nn.Linear
+    only, so such an export loaded with those layers randomly initialised (measured: logits off by their
+    own size) or failed. Refused, naming the class; nothing is written."""
+    import transformers
+
+    cfg = transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=True)
+    model = models.merge_model(models.quantize_model(transformers.FalconForCausalLM(cfg), QuantSpec(4, 32)))
+    with pytest.raises(ValueError, match=rf"export \({fmt}\): 8 of 8 quantized layers "
+                                         r"\(e.g. transformer.h.0.self_attention.query_key_value\) are FalconLinear, not "
+                                         r"nn.Linear, in FalconForCausalLM"):
+        export_model(model, tmp_path / "out", format=fmt)
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_refuses_the_directory_its_model_was_loaded_from(tmp_path, monkeypatch):

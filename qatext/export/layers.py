@@ -3,6 +3,7 @@ zeros, bias, and the model's other (full-precision) tensors."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,28 @@ class QuantizedWeight:
         return int((self.zero != torch.round(self.zero)).sum())
 
 
+def check_plain_linears(model: nn.Module, names: list[str], fmt: str) -> None:
+    """Refuse layers that the model's architecture builds as a subclass of nn.Linear (Falcon's
+    FalconLinear): transformers' GPTQ loader (optimum / gptqmodel) and hqq swap exact nn.Linear layers
+    only, so an export holding them loads with those layers freshly initialised (transformers, with a
+    MISSING report) or fails (hqq). The architecture is rebuilt from the config on the meta device."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return  # not a transformers model: no loader of these formats would build it either
+    with torch.device("meta"):
+        skeleton = type(model)(copy.deepcopy(model.config))
+    built = {name: type(skeleton.get_submodule(name)) for name in names}
+    subclassed = {name: cls for name, cls in built.items() if cls is not nn.Linear}
+    if subclassed:
+        name, cls = next(iter(subclassed.items()))
+        raise ValueError(f"export ({fmt}): {len(subclassed)} of {len(names)} quantized layers (e.g. {name}) are "
+                         f"{cls.__name__}, not nn.Linear, in {type(model).__name__}; transformers' GPTQ loader and hqq "
+                         "replace exact nn.Linear layers only, so the export would load there with those layers "
+                         "randomly initialised, or fail. The qatext model itself loads and runs (load_quantized, "
+                         "qatext eval / generate)")
+
+
 @torch.no_grad()
 def read_quantized(model: nn.Module, fmt: str) -> list[QuantizedWeight]:
     """Every QuantLinear of `model` merged to integer codes (training modes merge losslessly first)."""
@@ -49,6 +72,7 @@ def read_quantized(model: nn.Module, fmt: str) -> list[QuantizedWeight]:
     if not layers:
         raise ValueError(f"export ({fmt}): the model has no quantized layers (a full-precision model); export the "
                          "model `qatext train` wrote (OUTPUT/model), or quantize this one first")
+    check_plain_linears(model, [name for name, _ in layers], fmt)
     out = []
     for name, layer in layers:
         if layer.act_bits is not None:
