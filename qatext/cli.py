@@ -63,18 +63,40 @@ def _load_model(path: str, device, decode_layout: bool | None = None):
     return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device)
 
 
-def _refuse_quantized_input(path: str) -> None:
+def _quantized_by(path: str) -> str | None:
+    """Who quantized the model at --model: 'qatext', another tool's quant_method (its config.json's
+    quantization_config, e.g. a GPTQ export), or None (full precision)."""
+    from .export.hqq import WEIGHTS_NAME as HQQ_WEIGHTS
     from .io import CONFIG_NAME
 
     p = _model_dir(path)
+    if (p / CONFIG_NAME).exists():
+        return "qatext"
+    if (p / HQQ_WEIGHTS).exists():  # hqq writes no quantization_config
+        return "hqq"
     try:
         config = json.loads((p / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--model {path}: its config.json is not valid JSON ({e})") from None
-    quantized = config.get("quantization_config", {}).get("quant_method")
-    if (p / CONFIG_NAME).exists() or quantized:
-        raise ValueError(f"--model {path} is already quantized ({quantized or 'by qatext'}); train from the "
-                         "full-precision model it came from (qatext eval and export take this one)")
+    return config.get("quantization_config", {}).get("quant_method")
+
+
+def _refuse_quantized_input(path: str) -> None:
+    if quantized := _quantized_by(path):
+        takes = "" if quantized == "hqq" else " (qatext eval and generate take this one)"
+        raise ValueError(f"--model {path} is already quantized ({'by qatext' if quantized == 'qatext' else quantized}); "
+                         f"train from the full-precision model it came from{takes}")
+
+
+def _refuse_non_qatext_export_input(path: str) -> None:
+    """export reads qatext's own models; anything else is named before it is loaded."""
+    quantized = _quantized_by(path)
+    if quantized == "qatext":
+        return
+    what = (f"is already quantized ({quantized}), not a qatext model" if quantized
+            else "has no quantized layers (a full-precision model)")
+    raise ValueError(f"--model {path} {what}; export the model `qatext train` wrote (OUTPUT/model)"
+                     + ("" if quantized else ", or quantize this one first (qatext train --method rtn)"))
 
 
 def _tokenizer(model_dir: str, byte_tokens: bool, model):
@@ -327,6 +349,7 @@ def cmd_export(args) -> int:
     text = _read_text(args) if args.round_zeros else None
     check_not_source(args.output, args.model, "--output")
     check_target(args.output, args.overwrite)
+    _refuse_non_qatext_export_input(args.model)
     model = _load_model(args.model, torch.device("cpu"))
     if args.round_zeros:
         args.seq_len = _resolve_seq_len(model, args.seq_len)
@@ -366,9 +389,16 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--model {args.model} has no tokenizer files (tokenizer.json, tokenizer.model, ...); "
                          "generation needs the model's tokenizer")
     device = _device(args.device)
-    model = _load_model(args.model, device)
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    if args.chat and not tok.chat_template:
+        raise ValueError(f"--chat: the tokenizer in --model {args.model} has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json's chat_template); leave out --chat to continue the prompt as text")
+    model = _load_model(args.model, device)
+    if args.chat:  # the prompt as one user turn, in the model's own template, ending where the reply starts
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_dict=True, return_tensors="pt")["input_ids"].to(device)
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and ids.shape[1] + args.max_new_tokens > positions:
         raise ValueError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} exceed the "
@@ -490,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", formatter_class=fmt, help="continue a prompt with a model, streaming the text")
     g.add_argument("--model", required=True, help="a model directory with its tokenizer (OUTPUT/model, an HF model)")
-    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    g.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the tokenizer's chat template (instruct models)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling at this temperature")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")

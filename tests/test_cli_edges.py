@@ -5,6 +5,7 @@ mistake ends in one line and exit code 2."""
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,8 +200,6 @@ def test_resume_with_another_method_is_refused_and_restart_starts_over(tmp_path,
                                          (os.urandom(4096), "is truncated or not a torch")],
                          ids=["empty", "zip-header", "cut-short", "random"])
 def test_corrupt_checkpoint_is_one_line(trained_run, bpe_model_dir, tmp_path, content, why):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     last = run / "checkpoints" / "last.pt"
@@ -215,8 +214,6 @@ class _RunsCode:
 
 
 def test_checkpoint_crafted_to_run_code_is_refused(trained_run, bpe_model_dir, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     _RunsCode.marker = tmp_path / "pwned"
@@ -382,8 +379,6 @@ def test_lrqat_storage_reaches_the_layers_and_a_changed_one_is_refused(tmp_path,
 
 
 def test_the_same_model_moved_elsewhere_still_resumes(tmp_path, bpe_model_dir, trained_run):
-    import shutil
-
     moved = tmp_path / "moved"
     shutil.copytree(bpe_model_dir, moved)
     run = tmp_path / "run"
@@ -400,6 +395,22 @@ def test_generate_streams_a_continuation(trained_run, tiny_model_dir):
     one_line_error(qatext("generate", "--model", tiny_model_dir, "--prompt", "x"), "no tokenizer files")
     one_line_error(qatext("generate", "--model", trained_run / "model", "--prompt", "x", "--max-new-tokens", "999"),
                    "exceed the model's 128 positions")
+
+
+def test_generate_chat_sends_the_prompt_through_the_chat_template(tmp_path, trained_run):
+    """An instruct model continues a user turn, not raw text: --chat applies the tokenizer's own template
+    (the streamed text starts with it); a tokenizer without one is refused before the model loads."""
+    one_line_error(qatext("generate", "--model", trained_run / "model", "--prompt", "x", "--chat"),
+                   "--chat: the tokenizer in --model", "has no chat template", "leave out --chat")
+    model = tmp_path / "chat"
+    shutil.copytree(trained_run / "model", model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    proc = qatext("generate", "--model", model, "--prompt", "In the beginning", "--chat", "--max-new-tokens", "4",
+                  "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("<|user|>In the beginning\n<|assistant|>"), proc.stdout
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "export"])
@@ -467,6 +478,16 @@ def test_an_hqq_export_is_named_not_misread(tmp_path, trained_run):
     for command in ("eval", "generate"):
         one_line_error(qatext(command, "--model", out, "--prompt" if command == "generate" else "--seq-len",
                               "x" if command == "generate" else "32"), "is an HQQ export")
+    # export and train name it before loading it; so they do a GPTQ export (transformers would load that one)
+    one_line_error(qatext("export", "--model", out, "--output", tmp_path / "again"),
+                   "is already quantized (hqq), not a qatext model; export the model `qatext train` wrote")
+    one_line_error(qatext("train", "--method", "rtn", "--model", out, "--output-dir", tmp_path / "run"),
+                   "is already quantized (hqq); train from the full-precision model it came from")
+    gptq = tmp_path / "gptq"
+    assert qatext("export", "--model", trained_run / "model", "--output", gptq, "--format", "gptq").returncode == 0
+    one_line_error(qatext("export", "--model", gptq, "--output", tmp_path / "again"),
+                   "is already quantized (gptq), not a qatext model")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "run").exists()
 
 
 def test_demo_writes_only_its_own_results(tmp_path):
