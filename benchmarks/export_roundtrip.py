@@ -4,6 +4,7 @@ and compare its logits with qatext's own model. QA-LoRA also reports held-out pe
 exported, and what rounding its zeros (the only way into GPTQ) does. CPU; needs the `export` extra.
 
     python benchmarks/export_roundtrip.py --out benchmarks/results/export_roundtrip_cpu.json
+    python benchmarks/export_roundtrip.py --families --out benchmarks/results/export_families_cpu.json
 """
 
 from __future__ import annotations
@@ -52,15 +53,59 @@ def load(fmt, path):
             quantization_config=transformers.GPTQConfig(bits=4, backend="torch"))
 
 
+# Families whose layers differ from Llama's (biases, q/k norms, fused projections, other block names).
+FAMILIES = {"LlamaConfig": dict(tie_word_embeddings=True), "MistralConfig": {}, "Qwen2Config": {}, "Qwen3Config": {},
+            "Gemma2Config": dict(head_dim=16), "Gemma3TextConfig": dict(head_dim=16), "Phi3Config": {},
+            "PhiConfig": {}, "OlmoConfig": {}, "Olmo2Config": {}, "GraniteConfig": {}, "StableLmConfig": {},
+            "CohereConfig": {}, "GPTNeoXConfig": {}, "OPTConfig": dict(ffn_dim=128, word_embed_proj_dim=64),
+            "FalconConfig": dict(new_decoder_architecture=True)}
+
+
+@torch.no_grad()
+def families(tmp: Path, x: torch.Tensor) -> list[dict]:
+    """RTN W4 g32 on a tiny random model of each family: saved, loaded, exported, read back by each loader."""
+    rows = []
+    for arch, extra in FAMILIES.items():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, arch)(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          pad_token_id=None, bos_token_id=None, eos_token_id=None, **extra)
+        model = models.merge_model(models.quantize_model(transformers.AutoModelForCausalLM.from_config(cfg),
+                                                         QuantSpec(4, 32)))
+        save_quantized(model, tmp / arch, overwrite=True)
+        model = load_quantized(tmp / arch)
+        ours = model(input_ids=x).logits
+        for fmt in ("gptq", "hqq"):
+            try:
+                result = export_model(model, tmp / f"{arch}-{fmt}", format=fmt, overwrite=True)
+            except ValueError as e:
+                rows.append(dict(family=arch, format=fmt, exported=False, why=str(e)[:160]))
+            else:
+                theirs = load(fmt, result["path"])(input_ids=x).logits
+                rows.append(dict(family=arch, format=fmt, exported=True, max_logit_diff=(theirs - ours).abs().max().item(),
+                                 max_logit=ours.abs().max().item()))
+            print(rows[-1], flush=True)
+    return rows
+
+
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/export_roundtrip_cpu.json")
+    ap.add_argument("--families", action="store_true", help="only the model families (RTN W4), into --out")
     args = ap.parse_args()
     tokens = data.ByteTokenizer().encode(data.load_kjv()[:300_000])
     train_tokens, val = data.train_val_split(tokens)
     x = val[:129].unsqueeze(0)
+    if args.families:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = families(Path(tmp), x)
+        Path(args.out).write_text(json.dumps({"model": "2 layers, hidden 64, random init; RTN W4 g32", "families": rows,
+                                              "transformers": transformers.__version__, "torch": torch.__version__},
+                                             indent=1))
+        print(f"wrote {args.out}")
+        return
     rows, qalora_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
