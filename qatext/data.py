@@ -3,6 +3,7 @@ and a byte-level tokenizer (vocab 256) so a model can be trained from scratch on
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from importlib import resources
 from pathlib import Path
@@ -35,8 +36,28 @@ def load_kjv() -> str:
         return "\n".join(r[0] for r in rows)
 
 
+def jsonl_documents(text: str, source) -> str:
+    """A JSON Lines file's documents (each record's "text", as C4, RedPajama and most corpora ship),
+    joined by blank lines: its JSON syntax is not text to train on."""
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} line {number} is not JSON ({e.msg}); a .jsonl file holds one JSON object "
+                             "a line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            has = f"keys {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
+            raise ValueError(f"{source} line {number} has no string field 'text' ({has}); qatext reads each "
+                             "record's 'text'")
+        docs.append(record["text"])
+    return "\n\n".join(docs)
+
+
 def load_text(source: str | Path | None) -> str:
-    """'kjv' (or None) for the bundled corpus, else a UTF-8 text file."""
+    """'kjv' (or None) for the bundled corpus, else a UTF-8 text file, or a .jsonl file's "text" fields."""
     if source in (None, "kjv"):
         return load_kjv()
     path = Path(source)
@@ -46,6 +67,8 @@ def load_text(source: str | Path | None) -> str:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{source} is not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
+    if path.suffix == ".jsonl":
+        text = jsonl_documents(text, source)
     if not text.strip():
         raise ValueError(f"{source} is empty; give a text file with the training or evaluation text")
     return text

@@ -397,6 +397,24 @@ def test_generate_streams_a_continuation(trained_run, tiny_model_dir):
                    "exceed the model's 128 positions")
 
 
+def test_jsonl_data_is_its_records_text(tmp_path, trained_run):
+    """A .jsonl corpus (C4's, RedPajama's layout) is read as its records' "text", not as JSON syntax; a
+    line that is not JSON, or a record without "text", is one line naming the line before the model loads."""
+    from qatext import data
+
+    corpus = tmp_path / "c4.jsonl"
+    corpus.write_text('{"text": "In the beginning", "url": "x"}\n\n{"text": "God created"}\n')
+    assert data.load_text(corpus) == "In the beginning\n\nGod created"
+    proc = qatext("eval", "--model", trained_run / "model", "--data", corpus, "--seq-len", "4", "--val-fraction",
+                  "0.5", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for content, fragment in [('{"text": "a"}\n{"messages": []}\n', "line 2 has no string field 'text' (keys ['messages'])"),
+                              ('{"text": "a"}\n{"text": \n', "line 2 is not JSON"),
+                              ('["a"]\n', "line 1 has no string field 'text' (a list)")]:
+        corpus.write_text(content)
+        one_line_error(qatext("eval", "--model", tmp_path / "absent", "--data", corpus), f"--data {corpus} {fragment}")
+
+
 def test_generate_chat_sends_the_prompt_through_the_chat_template(tmp_path, trained_run):
     """An instruct model continues a user turn, not raw text: --chat applies the tokenizer's own template
     (the streamed text starts with it); a tokenizer without one is refused before the model loads."""
