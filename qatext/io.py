@@ -18,6 +18,7 @@ from .outdir import written_dir
 from .quant import QuantSpec
 
 CONFIG_NAME = "qatext_config.json"
+FORMAT_VERSION = 1  # of CONFIG_NAME and the weights' names; a reader refuses a newer one
 WEIGHTS_NAME = "model.safetensors"
 LAYER_OPTIONS = tuple(f.name for f in fields(LayerOptions))
 # What a Hugging Face tokenizer (slow or fast, BPE or SentencePiece) and its chat template are saved as.
@@ -85,10 +86,25 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, overwrite: bool = 
     with written_dir(out_dir, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME))
-        config = {"format": "qatext", "version": 1, "layers": {n: _layer_config(m) for n, m in layers}}
+        config = {"format": "qatext", "version": FORMAT_VERSION, "layers": {n: _layer_config(m) for n, m in layers}}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1))
         write_companions(model, tmp, tokenizer)
     return Path(out_dir)
+
+
+def _read_config(in_dir: Path) -> dict:
+    """qatext_config.json, refused by name where it is damaged or written by a newer qatext."""
+    path = in_dir / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_quantized: {path} is not valid JSON ({e}); copy or save the model again") from None
+    if not isinstance(config, dict) or config.get("format") != "qatext" or not isinstance(config.get("layers"), dict):
+        raise ValueError(f"load_quantized: {path} is not a qatext config (no format 'qatext' with its layers)")
+    if config.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"load_quantized: {in_dir} was written by a newer qatext (format version {config['version']}; "
+                         f"this one reads {FORMAT_VERSION}); upgrade qatext")
+    return config
 
 
 def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None = None) -> nn.Module:
@@ -100,6 +116,7 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
     None (default): on a CUDA device, where that kernel runs; pass False for a model that never decodes
     (perplexity, scoring).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -108,16 +125,20 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
         raise ValueError(f"load_quantized: {in_dir} has no {CONFIG_NAME} (not saved by save_quantized)")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"load_quantized: device {str(device)!r}, but no CUDA GPU is visible here; give device='cpu'")
-    config = json.loads((in_dir / CONFIG_NAME).read_text())
+    config = _read_config(in_dir)
     hf_config = AutoConfig.from_pretrained(in_dir)
     hf_config.name_or_path = str(in_dir.resolve())  # (absolute: export_model refuses to write over it)
-    model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     for name, cfg in config["layers"].items():
         old = model.get_submodule(name)
         layer = QuantLinear(old.in_features, old.out_features, QuantSpec(**cfg["spec"]), cfg["mode"], bias=cfg["bias"],
                             dtype=old.weight.dtype, **{k: cfg[k] for k in LAYER_OPTIONS})
         replace_module(model, name, layer)
-    load_model(model, str(in_dir / WEIGHTS_NAME), device=str(device))
+    try:
+        load_model(model, str(in_dir / WEIGHTS_NAME), device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"load_quantized: {in_dir / WEIGHTS_NAME} is damaged ({e}); copy or save the model "
+                         "again") from None
     check_scales(model, f"load_quantized: {in_dir}")
     if (in_dir / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(in_dir)

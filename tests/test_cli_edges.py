@@ -549,6 +549,27 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(monkeypatch, 
                                                 "Tried to allocate 20.00 GiB); ") and hint in err[0]
 
 
+def test_a_damaged_or_newer_saved_model_is_one_line(tmp_path, trained_run):
+    """A saved model whose qatext_config.json is damaged or from a newer qatext (it would load with the
+    new fields ignored), or whose weights file is cut short (a safetensors traceback before)."""
+    def damaged(name, change):
+        model = tmp_path / name
+        shutil.copytree(trained_run / "model", model)
+        change(model)
+        return model
+
+    def newer(model):
+        config = json.loads((model / "qatext_config.json").read_text())
+        (model / "qatext_config.json").write_text(json.dumps({**config, "version": config["version"] + 1}))
+
+    cases = [(damaged("json", lambda m: (m / "qatext_config.json").write_text("{cut")), "qatext_config.json is not valid JSON"),
+             (damaged("newer", newer), "was written by a newer qatext (format version 2; this one reads 1); upgrade"),
+             (damaged("cut", lambda m: os.truncate(m / "model.safetensors", 1000)),
+              "model.safetensors is damaged (Error while deserializing header")]
+    for model, fragment in cases:
+        one_line_error(qatext("eval", "--model", model, "--device", "cpu"), f"load_quantized: {model}", fragment)
+
+
 def test_a_broken_model_directory_is_one_line(tmp_path):
     bad_json = tmp_path / "bad_json"
     bad_json.mkdir()
