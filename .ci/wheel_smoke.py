@@ -47,6 +47,9 @@ with tempfile.TemporaryDirectory() as tmp:
     config = json.loads((tmp / "gptq" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 3, config
     model = qatext.load_quantized(tmp / "run" / "model")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp / "run" / "model")  # qatext.hf, imported above
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.arange(16)[None]).logits).all()
+        logits = model(input_ids=torch.arange(16)[None]).logits
+        assert torch.isfinite(logits).all()
+        torch.testing.assert_close(hf_model(input_ids=torch.arange(16)[None]).logits, logits, rtol=0, atol=0)
 print("wheel smoke test passed")

@@ -3,6 +3,7 @@ with the tokenizer and generation config beside it (the companions every writer 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -44,6 +45,33 @@ def check_scales(model: nn.Module, where: str) -> None:
         raise ValueError(f"{where}: layer {name} has a scale <= 0, NaN or inf (a damaged file, or a diverged run)")
 
 
+def write_hf_config(model: nn.Module, out_dir: Path, quantization_config: dict | None = None) -> None:
+    """config.json: the model's config with the quantization_config of what is written (None: none),
+    never the one the model was loaded with."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
+    config.save_pretrained(out_dir)
+
+
+def build_layers(model: nn.Module, layers: dict) -> None:
+    """Replace each named linear layer by an empty QuantLinear of its saved mode and options (the
+    weights are loaded into it after), on the current default device (meta under transformers)."""
+    for name, cfg in layers.items():
+        old = model.get_submodule(name)
+        replace_module(model, name, QuantLinear(old.in_features, old.out_features, QuantSpec(**cfg["spec"]), cfg["mode"],
+                                                bias=cfg["bias"], dtype=old.weight.dtype,
+                                                **{k: cfg[k] for k in LAYER_OPTIONS}))
+
+
+def check_version(version: int, where) -> None:
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where} was written by a newer qatext (format version {version}; this one reads "
+                         f"{FORMAT_VERSION}); upgrade qatext")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -83,10 +111,13 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, overwrite: bool = 
     layers = quant_layers(model)
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layers (run quantize_model first)")
+    layer_configs = {n: _layer_config(m) for n, m in layers}
     with written_dir(out_dir, overwrite) as tmp:
-        model.config.save_pretrained(tmp)
+        # config.json names qatext as the quantization, so transformers' from_pretrained builds these layers
+        # (after `import qatext.hf`) or says it cannot, instead of loading the linears randomly initialised.
+        write_hf_config(model, tmp, {"quant_method": "qatext", "version": FORMAT_VERSION, "layers": layer_configs})
         save_model(model, str(tmp / WEIGHTS_NAME))
-        config = {"format": "qatext", "version": FORMAT_VERSION, "layers": {n: _layer_config(m) for n, m in layers}}
+        config = {"format": "qatext", "version": FORMAT_VERSION, "layers": layer_configs}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1))
         write_companions(model, tmp, tokenizer)
     return Path(out_dir)
@@ -101,9 +132,7 @@ def _read_config(in_dir: Path) -> dict:
         raise ValueError(f"load_quantized: {path} is not valid JSON ({e}); copy or save the model again") from None
     if not isinstance(config, dict) or config.get("format") != "qatext" or not isinstance(config.get("layers"), dict):
         raise ValueError(f"load_quantized: {path} is not a qatext config (no format 'qatext' with its layers)")
-    if config.get("version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"load_quantized: {in_dir} was written by a newer qatext (format version {config['version']}; "
-                         f"this one reads {FORMAT_VERSION}); upgrade qatext")
+    check_version(config.get("version", FORMAT_VERSION), f"load_quantized: {in_dir}")
     return config
 
 
@@ -128,12 +157,10 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
     config = _read_config(in_dir)
     hf_config = AutoConfig.from_pretrained(in_dir)
     hf_config.name_or_path = str(in_dir.resolve())  # (absolute: export_model refuses to write over it)
+    if hasattr(hf_config, "quantization_config"):  # a marker of the files (save_quantized), not of the model
+        del hf_config.quantization_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    for name, cfg in config["layers"].items():
-        old = model.get_submodule(name)
-        layer = QuantLinear(old.in_features, old.out_features, QuantSpec(**cfg["spec"]), cfg["mode"], bias=cfg["bias"],
-                            dtype=old.weight.dtype, **{k: cfg[k] for k in LAYER_OPTIONS})
-        replace_module(model, name, layer)
+    build_layers(model, config["layers"])
     try:
         load_model(model, str(in_dir / WEIGHTS_NAME), device=str(device))
     except SafetensorError as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import write_hf_config
 from .layers import QuantizedWeight, dense_tensors
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -71,7 +72,7 @@ def write(model, weights: list[QuantizedWeight], out_dir: Path) -> dict:
     for w in weights:
         modules[w.name] = layer_state(w, dtype)
     model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(out_dir)
+    write_hf_config(model, out_dir)  # hqq's loader reads no quantization_config
     torch.save(modules, out_dir / WEIGHTS_NAME)
     spec = weights[0].spec
     return {"quant_method": "hqq", "bits": spec.bits, "group_size": spec.group_size, "zero_points": "float32"}

@@ -1,0 +1,59 @@
+"""transformers' `from_pretrained` for a directory that `save_quantized` (or `qatext train`) wrote.
+
+`import qatext.hf` registers quantization method "qatext" with transformers, so that
+`AutoModelForCausalLM.from_pretrained(dir)` builds the saved QuantLinear layers and loads their codes,
+scales and zeros, as `load_quantized` does. Without it transformers names the unknown method and loads
+the linear layers randomly initialised; `qatext` itself leaves transformers' quantizers unimported
+(they take seconds to import).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .io import FORMAT_VERSION, build_layers, check_scales, check_version
+
+
+@register_quantization_config("qatext")
+class QatextConfig(QuantizationConfigMixin):
+    """config.json's quantization_config of a qatext model: every quantized layer's mode and options."""
+
+    def __init__(self, layers: dict | None = None, version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = "qatext"
+        self.layers = layers or {}
+        self.version = version
+        check_version(version, "from_pretrained: this qatext model")
+
+
+@register_quantizer("qatext")
+class QatextHfQuantizer(HfQuantizer):
+    """Loads pre-quantized qatext models only (quantize with qatext.quantize_model or `qatext train`)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args, **kwargs):
+        pass
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        build_layers(model, self.quantization_config.layers)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        check_scales(model, "from_pretrained")
+        if next(model.parameters()).device.type == "cuda":  # as load_quantized: the decode layout, once
+            from .models import tile_for_decode
+
+            tile_for_decode(model)
+        return model
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return False  # qatext.save_quantized writes these models
+
+
+__all__ = ["QatextConfig", "QatextHfQuantizer"]
