@@ -69,6 +69,11 @@ def compiled_layers(model: nn.Module, mode: str | None = None):
     return _layer_forwards(model, functools.partial(torch.compile, mode=mode))
 
 
+# What each adapter mode trains (the papers': LR-QAT its low-rank pair and scales, QA-LoRA its pair,
+# EfficientQAT's E2E-QP the step sizes); quantize_model freezes the rest of the model.
+ADAPTER_PARAMS = {"lrqat": ("lora_a", "lora_b", "scale"), "qalora": ("lora_a", "lora_b"), "e2eqp": ("scale",)}
+
+
 def check_no_fused_experts(model: nn.Module) -> None:
     """Refuse decoder blocks that hold stacks of weight matrices outside nn.Linear (transformers' fused
     MoE experts, a 3-D tensor [experts, out, in]; a depthwise conv's [channels, 1, width] is not one):
@@ -95,7 +100,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
 
     `method` is a QuantLinear mode (fake, lrqat, qalora, e2eqp, packed). `target_modules`: names
     (last path component, e.g. "q_proj") to restrict to; every one must match at least one layer.
-    Embeddings, norms and lm_head stay in full precision.
+    Embeddings, norms and lm_head stay in full precision. In the adapter modes (lrqat, qalora, e2eqp)
+    only what the method trains stays trainable (ADAPTER_PARAMS), as PEFT's get_peft_model leaves a
+    model; fake (full QAT) leaves every parameter trainable.
     """
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -121,6 +128,11 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
         held = " (its blocks hold Conv1D layers, as GPT-2's do)" if conv1d else ""
         raise ValueError(f"quantize_model: no nn.Linear found in the decoder blocks{held}; qatext quantizes models "
                          "whose blocks use nn.Linear (Llama, Mistral, Qwen, ...)")
+    if method in ADAPTER_PARAMS:
+        model.requires_grad_(False)
+        for _, layer in quant_layers(model):
+            for name in ADAPTER_PARAMS[method]:
+                getattr(layer, name).requires_grad_(True)
     return model
 
 

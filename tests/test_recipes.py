@@ -190,3 +190,35 @@ def test_other_architectures(tokens, arch):
         before = model(input_ids=x).logits
         models.merge_model(model)
         torch.testing.assert_close(model(input_ids=x).logits, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,trains", [("lrqat", {"lora_a", "lora_b", "scale"}), ("qalora", {"lora_a", "lora_b"}),
+                                         ("e2eqp", {"scale"})])
+def test_adapter_modes_leave_trainable_only_what_the_method_trains(mode, trains):
+    """As PEFT's get_peft_model leaves a model: an optimiser over model.parameters() trains the method's
+    parameters, not the embeddings, norms and biases too; full QAT (fake) trains everything."""
+    model = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method=mode, **({"rank": 4} if "lora_a" in trains else {}))
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == trains
+    fake = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="fake")
+    assert all(p.requires_grad for p in fake.parameters())
+
+
+def test_transformers_trainer_trains_a_qalora_model(tmp_path):
+    """The Python API under transformers' Trainer (no qatext loop): only the adapter moves, and the merged
+    model saves and loads with the logits it trained to."""
+    model = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="qalora", rank=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = torch.randint(0, 256, (16, 32))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(("lora_a", "lora_b")) for n in changed), changed
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=rows[:2]).logits
+        models.merge_model(model)
+        save_quantized(model, tmp_path / "saved")
+        torch.testing.assert_close(load_quantized(tmp_path / "saved")(input_ids=rows[:2]).logits, trained,
+                                   rtol=1e-4, atol=1e-4)
