@@ -9,12 +9,14 @@ the linear layers randomly initialised; `qatext` itself leaves transformers' qua
 
 from __future__ import annotations
 
-import torch
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .io import FORMAT_VERSION, build_layers, check_scales, check_version
+
+logger = logging.get_logger(__name__)
 
 
 @register_quantization_config("qatext")
@@ -53,7 +55,10 @@ class QatextHfQuantizer(HfQuantizer):
         return False
 
     def is_serializable(self, safe_serialization=None) -> bool:
-        return False  # qatext.save_quantized writes these models
+        # Asked by save_pretrained only, whose refusal points at the logger: say where to turn.
+        logger.warning("qatext models are saved by qatext.save_quantized(model, directory), which from_pretrained "
+                       "reads back (after `import qatext.hf`), as do load_quantized and the qatext CLI")
+        return False
 
 
 __all__ = ["QatextConfig", "QatextHfQuantizer"]

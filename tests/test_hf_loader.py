@@ -55,3 +55,17 @@ def test_a_newer_format_and_an_unregistered_loader_are_named(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="from_pretrained: this qatext model was written by a newer qatext"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+
+
+def test_save_pretrained_points_at_save_quantized(tmp_path, monkeypatch):
+    """transformers' refusal says only 'check out the warnings from the logger': the warning says where to go."""
+    import qatext.hf
+
+    save_quantized(merge_model(quantize_model(tiny_llama(), QuantSpec(4, 32))), tmp_path / "saved")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    said = []
+    monkeypatch.setattr(qatext.hf.logger, "warning", said.append)
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "again")
+    assert said and said[0].startswith("qatext models are saved by qatext.save_quantized(model, directory)")
+    assert not (tmp_path / "again" / "model.safetensors").exists()
