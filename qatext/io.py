@@ -46,9 +46,11 @@ def check_scales(model: nn.Module, where: str) -> None:
 
 
 def write_hf_config(model: nn.Module, out_dir: Path, quantization_config: dict | None = None) -> None:
-    """config.json: the model's config with the quantization_config of what is written (None: none),
-    never the one the model was loaded with."""
+    """config.json of every writer: the model's config naming its class (as save_pretrained does; hqq's
+    loader builds from it) with the quantization_config of what is written (None: none), never the one
+    the model was loaded with. The model's own config is left as it was."""
     config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if quantization_config is not None:

@@ -8,11 +8,11 @@ int32, bias fp16. Codes and zeros are one little-endian bit stream per column (q
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..io import write_hf_config
 from ..quant.primitives import qmax
 from .layers import QuantizedWeight, dense_tensors
 
@@ -110,9 +110,7 @@ def write(model, weights: list[QuantizedWeight], out_dir: Path, checkpoint_forma
     state = dense_tensors(model, weights)
     for w in weights:
         state.update({f"{w.name}.{k}": t for k, t in layer_tensors(w, checkpoint_format).items()})
-    config = model.config.to_dict()
-    config["quantization_config"] = quant_config
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    write_hf_config(model, out_dir, quant_config)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
     return quant_config

@@ -71,7 +71,6 @@ def write(model, weights: list[QuantizedWeight], out_dir: Path) -> dict:
         modules.setdefault(module, {})[attr] = tensor
     for w in weights:
         modules[w.name] = layer_state(w, dtype)
-    model.config.architectures = [type(model).__name__]
     write_hf_config(model, out_dir)  # hqq's loader reads no quantization_config
     torch.save(modules, out_dir / WEIGHTS_NAME)
     spec = weights[0].spec
