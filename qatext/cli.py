@@ -425,7 +425,7 @@ def cmd_demo(args) -> int:
 def _text_options(p: argparse.ArgumentParser, held_out: str) -> None:
     """--data, --byte-tokens and --val-fraction: the text a command reads and how it is tokenized."""
     p.add_argument("--data", default="kjv",
-                   help="'kjv' (bundled corpus), a UTF-8 text file, or a .jsonl file (each record's \"text\")")
+                   help="'kjv' (bundled corpus), a UTF-8 text file, or a .jsonl or .parquet file (its records' \"text\")")
     p.add_argument("--byte-tokens", action="store_true",
                    help="use UTF-8 bytes as tokens (vocab 256) where the model directory has no tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.05, help=f"tail of --data {held_out}")

@@ -56,19 +56,38 @@ def jsonl_documents(text: str, source) -> str:
     return "\n\n".join(docs)
 
 
+def parquet_documents(path: Path, source) -> str:
+    """A Parquet file's "text" column (the layout of data sets on the Hugging Face hub), joined by blank lines."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{source} is Parquet, which needs pyarrow (pip install pyarrow)") from None
+    try:
+        columns = pq.read_schema(path).names
+    except Exception as e:  # pyarrow's own error types for a file that is not Parquet
+        raise ValueError(f"{source} is not a readable Parquet file ({e})") from None
+    if "text" not in columns:
+        raise ValueError(f"{source} has no column 'text' (columns {columns}); qatext reads the 'text' column")
+    return "\n\n".join(t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t)
+
+
 def load_text(source: str | Path | None) -> str:
-    """'kjv' (or None) for the bundled corpus, else a UTF-8 text file, or a .jsonl file's "text" fields."""
+    """'kjv' (or None) for the bundled corpus, else a UTF-8 text file, or the "text" of a .jsonl or
+    .parquet file's records."""
     if source in (None, "kjv"):
         return load_kjv()
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"{source!r} is neither 'kjv' nor a readable text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{source} is not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
-    if path.suffix == ".jsonl":
-        text = jsonl_documents(text, source)
+    if path.suffix == ".parquet":
+        text = parquet_documents(path, source)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source} is not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
+        if path.suffix == ".jsonl":
+            text = jsonl_documents(text, source)
     if not text.strip():
         raise ValueError(f"{source} is empty; give a text file with the training or evaluation text")
     return text

@@ -415,6 +415,25 @@ def test_jsonl_data_is_its_records_text(tmp_path, trained_run):
         one_line_error(qatext("eval", "--model", tmp_path / "absent", "--data", corpus), f"--data {corpus} {fragment}")
 
 
+def test_parquet_data_is_its_text_column(tmp_path):
+    """A Parquet corpus (the hub's layout) is read as its "text" column; a file without one, or not
+    Parquet at all, is named."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from qatext import data
+
+    corpus = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["In the beginning", None, "God created"], "id": [1, 2, 3]}), corpus)
+    assert data.load_text(corpus) == "In the beginning\n\nGod created"
+    pq.write_table(pa.table({"content": ["x"]}), corpus)
+    with pytest.raises(ValueError, match=r"has no column 'text' \(columns \['content'\]\)"):
+        data.load_text(corpus)
+    corpus.write_text("not parquet")
+    one_line_error(qatext("eval", "--model", tmp_path / "absent", "--data", corpus),
+                   f"--data {corpus} is not a readable Parquet file")
+
+
 def test_generate_chat_sends_the_prompt_through_the_chat_template(tmp_path, trained_run):
     """An instruct model continues a user turn, not raw text: --chat applies the tokenizer's own template
     (the streamed text starts with it); a tokenizer without one is refused before the model loads."""
