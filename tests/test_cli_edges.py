@@ -515,7 +515,7 @@ def test_an_hqq_export_is_named_not_misread(tmp_path, trained_run):
     for command in ("eval", "generate"):
         one_line_error(qatext(command, "--model", out, "--prompt" if command == "generate" else "--seq-len",
                               "x" if command == "generate" else "32"), "is an HQQ export")
-    # export and train name it before loading it; so they do a GPTQ export (transformers would load that one)
+    # export and train name it before loading it, as they name a GPTQ export (which transformers would load)
     one_line_error(qatext("export", "--model", out, "--output", tmp_path / "again"),
                    "is already quantized (hqq), not a qatext model; export the model `qatext train` wrote")
     one_line_error(qatext("train", "--method", "rtn", "--model", out, "--output-dir", tmp_path / "run"),

@@ -236,8 +236,6 @@ def test_export_refuses_linear_subclasses_the_loaders_skip(tmp_path, fmt):
     """Falcon builds its layers as FalconLinear: transformers' GPTQ loader and hqq swap exact nn.Linear
     only, so such an export loaded with those layers randomly initialised (measured: logits off by their
     own size) or failed. Refused, naming the class; nothing is written."""
-    import transformers
-
     cfg = transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     new_decoder_architecture=True)
     model = models.merge_model(models.quantize_model(transformers.FalconForCausalLM(cfg), QuantSpec(4, 32)))
