@@ -172,10 +172,11 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
     if (in_dir / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(in_dir)
     model = model.to(device).eval()
+    from .models import tile_for_decode, train_only_adapters  # models imports this module
+
+    train_only_adapters(model)  # as quantize_model left it: training resumes on the method's parameters
     if decode_layout is None:
         decode_layout = torch.device(device).type == "cuda"
     if decode_layout:
-        from .models import tile_for_decode  # models imports this module
-
         tile_for_decode(model)
     return model

@@ -128,12 +128,20 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
         held = " (its blocks hold Conv1D layers, as GPT-2's do)" if conv1d else ""
         raise ValueError(f"quantize_model: no nn.Linear found in the decoder blocks{held}; qatext quantizes models "
                          "whose blocks use nn.Linear (Llama, Mistral, Qwen, ...)")
-    if method in ADAPTER_PARAMS:
-        model.requires_grad_(False)
-        for _, layer in quant_layers(model):
-            for name in ADAPTER_PARAMS[method]:
-                getattr(layer, name).requires_grad_(True)
+    train_only_adapters(model)
     return model
+
+
+def train_only_adapters(model: nn.Module) -> None:
+    """Where layers are in an adapter mode, leave trainable only what those layers train (ADAPTER_PARAMS);
+    a model without such layers (full QAT, packed) is left as it is."""
+    layers = [layer for _, layer in quant_layers(model) if layer.mode in ADAPTER_PARAMS]
+    if not layers:
+        return
+    model.requires_grad_(False)
+    for layer in layers:
+        for name in ADAPTER_PARAMS[layer.mode]:
+            getattr(layer, name).requires_grad_(True)
 
 
 def convert_layers(model: nn.Module, mode: str, **layer_kwargs) -> nn.Module:

@@ -194,11 +194,14 @@ def test_other_architectures(tokens, arch):
 
 @pytest.mark.parametrize("mode,trains", [("lrqat", {"lora_a", "lora_b", "scale"}), ("qalora", {"lora_a", "lora_b"}),
                                          ("e2eqp", {"scale"})])
-def test_adapter_modes_leave_trainable_only_what_the_method_trains(mode, trains):
+def test_adapter_modes_leave_trainable_only_what_the_method_trains(tmp_path, mode, trains):
     """As PEFT's get_peft_model leaves a model: an optimiser over model.parameters() trains the method's
     parameters, not the embeddings, norms and biases too; full QAT (fake) trains everything."""
     model = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method=mode, **({"rank": 4} if "lora_a" in trains else {}))
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == trains
+    save_quantized(model, tmp_path / "saved")  # saved mid-training and loaded again: the same
+    loaded = load_quantized(tmp_path / "saved")
+    assert {n.rsplit(".", 1)[-1] for n, p in loaded.named_parameters() if p.requires_grad} == trains
     fake = models.quantize_model(tiny_llama(), QuantSpec(4, 32), method="fake")
     assert all(p.requires_grad for p in fake.parameters())
 
