@@ -51,13 +51,13 @@ def _model_dir(path: str) -> Path:
 def _load_model(path: str, device, decode_layout: bool | None = None):
     from transformers import AutoModelForCausalLM
 
-    from .export.hqq import WEIGHTS_NAME as HQQ_WEIGHTS
-    from .io import CONFIG_NAME, load_quantized
+    from .io import load_quantized
 
-    p = _model_dir(path)
-    if (p / CONFIG_NAME).exists():
+    quantized = _quantized_by(path)  # (which checks the directory first)
+    p = Path(path)
+    if quantized == "qatext":
         return load_quantized(p, device=device, decode_layout=decode_layout)
-    if (p / HQQ_WEIGHTS).exists():
+    if quantized == "hqq":
         raise ValueError(f"--model {path} is an HQQ export, which the hqq library loads "
                          "(AutoHQQHFModel.from_quantized); give the qatext model it was exported from")
     return AutoModelForCausalLM.from_pretrained(p, local_files_only=True).to(device)

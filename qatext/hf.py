@@ -14,7 +14,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .io import FORMAT_VERSION, build_layers, check_scales, check_version
+from .io import FORMAT_VERSION, build_layers, check_version, finish_loading
 
 logger = logging.get_logger(__name__)
 
@@ -43,11 +43,8 @@ class QatextHfQuantizer(HfQuantizer):
         build_layers(model, self.quantization_config.layers)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        check_scales(model, "from_pretrained")
-        if next(model.parameters()).device.type == "cuda":  # as load_quantized: the decode layout, once
-            from .models import tile_for_decode
-
-            tile_for_decode(model)
+        # as load_quantized: the decode layout, once, where the decode kernel runs
+        finish_loading(model, "from_pretrained", decode_layout=next(model.parameters()).device.type == "cuda")
         return model
 
     @property

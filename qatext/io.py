@@ -168,15 +168,22 @@ def load_quantized(in_dir, device="cpu", dtype=None, decode_layout: bool | None 
     except SafetensorError as e:
         raise ValueError(f"load_quantized: {in_dir / WEIGHTS_NAME} is damaged ({e}); copy or save the model "
                          "again") from None
-    check_scales(model, f"load_quantized: {in_dir}")
     if (in_dir / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(in_dir)
     model = model.to(device).eval()
-    from .models import tile_for_decode, train_only_adapters  # models imports this module
-
-    train_only_adapters(model)  # as quantize_model left it: training resumes on the method's parameters
     if decode_layout is None:
         decode_layout = torch.device(device).type == "cuda"
+    finish_loading(model, f"load_quantized: {in_dir}", decode_layout)
+    return model
+
+
+def finish_loading(model: nn.Module, where: str, decode_layout: bool) -> None:
+    """What every loader of saved layers does once their tensors are in (load_quantized, qatext.hf): check
+    the scales, leave trainable what quantize_model did (training resumes on the method's parameters),
+    and lay the codes out for the decode kernel where asked."""
+    from .models import tile_for_decode, train_only_adapters  # models imports this module
+
+    check_scales(model, where)
+    train_only_adapters(model)
     if decode_layout:
         tile_for_decode(model)
-    return model
