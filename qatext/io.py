@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .nn import QuantLinear
+from .nn.experts import unfuse_experts
 from .nn.quant_linear import LayerOptions
 from .outdir import written_dir
 from .quant import QuantSpec
@@ -60,7 +61,10 @@ def write_hf_config(model: nn.Module, out_dir: Path, quantization_config: dict |
 
 def build_layers(model: nn.Module, layers: dict) -> None:
     """Replace each named linear layer by an empty QuantLinear of its saved mode and options (the
-    weights are loaded into it after), on the current default device (meta under transformers)."""
+    weights are loaded into it after), on the current default device (meta under transformers); a
+    mixture's stacked experts that hold saved layers first become per-expert nn.Linear layers, as
+    quantize_model made them."""
+    unfuse_experts(model, holding=layers)
     for name, cfg in layers.items():
         old = model.get_submodule(name)
         replace_module(model, name, QuantLinear(old.in_features, old.out_features, QuantSpec(**cfg["spec"]), cfg["mode"],

@@ -11,6 +11,7 @@ from torch import nn
 
 from .io import quant_layers, replace_module
 from .nn import QuantLinear
+from .nn.experts import EXPERT_LINEARS, is_stacked_experts, unfuse_experts
 from .nn.shared_input import share_inputs
 from .quant import QuantSpec
 
@@ -75,23 +76,29 @@ ADAPTER_PARAMS = {"lrqat": ("lora_a", "lora_b", "scale"), "qalora": ("lora_a", "
 
 
 def check_no_fused_experts(model: nn.Module) -> None:
-    """Refuse decoder blocks that hold stacks of weight matrices outside nn.Linear (transformers' fused
-    MoE experts, a 3-D tensor [experts, out, in]; a depthwise conv's [channels, 1, width] is not one):
-    qatext quantizes nn.Linear layers, so those weights, most of a mixture-of-experts model, would stay
-    in full precision under a model labelled W4."""
+    """Refuse decoder blocks that hold stacks of weight matrices outside nn.Linear in a layout qatext does
+    not take apart (transformers' fused MoE experts, a 3-D tensor [experts, out, in], transposed, biased or
+    interleaved as Llama 4's and GPT-OSS's are; a depthwise conv's [channels, 1, width] is not one):
+    qatext quantizes nn.Linear layers, so those weights, most of a mixture-of-experts model, would stay in
+    full precision under a model labelled W4. Experts in transformers' common layout are not refused:
+    quantize_model makes them nn.Linear layers (nn.experts)."""
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
-    stacks = [(f"{prefix}.{n}", p) for n, p in blocks.named_parameters() if p.dim() == 3 and min(p.shape[1:]) > 1]
+    separable = [f"{n}." for n, m in blocks.named_modules() if is_stacked_experts(m)]
+    stacks = [(f"{prefix}.{n}", p) for n, p in blocks.named_parameters()
+              if p.dim() == 3 and min(p.shape[1:]) > 1 and not n.startswith(tuple(separable))]
     if not stacks:
         return
     matrices = sum(p.numel() for p in blocks.parameters() if p.dim() >= 2)
     share = sum(p.numel() for _, p in stacks) / matrices
     name, first = stacks[0]
+    owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
     raise ValueError(f"quantize_model: the decoder blocks hold {len(stacks)} stacked weight tensors outside nn.Linear "
-                     f"(e.g. {name} {list(first.shape)}: fused mixture-of-experts weights), {share:.0%} of their "
-                     "weights; qatext quantizes nn.Linear layers only, so those would stay in full precision. Models "
-                     "with fused experts are not supported (quantize_model(..., target_modules=[...]) quantizes the "
-                     "nn.Linear layers alone, knowingly)")
+                     f"(e.g. {name} {list(first.shape)}, fused mixture-of-experts weights of {owner}), {share:.0%} of "
+                     "their weights, in a layout qatext does not take apart (it takes [experts, out, in] without bias, "
+                     "as Mixtral's, Qwen-MoE's and DeepSeek's are); they would stay in full precision, so this model is "
+                     "not supported (quantize_model(..., target_modules=[...]) quantizes the nn.Linear layers alone, "
+                     "knowingly)")
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", target_modules=None,
@@ -109,6 +116,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
     targets = None if target_modules is None else set(target_modules)
     if targets is None:
         check_no_fused_experts(model)
+    if targets is None or targets & set(EXPERT_LINEARS):
+        unfuse_experts(blocks)  # a mixture's stacked experts as nn.Linear layers, quantized below with the rest
     found = set()
     linears = [(f"{prefix}.{n}", m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:

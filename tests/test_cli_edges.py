@@ -152,20 +152,48 @@ def test_train_with_a_group_size_the_model_cannot_take_writes_nothing(tmp_path, 
     assert not out.exists()
 
 
-def test_a_model_with_fused_experts_is_refused_before_writing(tmp_path):
-    """A Mixtral (transformers keeps its experts as 3-D tensors, not nn.Linear): quantizing only its
-    attention would leave 89% of the block weights in full precision under a W4 label, so the run is
-    refused, naming the tensors and the share, before anything is written."""
+def test_a_model_with_fused_experts_in_another_layout_is_refused_before_writing(tmp_path):
+    """A GPT-OSS (experts stacked transposed, with biases: a layout qatext does not take apart): quantizing
+    only its attention would leave most of the block weights in full precision under a W4 label, so the
+    run is refused, naming the tensors and the share, before anything is written."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "mixtral")
+    cfg = transformers.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, head_dim=16)
+    transformers.GptOssForCausalLM(cfg).save_pretrained(tmp_path / "gpt_oss")
     out = tmp_path / "run"
-    one_line_error(qatext("train", "--method", "rtn", "--model", tmp_path / "mixtral", "--byte-tokens",
+    one_line_error(qatext("train", "--method", "rtn", "--model", tmp_path / "gpt_oss", "--byte-tokens",
                           "--group-size", "32", "--output-dir", out, "--device", "cpu"),
-                   "2 stacked weight tensors outside nn.Linear", "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]",
-                   "89% of their weights", "fused experts are not supported")
+                   "2 stacked weight tensors outside nn.Linear", "model.layers.0.mlp.experts.gate_up_proj [4, 64, 256]",
+                   "of GptOssExperts", "in a layout qatext does not take apart")
     assert not out.exists()
+
+
+def test_a_mixture_of_experts_trains_evaluates_generates_and_is_not_exported(tmp_path, bpe_model_dir):
+    """A Qwen3-MoE with a real tokenizer, as a user runs it: every expert quantized and trained, the model
+    evaluated and generating; the GPTQ export, which transformers' loader would build with the experts
+    stacked and random, is refused in one line and writes nothing."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(vocab_size=384, hidden_size=64, moe_intermediate_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                      num_experts_per_tok=2, head_dim=16, max_position_embeddings=128)
+    source = tmp_path / "qwen3_moe"
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bpe_model_dir / name, source / name)
+    out = tmp_path / "run"
+    proc = qatext("train", "--method", "lrqat", "--model", source, "--output-dir", out, *TRAIN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "model" / "qatext_config.json").read_text())["layers"]
+    assert len(saved) == 2 * (4 + 4 * 3) and "model.layers.1.mlp.experts.3.down_proj" in saved
+    proc = qatext("eval", "--model", out / "model", "--max-windows", "2", "--seq-len", "32", "--device", "cpu")
+    assert proc.returncode == 0 and '"ppl"' in proc.stdout, proc.stderr[-3000:]
+    proc = qatext("generate", "--model", out / "model", "--prompt", "In the beginning", "--max-new-tokens", "4",
+                  "--device", "cpu")
+    assert proc.returncode == 0 and proc.stdout.startswith("In the beginning"), proc.stderr[-3000:]
+    one_line_error(qatext("export", "--model", out / "model", "--output", tmp_path / "gptq"),
+                   "24 of 32 quantized layers (e.g. model.layers.0.mlp.experts.0.gate_proj) are not modules of "
+                   "Qwen3MoeForCausalLM as transformers builds it", "load_quantized")
+    assert not (tmp_path / "gptq").exists()
 
 
 # ---------------------------------------------------------------- resume is safe

@@ -195,14 +195,15 @@ def test_model_api_misuse_is_one_clear_error(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match=r"no nn.Linear found in the decoder blocks \(its blocks hold Conv1D"):
         quantize_model(gpt2, QuantSpec(4, 32))
-    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+    gpt_oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(  # experts transposed, biased, interleaved
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4))
+        num_key_value_heads=1, num_local_experts=4, head_dim=16))
     with pytest.raises(ValueError, match=r"hold 2 stacked weight tensors outside nn.Linear \(e.g. model.layers.0.mlp"
-                                         r".experts.gate_up_proj \[4, 128, 32\]: fused mixture-of-experts weights\), 88%"):
-        quantize_model(mixtral, QuantSpec(4, 32))
-    assert not models.quant_layers(mixtral)  # refused before any layer was replaced
-    named = quantize_model(mixtral, QuantSpec(4, 32), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+                                         r".experts.gate_up_proj \[4, 32, 128\], fused mixture-of-experts weights "
+                                         r"of GptOssExperts\), 86% of their weights, in a layout qatext does not take"):
+        quantize_model(gpt_oss, QuantSpec(4, 32))
+    assert not models.quant_layers(gpt_oss)  # refused before any layer was replaced
+    named = quantize_model(gpt_oss, QuantSpec(4, 32), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert len(models.quant_layers(named)) == 4  # asked for by name: the attention alone, knowingly
     mamba_like = tiny_llama()  # a depthwise conv's weight [channels, 1, width] is 3-D, but no stack of matrices
     mamba_like.model.layers[0].register_parameter("conv", torch.nn.Parameter(torch.zeros(64, 1, 4)))

@@ -54,6 +54,12 @@ def check_plain_linears(model: nn.Module, names: list[str], fmt: str) -> None:
         return  # not a transformers model: no loader of these formats would build it either
     with torch.device("meta"):
         skeleton = type(model)(copy.deepcopy(model.config))
+    unbuilt = [name for name in names if not _has_module(skeleton, name)]
+    if unbuilt:
+        raise ValueError(f"export ({fmt}): {len(unbuilt)} of {len(names)} quantized layers (e.g. {unbuilt[0]}) are not "
+                         f"modules of {type(model).__name__} as transformers builds it (a mixture's experts, which it "
+                         "stacks into one tensor), so transformers' GPTQ loader and hqq would not load them. The qatext "
+                         "model itself loads and runs (load_quantized, qatext.hf, qatext eval / generate)")
     built = {name: type(skeleton.get_submodule(name)) for name in names}
     subclassed = {name: cls for name, cls in built.items() if cls is not nn.Linear}
     if subclassed:
@@ -63,6 +69,14 @@ def check_plain_linears(model: nn.Module, names: list[str], fmt: str) -> None:
                          "replace exact nn.Linear layers only, so the export would load there with those layers "
                          "randomly initialised, or fail. The qatext model itself loads and runs (load_quantized, "
                          "qatext eval / generate)")
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 @torch.no_grad()

@@ -1,0 +1,96 @@
+"""A mixture of experts as one gate / up / down nn.Linear trio an expert, so that qatext quantizes,
+trains, merges and saves the experts as it does any linear layer.
+
+transformers (5.x) holds a decoder block's routed experts as two stacked tensors, gate_up_proj
+[experts, 2 * inter, hidden] and down_proj [experts, hidden, inter] (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V3, ...). `ExpertList` is the same computation on per-expert modules named as the hub's
+per-expert checkpoints name them (`mlp.experts.{e}.gate_proj`), as transformers' own
+SequentialMiniCPM5MoeExperts does for AWQ checkpoints. Other layouts (transposed, interleaved or biased
+experts: Llama 4, GPT-OSS) are left fused and named by `models.check_no_fused_experts`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ExpertMLP(nn.Module):
+    """One expert: down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+
+    # Written as transformers' LlamaMLP.forward is, to the bytecode, so that a packed expert's gate/up
+    # decode GEMM takes SwiGLU as its epilogue (nn.shared_input.is_swiglu_mlp) as a dense MLP's does.
+    def forward(self, x):
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
+
+
+class ExpertList(nn.ModuleList):
+    """transformers' stacked experts as a list of ExpertMLP, called as they are: (hidden_states [tokens,
+    hidden], top_k_index [tokens, k], top_k_weights [tokens, k]) -> [tokens, hidden], each token's
+    experts' outputs scaled by its routing weights and summed. Expert ids past the list (transformers'
+    expert-parallel sentinels) are skipped."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():  # (one host sync, as transformers' eager loop)
+            if expert >= len(self):
+                continue
+            tokens, slots = torch.where(top_k_index == expert)
+            y = self[expert](hidden_states[tokens]) * top_k_weights[tokens, slots, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+    @classmethod
+    def from_stacked(cls, experts: nn.Module) -> ExpertList:
+        """The per-expert form of a stacked module that `is_stacked_experts` accepts, on its device and
+        dtype (meta stays meta: a skeleton to load into)."""
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        inter, hidden = down.shape[2], down.shape[1]
+
+        def linear(weight: torch.Tensor) -> nn.Linear:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # (no init to discard)
+            # a copy, not a view: the stacked tensor is freed once the module is replaced
+            layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            return layer
+
+        return cls(ExpertMLP(linear(gate_up[e, :inter]), linear(gate_up[e, inter:]), linear(down[e]), experts.act_fn)
+                   for e in range(gate_up.shape[0]))
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """Whether `module` is transformers' stacked-experts module in the layout ExpertList computes: its
+    only parameters gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I], no bias, no
+    transposition, no post-expert norm, the default gating act_fn(gate) * up."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # (a transformers without stacked experts)
+        return False
+    params = dict(module.named_parameters())
+    if set(params) != {"gate_up_proj", "down_proj"}:
+        return False
+    gate_up, down = params["gate_up_proj"], params["down_proj"]
+    flags = [getattr(module, f, None) for f in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
+                                                "has_post_expert_norm")]
+    return (flags == [True, False, False, True, False] and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+            and isinstance(getattr(module, "act_fn", None), nn.Module) and gate_up.dim() == down.dim() == 3
+            and gate_up.shape == (down.shape[0], 2 * down.shape[2], down.shape[1]))
+
+
+def unfuse_experts(model: nn.Module, holding=None) -> list[str]:
+    """Replace every stacked-experts module of `model` that `is_stacked_experts` accepts by its
+    ExpertList (or, given `holding`, layer names, only those that hold one of them); returns the
+    replaced modules' names."""
+    names = [n for n, m in model.named_modules() if is_stacked_experts(m)]
+    if holding is not None:
+        names = [n for n in names if any(h.startswith(n + ".") for h in holding)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ExpertList.from_stacked(model.get_submodule(name)))
+    return names
