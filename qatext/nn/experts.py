@@ -35,16 +35,26 @@ class ExpertList(nn.ModuleList):
     """transformers' stacked experts as a list of ExpertMLP, called as they are: (hidden_states [tokens,
     hidden], top_k_index [tokens, k], top_k_weights [tokens, k]) -> [tokens, hidden], each token's
     experts' outputs scaled by its routing weights and summed. Expert ids past the list (transformers'
-    expert-parallel sentinels) are skipped."""
+    expert-parallel sentinels) are skipped.
+
+    In distributed training every trainable parameter of an expert no token chose enters the graph at
+    zero weight: each rank then has a gradient (zeros) for every parameter, as DDP's and FSDP2's
+    reductions need (ranks route differently; a missing gradient on one rank fails the step)."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
-        for expert in top_k_index.unique().tolist():  # (one host sync, as transformers' eager loop)
+        chosen = top_k_index.unique().tolist()  # (one host sync, as transformers' eager loop)
+        for expert in chosen:
             if expert >= len(self):
                 continue
             tokens, slots = torch.where(top_k_index == expert)
             y = self[expert](hidden_states[tokens]) * top_k_weights[tokens, slots, None]
             out.index_add_(0, tokens, y.to(out.dtype))
+        if torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized():
+            idle = [p.reshape(-1)[:1] for e in set(range(len(self))) - set(chosen)
+                    for p in self[e].parameters() if p.requires_grad]
+            if idle:
+                out = out + 0 * torch.cat(idle).sum().to(out.dtype)
         return out
 
     @classmethod
