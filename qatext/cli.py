@@ -144,9 +144,14 @@ def _check_group_size(model, spec) -> None:
     """--group-size must divide the in_features of every linear layer the methods quantize (the decoder's),
     checked before anything is written: a run that cannot start leaves no record to --restart over."""
     from .models import decoder_layers
+    from .nn.experts import is_stacked_experts
 
-    widths = {name: m.in_features for name, m in decoder_layers(model).named_modules()
-              if isinstance(m, torch.nn.Linear)}
+    widths = {}
+    for name, m in decoder_layers(model).named_modules():
+        if isinstance(m, torch.nn.Linear):
+            widths[name] = m.in_features
+        elif is_stacked_experts(m):  # as quantize_model will take them apart: expert 0 names them all
+            widths[f"{name}.0.gate_proj"], widths[f"{name}.0.down_proj"] = m.down_proj.shape[1:]
     if spec.group_size == -1 or not widths:
         return
     bad = next((name for name, k in widths.items() if k % spec.group_size), None)

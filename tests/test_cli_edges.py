@@ -168,6 +168,21 @@ def test_a_model_with_fused_experts_in_another_layout_is_refused_before_writing(
     assert not out.exists()
 
 
+def test_a_group_size_that_does_not_divide_an_experts_width_is_refused_before_writing(tmp_path):
+    """The experts' widths (hidden for gate/up, moe_intermediate_size for down) are checked as the dense
+    layers' are, though they are not nn.Linear until quantize_model takes them apart."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=64, moe_intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                      head_dim=16)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    out = tmp_path / "run"
+    one_line_error(qatext("train", "--method", "rtn", "--model", tmp_path / "moe", "--byte-tokens", "--group-size", "32",
+                          "--output-dir", out, "--device", "cpu"),
+                   "--group-size 32 must divide", "layer 0.mlp.experts.0.down_proj has 48", "use --group-size 16")
+    assert not out.exists()
+
+
 def test_a_mixture_of_experts_trains_evaluates_generates_and_is_not_exported(tmp_path, bpe_model_dir):
     """A Qwen3-MoE with a real tokenizer, as a user runs it: every expert quantized and trained, the model
     evaluated and generating; the GPTQ export, which transformers' loader would build with the experts
