@@ -70,6 +70,11 @@ def compiled_layers(model: nn.Module, mode: str | None = None):
     return _layer_forwards(model, functools.partial(torch.compile, mode=mode))
 
 
+# Mixture-of-experts routers that are nn.Linear (Qwen2-MoE's shared_expert_gate, older models' gate): their
+# outputs choose the experts and they hold a negligible share of the weights, so they stay in full precision,
+# as GPTQModel and vLLM leave them, unless named in target_modules.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
 # What each adapter mode trains (the papers': LR-QAT its low-rank pair and scales, QA-LoRA its pair,
 # EfficientQAT's E2E-QP the step sizes); quantize_model freezes the rest of the model.
 ADAPTER_PARAMS = {"lrqat": ("lora_a", "lora_b", "scale"), "qalora": ("lora_a", "lora_b"), "e2eqp": ("scale",)}
@@ -107,9 +112,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
 
     `method` is a QuantLinear mode (fake, lrqat, qalora, e2eqp, packed). `target_modules`: names
     (last path component, e.g. "q_proj") to restrict to; every one must match at least one layer.
-    Embeddings, norms and lm_head stay in full precision. In the adapter modes (lrqat, qalora, e2eqp)
-    only what the method trains stays trainable (ADAPTER_PARAMS), as PEFT's get_peft_model leaves a
-    model; fake (full QAT) leaves every parameter trainable.
+    Embeddings, norms, lm_head and mixture-of-experts routers (ROUTER_NAMES) stay in full precision; a
+    mixture's stacked experts become per-expert nn.Linear layers first (nn.experts). In the adapter modes
+    (lrqat, qalora, e2eqp) only what the method trains stays trainable (ADAPTER_PARAMS), as PEFT's
+    get_peft_model leaves a model; fake (full QAT) leaves every parameter trainable.
     """
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -122,7 +128,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, method: str = "fake", targ
     linears = [(f"{prefix}.{n}", m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:
         short = name.split(".")[-1]
-        if targets is not None and short not in targets:
+        skipped = short not in targets if targets is not None else short in ROUTER_NAMES
+        if skipped:
             continue
         found.add(short)
         replace_module(model, name, QuantLinear.from_linear(linear, spec, mode=method, init=init, **layer_kwargs))

@@ -183,10 +183,11 @@ def test_a_group_size_that_does_not_divide_an_experts_width_is_refused_before_wr
     assert not out.exists()
 
 
-def test_a_mixture_of_experts_trains_evaluates_generates_and_is_not_exported(tmp_path, bpe_model_dir):
+def test_a_mixture_of_experts_trains_evaluates_generates_and_exports_on_request(tmp_path, bpe_model_dir):
     """A Qwen3-MoE with a real tokenizer, as a user runs it: every expert quantized and trained, the model
-    evaluated and generating; the GPTQ export, which transformers' loader would build with the experts
-    stacked and random, is refused in one line and writes nothing."""
+    evaluated and generating; the default export, whose loaders would build the experts stacked and
+    random, is refused in one line and writes nothing; --format gptq writes them one module an expert
+    (for GPTQModel, vLLM, SGLang)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Qwen3MoeConfig(vocab_size=384, hidden_size=64, moe_intermediate_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
@@ -207,8 +208,12 @@ def test_a_mixture_of_experts_trains_evaluates_generates_and_is_not_exported(tmp
     assert proc.returncode == 0 and proc.stdout.startswith("In the beginning"), proc.stderr[-3000:]
     one_line_error(qatext("export", "--model", out / "model", "--output", tmp_path / "gptq"),
                    "24 of 32 quantized layers (e.g. model.layers.0.mlp.experts.0.gate_proj) are not modules of "
-                   "Qwen3MoeForCausalLM as transformers builds it", "load_quantized")
+                   "Qwen3MoeForCausalLM as transformers builds it", "give format 'gptq' (--format gptq)")
     assert not (tmp_path / "gptq").exists()
+    proc = qatext("export", "--model", out / "model", "--output", tmp_path / "gptq", "--format", "gptq",
+                  "--checkpoint-format", "gptq_v2")
+    assert proc.returncode == 0 and "one module an expert" in proc.stdout, proc.stderr[-3000:]
+    assert (tmp_path / "gptq" / "tokenizer.json").exists()
 
 
 # ---------------------------------------------------------------- resume is safe

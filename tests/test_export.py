@@ -270,3 +270,58 @@ def test_scales_beyond_fp16_refuse_gptq(tmp_path):
     with pytest.raises(ValueError, match="beyond the fp16 GPTQ stores"):
         export_model(model, tmp_path / "inf", format="gptq")
     assert export_model(model, tmp_path / "auto")["format"] == "hqq"
+
+
+# GPTQModel's loader, in a process of its own: it patches transformers' MoE classes for the rest of the
+# process (they would then build unstacked experts). Writes every quantized layer's weight as it
+# dequantizes it, and the logits of `x`.
+GPTQMODEL_READ = """
+import sys, torch
+from gptqmodel import BACKEND, GPTQModel
+path, names, x, out = sys.argv[1], sys.argv[2].split(","), torch.load(sys.argv[3]), sys.argv[4]
+model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+with torch.no_grad():
+    torch.save({"weights": {n: model.get_submodule(n).dequantize_weight().t().float() for n in names},
+                "logits": model(input_ids=x).logits.float()}, out)
+"""
+
+
+@needs_gptq_loader
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_moe_gptq_export_loads_in_gptqmodel(tmp_path, bpe_model_dir, family, symmetric):
+    """A mixture's experts, written one module an expert (--format gptq), read back by GPTQModel's own
+    loader, which takes transformers' stacked experts apart: every expert's weight as it dequantizes it
+    (fp16 compute: 2^-11 relative) equals ours with fp16 scales, and the routers stay in full precision.
+    GPTQModel reads an asymmetric model from gptq_v2 only; auto and HQQ, whose loaders build the experts
+    stacked, refuse and write nothing."""
+    import subprocess
+    import sys
+
+    from test_experts import moe
+
+    model = models.merge_model(models.quantize_model(moe(family), QuantSpec(4, 32, symmetric)))
+    layers = models.quant_layers(model)
+    assert not any(name.endswith("gate") for name, _ in layers)  # routers stay in full precision
+    for fmt, fragment in [("auto", "give format 'gptq'"), ("hqq", "hqq's loader")]:
+        with pytest.raises(ValueError, match=rf"export \({fmt}\): 24 of {len(layers)} quantized layers \(e.g. "
+                                             rf"model.layers.0.mlp.experts.0.gate_proj\) are not modules of .*{fragment}"):
+            export_model(model, tmp_path / fmt, format=fmt)
+        assert not (tmp_path / fmt).exists()
+    result = export_model(model, tmp_path / "gptq", format="gptq", tokenizer=bpe_model_dir,
+                          checkpoint_format=None if symmetric else "gptq_v2")
+    assert "one module an expert" in result["reason"]
+    x = torch.randint(0, 256, (2, 16))
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", GPTQMODEL_READ, str(tmp_path / "gptq"), ",".join(n for n, _ in layers),
+                           str(tmp_path / "x.pt"), str(tmp_path / "read.pt")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    read = torch.load(tmp_path / "read.pt")
+    model = with_fp16_scales(model)
+    for name, layer in layers:
+        ours = ops.dequant(layer.packed, layer.scale, layer.zero, layer.spec.bits, layer.group_size, layer.in_features)
+        torch.testing.assert_close(read["weights"][name], ours, rtol=2**-10, atol=1e-8)
+    # fp16 routing may pick another expert where two nearly tie (a token's logits then move a little); random
+    # experts would move every logit
+    close = (read["logits"] - logits(model, x)).abs() <= 2e-3
+    assert close.float().mean() > 0.9, close.float().mean()

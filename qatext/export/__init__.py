@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..io import quant_layers, write_companions
+from ..nn.experts import ExpertList
 from ..outdir import check_not_source, check_target, written_dir
 from . import gptq, hqq
 from .layers import QuantizedWeight, read_quantized
@@ -77,6 +78,9 @@ def export_model(model: nn.Module, out_dir, format: str = "auto", tokenizer=None
         else:
             quant_config = hqq.write(model, weights, tmp)
         write_companions(model, tmp, tokenizer)
+    if format == "gptq" and any(isinstance(m, ExpertList) for m in model.modules()):
+        reason += ("; the experts are written one module an expert (mlp.experts.E.gate_proj), as GPTQModel.load, vLLM "
+                   "and SGLang read them, not transformers' from_pretrained (it builds them stacked)")
     return {"format": format, "reason": reason, "quantization_config": quant_config, "path": str(Path(out_dir))}
 
 

@@ -55,12 +55,15 @@ def check_plain_linears(model: nn.Module, names: list[str], fmt: str) -> None:
     with torch.device("meta"):
         skeleton = type(model)(copy.deepcopy(model.config))
     unbuilt = [name for name in names if not _has_module(skeleton, name)]
-    if unbuilt:
+    if unbuilt and fmt != "gptq":
+        where = ("hqq's loader, which builds the model as transformers does, would not load them" if fmt == "hqq" else
+                 "give format 'gptq' (--format gptq) to write them one module an expert, as GPTQModel.load, vLLM and "
+                 "SGLang read them (transformers' from_pretrained would leave them randomly initialised)")
         raise ValueError(f"export ({fmt}): {len(unbuilt)} of {len(names)} quantized layers (e.g. {unbuilt[0]}) are not "
                          f"modules of {type(model).__name__} as transformers builds it (a mixture's experts, which it "
-                         "stacks into one tensor), so transformers' GPTQ loader and hqq would not load them. The qatext "
-                         "model itself loads and runs (load_quantized, qatext.hf, qatext eval / generate)")
-    built = {name: type(skeleton.get_submodule(name)) for name in names}
+                         f"stacks into one tensor): {where}. The qatext model itself loads and runs (load_quantized, "
+                         "qatext.hf, qatext eval / generate)")
+    built = {name: type(skeleton.get_submodule(name)) for name in names if name not in unbuilt}
     subclassed = {name: cls for name, cls in built.items() if cls is not nn.Linear}
     if subclassed:
         name, cls = next(iter(subclassed.items()))
