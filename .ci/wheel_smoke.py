@@ -35,8 +35,8 @@ with tempfile.TemporaryDirectory() as tmp:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny")
 
-    def train(method: str, out: Path) -> None:
-        subprocess.run(["qatext", "train", "--method", method, "--model", str(tmp / "tiny"), "--bits", "3",
+    def train(method: str, out: Path, model: str = "tiny") -> None:
+        subprocess.run(["qatext", "train", "--method", method, "--model", str(tmp / model), "--bits", "3",
                         "--group-size", "32", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
                         "--byte-tokens", "--output-dir", str(out)], check=True)
         assert len(json.loads((out / "train_log.json").read_text())["loss"]) == 3
@@ -52,4 +52,13 @@ with tempfile.TemporaryDirectory() as tmp:
         logits = model(input_ids=torch.arange(16)[None]).logits
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(hf_model(input_ids=torch.arange(16)[None]).logits, logits, rtol=0, atol=0)
+
+    # A mixture of experts: its stacked experts taken apart (qatext.nn.experts), trained and loaded back
+    moe = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                      num_experts_per_tok=2)
+    transformers.Qwen3MoeForCausalLM(moe).save_pretrained(tmp / "moe")
+    train("lrqat", tmp / "moe_run", model="moe")
+    loaded = qatext.load_quantized(tmp / "moe_run" / "model")
+    assert "model.layers.0.mlp.experts.3.down_proj" in dict(qatext.models.quant_layers(loaded))
 print("wheel smoke test passed")
