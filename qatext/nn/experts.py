@@ -78,6 +78,8 @@ def is_stacked_experts(module: nn.Module) -> bool:
     """Whether `module` is transformers' stacked-experts module in the layout ExpertList computes: its
     only parameters gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I], no bias, no
     transposition, no post-expert norm, the default gating act_fn(gate) * up."""
+    if not isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
+        return False
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:  # (a transformers without stacked experts)
@@ -97,10 +99,11 @@ def unfuse_experts(model: nn.Module, holding=None) -> list[str]:
     """Replace every stacked-experts module of `model` that `is_stacked_experts` accepts by its
     ExpertList (or, given `holding`, layer names, only those that hold one of them); returns the
     replaced modules' names."""
+    from ..io import replace_module  # (io builds saved layers with this module)
+
     names = [n for n, m in model.named_modules() if is_stacked_experts(m)]
     if holding is not None:
         names = [n for n in names if any(h.startswith(n + ".") for h in holding)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, ExpertList.from_stacked(model.get_submodule(name)))
+        replace_module(model, name, ExpertList.from_stacked(model.get_submodule(name)))
     return names
