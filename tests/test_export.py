@@ -287,8 +287,7 @@ with torch.no_grad():
 
 
 @needs_gptq_loader
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("family,symmetric", [("mixtral", True), ("qwen3_moe", False), ("qwen2_moe", True)])
 def test_moe_gptq_export_loads_in_gptqmodel(tmp_path, bpe_model_dir, family, symmetric):
     """A mixture's experts, written one module an expert (--format gptq), read back by GPTQModel's own
     loader, which takes transformers' stacked experts apart: every expert's weight as it dequantizes it
