@@ -12,6 +12,7 @@ from test_recipes import FAST, tiny_llama
 
 from qatext import QuantSpec, data, evaluate, export_model, load_quantized, methods, models, ops, save_quantized
 from qatext.export import gptq, hqq, round_zeros
+from qatext.export.layers import read_quantized
 
 transformers = pytest.importorskip("transformers")
 
@@ -287,7 +288,7 @@ with torch.no_grad():
 
 
 @needs_gptq_loader
-@pytest.mark.parametrize("family,symmetric", [("mixtral", True), ("qwen3_moe", False), ("qwen2_moe", True)])
+@pytest.mark.parametrize("family,symmetric", [("qwen3_moe", False), ("qwen2_moe", True), ("olmoe", True)])
 def test_moe_gptq_export_loads_in_gptqmodel(tmp_path, bpe_model_dir, family, symmetric):
     """A mixture's experts, written one module an expert (--format gptq), read back by GPTQModel's own
     loader, which takes transformers' stacked experts apart: every expert's weight as it dequantizes it
@@ -324,3 +325,39 @@ def test_moe_gptq_export_loads_in_gptqmodel(tmp_path, bpe_model_dir, family, sym
     # experts would move every logit
     close = (read["logits"] - logits(model, x)).abs() <= 2e-3
     assert close.float().mean() > 0.9, close.float().mean()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_neox"])
+def test_gptq_export_names_its_tensors_as_save_pretrained_does(tmp_path, family):
+    """The hub's names, which vLLM and SGLang read: transformers renames some weights in memory and
+    stacks experts (Mixtral's block_sparse_moe.experts.E.w1 / w3 / w2 are mlp.experts.gate_up_proj /
+    down_proj; GPT-NeoX's embed_out is lm_head), and save_pretrained writes them back under the hub's
+    names; the export's modules are save_pretrained's, each expert's projection under its own name.
+    (GPTQModel 7.7 under transformers 5 reads Mixtral's in-memory names instead, so it is not asked here.)"""
+    from safetensors.torch import load_file
+    from test_experts import moe
+
+    if family == "gpt_neox":
+        torch.manual_seed(0)
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            tie_word_embeddings=False))
+    else:
+        model = moe(family)
+    model.save_pretrained(tmp_path / "hf")
+    written = {k.rpartition(".")[0] for k in load_file(tmp_path / "hf" / "model.safetensors")}
+    model = models.merge_model(models.quantize_model(model, QuantSpec(4, 32)))
+    export_model(model, tmp_path / "gptq", format="gptq")
+    exported = load_file(tmp_path / "gptq" / "model.safetensors")
+    assert {k.rpartition(".")[0] for k in exported} == written
+    # each layer's codes under its own hub name (Mixtral: w1 the gate, w3 the up, w2 the down projection)
+    hub = {"mixtral": {"mlp.experts.3.gate_proj": "block_sparse_moe.experts.3.w1",
+                       "mlp.experts.3.up_proj": "block_sparse_moe.experts.3.w3",
+                       "mlp.experts.3.down_proj": "block_sparse_moe.experts.3.w2"},
+           "qwen3_moe": {f"mlp.experts.3.{p}": f"mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+           "gpt_neox": {"mlp.dense_h_to_4h": "mlp.dense_h_to_4h"}}[family]
+    prefix = "gpt_neox.layers.1." if family == "gpt_neox" else "model.layers.1."
+    weights = {w.name: w for w in read_quantized(model, "gptq")}
+    for ours, theirs in hub.items():
+        codes = gptq.layer_tensors(weights[prefix + ours], "gptq")["qweight"]
+        assert torch.equal(exported[f"{prefix}{theirs}.qweight"], codes), (ours, theirs)

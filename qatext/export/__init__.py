@@ -79,8 +79,8 @@ def export_model(model: nn.Module, out_dir, format: str = "auto", tokenizer=None
             quant_config = hqq.write(model, weights, tmp)
         write_companions(model, tmp, tokenizer)
     if format == "gptq" and any(isinstance(m, ExpertList) for m in model.modules()):
-        reason += ("; the experts are written one module an expert (mlp.experts.E.gate_proj), as GPTQModel.load, vLLM "
-                   "and SGLang read them, not transformers' from_pretrained (it builds them stacked)")
+        reason += ("; the experts are written one module an expert, under the hub's names, as vLLM, SGLang and "
+                   "GPTQModel.load read them, not transformers' from_pretrained (it builds them stacked)")
     return {"format": format, "reason": reason, "quantization_config": quant_config, "path": str(Path(out_dir))}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..io import write_hf_config
 from ..quant.primitives import qmax
+from .hub_layout import hub_layout
 from .layers import QuantizedWeight, dense_tensors
 
 BITS = (2, 3, 4, 8)
@@ -107,9 +108,8 @@ def write(model, weights: list[QuantizedWeight], out_dir: Path, checkpoint_forma
     spec = weights[0].spec
     quant_config = {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
                     "sym": spec.symmetric, "checkpoint_format": checkpoint_format}
-    state = dense_tensors(model, weights)
-    for w in weights:
-        state.update({f"{w.name}.{k}": t for k, t in layer_tensors(w, checkpoint_format).items()})
+    state = hub_layout(model, dense_tensors(model, weights),
+                       {w.name: layer_tensors(w, checkpoint_format) for w in weights})
     write_hf_config(model, out_dir, quant_config)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
