@@ -21,10 +21,11 @@ def hub_layout(model: nn.Module, dense: dict[str, torch.Tensor],
     as one state dict in the hub's names."""
     try:
         from transformers.core_model_loading import revert_weight_conversion as revert
-    except ImportError:  # (transformers 4: the in-memory names are the hub's)
+    except ImportError:  # (transformers 4)
         revert = None
-    if revert is None or not hasattr(model, "config"):
-        return {**dense, **{f"{name}.{k}": t for name, tensors in layers.items() for k, t in tensors.items()}}
+    if revert is None or not hasattr(model, "config"):  # the in-memory names are the hub's
+        def revert(_model, state):
+            return dict(state)
     names = _expert_names(model, revert)
     names.update(_layer_names(model, [name for name in layers if name not in names], revert))
     state = revert(model, {k: v for k, v in dense.items() if k.rpartition(".")[0] not in names})
