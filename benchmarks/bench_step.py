@@ -1,4 +1,5 @@
-"""One training step of a LLaMA-2-7B-shaped model (transformers config, random init, bf16), seq 1024,
+"""One training step of a LLaMA-2-7B-shaped model (transformers config, random init, bf16; or with
+--model qwen3_moe a Qwen3-30B-A3B-shaped mixture of experts, benchmarks/moe_shape.py), seq 1024,
 batch 1, for one method: peak GPU memory and tokens/s. qatext's methods and the tools a user would
 pick instead (benchmarks/peers.py): a bf16 full fine-tune, PEFT LoRA r64 with bf16 adapters, QLoRA
 (bitsandbytes NF4 + PEFT) and torchao QAT (int4 g128 fake quantization, full fine-tune). Full
@@ -23,6 +24,7 @@ from qatext.methods.common import layer_params
 from qatext.train import train
 import peers
 from llama7b import llama_7b
+from moe_shape import qwen3_30b_a3b
 from timing import StepClock, emit
 
 # method -> (QuantLinear mode, layer options, trained parameter names, learning rate)
@@ -34,20 +36,27 @@ SETUPS = {
     "full_qat": ("fake", {}, ("weight", "scale", "zero"), 1e-5),
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# transformers' stacked experts (PEFT's target_parameters), which qatext's methods quantize per expert
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # peer -> (build the trained model from the bf16 one, learning rate, the recipe whose optimiser settings it takes)
 PEERS = {
     "bf16_ft": (lambda m: m, 1e-5, "full_qat"),
     "torchao_qat": (peers.torchao_qat, 1e-5, "full_qat"),
-    "peft_lora": (lambda m: peers.lora(m, LORA_TARGETS), 1e-4, "qalora"),
+    "peft_lora": (lambda m: peers.lora(m, LORA_TARGETS, EXPERT_PARAMETERS if is_moe(m) else None), 1e-4, "qalora"),
     "qlora": (lambda m: peers.lora(peers.nf4(m), LORA_TARGETS), 1e-4, "qalora"),
 }
+MODELS = {"llama7b": llama_7b, "qwen3_moe": qwen3_30b_a3b}
 FULL_FINE_TUNES = ("full_qat", "bf16_ft", "torchao_qat")
 METHODS = sorted(SETUPS) + sorted(PEERS)
 
 
-def build(method: str, layers: int = 32, device="cuda"):
-    """(model, trained parameters, recipe, lr) of `method` on the 7B-shaped model, as a user trains it."""
-    model = llama_7b(layers, device)
+def is_moe(model) -> bool:
+    return getattr(model.config, "num_experts", None) is not None
+
+
+def build(method: str, layers: int = 32, device="cuda", shape: str = "llama7b"):
+    """(model, trained parameters, recipe, lr) of `method` on the `shape` model (MODELS), as a user trains it."""
+    model = MODELS[shape](layers, device)
     if method in SETUPS:
         mode, options, trained, lr = SETUPS[method]
         models.quantize_model(model, QuantSpec(4, 128), method=mode, init="minmax", **options)
@@ -71,6 +80,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama7b")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -81,7 +91,7 @@ def main():
                         "(reduce-overhead: in CUDA graphs, forward and backward; an experiment, not a train option)")
     args = parser.parse_args()
     qatext.set_value_checks(False)
-    model, params, recipe, lr = build(args.method, args.layers)
+    model, params, recipe, lr = build(args.method, args.layers, shape=args.model)
     tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))
     clock = StepClock(causal_lm_loss)
 
@@ -96,7 +106,7 @@ def main():
         history = train(model, [{"params": params, "lr": lr}], tokens, tcfg, loss_fn=clock)
     step_s = clock.seconds_per_step(warmup=2)
     forward_host_ms, forward_gpu_ms = clock.forward_host_and_gpu_ms(warmup=2)
-    result = {"method": args.method, "device": torch.cuda.get_device_name(), "layers": args.layers,
+    result = {"method": args.method, "model": args.model, "device": torch.cuda.get_device_name(), "layers": args.layers,
               "seq_len": args.seq_len, "compiled": args.compile, "compile_mode": args.compile_mode, "step_s": step_s,
               "tokens_per_s": args.seq_len / step_s,
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,

@@ -18,10 +18,12 @@ from torch import nn
 LORA_RANK, LORA_ALPHA = 64, 16
 
 
-def lora(model: nn.Module, target_modules) -> nn.Module:
+def lora(model: nn.Module, target_modules, target_parameters=None) -> nn.Module:
+    """target_parameters: stacked experts' tensors (PEFT's LoRA on an nn.Parameter, for MoE models)."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=target_modules),
+    extra = {"target_parameters": target_parameters} if target_parameters else {}
+    return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=target_modules, **extra),
                           autocast_adapter_dtype=False)
 
 

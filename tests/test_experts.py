@@ -146,3 +146,43 @@ def test_a_merged_moe_round_trips(tmp_path):
     save_quantized(model, tmp_path / "saved")
     x = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(logits(load_quantized(tmp_path / "saved"), x), logits(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["fake", "packed", "tiled", "lrqat"])
+@pytest.mark.parametrize("tokens", [3, 200])
+def test_experts_on_the_gpu_compute_transformers_moe_over_the_quantized_weights(method, tokens):
+    """One block's experts in bf16 on the GPU (packed: the fused kernel; tiled: the decode kernel with
+    SwiGLU in its gate/up epilogue at a token an expert, the staged kernel at ~50), given the routing,
+    against transformers' stacked experts in fp32 on the CPU over each layer's quantized weight. bf16
+    rounds x, the hidden product, the routing weights and the output (2^-9 each, relative): 2^-6 of
+    the largest output leaves room for them and none for a wrong expert or projection."""
+    config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=256, moe_intermediate_size=128,
+                                         intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    stacked = copy.deepcopy(model.model.layers[0].mlp.experts)
+    model.to("cuda", torch.bfloat16)
+    mode = "packed" if method == "tiled" else method
+    quantize_model(model, QuantSpec(4, 64), method=mode, **({"rank": 8} if mode == "lrqat" else {}))
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():  # trained a little: the low-rank term inside the rounding is not zero
+        for name, p in experts.named_parameters():
+            if "lora_b" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    if method == "tiled":
+        assert models.tile_for_decode(model) > 0 and hasattr(experts[0], "decode_gate_up")
+    with torch.no_grad():
+        for e, expert in enumerate(experts):
+            weights = [getattr(expert, p).quantized_weight().float().cpu() for p in EXPERT_LINEARS]
+            stacked.gate_up_proj[e].copy_(torch.cat(weights[:2]))
+            stacked.down_proj[e].copy_(weights[2])
+    x = torch.randn(tokens, 256)
+    index = torch.stack([torch.randperm(8)[:2] for _ in range(tokens)])
+    routing = torch.randn(tokens, 2).softmax(-1)
+    with torch.no_grad():
+        expected = stacked(x, index, routing)
+        got = experts(x.cuda().bfloat16(), index.cuda(), routing.cuda().bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=0, atol=2**-6 * expected.abs().max().item())
