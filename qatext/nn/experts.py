@@ -35,23 +35,33 @@ class ExpertList(nn.ModuleList):
     """transformers' stacked experts as a list of ExpertMLP, called as they are: (hidden_states [tokens,
     hidden], top_k_index [tokens, k], top_k_weights [tokens, k]) -> [tokens, hidden], each token's
     experts' outputs scaled by its routing weights and summed. Expert ids past the list (transformers'
-    expert-parallel sentinels) are skipped.
+    expert-parallel sentinels) are skipped. The experts run one after another, each on its tokens
+    gathered into one contiguous run.
 
     In distributed training every trainable parameter of an expert no token chose enters the graph at
     zero weight: each rank then has a gradient (zeros) for every parameter, as DDP's and FSDP2's
     reductions need (ranks route differently; a missing gradient on one rank fails the step)."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        k = top_k_index.shape[-1]
+        # The (token, slot) pairs sorted by expert, stably (each expert's tokens in order, as torch.where
+        # lists them), and each expert's count: one host sync a block, where a torch.where an expert is one
+        # an expert. Sentinels past the list (expert parallelism) sort last and are never run.
+        flat = top_k_index.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self))[:len(self)].tolist()
+        tokens = order // k
+        inputs, weights = hidden_states[tokens], top_k_weights.reshape(-1)[order, None]
+        outputs, start = [], 0
+        for expert, count in enumerate(counts):
+            if count:
+                outputs.append(self[expert](inputs[start:start + count]) * weights[start:start + count])
+                start += count
         out = torch.zeros_like(hidden_states)
-        chosen = top_k_index.unique().tolist()  # (one host sync, as transformers' eager loop)
-        for expert in chosen:
-            if expert >= len(self):
-                continue
-            tokens, slots = torch.where(top_k_index == expert)
-            y = self[expert](hidden_states[tokens]) * top_k_weights[tokens, slots, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
+        if outputs:
+            out.index_add_(0, tokens[:start], torch.cat(outputs).to(out.dtype))
         if torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized():
-            idle = [p.reshape(-1)[:1] for e in set(range(len(self))) - set(chosen)
+            idle = [p.reshape(-1)[:1] for e, count in enumerate(counts) if not count
                     for p in self[e].parameters() if p.requires_grad]
             if idle:
                 out = out + 0 * torch.cat(idle).sum().to(out.dtype)
