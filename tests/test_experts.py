@@ -60,6 +60,17 @@ def test_per_expert_layers_compute_what_the_stacked_experts_do(family):
     torch.testing.assert_close(logits(model, x), stacked, rtol=0, atol=0)  # the same products, summed alike
 
 
+def test_experts_of_a_transformers_without_the_post_expert_norm_flag_are_taken_apart():
+    model = moe("qwen3_moe")  # transformers 5.17's decorator sets no has_post_expert_norm
+    for m in model.modules():
+        if hasattr(m, "has_post_expert_norm"):
+            del m.has_post_expert_norm
+    assert unfuse_experts(model)
+    normed = moe("qwen3_moe")
+    normed.model.layers[0].mlp.experts.has_post_expert_norm = True
+    assert unfuse_experts(normed) == ["model.layers.1.mlp.experts"]
+
+
 def dequantized_into_stacked(quantized, original):
     """`original` (the model before quantize_model, experts stacked) given every quantized layer's weight
     as that layer dequantizes it: transformers' own MoE forward over the quantized weights, the oracle."""
