@@ -21,6 +21,7 @@ import qatext
 from qatext import QuantSpec, methods, models
 from qatext.evaluate import causal_lm_loss
 from qatext.methods.common import layer_params
+from qatext.nn.experts import is_stacked_experts
 from qatext.train import train
 import peers
 from llama7b import llama_7b
@@ -42,7 +43,8 @@ EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PEERS = {
     "bf16_ft": (lambda m: m, 1e-5, "full_qat"),
     "torchao_qat": (peers.torchao_qat, 1e-5, "full_qat"),
-    "peft_lora": (lambda m: peers.lora(m, LORA_TARGETS, EXPERT_PARAMETERS if is_moe(m) else None), 1e-4, "qalora"),
+    "peft_lora": (lambda m: peers.lora(m, LORA_TARGETS, EXPERT_PARAMETERS if has_stacked_experts(m) else None), 1e-4,
+                  "qalora"),
     "qlora": (lambda m: peers.lora(peers.nf4(m), LORA_TARGETS), 1e-4, "qalora"),
 }
 MODELS = {"llama7b": llama_7b, "qwen3_moe": qwen3_30b_a3b}
@@ -50,8 +52,8 @@ FULL_FINE_TUNES = ("full_qat", "bf16_ft", "torchao_qat")
 METHODS = sorted(SETUPS) + sorted(PEERS)
 
 
-def is_moe(model) -> bool:
-    return getattr(model.config, "num_experts", None) is not None
+def has_stacked_experts(model) -> bool:
+    return any(is_stacked_experts(m) for m in model.modules())
 
 
 def build(method: str, layers: int = 32, device="cuda", shape: str = "llama7b"):

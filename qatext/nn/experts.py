@@ -100,7 +100,8 @@ def is_stacked_experts(module: nn.Module) -> bool:
     gate_up, down = params["gate_up_proj"], params["down_proj"]
     # (transformers before the post-expert norm has no such flag, and no such norm)
     flags = [getattr(module, f, None) for f in ("has_gate", "has_bias", "is_transposed", "is_concatenated")]
-    return (flags == [True, False, False, True] and not getattr(module, "has_post_expert_norm", False) and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+    return (flags == [True, False, False, True] and not getattr(module, "has_post_expert_norm", False)
+            and getattr(type(module), "_apply_gate", None) is _default_apply_gate
             and isinstance(getattr(module, "act_fn", None), nn.Module) and gate_up.dim() == down.dim() == 3
             and gate_up.shape == (down.shape[0], 2 * down.shape[2], down.shape[1]))
 
