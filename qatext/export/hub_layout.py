@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.experts import ExpertList
+from ..nn.experts import EXPERT_LINEARS, ExpertList
 
 
 def hub_layout(model: nn.Module, dense: dict[str, torch.Tensor],
@@ -50,7 +50,6 @@ def _expert_names(model: nn.Module, revert) -> dict[str, str]:
     """{expert layer name (...experts.E.gate_proj): hub name}: each ExpertList's stacked tensors as
     stand-ins whose entries count (projection, expert), reverted as save_pretrained reverts them; the
     in-memory name where the model's mapping has no place for them."""
-    projections = ("gate_proj", "up_proj", "down_proj")
     names = {}
     for stack, experts in ((n, m) for n, m in model.named_modules() if isinstance(m, ExpertList)):
         count = len(experts)
@@ -60,8 +59,8 @@ def _expert_names(model: nn.Module, revert) -> dict[str, str]:
         for hub, t in revert(model, {f"{stack}.gate_up_proj": gate_up, f"{stack}.down_proj": down}).items():
             if t.numel() == 1:
                 projection, expert = divmod(int(t.item()), count)
-                names[f"{stack}.{expert}.{projections[projection]}"] = hub.removesuffix(".weight")
+                names[f"{stack}.{expert}.{EXPERT_LINEARS[projection]}"] = hub.removesuffix(".weight")
         for expert in range(count):
-            for projection in projections:
+            for projection in EXPERT_LINEARS:
                 names.setdefault(f"{stack}.{expert}.{projection}", f"{stack}.{expert}.{projection}")
     return names

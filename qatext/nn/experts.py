@@ -72,7 +72,7 @@ class ExpertList(nn.ModuleList):
         """The per-expert form of a stacked module that `is_stacked_experts` accepts, on its device and
         dtype (meta stays meta: a skeleton to load into)."""
         gate_up, down = experts.gate_up_proj, experts.down_proj
-        inter, hidden = down.shape[2], down.shape[1]
+        inter = down.shape[2]
 
         def linear(weight: torch.Tensor) -> nn.Linear:
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # (no init to discard)
