@@ -1,8 +1,9 @@
 """Mixture-of-experts inference: a Qwen3-30B-A3B-shaped model (benchmarks/moe_shape.py; --layers of
-its 48) as qatext leaves it after merging (W4 g128 packed experts, tiled for decode, run one expert
-after another as transformers' eager loop runs them) against the same model in bf16 with
-transformers' own experts (grouped_mm: one grouped GEMM a projection; eager: its loop) and with
-qatext's expert loop over bf16 experts (the loop's own cost), in one run.
+its 48) as qatext leaves it after merging (W4 g128 packed experts, tiled for decode), its experts as
+grouped GEMMs over their stacked weights (nn.grouped_experts, the default) and one after another (the
+loop, with the decode kernels), against the same model in bf16 with transformers' own experts
+(grouped_mm: one grouped GEMM a projection; eager: its loop) and with qatext's expert loop over bf16
+experts (the loop's own cost), in one run.
 One eager forward of M tokens (batch 1, no cache): wall-clock milliseconds, host included (the
 per-expert loop is host work), the median of --repeats after warm-up, and the GPU time of the same
 calls. The floor of a forward at small M is one read of the chosen experts' weights.
@@ -19,12 +20,12 @@ import time
 import torch
 
 from qatext import QuantSpec, methods, models
-from qatext.nn.experts import unfuse_experts
+from qatext.nn.experts import ExpertList, unfuse_experts
 import timing
 from bench_generate import model_bytes
 from moe_shape import qwen3_30b_a3b
 
-VARIANTS = ("bf16 grouped_mm", "bf16 eager", "bf16 per expert", "qatext W4 g128")
+VARIANTS = ("bf16 grouped_mm", "bf16 eager", "bf16 per expert", "qatext W4 g128", "qatext W4 g128 loop")
 
 
 def forward_ms(model, tokens: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -64,6 +65,9 @@ def main():
         else:
             model = methods.rtn(copy.deepcopy(base), QuantSpec(4, 128, False))
             models.tile_for_decode(model)
+        for experts in model.modules():
+            if isinstance(experts, ExpertList):
+                experts.grouped = name == "qatext W4 g128"
         for m in args.tokens:
             tokens = torch.randint(0, model.config.vocab_size, (1, m), device="cuda")
             wall, gpu = forward_ms(model, tokens, args.repeats)

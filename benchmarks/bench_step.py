@@ -21,7 +21,7 @@ import qatext
 from qatext import QuantSpec, methods, models
 from qatext.evaluate import causal_lm_loss
 from qatext.methods.common import layer_params
-from qatext.nn.experts import is_stacked_experts
+from qatext.nn.experts import ExpertList, is_stacked_experts
 from qatext.train import train
 import peers
 from llama7b import llama_7b
@@ -91,7 +91,10 @@ def main():
     parser.add_argument("--compile-mode", default=None, choices=("reduce-overhead", "max-autotune"),
                         help="with --compile: the layers compiled in this torch.compile mode instead of the default "
                         "(reduce-overhead: in CUDA graphs, forward and backward; an experiment, not a train option)")
+    parser.add_argument("--experts-loop", action="store_true",
+                        help="qatext's experts one after another (ExpertList.grouped = False), not as grouped GEMMs")
     args = parser.parse_args()
+    ExpertList.grouped = not args.experts_loop
     qatext.set_value_checks(False)
     model, params, recipe, lr = build(args.method, args.layers, shape=args.model)
     tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))
@@ -110,7 +113,7 @@ def main():
     forward_host_ms, forward_gpu_ms = clock.forward_host_and_gpu_ms(warmup=2)
     result = {"method": args.method, "model": args.model, "device": torch.cuda.get_device_name(), "layers": args.layers,
               "seq_len": args.seq_len, "compiled": args.compile, "compile_mode": args.compile_mode, "step_s": step_s,
-              "tokens_per_s": args.seq_len / step_s,
+              "tokens_per_s": args.seq_len / step_s, "experts_loop": args.experts_loop,
               "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "forward_host_ms": forward_host_ms,
               "forward_gpu_ms": forward_gpu_ms,
               "trained_params_M": sum(p.numel() for p in params) / 1e6, "loss": history}

@@ -163,10 +163,12 @@ def test_a_merged_moe_round_trips(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["fake", "packed", "tiled", "lrqat"])
 @pytest.mark.parametrize("tokens", [3, 200])
-def test_experts_on_the_gpu_compute_transformers_moe_over_the_quantized_weights(method, tokens):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_experts_on_the_gpu_compute_transformers_moe_over_the_quantized_weights(method, tokens, grouped):
     """One block's experts in bf16 on the GPU (packed: the fused kernel; tiled: the decode kernel with
     SwiGLU in its gate/up epilogue at a token an expert, the staged kernel at ~50), given the routing,
-    against transformers' stacked experts in fp32 on the CPU over each layer's quantized weight. bf16
+    against transformers' stacked experts in fp32 on the CPU over each layer's quantized weight; the same
+    experts as grouped GEMMs over their stacked weights (nn.grouped_experts) too. bf16
     rounds x, the hidden product, the routing weights and the output (2^-9 each, relative): 2^-6 of
     the largest output leaves room for them and none for a wrong expert or projection."""
     config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=256, moe_intermediate_size=128,
@@ -178,6 +180,7 @@ def test_experts_on_the_gpu_compute_transformers_moe_over_the_quantized_weights(
     mode = "packed" if method == "tiled" else method
     quantize_model(model, QuantSpec(4, 64), method=mode, **({"rank": 8} if mode == "lrqat" else {}))
     experts = model.model.layers[0].mlp.experts
+    experts.grouped = grouped
     with torch.no_grad():  # trained a little: the low-rank term inside the rounding is not zero
         for name, p in experts.named_parameters():
             if "lora_b" in name:

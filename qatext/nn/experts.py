@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .grouped_experts import grouped_experts, grouped_mm_serves, same_kind
+
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -23,6 +25,11 @@ class ExpertMLP(nn.Module):
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+
+    def __setattr__(self, name, value):
+        if isinstance(value, nn.Module):  # (a layer replaced: ExpertList.groups looks again)
+            ExpertList.layouts += 1
+        super().__setattr__(name, value)
 
     # Written as transformers' LlamaMLP.forward is, to the bytecode, so that a packed expert's gate/up
     # decode GEMM takes SwiGLU as its epilogue (nn.shared_input.is_swiglu_mlp) as a dense MLP's does.
@@ -35,14 +42,30 @@ class ExpertList(nn.ModuleList):
     """transformers' stacked experts as a list of ExpertMLP, called as they are: (hidden_states [tokens,
     hidden], top_k_index [tokens, k], top_k_weights [tokens, k]) -> [tokens, hidden], each token's
     experts' outputs scaled by its routing weights and summed. Expert ids past the list (transformers'
-    expert-parallel sentinels) are skipped. The experts run one after another, each on its tokens
-    gathered into one contiguous run.
+    expert-parallel sentinels) are skipped. Where torch's grouped GEMM serves the input and each projection is one
+    kind over the experts, every projection runs as one grouped GEMM over its experts' stacked weights
+    (nn.grouped_experts); otherwise the experts run one after another, each on its tokens gathered into one
+    contiguous run.
 
     In distributed training every trainable parameter of an expert no token chose enters the graph at
-    zero weight: each rank then has a gradient (zeros) for every parameter, as DDP's and FSDP2's
-    reductions need (ranks route differently; a missing gradient on one rank fails the step)."""
+    zero weight (the grouped GEMMs' stacks hold them all; the loop adds them at zero): each rank then has a
+    gradient (zeros) for every parameter, as DDP's and FSDP2's reductions need (ranks route differently; a
+    missing gradient on one rank fails the step)."""
+
+    # False: the experts always run one after another (the grouped GEMMs' reference in tests and benchmarks).
+    grouped: bool = True
+    # Counts the layers set on any ExpertList or ExpertMLP (replaced by a merge, a conversion, a load): `groups`
+    # checks the experts' kinds again only after it moved, not every forward (~0.2 ms a block of 128).
+    layouts: int = 0
+
+    def __setattr__(self, name, value):
+        if isinstance(value, nn.Module):
+            ExpertList.layouts += 1
+        super().__setattr__(name, value)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.grouped and self.groups(hidden_states):
+            return grouped_experts(self, hidden_states, top_k_index, top_k_weights)
         k = top_k_index.shape[-1]
         # The (token, slot) pairs sorted by expert, stably (each expert's tokens in order, as torch.where
         # lists them), and each expert's count: one host sync a block, where a torch.where an expert is one
@@ -66,6 +89,22 @@ class ExpertList(nn.ModuleList):
             if idle:
                 out = out + 0 * torch.cat(idle).sum().to(out.dtype)
         return out
+
+    def groups(self, x: torch.Tensor) -> bool:
+        """Whether this forward can run as grouped GEMMs: each projection one kind over the experts, torch's grouped
+        GEMM on x's device and dtype, not under torch.compile (which takes the loop, as it always has)."""
+        if len(self) < 2 or torch.compiler.is_compiling():
+            return False
+        key = (ExpertList.layouts, x.device, x.dtype)
+        cached = self.__dict__.get("_groups")
+        if cached is None or cached[0] != key:
+            projections = [[getattr(e, name) for e in self] for name in EXPERT_LINEARS]
+            dims = [d for p in projections for d in (p[0].in_features, p[0].out_features)]
+            first = projections[0][0]
+            if getattr(first, "mode", None) == "qalora":
+                dims += [first.rank, first.qshape[1]]
+            cached = self._groups = (key, grouped_mm_serves(x, dims) and all(same_kind(p) for p in projections))
+        return cached[1]
 
     @classmethod
     def from_stacked(cls, experts: nn.Module) -> ExpertList:
