@@ -95,6 +95,8 @@ def test_grouped_experts_hold_no_stacked_weight_for_backward(kind):
 def test_grouped_experts_fall_back_to_the_loop_where_rows_are_not_16_byte_aligned():
     experts = block("qalora", hidden=64, inter=64, group=32, rank=4)  # 2 groups a row: 8-byte pooled rows
     assert not experts.groups(torch.randn(3, 64))
+    experts = block("qalora", hidden=128, inter=32, group=16, rank=4)  # gate / up 8 groups a row, down 2
+    assert not experts.groups(torch.randn(3, 128))
     assert block("fake", hidden=64, inter=64, group=32, rank=4).groups(torch.randn(3, 64))
     assert not block("fake", hidden=64, inter=34, group=-1, rank=4).groups(torch.randn(3, 64))  # 136-byte rows
 
