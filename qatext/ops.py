@@ -155,7 +155,8 @@ def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size:
 
     ``p`` holds P in code space: packed b-bit codes (``frac_bits=0``) or uint8 fixed point with
     ``frac_bits`` fractional bits (Q4.4 is ``bits=4, frac_bits=4``). Backward to a, b and scale; the
-    trained scale enters as max(s, 1e-6), straight-through.
+    trained scale enters as max(s, 1e-6), straight-through. Stacked experts (a [E, N, r], b [E, r, K],
+    p, scale and zero [E, N, ..]) give W [E, N, K], each expert's A B its own, in one launch.
     """
     return _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
 
@@ -274,7 +275,7 @@ def _(x, grad_y, packed, zero, bits, group_size):
 
 @torch.library.register_fake("qatext::lrqat_weight")
 def _(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
-    return _empty((a.shape[0], b.shape[1]), a)
+    return _empty((*a.shape[:-1], b.shape[-1]), a)
 
 
 @torch.library.register_fake("qatext::lrqat_weight_backward")

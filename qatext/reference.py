@@ -40,10 +40,10 @@ def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View [N, K] as [N, G, g]."""
-    n, k = t.shape
+    """View [.., K] as [.., G, g]."""
+    k = t.shape[-1]
     g = k if group_size == -1 else group_size
-    return t.reshape(n, k // g, g)
+    return t.reshape(*t.shape[:-1], k // g, g)
 
 
 def ste_clamp_min(x: torch.Tensor, lo: float) -> torch.Tensor:
@@ -212,9 +212,10 @@ def lrqat_p_values(p, bits: int, frac_bits: int, in_features: int) -> torch.Tens
 
 def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int):
     """W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z); differentiable in A, B, s. The trained s
-    enters as max(s, MIN_SCALE), straight-through."""
-    k = b.shape[1]
+    enters as max(s, MIN_SCALE), straight-through. Stacked experts: a [E, N, r], b [E, r, K], p, scale and zero
+    [E, N, ..] -> [E, N, K]."""
+    k = b.shape[-1]
     u = lrqat_p_values(p, bits, frac_bits, k) + lora_scale * (a.float() @ b.float())
     q = _grouped(clamp_ste(ste_round(u), 0, qmax(bits)), group_size)
     w = (q - zero.float().unsqueeze(-1)) * ste_clamp_min(scale.float(), MIN_SCALE).unsqueeze(-1)
-    return w.reshape(a.shape[0], k).to(a.dtype)
+    return w.reshape(*a.shape[:-1], k).to(a.dtype)

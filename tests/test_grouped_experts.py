@@ -93,12 +93,24 @@ def test_grouped_experts_hold_no_stacked_weight_for_backward(kind):
 
 
 def test_grouped_experts_fall_back_to_the_loop_where_rows_are_not_16_byte_aligned():
-    experts = block("qalora", hidden=64, inter=64, group=32, rank=4)  # 2 groups a row: 8-byte pooled rows
-    assert not experts.groups(torch.randn(3, 64))
-    experts = block("qalora", hidden=128, inter=32, group=16, rank=4)  # gate / up 8 groups a row, down 2
-    assert not experts.groups(torch.randn(3, 128))
     assert block("fake", hidden=64, inter=64, group=32, rank=4).groups(torch.randn(3, 64))
     assert not block("fake", hidden=64, inter=34, group=-1, rank=4).groups(torch.randn(3, 64))  # 136-byte rows
+
+
+@pytest.mark.parametrize("group,rank", [(32, 4), (16, 3)])
+def test_grouped_qalora_pads_its_adapter_rows_to_16_bytes(group, rank):
+    """2 or 4 groups a row and rank 3 (8-16 byte rows of the pooled input and the adapter): zeros padded."""
+    experts = block("qalora", hidden=64, inter=32, group=group, rank=rank)
+    x = torch.randn(23, 64)
+    index, weights = routing(23, "cpu")
+    assert experts.groups(x)
+    y, gx, grads = run(experts, x, index, weights, grouped=True)
+    y_ref, gx_ref, grads_ref = run(experts, x, index, weights, grouped=False)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    for name, g in grads.items():
+        assert g.shape == grads_ref[name].shape
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-5 * grads_ref[name].abs().max().item(),
+                                   msg=name)
 
 
 @pytest.mark.cuda

@@ -45,6 +45,37 @@ def test_forward_and_backward(device, n, k, r, bits, g, frac_bits, dtype):
                                    atol=1e-3 * max(k, r) ** 0.5)
 
 
+@pytest.mark.parametrize("n,k,r,bits,g,frac_bits", CASES[:4])
+def test_stacked_experts_forward_and_backward(device, n, k, r, bits, g, frac_bits):
+    """A mixture's experts stacked (a [E, N, r], b [E, r, K], p, scale, zero [E, N, ..]): W [E, N, K], each expert's
+    A B its own, and the gradients in the stacked shapes, as the reference's batched formula gives them."""
+    experts = [_inputs(n, k, r, bits, g, frac_bits, torch.float32, device) for _ in range(3)]
+    p, a, b, scale, zero = [torch.stack(t) for t in zip(*experts)]
+    grad_w = torch.randn(3, n, k, device=device)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (a, b, scale)]
+        w = fn(p, leaves[0], leaves[1], leaves[2], zero, 0.5, bits, g, frac_bits)
+        w.backward(grad_w)
+        return [w] + [t.grad for t in leaves]
+
+    got, want = run(ops.lrqat_weight), run(reference.lrqat_weight)
+    assert got[0].shape == (3, n, k) and [t.shape for t in got[1:]] == [a.shape, b.shape, scale.shape]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the same batched A @ B
+    for x, y in zip(got[1:], want[1:]):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-3 * max(k, r) ** 0.5)
+    torch.testing.assert_close(got[0][1], ops.lrqat_weight(*experts[1], 0.5, bits, g, frac_bits), rtol=0,
+                               atol=float(scale.max()) * 1.0001)  # an expert alone: A B by mm, not bmm (ties)
+
+
+def test_stacked_experts_need_one_expert_count():
+    p, a, b, scale, zero = [torch.stack(t) for t in zip(*[_inputs(16, 64, 4, 4, 32, 0, torch.float32, "cpu")] * 3)]
+    with pytest.raises(ValueError, match=r"stacked experts take a \[E, N, r\], b \[E, r, K\]"):
+        ops.lrqat_weight(p, a, b[:2], scale, zero, 0.5, 4, 32, 0)
+    with pytest.raises(ValueError, match="grad_w must have the weight's shape"):
+        torch.ops.qatext.lrqat_weight_backward(torch.zeros(3, 16, 32), p, a, b, scale, zero, 0.5, 4, 32, 0)
+
+
 def test_zero_adapter_gives_the_frozen_weight(device):
     p, a, b, scale, zero = _inputs(9, 96, 4, 4, 32, 0, torch.float32, device)
     w = ops.lrqat_weight(p, torch.zeros_like(a), b, scale, zero, 0.5, 4, 32, 0)

@@ -102,6 +102,31 @@ def test_fused_blocks_running_through_many_tiles_match_one_tile_each(n, k, r, bi
     _assert_close_up_to_ties(few[0].cpu(), want, scale.cpu(), g)
 
 
+@pytest.mark.parametrize("n,k,r,bits,g,frac_bits", [(48, 384, 8, 4, 32, 0), (144, 256, 32, 3, 128, 0),
+                                                     (32, 512, 20, 2, -1, 0), (16, 384, 64, 4, 64, 4)])
+@pytest.mark.parametrize("blocks", [0, 1, 3])
+@pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
+def test_fused_stacked_experts_equal_each_expert_alone(n, k, r, bits, g, frac_bits, blocks, _):
+    """Three experts' weights in one launch (a mixture's, nn.grouped_experts): each expert's W, dA, dB and ds as
+    that expert alone gives them. Expert sizes not a multiple of the block's 8 row tiles leave warps idle at each
+    expert's end; a few blocks run across experts (B^T restaged for each)."""
+    experts = [_inputs(n, k, r, bits, g, frac_bits, torch.bfloat16) for _ in range(3)]
+    stacked = [torch.stack(t) for t in zip(*experts)]
+    grad_w = torch.randn(3, n, k, device="cuda", dtype=torch.bfloat16)
+    with qatext.tuning(lrqat_fused_blocks=blocks):
+        assert "lrqat_tile_kernel" in kernel_names(lambda: ops.lrqat_weight(*stacked, 0.5, bits, g, frac_bits))
+        w = ops.lrqat_weight(*stacked, 0.5, bits, g, frac_bits)
+        grads = torch.ops.qatext.lrqat_weight_backward(grad_w, *stacked, 0.5, bits, g, frac_bits)
+        assert w.shape == (3, n, k) and [t.shape for t in grads] == [stacked[1].shape, stacked[2].shape,
+                                                                     stacked[3].shape]
+        for e, inputs in enumerate(experts):
+            assert torch.equal(w[e], ops.lrqat_weight(*inputs, 0.5, bits, g, frac_bits))
+            alone = torch.ops.qatext.lrqat_weight_backward(grad_w[e], *inputs, 0.5, bits, g, frac_bits)
+            assert torch.equal(grads[2][e], alone[2])  # ds: the kernel's own sums
+            for got, want in zip(grads[:2], alone[:2]):  # dA, dB: cuBLAS, batched against one at a time
+                torch.testing.assert_close(got[e], want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
 def test_fused_is_deterministic(_):
     p, a, b, scale, zero = _inputs(32, 512, 32, 4, 256, 0, torch.bfloat16)

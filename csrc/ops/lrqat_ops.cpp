@@ -1,6 +1,7 @@
 // LR-QAT weight reconstruction W = s * (clamp(round(P + c * A B), 0, 2^b - 1) - z) and its backward
 // to A, B and s (straight-through rounding, zero outside the clamp).
 #include <optional>
+#include <string>
 
 #include "core/quant_math.h"
 #include "ops/common.h"
@@ -10,28 +11,62 @@ namespace qatext::ops {
 
 namespace {
 
-GroupShape check_lrqat(const char* op, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
-                       const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group_size,
-                       int64_t frac_bits) {
+// LR-QAT's operands with the rows of every expert as one matrix: p, a, scale and zero [E * N, ..] and b
+// [E, r, K]. One layer (a [N, r], b [r, K]) is E = 1; a mixture's experts stacked (a [E, N, r], b [E, r, K],
+// p, scale and zero [E, N, ..]) reconstruct in one launch, each expert's A B with its own B.
+struct LrqatOperands {
+  at::Tensor p, a, b, scale, zero;
+  int64_t experts;
+};
+
+LrqatOperands flatten_experts(const char* op, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                              const at::Tensor& scale, const at::Tensor& zero, bool stacked_ok) {
   check_float(op, "a", a);
   check_float(op, "b", b);
-  check_dim(op, "a", a, 2);
-  check_dim(op, "b", b, 2);
-  TORCH_CHECK_VALUE(a.size(1) == b.size(0), op, ": a [N, r] and b [r, K] must share r, got a ", a.sizes(), " and b ",
+  if (a.dim() != 3 || !stacked_ok) {
+    check_dim(op, "a", a, 2);
+    check_dim(op, "b", b, 2);
+    return {p, a, b.unsqueeze(0), scale, zero, 1};
+  }
+  const int64_t E = a.size(0);
+  TORCH_CHECK_VALUE(b.dim() == 3 && b.size(0) == E && p.dim() == 3 && p.size(0) == E && scale.dim() == 3 &&
+                        scale.size(0) == E && zero.dim() == 3 && zero.size(0) == E,
+                    op, ": stacked experts take a [E, N, r], b [E, r, K] and p, scale, zero [E, N, ..] with one E, ",
+                    "got a ", a.sizes(), ", b ", b.sizes(), ", p ", p.sizes(), ", scale ", scale.sizes(), ", zero ",
+                    zero.sizes());
+  return {p.flatten(0, 1), a.flatten(0, 1), b, scale.flatten(0, 1), zero.flatten(0, 1), E};
+}
+
+GroupShape check_lrqat(const char* op, const LrqatOperands& in, int64_t bits, int64_t group_size, int64_t frac_bits) {
+  const at::Tensor &p = in.p, &a = in.a, &b = in.b, &scale = in.scale, &zero = in.zero;
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), op, ": a [N, r] and b [r, K] must share r, got a ", a.sizes(), " and b ",
                     b.sizes());
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": a and b must have one dtype, got ", a.scalar_type(),
                    " and ", b.scalar_type());
   check_same_device(op, {{"p", &p}, {"a", &a}, {"b", &b}, {"scale", &scale}, {"zero", &zero}});
   // No check of the scale's values: the kernels clamp the trained scale to kMinScale themselves.
-  const GroupShape shape = check_qparam_shapes(op, scale, zero, a.size(0), b.size(1), bits, group_size);
+  const GroupShape shape = check_qparam_shapes(op, scale, zero, a.size(0), b.size(2), bits, group_size);
   TORCH_CHECK_VALUE(frac_bits >= 0 && frac_bits <= 8 - bits, op, ": frac_bits must be in 0..", 8 - bits,
                     " for bits=", bits, " (0: packed codes, >0: uint8 fixed point), got ", frac_bits);
   check_packed(op, "p", p, shape.N, p_row_bytes(shape.K, int(bits), int(frac_bits)));
   return shape;
 }
 
+// A B, expert by expert: fp32 [E * N, K] (a [E * N, r], b [E, r, K]).
 at::Tensor low_rank_product(const at::Tensor& a, const at::Tensor& b) {
-  return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).contiguous();
+  const int64_t E = b.size(0);
+  if (E == 1) return at::matmul(a.to(at::kFloat), b[0].to(at::kFloat)).contiguous();
+  return at::bmm(a.to(at::kFloat).view({E, -1, a.size(1)}), b.to(at::kFloat)).view({a.size(0), b.size(2)});
+}
+
+// dA = dU B^T [E * N, r] and dB = A^T dU [E, r, K], expert by expert (one batched GEMM each), in dU's dtype.
+std::pair<at::Tensor, at::Tensor> rank_grads(const at::Tensor& grad_u, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t E = b.size(0);
+  const at::Tensor a_ = a.to(grad_u.scalar_type()), b_ = b.to(grad_u.scalar_type());
+  if (E == 1) return {at::mm(grad_u, b_[0].t()), at::mm(a_.t(), grad_u).unsqueeze(0)};
+  const at::Tensor gu = grad_u.view({E, -1, grad_u.size(1)});
+  return {at::bmm(gu, b_.transpose(1, 2)).view({a.size(0), a.size(1)}),
+          at::bmm(a_.reshape({E, -1, a.size(1)}).transpose(1, 2), gu)};
 }
 
 // t, contiguous and 16-byte aligned (the kernels read 16-byte vectors).
@@ -54,7 +89,7 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
   const auto dtype = a.scalar_type();
   const int64_t r = a.size(1);
   if (!tuning(Knob::LrqatFused) || !a.is_cuda() || (dtype != at::kBFloat16 && dtype != at::kHalf) ||
-      !cuda::lrqat_fused_supported(shape, r) || !aligned16(p)) {
+      !cuda::lrqat_fused_supported(shape, r, b.size(0)) || !aligned16(p)) {
     return std::nullopt;
   }
   const int64_t padded = r <= 16 ? 16 : r <= 32 ? 32 : 64;
@@ -81,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperand
   dispatch_half(grad_w.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     cuda::lrqat_fused_backward<T>(grad_w.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(), fused.a.const_data_ptr<T>(),
-                                  fused.b.const_data_ptr<T>(), fused.rank, fused.rank_padded,
+                                  fused.b.const_data_ptr<T>(), int(fused.b.size(0)), fused.rank, fused.rank_padded,
                                   scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
                                   int(frac_bits), grad_u.mutable_data_ptr<T>(), tiles.mutable_data_ptr<float>(),
                                   weight.defined() ? weight.mutable_data_ptr<T>() : nullptr, shape,
@@ -89,32 +124,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperand
   });
   const int64_t G = shape.groups();
   const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
-  const at::Tensor a = fused.a.narrow(1, 0, fused.rank), &b = fused.b;
-  return {at::mm(grad_u, b.t()), at::mm(a.t(), grad_u), grad_scale.to(scale_dtype)};
+  auto [grad_a, grad_b] = rank_grads(grad_u, fused.a.narrow(1, 0, fused.rank), fused.b);
+  return {grad_a, grad_b, grad_scale.to(scale_dtype)};
 }
 #endif
 
 }  // namespace
 
-at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_in,
-                        const at::Tensor& zero_in, double lora_scale, int64_t bits, int64_t group_size,
-                        int64_t frac_bits) {
+at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                        const at::Tensor& scale_in, const at::Tensor& zero_in, double lora_scale, int64_t bits,
+                        int64_t group_size, int64_t frac_bits) {
   const char* op = "qatext.lrqat_weight";
-  const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
-  const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  const LrqatOperands in = flatten_experts(op, p_in, a_in, b_in, scale_in, zero_in, true);
+  const GroupShape shape = check_lrqat(op, in, bits, group_size, frac_bits);
+  const at::Tensor p = in.p.contiguous(), scale = as_float(in.scale), zero = as_float(in.zero), &a = in.a, &b = in.b;
   at::Tensor out = at::empty({shape.N, shape.K}, a.options());
+  const auto shaped = [&](const at::Tensor& w) { return a_in.dim() == 3 ? w.view({in.experts, -1, shape.K}) : w; };
 #ifdef QATEXT_WITH_CUDA
   if (const auto fused = fused_operands(p, a, b, shape)) {
     const at::OptionalDeviceGuard guard(at::device_of(p));
     dispatch_half(a.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       cuda::lrqat_fused_forward<T>(p.const_data_ptr<uint8_t>(), fused->a.const_data_ptr<T>(),
-                                   fused->b.const_data_ptr<T>(), fused->rank, fused->rank_padded,
+                                   fused->b.const_data_ptr<T>(), int(in.experts), fused->rank, fused->rank_padded,
                                    scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
                                    int(frac_bits), out.mutable_data_ptr<T>(), shape,
                                    tuning(Knob::LrqatFusedBlocks), current_stream(p));
     });
-    return out;
+    return shaped(out);
   }
 #endif
   const at::Tensor ab = low_rank_product(a, b);
@@ -123,25 +160,39 @@ at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a, const at::T
                        scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
                        int(frac_bits), out.mutable_data_ptr<scalar_t>(), shape);
   });
-  return out;
+  return shaped(out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
-    const at::Tensor& grad_w_in, const at::Tensor& p_in, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& grad_w_in, const at::Tensor& p_in, const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor& scale_in, const at::Tensor& zero_in, double lora_scale, int64_t bits, int64_t group_size,
     int64_t frac_bits) {
   const char* op = "qatext.lrqat_weight_backward";
-  const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
-  TORCH_CHECK_VALUE(grad_w_in.dim() == 2 && grad_w_in.size(0) == shape.N && grad_w_in.size(1) == shape.K, op,
-                    ": grad_w must have shape [", shape.N, ", ", shape.K, "], got ", grad_w_in.sizes());
+  const LrqatOperands in = flatten_experts(op, p_in, a_in, b_in, scale_in, zero_in, true);
+  const GroupShape shape = check_lrqat(op, in, bits, group_size, frac_bits);
+  const int64_t rows = shape.N / in.experts;
+  const bool stacked = a_in.dim() == 3;
+  TORCH_CHECK_VALUE(stacked ? grad_w_in.dim() == 3 && grad_w_in.size(0) == in.experts && grad_w_in.size(1) == rows &&
+                                  grad_w_in.size(2) == shape.K
+                            : grad_w_in.dim() == 2 && grad_w_in.size(0) == shape.N && grad_w_in.size(1) == shape.K,
+                    op, ": grad_w must have the weight's shape ", stacked ? "[E, N, K] = [" : "[N, K] = [",
+                    stacked ? std::to_string(in.experts) + ", " : std::string(), rows, ", ", shape.K, "], got ",
+                    grad_w_in.sizes());
   check_same_device(op, {{"p", &p_in}, {"grad_w", &grad_w_in}});
-  const at::Tensor grad_w = grad_w_in.to(a.scalar_type()).contiguous();
-  const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
+  const at::Tensor &a = in.a, &b = in.b;
+  const at::Tensor grad_w = grad_w_in.to(a.scalar_type()).reshape({shape.N, shape.K}).contiguous();
+  const at::Tensor p = in.p.contiguous(), scale = as_float(in.scale), zero = as_float(in.zero);
+  // The gradients in the shapes of a, b and the scale as they came.
+  const auto shaped = [&](const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gs) {
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor>{ga.view(a_in.sizes()), gb.view(b_in.sizes()),
+                                                          gs.reshape(scale_in.sizes())};
+  };
 #ifdef QATEXT_WITH_CUDA
   if (const auto fused = fused_operands(p, a, b, shape)) {
     const at::Tensor grad_w16 = aligned16_copy(grad_w);
-    return fused_backward(*fused, grad_w16, at::empty({shape.N, shape.K}, a.options()), at::Tensor(), p, scale, zero,
-                          lora_scale, frac_bits, shape, scale_in.scalar_type());
+    auto [ga, gb, gs] = fused_backward(*fused, grad_w16, at::empty({shape.N, shape.K}, a.options()), at::Tensor(), p,
+                                       scale, zero, lora_scale, frac_bits, shape, scale_in.scalar_type());
+    return shaped(ga, gb, gs);
   }
 #endif
   const at::Tensor ab = low_rank_product(a, b);
@@ -154,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lrqat_weight_backward(
                        grad_u.mutable_data_ptr<float>(), grad_scale.mutable_data_ptr<float>(), shape);
   });
   // u = P + c * A B:  dA = c * dU B^T,  dB = c * A^T dU.
-  const at::Tensor grad_a = at::matmul(grad_u, b.to(at::kFloat).t()).mul_(lora_scale);
-  const at::Tensor grad_b = at::matmul(a.to(at::kFloat).t(), grad_u).mul_(lora_scale);
-  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), grad_scale.to(scale_in.scalar_type())};
+  auto [grad_a, grad_b] = rank_grads(grad_u, a, b);
+  return shaped(grad_a.mul_(lora_scale).to(a.scalar_type()), grad_b.mul_(lora_scale).to(b.scalar_type()),
+                grad_scale.to(scale_in.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward(
@@ -164,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward
     const at::Tensor& scale_in, const at::Tensor& zero_in, double lora_scale, int64_t bits, int64_t group_size,
     int64_t frac_bits, bool grad_input) {
   const char* op = "qatext.lrqat_linear_backward";
-  const GroupShape shape = check_lrqat(op, p_in, a, b, scale_in, zero_in, bits, group_size, frac_bits);
+  const LrqatOperands in = flatten_experts(op, p_in, a, b, scale_in, zero_in, false);
+  const GroupShape shape = check_lrqat(op, in, bits, group_size, frac_bits);
   check_float(op, "grad_y", grad_y);
   check_float(op, "x", x);
   check_same_device(op, {{"p", &p_in}, {"grad_y", &grad_y}, {"x", &x}});
@@ -178,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward
   at::Tensor grad_x = at::empty({0}, x.options());
 #ifdef QATEXT_WITH_CUDA
   const at::Tensor p = p_in.contiguous(), scale = as_float(scale_in), zero = as_float(zero_in);
-  const auto fused = gy.scalar_type() == a.scalar_type() ? fused_operands(p, a, b, shape) : std::nullopt;
+  const auto fused = gy.scalar_type() == a.scalar_type() ? fused_operands(p, a, in.b, shape) : std::nullopt;
   if (fused && aligned16(grad_w) && grad_w.is_contiguous()) {
     // One pass over dW gives dU (written over dW), the scale's gradient and W for dX: no second
     // reconstruction of the weight.
@@ -186,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward
     auto [grad_a, grad_b, grad_scale] = fused_backward(*fused, grad_w, grad_w, w, p, scale, zero, lora_scale,
                                                        frac_bits, shape, scale_in.scalar_type());
     if (grad_input) grad_x = at::mm(gy, w).view(x.sizes()).to(x.scalar_type());
-    return {grad_x, grad_a, grad_b, grad_scale};
+    return {grad_x, grad_a, grad_b.view(b.sizes()), grad_scale};
   }
 #endif
   if (grad_input) {

@@ -100,8 +100,6 @@ class ExpertList(nn.ModuleList):
         if cached is None or cached[0] != key:
             projections = [[getattr(e, name) for e in self] for name in EXPERT_LINEARS]
             dims = [d for p in projections for d in (p[0].in_features, p[0].out_features)]
-            dims += [d for p in projections if getattr(p[0], "mode", None) == "qalora"  # its adapter's operands
-                     for d in (p[0].rank, p[0].qshape[1])]
             cached = self._groups = (key, grouped_mm_serves(x, dims) and all(same_kind(p) for p in projections))
         return cached[1]
 

@@ -29,10 +29,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return _grouped_mm(x, w, offs=offs)
 
 
+def _aligned(x: torch.Tensor) -> int:
+    """Elements of x's dtype in 16 bytes: the grouped GEMM's operand rows are whole multiples of it."""
+    return 16 // x.element_size()
+
+
 def grouped_mm_serves(x: torch.Tensor, dims) -> bool:
     """Whether torch's grouped GEMM takes x's device and dtype (bf16 on CUDA GPUs from sm_80, any float dtype
     on the CPU) and operands whose rows are `dims` long (each row 16-byte aligned)."""
-    if _grouped_mm is None or not all(d * x.element_size() % 16 == 0 for d in dims):
+    if _grouped_mm is None or not all(d % _aligned(x) == 0 for d in dims):
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -104,16 +109,12 @@ def _plan(layers, x: torch.Tensor):
     if mode == "fake":
         return ((lambda w, s, z: ops.fake_quant(w, s, z, bits, g).view(shape).to(dtype)),
                 (_cat(layers, "weight"), _cat(layers, "scale"), _cat(layers, "zero")))
-    if mode == "lrqat":
+    if mode == "lrqat":  # stacked: one launch for every expert, each A B its own
         half = dtype in (torch.bfloat16, torch.float16)  # (as LRQATLinear._forward: 16-bit adapters for the kernels)
-
-        def build(*tensors):  # one lrqat_weight an expert: A B is the expert's own
-            return torch.stack([
-                ops.lrqat_weight(p, a.to(dtype) if half else a, b.to(dtype) if half else b, s, z, first.lora_scale, bits,
-                                 g, first.frac_bits).to(dtype)
-                for p, a, b, s, z in (tensors[i:i + 5] for i in range(0, len(tensors), 5))])
-
-        return build, tuple(t for layer in layers for t in (layer.p, layer.lora_a, layer.lora_b, layer.scale, layer.zero))
+        return ((lambda p, a, b, s, z: ops.lrqat_weight(p, a.to(dtype) if half else a, b.to(dtype) if half else b, s,
+                                                        z, first.lora_scale, bits, g, first.frac_bits).to(dtype)),
+                tuple(torch.stack([getattr(l, name) for l in layers]) for name in ("p", "lora_a", "lora_b", "scale",
+                                                                                   "zero")))
     scale = _cat(layers, "scale")
     return ((lambda c, s, z: _dequant(c, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)),
             (_codes(layers), scale, _cat(layers, "zero")))
@@ -131,6 +132,9 @@ def stacked_linear(layers, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     groups = first.qshape[1]
     pooled = x.unflatten(-1, (groups, -1)).sum(-1, dtype=torch.float32).to(x.dtype)
     a, b = torch.stack([l.lora_a for l in layers]).to(x.dtype), torch.stack([l.lora_b for l in layers]).to(x.dtype)
+    # The groups and the rank padded with zeros to 16-byte rows (e.g. 768 / 128 = 6 groups), as the GEMM needs.
+    extra_groups, extra_rank = (-groups) % _aligned(x), (-first.rank) % _aligned(x)
+    pooled, a, b = F.pad(pooled, (0, extra_groups)), F.pad(a, (0, extra_groups, 0, extra_rank)), F.pad(b, (0, extra_rank))
     delta = grouped_mm(grouped_mm(pooled, a.mT, offs), b.mT, offs)
     return torch.add(y, delta, alpha=first.lora_scale / (first.in_features // groups))
 
