@@ -156,7 +156,7 @@ def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size:
     ``p`` holds P in code space: packed b-bit codes (``frac_bits=0``) or uint8 fixed point with
     ``frac_bits`` fractional bits (Q4.4 is ``bits=4, frac_bits=4``). Backward to a, b and scale; the
     trained scale enters as max(s, 1e-6), straight-through. Stacked experts (a [E, N, r], b [E, r, K],
-    p, scale and zero [E, N, ..]) give W [E, N, K], each expert's A B its own, in one launch.
+    p, scale and zero [E, N, ..]) give W [E, N, K], each expert's A B its own, in one call.
     """
     return _ops.lrqat_weight(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits)
 

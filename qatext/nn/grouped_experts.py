@@ -109,7 +109,7 @@ def _plan(layers, x: torch.Tensor):
     if mode == "fake":
         return ((lambda w, s, z: ops.fake_quant(w, s, z, bits, g).view(shape).to(dtype)),
                 (_cat(layers, "weight"), _cat(layers, "scale"), _cat(layers, "zero")))
-    if mode == "lrqat":  # stacked: one launch for every expert, each A B its own
+    if mode == "lrqat":  # stacked: one call for every expert, each A B its own
         half = dtype in (torch.bfloat16, torch.float16)  # (as LRQATLinear._forward: 16-bit adapters for the kernels)
         return ((lambda p, a, b, s, z: ops.lrqat_weight(p, a.to(dtype) if half else a, b.to(dtype) if half else b, s,
                                                         z, first.lora_scale, bits, g, first.frac_bits).to(dtype)),
