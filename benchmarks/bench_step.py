@@ -94,7 +94,8 @@ def main():
     parser.add_argument("--experts-loop", action="store_true",
                         help="qatext's experts one after another (ExpertList.grouped = False), not as grouped GEMMs")
     args = parser.parse_args()
-    ExpertList.grouped = not args.experts_loop
+    if args.experts_loop:
+        ExpertList.grouped = False
     qatext.set_value_checks(False)
     model, params, recipe, lr = build(args.method, args.layers, shape=args.model)
     tokens = torch.randint(0, model.config.vocab_size, (1_000_000,))

@@ -161,3 +161,17 @@ def test_a_replaced_expert_layer_is_seen_by_the_next_forward():
     torch.testing.assert_close(experts(x, index, weights), expected, rtol=1e-5, atol=1e-6)
     experts[3] = block("fake", hidden=64, inter=64, group=16, rank=4)[3]  # an item replaced
     assert not experts.groups(x)
+
+
+def test_inference_with_few_tokens_an_expert_takes_the_loop():
+    experts = block("packed", hidden=64, inter=64, group=16, rank=4)
+    x = torch.randn(8, 64)
+    few, enough = routing(7, "cpu")[0], routing(8, "cpu")[0]  # 14 and 16 pairs over 4 experts
+    with torch.no_grad():
+        assert not experts.takes_grouped(x, few) and experts.takes_grouped(x, enough)
+        experts.grouped = True
+        assert experts.takes_grouped(x, few)
+    experts.grouped = None
+    assert experts.takes_grouped(x, few)  # a gradient: grouped at any count
+    experts.grouped = False
+    assert not experts.takes_grouped(x, enough)

@@ -52,8 +52,12 @@ class ExpertList(nn.ModuleList):
     gradient (zeros) for every parameter, as DDP's and FSDP2's reductions need (ranks route differently; a
     missing gradient on one rank fails the step)."""
 
-    # False: the experts always run one after another (the grouped GEMMs' reference in tests and benchmarks).
-    grouped: bool = True
+    # True / False: the experts always / never as grouped GEMMs (where they apply). None: grouped wherever a
+    # gradient is taken and, without one (inference), from GROUPED_PAIRS token-expert pairs an expert: below,
+    # the loop's decode kernels over the few chosen experts beat building every expert's weight (H200, W4, 128
+    # experts: loop 0.66x grouped's time at 64 pairs, grouped 0.77x the loop's at 1024).
+    grouped: bool | None = None
+    GROUPED_PAIRS = 4
     # Counts the layers set on any ExpertList or ExpertMLP (replaced by a merge, a conversion, a load): `groups`
     # checks the experts' kinds again only after it moved, not every forward (~0.2 ms a block of 128).
     layouts: int = 0
@@ -64,7 +68,7 @@ class ExpertList(nn.ModuleList):
         super().__setattr__(name, value)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self.grouped and self.groups(hidden_states):
+        if self.takes_grouped(hidden_states, top_k_index):
             return grouped_experts(self, hidden_states, top_k_index, top_k_weights)
         k = top_k_index.shape[-1]
         # The (token, slot) pairs sorted by expert, stably (each expert's tokens in order, as torch.where
@@ -89,6 +93,13 @@ class ExpertList(nn.ModuleList):
             if idle:
                 out = out + 0 * torch.cat(idle).sum().to(out.dtype)
         return out
+
+    def takes_grouped(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        """Whether this forward runs as grouped GEMMs (see `grouped`)."""
+        if self.grouped is False or not self.groups(x):
+            return False
+        return (self.grouped is True or torch.is_grad_enabled()
+                or top_k_index.numel() >= self.GROUPED_PAIRS * len(self))
 
     def groups(self, x: torch.Tensor) -> bool:
         """Whether this forward can run as grouped GEMMs: each projection one kind over the experts, torch's grouped
