@@ -64,6 +64,11 @@ def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
     return _ops.untile_packed(tiled, bits, in_features)
 
 
+def dequant_tiled(tiled, scale, zero, bits: int, group_size: int, in_features: int, dtype=torch.float32):
+    """:func:`dequant` of codes in the tiled layout, straight from it (no untiled copy made)."""
+    return _ops.dequant_tiled(tiled, scale, zero, bits, group_size, in_features, dtype)
+
+
 def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
     """x @ deq(W)^T + bias for a weight in the tiled layout (inference: no backward).
 
@@ -256,6 +261,11 @@ def _(packed, bits, in_features):
 @torch.library.register_fake("qatext::untile_packed")
 def _(tiled, bits, in_features):
     return torch.empty_like(tiled)
+
+
+@torch.library.register_fake("qatext::dequant_tiled")
+def _(tiled, scale, zero, bits, group_size, in_features, dtype):
+    return _empty((tiled.shape[0], in_features), tiled, dtype)
 
 
 @torch.library.register_fake("qatext::dequant_matmul_tiled")

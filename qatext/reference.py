@@ -183,6 +183,11 @@ def untile_packed(tiled, bits: int, in_features: int) -> torch.Tensor:
     return pack(codes.to(torch.uint8), bits)
 
 
+def dequant_tiled(tiled, scale, zero, bits: int, group_size: int, in_features: int, dtype=torch.float32):
+    """dequant of tiled codes."""
+    return dequant(untile_packed(tiled, bits, in_features), scale, zero, bits, group_size, in_features, dtype)
+
+
 def dequant_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=None):
     return dequant_matmul(x, untile_packed(tiled, bits, x.shape[-1]), scale, zero, bits, group_size, bias)
 

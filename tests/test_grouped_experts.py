@@ -121,7 +121,8 @@ def test_grouped_experts_on_the_gpu_train_as_the_loop_without_a_host_sync(kind, 
     """bf16 on the GPU: the grouped GEMMs against the loop (the decode / staged / fused kernels at these sizes).
     Each path rounds x, the hidden product and the output to bf16 (2^-9 relative each) and sums in its own
     order: 2^-6 of the largest value leaves room for that and none for a wrong expert or projection."""
-    experts = block(kind, hidden=256, inter=256, group=32, rank=8, device="cuda", dtype=torch.bfloat16)
+    # (inter 192: the down projections have 6 groups a row, which QA-LoRA's grouped adapter pads to 8)
+    experts = block(kind, hidden=256, inter=192, group=32, rank=8, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
     index, weights = routing(tokens, "cuda")
     weights = weights.bfloat16()

@@ -23,6 +23,8 @@ def _cases(device):
     scale2, zero2 = random_qparams(n2, k2, 4, 64, False, device)
     x2 = torch.randn(3, k2, device=device)
     rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    stacked = lambda t: torch.stack([t, t.flip(0)])  # noqa: E731  (two experts)
+    a2, b2 = torch.randn(n2, 8, device=device) * 0.1, torch.randn(8, k2, device=device) * 0.1
     qa_a, qa_b = torch.randn(4, k // g, device=device), torch.randn(n, 4, device=device)  # QA-LoRA's adapter
     return {
         "fake_quant": [(rg(w), rg(scale), rg(zero), bits, g), (w.bfloat16(), scale[:, :1], zero[:, :1], 2, -1)],
@@ -37,14 +39,20 @@ def _cases(device):
         "dequant_matmul_grad_input": [(grad_y, packed, scale, zero, bits, g, k)],
         "tile_packed": [(packed2, 4, k2)],
         "untile_packed": [(tiled2, 4, k2)],
+        "dequant_tiled": [(tiled2, scale2, zero2, 4, 64, k2, torch.bfloat16)],
         "dequant_matmul_tiled": [(x2.bfloat16(), tiled2, scale2, zero2, 4, 64, None),
                                  (x2, tiled2, scale2[:, :1], zero2[:, :1], 4, -1, torch.randn(n2, device=device))],
         "swiglu_matmul_tiled": [(x2.bfloat16(), tiled2, scale2, zero2, 4, 64, None),
                                 (x2, tiled2, scale2[:, :1], zero2[:, :1], 4, -1, torch.randn(n2, device=device))],
         "e2eqp_scale_grad": [(x, grad_y, packed, zero, bits, g)],
         "lrqat_weight": [(packed, rg(a), rg(b), rg(scale), zero, 0.5, bits, g, 0),
-                         (q44, a.bfloat16(), b.bfloat16(), scale, zero, 0.5, bits, g, 4)],
-        "lrqat_weight_backward": [(torch.randn_like(w), packed, a, b, scale, zero, 0.5, bits, g, 0)],
+                         (q44, a.bfloat16(), b.bfloat16(), scale, zero, 0.5, bits, g, 4),
+                         (stacked(packed2), rg(stacked(a2)), rg(stacked(b2)), rg(stacked(scale2)), stacked(zero2), 0.5,
+                          4, 64, 0)],  # a mixture's experts: [E, N, ..]
+        "lrqat_weight_backward": [(torch.randn_like(w), packed, a, b, scale, zero, 0.5, bits, g, 0),
+                                  (torch.randn(2, n2, k2, device=device).bfloat16(), stacked(packed2),
+                                   stacked(a2).bfloat16(), stacked(b2).bfloat16(), stacked(scale2), stacked(zero2), 0.5,
+                                   4, 64, 0)],
         "lrqat_linear": [(rg(x), packed, rg(a), rg(b), rg(scale), zero, rg(torch.randn(n, device=device)), 0.5, bits,
                           g, 0), (x.bfloat16(), q44, a.bfloat16(), b.bfloat16(), scale, zero, None, 0.5, bits, g, 4)],
         "lrqat_linear_backward": [(grad_y, x, packed, a, b, scale, zero, 0.5, bits, g, 0, True),

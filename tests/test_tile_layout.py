@@ -103,3 +103,21 @@ def test_tune_decode_gemm_checks_its_arguments_and_leaves_cpu_weights_alone():
     assert ops.decode_gemm_choice("cpu", n, k, bits, g, 1) is None
     with pytest.raises(ValueError, match=r"qatext.tune_decode_gemm: scale must have shape \[64, 2\]"):
         ops.tune_decode_gemm(tiled, scale[:, :1], zero, bits, g, k)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("g", [24, 64, -1])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequant_tiled_is_dequant_of_the_untiled_codes(device, bits, g, dtype):
+    """Stacked experts' tiled codes (nn.grouped_experts) are dequantised straight from the layout: the very values
+    dequant gives from the packed codes, without the untiled copy."""
+    n, k = 48, 384
+    packed = ops.pack(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device), bits)
+    scale, zero = random_qparams(n, k, bits, g, False, device)
+    w = ops.dequant_tiled(ops.tile_packed(packed, bits, k), scale, zero, bits, g, k, dtype)
+    assert w.dtype == dtype and w.shape == (n, k)
+    assert torch.equal(w, ops.dequant(packed, scale, zero, bits, g, k, dtype))
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        ops.dequant_tiled(torch.zeros(20, k * bits // 8, dtype=torch.uint8, device=device), scale, zero, bits, g, k)
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
+        ops.dequant_tiled(ops.tile_packed(packed, bits, k), scale, zero, bits, g, k, torch.int8)

@@ -35,6 +35,9 @@ at::Tensor dequant_matmul_plus(const at::Tensor& a, const at::Tensor& packed, co
                                bool grad_input);
 at::Tensor tile_packed(const at::Tensor& packed, int64_t bits, int64_t in_features);
 at::Tensor untile_packed(const at::Tensor& tiled, int64_t bits, int64_t in_features);
+// dequant of tiled codes: the weight [N, K] in dtype, no untiled copy made.
+at::Tensor dequant_tiled(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                         int64_t group_size, int64_t in_features, at::ScalarType dtype);
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                 const at::Tensor& zero, int64_t bits, int64_t group_size,
                                 const std::optional<at::Tensor>& bias);

@@ -19,6 +19,8 @@ TORCH_LIBRARY(qatext, m) {
         " int group_size, int in_features) -> Tensor");
   m.def("tile_packed(Tensor packed, int bits, int in_features) -> Tensor");
   m.def("untile_packed(Tensor tiled, int bits, int in_features) -> Tensor");
+  m.def("dequant_tiled(Tensor tiled, Tensor scale, Tensor zero, int bits, int group_size, int in_features,"
+        " ScalarType dtype) -> Tensor");
   m.def("dequant_matmul_tiled(Tensor x, Tensor tiled, Tensor scale, Tensor zero, int bits, int group_size,"
         " Tensor? bias) -> Tensor");
   m.def("swiglu_matmul_tiled(Tensor x, Tensor tiled, Tensor scale, Tensor zero, int bits, int group_size,"
@@ -52,6 +54,7 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("dequant_matmul_grad_input", &qatext::ops::dequant_matmul_grad_input); \
   m.impl("tile_packed", &qatext::ops::tile_packed);                           \
   m.impl("untile_packed", &qatext::ops::untile_packed);                       \
+  m.impl("dequant_tiled", &qatext::ops::dequant_tiled);                       \
   m.impl("dequant_matmul_tiled", &qatext::ops::dequant_matmul_tiled);         \
   m.impl("swiglu_matmul_tiled", &qatext::ops::swiglu_matmul_tiled);           \
   m.impl("e2eqp_scale_grad", &qatext::ops::e2eqp_scale_grad);                 \

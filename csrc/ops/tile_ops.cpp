@@ -1,4 +1,4 @@
-// The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, and
+// The decode GEMM's tiled weight layout (core/tile_layout.h): conversion both ways, dequantisation, and
 // dequant_matmul on a tiled weight (the register-direct kernel on CUDA at small M; beyond it the staged
 // kernel up to its measured limit, then the fused kernel on the codes untiled, or the weight
 // dequantised straight from the tiled layout and one GEMM);
@@ -140,7 +140,29 @@ GroupShape check_tiled_matmul(const char* op, const at::Tensor& x, const at::Ten
   return check_packed_weight(op, tiled, scale, zero, bits, group_size, x.size(-1));
 }
 
+// The weight in dtype, [N, K], dequantised straight from the tiled codes (no untiled copy).
+at::Tensor dequant_tiled_checked(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero,
+                                 const GroupShape& shape, at::ScalarType dtype) {
+  const at::Tensor codes = lane_aligned(tiled), s = as_float(scale), z = as_float(zero);
+  at::Tensor w = at::empty({shape.N, shape.K}, codes.options().dtype(dtype));
+  QATEXT_DISPATCH_FLOAT(dtype, [&] {
+    QATEXT_DEVICE_CALL(codes, dequant_tiled<scalar_t>, codes.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(),
+                       z.const_data_ptr<float>(), w.mutable_data_ptr<scalar_t>(), shape);
+  });
+  return w;
+}
+
 }  // namespace
+
+at::Tensor dequant_tiled(const at::Tensor& tiled, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                         int64_t group_size, int64_t in_features, at::ScalarType dtype) {
+  const char* op = "qatext.dequant_tiled";
+  check_tileable(op, "tiled", tiled, bits, in_features);
+  const GroupShape shape = check_packed_weight(op, tiled, scale, zero, bits, group_size, in_features);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  return dequant_tiled_checked(tiled, scale, zero, shape, dtype);
+}
 
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                 const at::Tensor& zero, int64_t bits, int64_t group_size,
@@ -176,13 +198,7 @@ at::Tensor tiled_matmul_beyond_staged(const at::Tensor& x, const at::Tensor& til
   if (fused_dequant_gemm_applies(x, shape)) {
     return dequant_matmul_checked(x, untile_packed(tiled, shape.bits, shape.K), scale, zero, shape, bias);
   }
-  const at::Tensor codes = lane_aligned(tiled), s = as_float(scale), z = as_float(zero);
-  at::Tensor w = at::empty({shape.N, shape.K}, codes.options().dtype(x.scalar_type()));
-  QATEXT_DISPATCH_FLOAT(x.scalar_type(), [&] {
-    QATEXT_DEVICE_CALL(codes, dequant_tiled<scalar_t>, codes.const_data_ptr<uint8_t>(), s.const_data_ptr<float>(),
-                       z.const_data_ptr<float>(), w.mutable_data_ptr<scalar_t>(), shape);
-  });
-  return linear_in_dtype(x, w, bias);
+  return linear_in_dtype(x, dequant_tiled_checked(tiled, scale, zero, shape, x.scalar_type()), bias);
 }
 
 }  // namespace qatext::ops

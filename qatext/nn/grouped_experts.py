@@ -77,24 +77,23 @@ def _cat(layers, name: str) -> torch.Tensor:
     return torch.cat([getattr(layer, name) for layer in layers])
 
 
-def _codes(layers) -> torch.Tensor:
-    """The experts' packed codes stacked ([E * N, K * bits / 8]); tiled-only packed layers (after
-    tile_for_decode) untiled in one call: the tiled layout is row-tile-major, so the experts' tiled codes
-    stacked are the stack's."""
+def _codes(layers) -> tuple[torch.Tensor, bool]:
+    """The experts' codes stacked ([E * N, K * bits / 8]) and whether tiled: tiled-only packed layers (after
+    tile_for_decode) keep their layout, which is row-tile-major, so the experts' tiled codes stacked are the
+    stack's."""
     if all(getattr(layer, "holds_packed", True) for layer in layers):
-        return _cat(layers, "packed")
-    first = layers[0]
-    return ops.untile_packed(torch.cat([layer._current_tiled() for layer in layers]), first.spec.bits,
-                             first.in_features)
+        return _cat(layers, "packed"), False
+    return torch.cat([layer._current_tiled() for layer in layers]), True
 
 
-def _dequant(codes, scale, zero, layer: QuantLinear, shape, dtype) -> torch.Tensor:
+def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) -> torch.Tensor:
     """deq(q) = (q - z) s of the stacked codes, [E, N, K] in dtype. With a scale that takes a gradient (E2E-QP),
     (q - z) in fp32 times s, rounded once to dtype as dequant rounds it."""
     bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
+    dequant = ops.dequant_tiled if tiled else ops.dequant
     if not scale.requires_grad:
-        return ops.dequant(codes, scale, zero, bits, g, k, dtype).view(shape)
-    q = ops.dequant(codes, torch.ones_like(scale.detach()), zero, bits, g, k)
+        return dequant(codes, scale, zero, bits, g, k, dtype).view(shape)
+    q = dequant(codes, torch.ones_like(scale.detach()), zero, bits, g, k)
     return (q.unflatten(-1, (scale.shape[-1], -1)) * scale[..., None].float()).to(dtype).view(shape)
 
 
@@ -115,9 +114,9 @@ def _plan(layers, x: torch.Tensor):
                                                         z, first.lora_scale, bits, g, first.frac_bits).to(dtype)),
                 tuple(torch.stack([getattr(l, name) for l in layers]) for name in ("p", "lora_a", "lora_b", "scale",
                                                                                    "zero")))
-    scale = _cat(layers, "scale")
-    return ((lambda c, s, z: _dequant(c, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)),
-            (_codes(layers), scale, _cat(layers, "zero")))
+    codes, tiled = _codes(layers)
+    return ((lambda c, s, z: _dequant(c, tiled, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)),
+            (codes, _cat(layers, "scale"), _cat(layers, "zero")))
 
 
 def stacked_linear(layers, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
