@@ -19,7 +19,7 @@ from .quant_linear import QuantLinear, positive
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-# The modes whose stacked weight this file builds (all but none of qatext's).
+# The modes whose stacked weight this file builds (every one qatext has).
 MODES = ("fake", "lrqat", "e2eqp", "qalora", "packed")
 
 
