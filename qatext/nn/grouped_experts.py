@@ -45,7 +45,8 @@ def grouped_mm_serves(x: torch.Tensor, dims) -> bool:
 
 
 class _StackedLinear(torch.autograd.Function):
-    """grouped_mm(x, W^T) for W = build(*tensors) [E, N, K], built again in backward (not held)."""
+    """grouped_mm(x, W^T) for W = build(*tensors) [E, N, K], built again in backward (not held). `tensors` are the
+    experts' own (build stacks them), so what backward holds is references, not stacked copies."""
 
     @staticmethod
     def forward(ctx, build, x, offs, *tensors):
@@ -73,19 +74,6 @@ class _StackedLinear(torch.autograd.Function):
         return None, grad_x, None, *grads
 
 
-def _cat(layers, name: str) -> torch.Tensor:
-    return torch.cat([getattr(layer, name) for layer in layers])
-
-
-def _codes(layers) -> tuple[torch.Tensor, bool]:
-    """The experts' codes stacked ([E * N, K * bits / 8]) and whether tiled: tiled-only packed layers (after
-    tile_for_decode) keep their layout, which is row-tile-major, so the experts' tiled codes stacked are the
-    stack's."""
-    if all(getattr(layer, "holds_packed", True) for layer in layers):
-        return _cat(layers, "packed"), False
-    return torch.cat([layer._current_tiled() for layer in layers]), True
-
-
 def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) -> torch.Tensor:
     """deq(q) = (q - z) s of the stacked codes, [E, N, K] in dtype. With a scale that takes a gradient (E2E-QP),
     (q - z) in fp32 times s, rounded once to dtype as dequant rounds it."""
@@ -98,25 +86,38 @@ def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) 
 
 
 def _plan(layers, x: torch.Tensor):
-    """(build, tensors) with build(*tensors) the experts' stacked weight [E, N, K] in x's dtype, for one
-    projection of every expert (`layers`, all one kind)."""
-    first, dtype = layers[0], x.dtype
-    shape = (len(layers), first.out_features, first.in_features)
-    if isinstance(first, nn.Linear):
-        return (lambda w: w.view(shape).to(dtype)), (_cat(layers, "weight"),)
-    mode, bits, g = first.mode, first.spec.bits, first.group_size
-    if mode == "fake":
-        return ((lambda w, s, z: ops.fake_quant(w, s, z, bits, g).view(shape).to(dtype)),
-                (_cat(layers, "weight"), _cat(layers, "scale"), _cat(layers, "zero")))
-    if mode == "lrqat":  # stacked: one call for every expert, each A B its own
+    """(build, tensors): the experts' own tensors, every expert's first, then every expert's second, ..., and
+    build(*tensors) their stacked weight [E, N, K] in x's dtype, for one projection of every expert (`layers`,
+    all one kind). Tiled-only packed layers (after tile_for_decode) keep their layout, which is row-tile-major:
+    the experts' tiled codes stacked are the stack's."""
+    first, dtype, count = layers[0], x.dtype, len(layers)
+    shape = (count, first.out_features, first.in_features)
+    mode = getattr(first, "mode", None)
+    bits, g = (first.spec.bits, first.group_size) if mode else (None, None)
+    if mode is None:  # nn.Linear
+        names, make = ("weight",), lambda w: w.view(shape).to(dtype)
+    elif mode == "fake":
+        names, make = ("weight", "scale", "zero"), lambda w, s, z: ops.fake_quant(w, s, z, bits, g).view(shape).to(dtype)
+    elif mode == "lrqat":  # a [E, N, r], b [E, r, K]: each expert's A B its own
         half = dtype in (torch.bfloat16, torch.float16)  # (as LRQATLinear._forward: 16-bit adapters for the kernels)
-        return ((lambda p, a, b, s, z: ops.lrqat_weight(p, a.to(dtype) if half else a, b.to(dtype) if half else b, s,
-                                                        z, first.lora_scale, bits, g, first.frac_bits).to(dtype)),
-                tuple(torch.stack([getattr(l, name) for l in layers]) for name in ("p", "lora_a", "lora_b", "scale",
-                                                                                   "zero")))
-    codes, tiled = _codes(layers)
-    return ((lambda c, s, z: _dequant(c, tiled, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)),
-            (codes, _cat(layers, "scale"), _cat(layers, "zero")))
+        names = ("p", "lora_a", "lora_b", "scale", "zero")
+
+        def make(p, a, b, s, z):
+            a, b = (a.to(dtype), b.to(dtype)) if half else (a, b)
+            return ops.lrqat_weight(p, a, b, s, z, first.lora_scale, bits, g, first.frac_bits).to(dtype)
+    else:  # e2eqp, qalora, packed: frozen codes
+        tiled = not all(getattr(layer, "holds_packed", True) for layer in layers)
+        names = ("tiled" if tiled else "packed", "scale", "zero")
+
+        def make(c, s, z):
+            return _dequant(c, tiled, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)
+    tensors = [layer._current_tiled() if name == "tiled" else getattr(layer, name) for name in names for layer in layers]
+    join = torch.stack if mode == "lrqat" else torch.cat
+
+    def build(*flat):
+        return make(*(join(flat[i:i + count]) for i in range(0, len(flat), count)))
+
+    return build, tensors
 
 
 def stacked_linear(layers, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
