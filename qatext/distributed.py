@@ -85,10 +85,17 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 _CARRIER = torch.float16
 
 
+def in_own_dtype(module: nn.Module, attr: str) -> torch.Tensor:
+    """module's tensor `attr` in its own dtype, read without calling the module (whose forward pre-hook would
+    install the view): an integer buffer that FSDP2 carries as an fp16 parameter viewed back."""
+    dtype = getattr(module, "_integer_parameters", {}).get(attr)
+    return getattr(module, attr) if dtype is None else module._parameters[attr].view(dtype)
+
+
 def _own_dtype_views(module: nn.Module, _args) -> None:
     """Forward pre-hook: the layer reads its integer parameters in their own dtype."""
-    for attr, dtype in module._integer_parameters.items():
-        module.__dict__[attr] = module._parameters[attr].view(dtype)
+    for attr in module._integer_parameters:
+        module.__dict__[attr] = in_own_dtype(module, attr)
 
 
 def _drop_own_dtype_views(module: nn.Module, _args, _out) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..distributed import in_own_dtype
 from .quant_linear import QuantLinear, positive
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -111,7 +112,8 @@ def _plan(layers, x: torch.Tensor):
 
         def make(c, s, z):
             return _dequant(c, tiled, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)
-    tensors = [layer._current_tiled() if name == "tiled" else getattr(layer, name) for name in names for layer in layers]
+    tensors = [layer._current_tiled() if name == "tiled" else in_own_dtype(layer, name) for name in names
+               for layer in layers]
     join = torch.stack if mode == "lrqat" else torch.cat
 
     def build(*flat):
