@@ -2,8 +2,9 @@
 by the layers' own op in one call ([experts * N, K] is a matrix like any other to a row-wise quantizer),
 then one grouped GEMM over the tokens sorted by expert, the experts' token counts as its offsets.
 
-One projection of a block is then a few launches where `ExpertList`'s loop makes a few an expert, and
-nothing reads a count on the host: no synchronisation, so CUDA graphs can hold it. The stacked weight
+One projection of a block is then a few op calls where `ExpertList`'s loop makes a few an expert (LR-QAT's
+stacked op still launches its tile kernels once an expert, from C++), and nothing reads a count on the host:
+no synchronisation, so CUDA graphs can hold it. The stacked weight
 lives only inside the call: backward builds it again (as lrqat_linear does a layer's), so a block's
 N x K weights of every expert (GBs at Qwen3-30B-A3B) are never held for backward.
 """
