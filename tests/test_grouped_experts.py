@@ -171,6 +171,9 @@ def test_inference_with_few_tokens_an_expert_takes_the_loop():
         experts.grouped = True
         assert experts.takes_grouped(x, few)
     experts.grouped = None
-    assert experts.takes_grouped(x, few)  # a gradient: grouped at any count
+    assert not experts.takes_grouped(x, few)  # grad mode over frozen experts: no gradient taken
+    assert experts.takes_grouped(x.requires_grad_(), few)  # a gradient: grouped at any count
+    trained = block("qalora", hidden=64, inter=64, group=16, rank=4)
+    assert trained.takes_grouped(x.detach(), few)  # (the experts' adapters need one)
     experts.grouped = False
     assert not experts.takes_grouped(x, enough)

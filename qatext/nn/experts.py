@@ -53,9 +53,9 @@ class ExpertList(nn.ModuleList):
     missing gradient on one rank fails the step)."""
 
     # True / False: the experts always / never as grouped GEMMs (where they apply). None: grouped wherever a
-    # gradient is taken and, without one (inference), from GROUPED_PAIRS token-expert pairs an expert: below,
-    # the loop's decode kernels over the few chosen experts beat building every expert's weight (H200, W4, 128
-    # experts: loop 0.66x grouped's time at 64 pairs, grouped 0.77x the loop's at 1024).
+    # gradient is taken (takes_grouped) and, without one (inference), from GROUPED_PAIRS token-expert pairs an
+    # expert: below, the loop's decode kernels over the few chosen experts beat building every expert's weight
+    # (H200, W4, 128 experts: loop 0.66x grouped's time at 64 pairs, grouped 0.77x the loop's at 1024).
     grouped: bool | None = None
     GROUPED_PAIRS = 4
     # Counts the layers set on any ExpertList or ExpertMLP (replaced by a merge, a conversion, a load): `groups`
@@ -95,11 +95,13 @@ class ExpertList(nn.ModuleList):
         return out
 
     def takes_grouped(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-        """Whether this forward runs as grouped GEMMs (see `grouped`)."""
+        """Whether this forward runs as grouped GEMMs (see `grouped`). A gradient is taken where grad mode is on
+        and x or the experts' parameters need one (the first expert's tell: the experts train alike), not for
+        grad mode alone (a loop over frozen weights without no_grad)."""
         if self.grouped is False or not self.groups(x):
             return False
-        return (self.grouped is True or torch.is_grad_enabled()
-                or top_k_index.numel() >= self.GROUPED_PAIRS * len(self))
+        gradient = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self[0].parameters()))
+        return self.grouped is True or gradient or top_k_index.numel() >= self.GROUPED_PAIRS * len(self)
 
     def groups(self, x: torch.Tensor) -> bool:
         """Whether this forward can run as grouped GEMMs: each projection one kind over the experts, torch's grouped
