@@ -19,17 +19,21 @@ from .grouped_experts import grouped_experts, grouped_mm_serves, same_kind
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-class ExpertMLP(nn.Module):
+class _CountsLayouts(nn.Module):
+    """A module whose submodules set (replaced by a merge, a conversion, a load) move ExpertList.layouts."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, nn.Module):
+            ExpertList.layouts += 1
+        super().__setattr__(name, value)
+
+
+class ExpertMLP(_CountsLayouts):
     """One expert: down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
-
-    def __setattr__(self, name, value):
-        if isinstance(value, nn.Module):  # (a layer replaced: ExpertList.groups looks again)
-            ExpertList.layouts += 1
-        super().__setattr__(name, value)
 
     # Written as transformers' LlamaMLP.forward is, to the bytecode, so that a packed expert's gate/up
     # decode GEMM takes SwiGLU as its epilogue (nn.shared_input.is_swiglu_mlp) as a dense MLP's does.
@@ -38,7 +42,7 @@ class ExpertMLP(nn.Module):
         return down_proj
 
 
-class ExpertList(nn.ModuleList):
+class ExpertList(_CountsLayouts, nn.ModuleList):
     """transformers' stacked experts as a list of ExpertMLP, called as they are: (hidden_states [tokens,
     hidden], top_k_index [tokens, k], top_k_weights [tokens, k]) -> [tokens, hidden], each token's
     experts' outputs scaled by its routing weights and summed. Expert ids past the list (transformers'
@@ -58,14 +62,9 @@ class ExpertList(nn.ModuleList):
     # (H200, W4, 128 experts: loop 0.66x grouped's time at 64 pairs, grouped 0.77x the loop's at 1024).
     grouped: bool | None = None
     GROUPED_PAIRS = 4
-    # Counts the layers set on any ExpertList or ExpertMLP (replaced by a merge, a conversion, a load): `groups`
-    # checks the experts' kinds again only after it moved, not every forward (~0.2 ms a block of 128).
+    # Counts the layers set on any ExpertList or ExpertMLP (_CountsLayouts): `groups` checks the experts' kinds
+    # again only after it moved, not every forward (~0.2 ms a block of 128).
     layouts: int = 0
-
-    def __setattr__(self, name, value):
-        if isinstance(value, nn.Module):
-            ExpertList.layouts += 1
-        super().__setattr__(name, value)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.takes_grouped(hidden_states, top_k_index):
