@@ -177,3 +177,23 @@ def test_inference_with_few_tokens_an_expert_takes_the_loop():
     assert trained.takes_grouped(x.detach(), few)  # (the experts' adapters need one)
     experts.grouped = False
     assert not experts.takes_grouped(x, enough)
+
+
+def test_gate_and_up_run_as_one_grouped_gemm_where_they_are_one_kind(monkeypatch):
+    """Gate and up of one kind: one GEMM of 2 * inter columns (then down: 2 in all); of two kinds, one each (3)."""
+    from qatext.nn import grouped_experts
+
+    calls = []
+    monkeypatch.setattr(grouped_experts, "_grouped_mm", lambda *a, **k: calls.append(a[1].shape) or torch._grouped_mm(*a, **k))
+    experts = block("fake", hidden=64, inter=32, group=16, rank=4)
+    x = torch.randn(9, 64)
+    index, weights = routing(9, "cpu")
+    experts.grouped = True
+    with torch.no_grad():
+        expected = experts(x, index, weights)
+        assert calls == [(EXPERTS, 64, 2 * 32), (EXPERTS, 32, 64)]
+        for expert in experts:
+            expert.up_proj = expert.up_proj.to_packed()
+        calls.clear()
+        torch.testing.assert_close(experts(x, index, weights), expected, rtol=1e-5, atol=1e-6)
+        assert len(calls) == 3

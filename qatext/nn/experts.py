@@ -68,7 +68,8 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.takes_grouped(hidden_states, top_k_index):
-            return grouped_experts(self, hidden_states, top_k_index, top_k_weights)
+            _, _, projections, gate_up_fused = self._groups
+            return grouped_experts(projections, self[0].act_fn, hidden_states, top_k_index, top_k_weights, gate_up_fused)
         k = top_k_index.shape[-1]
         # The (token, slot) pairs sorted by expert, stably (each expert's tokens in order, as torch.where
         # lists them), and each expert's count: one host sync a block, where a torch.where an expert is one
@@ -104,15 +105,18 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
 
     def groups(self, x: torch.Tensor) -> bool:
         """Whether this forward can run as grouped GEMMs: each projection one kind over the experts, torch's grouped
-        GEMM on x's device and dtype, not under torch.compile (which takes the loop, as it always has)."""
+        GEMM on x's device and dtype, not under torch.compile (which takes the loop, as it always has). Cached with
+        the projections' layers (gate, up, down over the experts) and whether gate and up are one kind together
+        (then one GEMM)."""
         if len(self) < 2 or torch.compiler.is_compiling():
             return False
         key = (ExpertList.layouts, x.device, x.dtype)
         cached = self.__dict__.get("_groups")
         if cached is None or cached[0] != key:
-            projections = [[getattr(e, name) for e in self] for name in EXPERT_LINEARS]
-            dims = [d for p in projections for d in (p[0].in_features, p[0].out_features)]
-            cached = self._groups = (key, grouped_mm_serves(x, dims) and all(same_kind(p) for p in projections))
+            gate, up, down = ([getattr(e, name) for e in self] for name in EXPERT_LINEARS)
+            dims = [d for p in (gate, up, down) for d in (p[0].in_features, p[0].out_features)]
+            serves = grouped_mm_serves(x, dims) and all(same_kind(p) for p in (gate, up, down))
+            cached = self._groups = (key, serves, (gate, up, down), serves and same_kind(gate + up))
         return cached[1]
 
     @classmethod

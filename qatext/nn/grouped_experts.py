@@ -47,33 +47,60 @@ def grouped_mm_serves(x: torch.Tensor, dims) -> bool:
 
 
 class _StackedLinear(torch.autograd.Function):
-    """grouped_mm(x, W^T) for W = build(*tensors) [E, N, K], built again in backward (not held). `tensors` are the
-    experts' own (build stacks them), so what backward holds is references, not stacked copies."""
+    """grouped_mm(x, W^T) for W = make(*stacks) [E, N, K], each stack the join (torch.stack or torch.cat) of `count`
+    of `tensors`, the layers' own: what backward holds is references, not stacked copies, and W is built again
+    there (not held). Each stack's gradient is taken whole and handed back to the layers' tensors as views of it
+    (one unbind or split a stack), not one autograd op a layer: an expert's parameters would otherwise cost a few
+    host calls each, thousands a block."""
 
     @staticmethod
-    def forward(ctx, build, x, offs, *tensors):
-        ctx.build = build
+    def forward(ctx, make, join, count, x, offs, *tensors):
+        ctx.make, ctx.join, ctx.count = make, join, count
         ctx.save_for_backward(x, offs, *tensors)
         with torch.no_grad():
-            w = build(*tensors)
+            w = make(*_stacks(join, count, tensors))
         return grouped_mm(x, w.mT, offs)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, offs, *tensors = ctx.saved_tensors
+        count = ctx.count
         grad_y = grad_y.contiguous()
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[5:]
+        wanted = [any(needs[i:i + count]) for i in range(0, len(tensors), count)]
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() if need else t for t, need in zip(tensors, needs)]
-            w = ctx.build(*inputs)
-        grad_x = grouped_mm(grad_y, w.detach(), offs) if ctx.needs_input_grad[1] else None
+            stacks = [s.requires_grad_() if want else s for s, want in zip(_stacks(ctx.join, count, tensors), wanted)]
+            w = ctx.make(*stacks)
+        grad_x = grouped_mm(grad_y, w.detach(), offs) if ctx.needs_input_grad[3] else None
         grads = [None] * len(tensors)
-        wanted = [i for i, need in enumerate(needs) if need]
-        if wanted:
+        if any(wanted):
             grad_w = grouped_mm(grad_y.mT, x, offs)  # [E, N, K]; an expert without tokens: zeros
-            for i, g in zip(wanted, torch.autograd.grad(w, [inputs[i] for i in wanted], grad_w.to(w.dtype))):
-                grads[i] = g
-        return None, grad_x, None, *grads
+            taken = torch.autograd.grad(w, [s for s, want in zip(stacks, wanted) if want], grad_w.to(w.dtype))
+            for n, g in zip((n for n, want in enumerate(wanted) if want), taken):
+                part = tensors[n * count:(n + 1) * count]
+                pieces = g.unbind(0) if ctx.join is torch.stack else g.split([t.shape[0] for t in part])
+                grads[n * count:(n + 1) * count] = [p if need else None for p, need in
+                                                     zip(pieces, needs[n * count:(n + 1) * count])]
+        return None, None, None, grad_x, None, *grads
+
+
+class _Stack(torch.autograd.Function):
+    """torch.stack whose backward hands each tensor its gradient by one unbind (torch.stack's takes a select a
+    tensor: a host call an expert)."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return torch.stack(tensors)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind(0)
+
+
+def _stacks(join, count: int, tensors):
+    """The layers' tensors joined `count` at a time: one stack a name (every layer's first, then second, ...)."""
+    with torch.no_grad():
+        return [join(tensors[i:i + count]) for i in range(0, len(tensors), count)]
 
 
 def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) -> torch.Tensor:
@@ -87,13 +114,16 @@ def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) 
     return (q.unflatten(-1, (scale.shape[-1], -1)) * scale[..., None].float()).to(dtype).view(shape)
 
 
-def _plan(layers, x: torch.Tensor):
-    """(build, tensors): the experts' own tensors, every expert's first, then every expert's second, ..., and
-    build(*tensors) their stacked weight [E, N, K] in x's dtype, for one projection of every expert (`layers`,
-    all one kind). Tiled-only packed layers (after tile_for_decode) keep their layout, which is row-tile-major:
-    the experts' tiled codes stacked are the stack's."""
+def _plan(layers, x: torch.Tensor, fused: int):
+    """(make, join, tensors): the layers' own tensors, every layer's first, then every layer's second, ..., and
+    make(*stacks) their stacked weight [E, fused * N, K] in x's dtype, a stack being the join of one name's
+    tensors over the layers (as _StackedLinear stacks them). `layers` (all one kind) are `fused`
+    projections of each expert in turn (gate, up of expert 0, then of expert 1, ...): stacked as
+    E * fused matrices of N rows, they are E of fused * N rows, each expert's projections side by side.
+    Tiled-only packed layers (after tile_for_decode) keep their layout, which is row-tile-major: the layers'
+    tiled codes stacked are the stack's."""
     first, dtype, count = layers[0], x.dtype, len(layers)
-    shape = (count, first.out_features, first.in_features)
+    shape = (count // fused, fused * first.out_features, first.in_features)
     mode = getattr(first, "mode", None)
     bits, g = (first.spec.bits, first.group_size) if mode else (None, None)
     if mode is None:  # nn.Linear
@@ -106,7 +136,7 @@ def _plan(layers, x: torch.Tensor):
 
         def make(p, a, b, s, z):
             a, b = (a.to(dtype), b.to(dtype)) if half else (a, b)
-            return ops.lrqat_weight(p, a, b, s, z, first.lora_scale, bits, g, first.frac_bits).to(dtype)
+            return ops.lrqat_weight(p, a, b, s, z, first.lora_scale, bits, g, first.frac_bits).to(dtype).view(shape)
     else:  # e2eqp, qalora, packed: frozen codes
         tiled = not all(getattr(layer, "holds_packed", True) for layer in layers)
         names = ("tiled" if tiled else "packed", "scale", "zero")
@@ -115,31 +145,36 @@ def _plan(layers, x: torch.Tensor):
             return _dequant(c, tiled, positive(s) if mode == "e2eqp" else s, z, first, shape, dtype)
     tensors = [layer._current_tiled() if name == "tiled" else in_own_dtype(layer, name) for name in names
                for layer in layers]
-    join = torch.stack if mode == "lrqat" else torch.cat
-
-    def build(*flat):
-        return make(*(join(flat[i:i + count]) for i in range(0, len(flat), count)))
-
-    return build, tensors
+    return make, torch.stack if mode == "lrqat" else torch.cat, tensors
 
 
-def stacked_linear(layers, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Every expert's projection (`layers`, one an expert) of its rows of x (sorted by expert, offs the
-    running token counts): [S, N]. QA-LoRA's adapter runs beside the frozen base, on the group-pooled rows,
-    as two grouped GEMMs of rank r (its layers' qalora_linear, stacked)."""
-    build, tensors = _plan(layers, x)
-    y = _StackedLinear.apply(build, x, offs, *tensors)
+def stacked_linear(projections, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Every expert's projections (`projections`: lists of layers, one an expert, all one kind) of its rows of x
+    (sorted by expert, offs the running token counts), side by side: [S, sum of N], as one grouped GEMM. QA-LoRA's
+    adapters run beside the frozen base, on the group-pooled rows, as two grouped GEMMs of rank r a projection
+    (its layers' qalora_linear, stacked)."""
+    layers = [layer for expert in zip(*projections) for layer in expert]
+    make, join, tensors = _plan(layers, x, len(projections))
+    y = _StackedLinear.apply(make, join, len(layers), x, offs, *tensors)
     first = layers[0]
     if getattr(first, "mode", None) != "qalora":
         return y
     groups = first.qshape[1]
     pooled = x.unflatten(-1, (groups, -1)).sum(-1, dtype=torch.float32).to(x.dtype)
-    a, b = torch.stack([l.lora_a for l in layers]).to(x.dtype), torch.stack([l.lora_b for l in layers]).to(x.dtype)
-    # The groups and the rank padded with zeros to 16-byte rows (e.g. 768 / 128 = 6 groups), as the GEMM needs.
-    extra_groups, extra_rank = (-groups) % _aligned(x), (-first.rank) % _aligned(x)
-    pooled, a, b = F.pad(pooled, (0, extra_groups)), F.pad(a, (0, extra_groups, 0, extra_rank)), F.pad(b, (0, extra_rank))
-    delta = grouped_mm(grouped_mm(pooled, a.mT, offs), b.mT, offs)
+    # The groups padded with zeros to 16-byte rows (e.g. 768 / 128 = 6 groups), as the GEMM needs.
+    pooled = F.pad(pooled, (0, (-groups) % _aligned(x)))
+    delta = torch.cat([_pooled_adapter(p, pooled, offs) for p in projections], -1)
     return torch.add(y, delta, alpha=first.lora_scale / (first.in_features // groups))
+
+
+def _pooled_adapter(layers, pooled: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """QA-LoRA's B A of every expert's rows of the pooled input (groups already padded to 16-byte rows), unscaled:
+    A's columns padded as the groups are, the rank padded with zeros to 16-byte rows too."""
+    a = _Stack.apply(*(in_own_dtype(l, "lora_a") for l in layers)).to(pooled.dtype)
+    b = _Stack.apply(*(in_own_dtype(l, "lora_b") for l in layers)).to(pooled.dtype)
+    extra_rank = (-a.shape[1]) % _aligned(pooled)
+    a, b = F.pad(a, (0, pooled.shape[-1] - a.shape[-1], 0, extra_rank)), F.pad(b, (0, extra_rank))
+    return grouped_mm(grouped_mm(pooled, a.mT, offs), b.mT, offs)
 
 
 def same_kind(layers) -> bool:
@@ -156,11 +191,16 @@ def same_kind(layers) -> bool:
                for l in layers)
 
 
-def grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """ExpertList's forward as grouped GEMMs (see the module docstring); the caller checked `same_kind` and
-    `grouped_mm_serves`. Pairs routed past the list (expert-parallel sentinels) sort last, past every offset:
-    the GEMMs leave their rows unwritten, so they enter as zeros and leave as zeros."""
-    k, count = top_k_index.shape[-1], len(experts)
+def grouped_experts(projections, act_fn, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, gate_up_fused: bool):
+    """ExpertList's forward as grouped GEMMs (see the module docstring): `projections` the gate, up and down layers
+    over the experts, act_fn the gate's activation. The caller checked `same_kind` and `grouped_mm_serves` for
+    each projection and, for `gate_up_fused`, for gate and up together: then they run as one GEMM of 2 * inter
+    columns, as transformers' gate_up_proj. Pairs routed past the list (expert-parallel
+    sentinels) sort last, past every offset: the GEMMs leave their rows unwritten, so they enter as zeros and
+    leave as zeros."""
+    gate, up, down = projections
+    k, count = top_k_index.shape[-1], len(down)
     flat = top_k_index.reshape(-1)
     order = flat.argsort(stable=True)
     ids = flat[order]
@@ -169,9 +209,10 @@ def grouped_experts(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     tokens = order // k
     routed = (ids < count)[:, None]
     x = torch.where(routed, hidden_states[tokens], 0)
-    first = experts[0]
-    h = first.act_fn(stacked_linear([e.gate_proj for e in experts], x, offs)) * stacked_linear(
-        [e.up_proj for e in experts], x, offs)
-    y = stacked_linear([e.down_proj for e in experts], h, offs)
+    if gate_up_fused:
+        g, u = stacked_linear([gate, up], x, offs).chunk(2, dim=-1)
+    else:
+        g, u = stacked_linear([gate], x, offs), stacked_linear([up], x, offs)
+    y = stacked_linear([down], act_fn(g) * u, offs)
     y = torch.where(routed, y, 0) * top_k_weights.reshape(-1)[order, None]
     return torch.zeros_like(hidden_states).index_add_(0, tokens, y.to(hidden_states.dtype))
