@@ -46,7 +46,13 @@ def unpack(packed, bits: int, in_features: int) -> torch.Tensor:
 
 
 def dequant(packed, scale, zero, bits: int, group_size: int, in_features: int, dtype=torch.float32):
+    """(q - z) s of packed codes, [N, in_features] in dtype; backward to the scale (dequant_scale_grad)."""
     return _ops.dequant(packed, scale, zero, bits, group_size, in_features, dtype)
+
+
+def dequant_scale_grad(grad_w, packed, zero, bits: int, group_size: int) -> torch.Tensor:
+    """d loss / d scale of dequant given grad_w = d loss / d W [N, K]: [N, groups] in fp32."""
+    return _ops.dequant_scale_grad(grad_w, packed, zero, bits, group_size)
 
 
 def dequant_matmul(x, packed, scale, zero, bits: int, group_size: int, bias=None) -> torch.Tensor:
@@ -280,6 +286,11 @@ def _(x, tiled, scale, zero, bits, group_size, bias):
 
 @torch.library.register_fake("qatext::e2eqp_scale_grad")
 def _(x, grad_y, packed, zero, bits, group_size):
+    return _empty(zero.shape, zero, torch.float32)
+
+
+@torch.library.register_fake("qatext::dequant_scale_grad")
+def _(grad_w, packed, zero, bits, group_size):
     return _empty(zero.shape, zero, torch.float32)
 
 

@@ -199,13 +199,17 @@ def swiglu_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
-def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int):
-    """d loss / d scale[n, g] = sum_{k in g} (q[n, k] - z[n, g]) * (grad_y^T x)[n, k]."""
-    k = x.shape[-1]
-    dw = grad_y.reshape(-1, grad_y.shape[-1]).float().t() @ x.reshape(-1, k).float()
-    codes = unpack(packed, bits, k).float()
-    prod = _grouped(dw, group_size) * (_grouped(codes, group_size) - zero.float().unsqueeze(-1))
+def dequant_scale_grad(grad_w, packed, zero, bits: int, group_size: int):
+    """d loss / d scale[n, g] of dequant = sum_{k in g} (q[n, k] - z[n, g]) * grad_w[n, k], in fp32."""
+    codes = unpack(packed, bits, grad_w.shape[-1]).float()
+    prod = _grouped(grad_w.float(), group_size) * (_grouped(codes, group_size) - zero.float().unsqueeze(-1))
     return prod.sum(-1)
+
+
+def e2eqp_scale_grad(x, grad_y, packed, zero, bits: int, group_size: int):
+    """d loss / d scale of x @ deq(W)^T: dequant_scale_grad of dW = grad_y^T x."""
+    dw = grad_y.reshape(-1, grad_y.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+    return dequant_scale_grad(dw, packed, zero, bits, group_size)
 
 
 def lrqat_p_values(p, bits: int, frac_bits: int, in_features: int) -> torch.Tensor:

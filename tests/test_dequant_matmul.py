@@ -1,4 +1,5 @@
-"""dequant_matmul (forward, grad to x, bias and scale) and the E2E-QP scale gradient."""
+"""dequant_matmul (forward, grad to x, bias and scale), the E2E-QP scale gradient, and dequant's own (the
+scale gradient of a weight a caller builds: a mixture's stacked experts)."""
 
 import pytest
 import torch
@@ -88,3 +89,38 @@ def test_e2eqp_scale_grad_in_row_blocks(device, chunk):
     with qatext.tuning(dw_chunk_elements=chunk):
         got = ops.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g)
     torch.testing.assert_close(got, reference.e2eqp_scale_grad(x, grad_y, packed, zero, bits, g), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits,g", [(4, 128), (2, 64), (3, -1), (4, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [None, 256 * 5])
+def test_dequant_scale_grad_is_dequants_scale_gradient(device, bits, g, dtype, chunk):
+    """dequant's backward to the scale (dequant_scale_grad, a block of dW rows at a time with `chunk`) against
+    the reference formula and against autograd through the reference dequant. The gradient is an fp32 sum of g
+    exact products (grad_w in dtype times small integers) a group: the same 2^-16 of the largest as above."""
+    import qatext
+
+    n, k = 33, 256
+    packed, scale, zero = _weight(n, k, bits, g, device)
+    grad_w = torch.randn(n, k, device=device).to(dtype)
+    s = scale.clone().requires_grad_()
+    with qatext.tuning(**({"dw_chunk_elements": chunk} if chunk else {})):
+        w = ops.dequant(packed, s, zero, bits, g, k, dtype)
+        w.backward(grad_w)
+        got = ops.dequant_scale_grad(grad_w, packed, zero, bits, g)
+    want = reference.dequant_scale_grad(grad_w, packed, zero, bits, g)
+    tol = dict(rtol=0, atol=2**-16 * want.abs().max().item())
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(s.grad, want, **tol)
+    s_ref = scale.clone().requires_grad_()
+    reference.dequant(packed, s_ref, zero, bits, g, k).backward(grad_w.float())
+    torch.testing.assert_close(s.grad, s_ref.grad, **tol)
+    assert w.dtype == dtype and s.grad.dtype == torch.float32
+
+
+def test_dequant_scale_grad_names_a_mismatched_weight(device):
+    packed, _, zero = _weight(8, 64, 4, 32, device)
+    with pytest.raises(ValueError, match="grad_w has 9 rows and packed 8"):
+        ops.dequant_scale_grad(torch.randn(9, 64, device=device), packed, zero, 4, 32)
+    with pytest.raises(RuntimeError, match="zero is frozen"):
+        ops.dequant(packed, torch.rand(8, 2, device=device), zero.requires_grad_(), 4, 32, 64).sum().backward()

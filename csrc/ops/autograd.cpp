@@ -1,6 +1,6 @@
 // Autograd of every differentiable qatext op, in C++. Each trained linear calls one of them per step
 // (fake_quant: full QAT and Block-AP; qalora_linear: QA-LoRA; dequant_matmul: E2E-QP; lrqat_linear:
-// LR-QAT), and a Python autograd kernel cost about as much host time again as the op's own launch
+// LR-QAT; dequant and lrqat_weight: a mixture's stacked experts), and a Python autograd kernel cost about as much host time again as the op's own launch
 // path: the 7B steps are host-bound (benchmarks/NOTES.md). Backwards call the ops through the dispatcher.
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -83,6 +83,40 @@ class LrqatWeightFunction : public torch::autograd::Function<LrqatWeightFunction
                 ctx->saved_data["group_size"].toInt(), ctx->saved_data["frac_bits"].toInt());
     return {at::Tensor(), grad_a, grad_b, grad_scale, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
+  }
+};
+
+// deq = (q - z) s with the gradient to the scale (E2E-QP's trained step sizes, where a caller builds the weight
+// itself: a mixture's stacked experts); the codes and the zero are frozen.
+class DequantFunction : public torch::autograd::Function<DequantFunction> {
+  static constexpr size_t kScale = 1, kZero = 2;  // edge indices of apply's tensor arguments (packed, scale, zero)
+
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& packed, const at::Tensor& scale,
+                            const at::Tensor& zero, int64_t bits, int64_t group_size, int64_t in_features,
+                            at::ScalarType dtype) {
+    ctx->save_for_backward({packed, zero});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["scale_dtype"] = scale.scalar_type();
+    static const auto op = op_handle<decltype(dequant)>("qatext::dequant");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(packed, scale, zero, bits, group_size, in_features, dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(!ctx->needs_input_grad(kZero),
+                "qatext.dequant: zero is frozen (only scale is differentiable); call zero.requires_grad_(False)");
+    static const auto scale_grad_op = op_handle<decltype(dequant_scale_grad)>("qatext::dequant_scale_grad");
+    at::Tensor grad_scale;
+    if (ctx->needs_input_grad(kScale)) {
+      grad_scale = scale_grad_op.call(grads[0], saved[0], saved[1], ctx->saved_data["bits"].toInt(),
+                                      ctx->saved_data["group_size"].toInt())
+                       .to(ctx->saved_data["scale_dtype"].toScalarType());
+    }
+    // One entry per forward argument: packed, scale, zero, bits, group_size, in_features, dtype.
+    return {at::Tensor(), grad_scale, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -258,6 +292,10 @@ TORCH_LIBRARY_IMPL(qatext, Autograd, m) {
                             const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
                             int64_t frac_bits) {
     return LrqatWeightFunction::apply(p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits);
+  });
+  m.impl("dequant", [](const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                       int64_t group_size, int64_t in_features, at::ScalarType dtype) {
+    return DequantFunction::apply(packed, scale, zero, bits, group_size, in_features, dtype);
   });
   m.impl("dequant_matmul", [](const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                               const at::Tensor& zero, int64_t bits, int64_t group_size,

@@ -48,6 +48,9 @@ at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, con
                                const std::optional<at::Tensor>& bias);
 at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed,
                             const at::Tensor& zero, int64_t bits, int64_t group_size);
+// d loss / d scale of dequant(packed, scale, zero) given grad_w = d loss / d W [N, K]: [N, G] in fp32.
+at::Tensor dequant_scale_grad(const at::Tensor& grad_w, const at::Tensor& packed, const at::Tensor& zero, int64_t bits,
+                              int64_t group_size);
 
 at::Tensor lrqat_weight(const at::Tensor& p, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                         const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,

@@ -1,5 +1,5 @@
 // pack / unpack of b-bit codes, dequant, dequant_matmul (and its input gradient), and E2E-QP's
-// per-group scale gradient.
+// per-group scale gradient (of a linear layer's output, or of a dequantised weight).
 #include "core/quant_math.h"
 #include "ops/common.h"
 #include "ops/ops.h"
@@ -188,6 +188,28 @@ at::Tensor dequant_matmul_grad_input(const at::Tensor& grad_y, const at::Tensor&
   return at::matmul(grad_y, dequant_checked(packed, scale, zero, shape, grad_y.scalar_type()));
 }
 
+namespace {
+
+// Rows a block of dW in fp32 is formed for at once: dw_chunk_elements() whatever N and K, a multiple of 128
+// where it is that large (each block's grad_y columns then 16-byte aligned and on cuBLAS tiles).
+int64_t dw_block_rows(int64_t K) {
+  int64_t rows = std::max<int64_t>(1, tuning(Knob::DwChunkElements) / std::max<int64_t>(K, 1));
+  if (rows >= 128) rows -= rows % 128;
+  return rows;
+}
+
+// grad_scale[n0 + i, g] = sum_{k in g} (q - z)[n0 + i, k] * dw[i, k] for one block of dW rows (fp32, contiguous).
+void group_code_dot_rows(const at::Tensor& dw, const at::Tensor& packed, const at::Tensor& zero, at::Tensor& grad_scale,
+                         int64_t n0, const GroupShape& shape) {
+  const int64_t G = shape.groups();
+  const GroupShape part{dw.size(0), shape.K, shape.group_size, shape.bits};
+  QATEXT_DEVICE_CALL(packed, group_code_dot, dw.const_data_ptr<float>(),
+                     packed.const_data_ptr<uint8_t>() + n0 * packed_row_bytes(shape.K, shape.bits),
+                     zero.const_data_ptr<float>() + n0 * G, grad_scale.mutable_data_ptr<float>() + n0 * G, part);
+}
+
+}  // namespace
+
 at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed_in,
                             const at::Tensor& zero_in, int64_t bits, int64_t group_size) {
   const char* op = "qatext.e2eqp_scale_grad";
@@ -213,9 +235,7 @@ at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const
   const bool half_inputs_on_cuda = xs.is_cuda() && xs.scalar_type() == gy.scalar_type() &&
                                    (xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf);
   at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
-  int64_t rows = std::max<int64_t>(1, tuning(Knob::DwChunkElements) / std::max<int64_t>(shape.K, 1));
-  if (rows >= 128) rows -= rows % 128;  // keeps each block's grad_y columns 16-byte aligned and on cuBLAS tiles
-  const int64_t row_bytes = packed_row_bytes(shape.K, bits), G = shape.groups();
+  const int64_t rows = dw_block_rows(shape.K);
   for (int64_t n0 = 0; n0 < shape.N; n0 += rows) {
     const int64_t n = std::min(rows, shape.N - n0);
     at::Tensor dw;
@@ -230,10 +250,30 @@ at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const
                   xs.slice(0, m0, m0 + m).to(at::kFloat));
       }
     }
-    const GroupShape part{n, shape.K, shape.group_size, shape.bits};
-    QATEXT_DEVICE_CALL(packed, group_code_dot, dw.const_data_ptr<float>(),
-                       packed.const_data_ptr<uint8_t>() + n0 * row_bytes, zero.const_data_ptr<float>() + n0 * G,
-                       grad_scale.mutable_data_ptr<float>() + n0 * G, part);
+    group_code_dot_rows(dw, packed, zero, grad_scale, n0, shape);
+  }
+  return grad_scale;
+}
+
+at::Tensor dequant_scale_grad(const at::Tensor& grad_w, const at::Tensor& packed_in, const at::Tensor& zero_in,
+                              int64_t bits, int64_t group_size) {
+  const char* op = "qatext.dequant_scale_grad";
+  check_float(op, "grad_w", grad_w);
+  check_dim(op, "grad_w", grad_w, 2);
+  check_dim(op, "packed", packed_in, 2);
+  check_same_device(op, {{"grad_w", &grad_w}, {"packed", &packed_in}, {"zero", &zero_in}});
+  const GroupShape shape = make_shape(op, packed_in.size(0), grad_w.size(1), bits, group_size);
+  TORCH_CHECK_VALUE(grad_w.size(0) == shape.N, op, ": grad_w has ", grad_w.size(0), " rows and packed ", shape.N,
+                    "; they must be one weight's");
+  check_group_param(op, "zero", zero_in, shape);
+  check_packed(op, "packed", packed_in, shape.N, packed_row_bytes(shape.K, bits));
+  // A block of dW rows in fp32 at a time (a 16-bit dW is never copied to fp32 whole).
+  const at::Tensor packed = packed_in.contiguous(), zero = as_float(zero_in);
+  at::Tensor grad_scale = at::empty({shape.N, shape.groups()}, zero.options());
+  const int64_t rows = dw_block_rows(shape.K);
+  for (int64_t n0 = 0; n0 < shape.N; n0 += rows) {
+    const at::Tensor dw = grad_w.slice(0, n0, std::min(n0 + rows, shape.N)).to(at::kFloat).contiguous();
+    group_code_dot_rows(dw, packed, zero, grad_scale, n0, shape);
   }
   return grad_scale;
 }

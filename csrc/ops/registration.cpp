@@ -27,6 +27,7 @@ TORCH_LIBRARY(qatext, m) {
         " Tensor? bias) -> Tensor");
   m.def("e2eqp_scale_grad(Tensor x, Tensor grad_y, Tensor packed, Tensor zero, int bits, int group_size)"
         " -> Tensor");
+  m.def("dequant_scale_grad(Tensor grad_w, Tensor packed, Tensor zero, int bits, int group_size) -> Tensor");
   m.def("lrqat_weight(Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero, float lora_scale, int bits,"
         " int group_size, int frac_bits) -> Tensor");
   m.def("lrqat_weight_backward(Tensor grad_w, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero,"
@@ -58,6 +59,7 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("dequant_matmul_tiled", &qatext::ops::dequant_matmul_tiled);         \
   m.impl("swiglu_matmul_tiled", &qatext::ops::swiglu_matmul_tiled);           \
   m.impl("e2eqp_scale_grad", &qatext::ops::e2eqp_scale_grad);                 \
+  m.impl("dequant_scale_grad", &qatext::ops::dequant_scale_grad);             \
   m.impl("lrqat_weight", &qatext::ops::lrqat_weight);                         \
   m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward);       \
   m.impl("lrqat_linear", &qatext::ops::lrqat_linear);                         \

@@ -104,13 +104,15 @@ def _stacks(join, count: int, tensors):
 
 
 def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) -> torch.Tensor:
-    """deq(q) = (q - z) s of the stacked codes, [E, N, K] in dtype. With a scale that takes a gradient (E2E-QP),
-    (q - z) in fp32 times s, rounded once to dtype as dequant rounds it."""
+    """deq(q) = (q - z) s of the stacked codes, [E, N, K] in dtype. A scale that takes a gradient (E2E-QP) gets it
+    from dequant's own backward (dequant_scale_grad: no fp32 copy of the weight); tiled codes, which have none,
+    take it as (q - z) in fp32 times s, rounded once to dtype as dequant rounds it."""
     bits, g, k = layer.spec.bits, layer.group_size, layer.in_features
-    dequant = ops.dequant_tiled if tiled else ops.dequant
+    if not tiled:
+        return ops.dequant(codes, scale, zero, bits, g, k, dtype).view(shape)
     if not scale.requires_grad:
-        return dequant(codes, scale, zero, bits, g, k, dtype).view(shape)
-    q = dequant(codes, torch.ones_like(scale.detach()), zero, bits, g, k)
+        return ops.dequant_tiled(codes, scale, zero, bits, g, k, dtype).view(shape)
+    q = ops.dequant_tiled(codes, torch.ones_like(scale.detach()), zero, bits, g, k)
     return (q.unflatten(-1, (scale.shape[-1], -1)) * scale[..., None].float()).to(dtype).view(shape)
 
 
