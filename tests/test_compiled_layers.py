@@ -61,3 +61,31 @@ def test_compiled_lrqat_layers_keep_no_weight_for_backward():
                 loss = causal_lm_loss(model, batch)
             loss.backward()
     assert kept and not weights & set(kept), sorted(weights & set(kept))
+
+
+def test_a_mixture_of_experts_compiles_once_whatever_the_routing():
+    """Compiled decoder layers of a Qwen3-MoE: the experts run eagerly in a graph break (grouped GEMMs), so new
+    routings compile nothing new (traced, the loop's host-read token counts recompiled every step until dynamo's
+    limit), and the losses are the eager model's."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=64, moe_intermediate_size=32, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                      num_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    models.quantize_model(model, QuantSpec(4, 16), method="lrqat", rank=4)
+    eager = copy.deepcopy(model)
+    batches = [torch.randint(0, cfg.vocab_size, (1, 16)) for _ in range(6)]
+    torch._dynamo.reset()
+    graphs = []
+    with models.compiled_layers(model):
+        losses = []
+        for batch in batches:
+            loss = causal_lm_loss(model, batch)
+            loss.backward()
+            losses.append(loss.item())
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] >= 1 and graphs[-1] == graphs[1], graphs
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor([causal_lm_loss(eager, b).item() for b in batches]),
+                               rtol=1e-4, atol=1e-4)

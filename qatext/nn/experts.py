@@ -66,6 +66,9 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
     # again only after it moved, not every forward (~0.2 ms a block of 128).
     layouts: int = 0
 
+    # Eager under torch.compile (a graph break around the experts, e.g. `qatext train --compile`): traced, the
+    # loop's token counts, read on the host, recompiled the block at every routing until dynamo's recompile limit.
+    @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.takes_grouped(hidden_states, top_k_index):
             _, _, projections, gate_up_fused = self._groups
@@ -105,10 +108,9 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
 
     def groups(self, x: torch.Tensor) -> bool:
         """Whether this forward can run as grouped GEMMs: each projection one kind over the experts, torch's grouped
-        GEMM on x's device and dtype, not under torch.compile (which takes the loop, as it always has). Cached with
-        the projections' layers (gate, up, down over the experts) and whether gate and up are one kind together
-        (then one GEMM)."""
-        if len(self) < 2 or torch.compiler.is_compiling():
+        GEMM on x's device and dtype. Cached with the projections' layers (gate, up, down over the experts) and
+        whether gate and up are one kind together (then one GEMM)."""
+        if len(self) < 2:
             return False
         key = (ExpertList.layouts, x.device, x.dtype)
         cached = self.__dict__.get("_groups")
