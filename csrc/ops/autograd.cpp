@@ -1,7 +1,8 @@
 // Autograd of every differentiable qatext op, in C++. Each trained linear calls one of them per step
 // (fake_quant: full QAT and Block-AP; qalora_linear: QA-LoRA; dequant_matmul: E2E-QP; lrqat_linear:
-// LR-QAT; dequant and lrqat_weight: a mixture's stacked experts), and a Python autograd kernel cost about as much host time again as the op's own launch
-// path: the 7B steps are host-bound (benchmarks/NOTES.md). Backwards call the ops through the dispatcher.
+// LR-QAT; dequant and lrqat_weight: a mixture's stacked experts), and a Python autograd kernel cost about
+// as much host time again as the op's own launch path: the 7B steps are host-bound (benchmarks/NOTES.md).
+// Backwards call the ops through the dispatcher.
 #include <torch/autograd.h>
 #include <torch/library.h>
 

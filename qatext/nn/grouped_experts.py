@@ -2,10 +2,10 @@
 by the layers' own op in one call ([experts * N, K] is a matrix like any other to a row-wise quantizer),
 then one grouped GEMM over the tokens sorted by expert, the experts' token counts as its offsets.
 
-One projection of a block is then a few op calls where `ExpertList`'s loop makes a few an expert (LR-QAT's
-stacked op still launches its tile kernels once an expert, from C++), and nothing reads a count on the host:
-no synchronisation, so CUDA graphs can hold it. The stacked weight
-lives only inside the call: backward builds it again (as lrqat_linear does a layer's), so a block's
+One projection of a block (gate and up together, where they are one kind) is then a few op calls where
+`ExpertList`'s loop makes a few an expert (LR-QAT's stacked op still launches its tile kernels once an expert,
+from C++), and nothing reads a count on the host: no synchronisation, so CUDA graphs can hold it. The stacked
+weight lives only inside the call: backward builds it again (as lrqat_linear does a layer's), so a block's
 N x K weights of every expert (GBs at Qwen3-30B-A3B) are never held for backward.
 """
 
@@ -119,11 +119,11 @@ def _dequant(codes, tiled: bool, scale, zero, layer: QuantLinear, shape, dtype) 
 def _plan(layers, x: torch.Tensor, fused: int):
     """(make, join, tensors): the layers' own tensors, every layer's first, then every layer's second, ..., and
     make(*stacks) their stacked weight [E, fused * N, K] in x's dtype, a stack being the join of one name's
-    tensors over the layers (as _StackedLinear stacks them). `layers` (all one kind) are `fused`
-    projections of each expert in turn (gate, up of expert 0, then of expert 1, ...): stacked as
-    E * fused matrices of N rows, they are E of fused * N rows, each expert's projections side by side.
-    Tiled-only packed layers (after tile_for_decode) keep their layout, which is row-tile-major: the layers'
-    tiled codes stacked are the stack's."""
+    tensors over the layers (as _StackedLinear stacks them). `layers` (all one kind) are `fused` projections of
+    each expert in turn (gate, up of expert 0, then of expert 1, ...): stacked as E * fused matrices of N rows,
+    they are E of fused * N rows, each expert's projections side by side. Tiled-only packed layers (after
+    tile_for_decode) keep their layout, which is row-tile-major: the layers' tiled codes stacked are the
+    stack's."""
     first, dtype, count = layers[0], x.dtype, len(layers)
     shape = (count // fused, fused * first.out_features, first.in_features)
     mode = getattr(first, "mode", None)
@@ -198,9 +198,8 @@ def grouped_experts(projections, act_fn, hidden_states: torch.Tensor, top_k_inde
     """ExpertList's forward as grouped GEMMs (see the module docstring): `projections` the gate, up and down layers
     over the experts, act_fn the gate's activation. The caller checked `same_kind` and `grouped_mm_serves` for
     each projection and, for `gate_up_fused`, for gate and up together: then they run as one GEMM of 2 * inter
-    columns, as transformers' gate_up_proj. Pairs routed past the list (expert-parallel
-    sentinels) sort last, past every offset: the GEMMs leave their rows unwritten, so they enter as zeros and
-    leave as zeros."""
+    columns, as transformers' gate_up_proj. Pairs routed past the list (expert-parallel sentinels) sort last,
+    past every offset: the GEMMs leave their rows unwritten, so they enter as zeros and leave as zeros."""
     gate, up, down = projections
     k, count = top_k_index.shape[-1], len(down)
     flat = top_k_index.reshape(-1)
