@@ -85,11 +85,11 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
         outputs, start = [], 0
         for expert, count in enumerate(counts):
             if count:
-                outputs.append(self[expert](inputs[start:start + count]) * weights[start:start + count])
+                outputs.append(self[expert](inputs[start:start + count]))
                 start += count
         out = torch.zeros_like(hidden_states)
-        if outputs:
-            out.index_add_(0, tokens[:start], torch.cat(outputs).to(out.dtype))
+        if outputs:  # (the routing weights applied once to every output: the same products as an expert at a time)
+            out.index_add_(0, tokens[:start], (torch.cat(outputs) * weights[:start]).to(out.dtype))
         if torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized():
             idle = [p.reshape(-1)[:1] for e, count in enumerate(counts) if not count
                     for p in self[e].parameters() if p.requires_grad]
