@@ -24,7 +24,7 @@ def block(mode: str, experts: int, hidden: int, inter: int, group: int, rank: in
 
     cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=2 * hidden,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                         num_experts=experts, num_experts_per_tok=8)
+                         num_experts=experts, num_experts_per_tok=min(8, experts))
     model = AutoModelForCausalLM.from_config(cfg).to(device, torch.bfloat16)
     quantize_model(model, QuantSpec(4, group), method=mode, **({"rank": rank} if mode in ("lrqat", "qalora") else {}))
     return model.model.layers[0].mlp.experts
@@ -56,8 +56,9 @@ def main():
         experts = block(mode, args.experts, args.hidden, args.inter, group=32, rank=8, device=device)
         experts.grouped = not args.loop
         x = torch.randn(args.tokens, args.hidden, device=device, dtype=torch.bfloat16)
-        index = torch.stack([torch.randperm(args.experts)[:8] for _ in range(args.tokens)]).to(device)
-        weights = torch.rand(args.tokens, 8, device=device, dtype=torch.bfloat16)
+        top_k = min(8, args.experts)
+        index = torch.stack([torch.randperm(args.experts)[:top_k] for _ in range(args.tokens)]).to(device)
+        weights = torch.rand(args.tokens, top_k, device=device, dtype=torch.bfloat16)
         trained = [q for q in experts.parameters() if q.requires_grad]
 
         def step():
