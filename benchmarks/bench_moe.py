@@ -1,7 +1,8 @@
 """Mixture-of-experts inference: a Qwen3-30B-A3B-shaped model (benchmarks/moe_shape.py; --layers of
-its 48) as qatext leaves it after merging (W4 g128 packed experts, tiled for decode), its experts as
-grouped GEMMs over their stacked weights (nn.grouped_experts, the default) and one after another (the
-loop, with the decode kernels), against the same model in bf16 with transformers' own experts
+its 48) as qatext leaves it after merging (W4 g128 packed experts, tiled for decode), its experts on the
+grouped decode kernel over the chosen experts up to 16 pairs an expert (nn.expert_decode), then grouped GEMMs
+over their stacked weights (nn.grouped_experts): the default; grouped GEMMs at every count; and one after another
+(the loop, with the decode kernels), against the same model in bf16 with transformers' own experts
 (grouped_mm: one grouped GEMM a projection; eager: its loop) and with qatext's expert loop over bf16
 experts (the loop's own cost), in one run.
 One eager forward of M tokens (batch 1, no cache): wall-clock milliseconds, host included (the
@@ -25,7 +26,11 @@ import timing
 from bench_generate import model_bytes
 from moe_shape import qwen3_30b_a3b
 
-VARIANTS = ("bf16 grouped_mm", "bf16 eager", "bf16 per expert", "qatext W4 g128", "qatext W4 g128 loop")
+VARIANTS = ("bf16 grouped_mm", "bf16 eager", "bf16 per expert", "qatext W4 g128", "qatext W4 g128 grouped_mm",
+            "qatext W4 g128 loop")
+# ExpertList.grouped of each qatext variant: None the default (the grouped decode kernel up to its pairs an expert,
+# grouped GEMMs beyond), True the grouped GEMMs on dequantised stacks, False the loop.
+GROUPED = {"qatext W4 g128": None, "qatext W4 g128 grouped_mm": True, "qatext W4 g128 loop": False}
 
 
 def forward_ms(model, tokens: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -67,7 +72,7 @@ def main():
             models.tile_for_decode(model)
         for experts in model.modules():
             if isinstance(experts, ExpertList):
-                experts.grouped = name == "qatext W4 g128"
+                experts.grouped = GROUPED.get(name)
         for m in args.tokens:
             tokens = torch.randint(0, model.config.vocab_size, (1, m), device="cuda")
             wall, gpu = forward_ms(model, tokens, args.repeats)

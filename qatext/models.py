@@ -11,7 +11,7 @@ from torch import nn
 
 from .io import quant_layers, replace_module
 from .nn import QuantLinear
-from .nn.experts import EXPERT_LINEARS, is_stacked_experts, unfuse_experts
+from .nn.experts import EXPERT_LINEARS, ExpertList, is_stacked_experts, unfuse_experts
 from .nn.shared_input import share_inputs
 from .quant import QuantSpec
 
@@ -181,12 +181,25 @@ def tile_for_decode(model: nn.Module, keep_packed: bool = False) -> int:
     (nn.shared_input.fuse_swiglu); returns how many layers were tiled. The tiled codes become each layer's
     storage (its `packed` buffer dropped: one copy of the codes) unless `keep_packed`."""
     layers = [layer for _, layer in quant_layers(model) if layer.mode == "packed" and layer._tileable]
-    # Groups first: their members' tiled codes become views of the group's, and only the group's
+    # A block's experts, where they stack, decode as stacks (nn.expert_decode) instead of a gate/up group an
+    # expert: their layers tiled (and only tiled) first, then stacked.
+    expert_lists = [m for m in model.modules() if isinstance(m, ExpertList)]
+    stacked = set()
+    if not keep_packed:
+        for experts in expert_lists:
+            members = [layer for expert in experts for layer in expert.children() if isinstance(layer, QuantLinear)]
+            if members and all(layer.mode == "packed" and layer._tileable for layer in members):
+                for layer in members:
+                    if layer.holds_packed:
+                        layer.drop_packed()  # (tiled first where it is not current)
+                if experts.stack_for_decode():
+                    stacked.update(experts)
+    # Groups next: their members' tiled codes become views of the group's, and only the group's
     # shape is timed (a member's own shape would be tuned for a path it does not take).
-    for group in [group for parent in list(model.modules()) for group in share_inputs(parent)]:
+    for group in [group for parent in list(model.modules()) if parent not in stacked for group in share_inputs(parent)]:
         group.tune()
     for layer in layers:
-        if getattr(layer, "_shared_input", None) is None:
+        if getattr(layer, "_shared_input", None) is None:  # (a stacked expert's: tuned only, its shape once)
             layer.tile_for_decode(keep_packed=keep_packed)
         elif not keep_packed and layer.holds_packed:
             layer.drop_packed()  # its tiled codes are a view of its group's

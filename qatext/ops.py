@@ -99,6 +99,17 @@ def swiglu_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=
     return _ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, group_size, bias)
 
 
+def grouped_matmul_tiled(x, offs, tiled, scale, zero, bits: int, group_size: int, swiglu: bool = False) -> torch.Tensor:
+    """A block's experts on tiled codes (inference: no backward): x [S, K] sorted by expert, offs int32 [experts]
+    the rows of experts 0..e (as torch's grouped_mm takes them), tiled / scale / zero the experts' [N, K] weights
+    stacked ([experts * N] rows). Each expert's rows times its deq(W_e)^T, [S, N]; with swiglu, silu(gate) * up of
+    them (each W_e its gate rows then its up rows), [S, N / 2]. Rows past offs[-1] are zeros. On CUDA (16-bit x)
+    one launch of the decode kernel, each token tile one expert's rows: only the chosen experts' weights are read,
+    and nothing on the host (CUDA graphs can hold it); elsewhere one dequant_matmul_tiled an expert.
+    """
+    return _ops.grouped_matmul_tiled(x, offs, tiled, scale, zero, bits, group_size, swiglu)
+
+
 def tune_decode_gemm(tiled, scale, zero, bits: int, group_size: int, in_features: int) -> bool:
     """Time the decode kernel's variants (ring depth, split-K reduction and shape) on this weight for 1, 8 and 16
     tokens, once per device and weight shape, and let every later decode call on that shape take the
@@ -282,6 +293,12 @@ def _(x, tiled, scale, zero, bits, group_size, bias):
 @torch.library.register_fake("qatext::swiglu_matmul_tiled")
 def _(x, tiled, scale, zero, bits, group_size, bias):
     return _empty((*x.shape[:-1], tiled.shape[0] // 2), x)
+
+
+@torch.library.register_fake("qatext::grouped_matmul_tiled")
+def _(x, offs, tiled, scale, zero, bits, group_size, swiglu):
+    n = tiled.shape[0] // offs.shape[0]
+    return _empty((x.shape[0], n // 2 if swiglu else n), x)
 
 
 @torch.library.register_fake("qatext::e2eqp_scale_grad")

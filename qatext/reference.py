@@ -199,6 +199,20 @@ def swiglu_matmul_tiled(x, tiled, scale, zero, bits: int, group_size: int, bias=
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+def grouped_matmul_tiled(x, offs, tiled, scale, zero, bits: int, group_size: int, swiglu: bool = False):
+    """Each expert's rows of x (offs: the rows of experts 0..e) times its own weight of the stacked tiled codes;
+    swiglu: silu(gate) * up of each. Rows past offs[-1] are zeros."""
+    n = tiled.shape[0] // offs.numel()
+    out = x.new_zeros(x.shape[0], n // 2 if swiglu else n)
+    first = 0
+    for e, last in enumerate(offs.tolist()):
+        w = slice(e * n, (e + 1) * n)
+        matmul = swiglu_matmul_tiled if swiglu else dequant_matmul_tiled
+        out[first:last] = matmul(x[first:last], tiled[w], scale[w], zero[w], bits, group_size).to(x.dtype)
+        first = last
+    return out
+
+
 def dequant_scale_grad(grad_w, packed, zero, bits: int, group_size: int):
     """d loss / d scale[n, g] of dequant = sum_{k in g} (q[n, k] - z[n, g]) * grad_w[n, k], in fp32."""
     codes = unpack(packed, bits, grad_w.shape[-1]).float()

@@ -102,9 +102,12 @@ def test_quantized_experts_are_transformers_moe_over_the_quantized_weights(famil
     expected = logits(dequantized_into_stacked(model, original), x)
     scale = expected.abs().max()
     torch.testing.assert_close(logits(model, x), expected, rtol=0, atol=1e-5 * scale)
-    if method == "packed":  # the decode layout: gate/up one GEMM an expert, SwiGLU its epilogue
-        models.tile_for_decode(model)
-        assert hasattr(model.model.layers[0].mlp.experts[0], "decode_gate_up")
+    if method == "packed":  # the decode layout: the block's experts stacked (nn.expert_decode) where every
+        models.tile_for_decode(model)  # projection tiles, else gate/up one GEMM an expert (SwiGLU its epilogue)
+        experts = model.model.layers[0].mlp.experts
+        stacked = hasattr(experts, "decode_gate_up_tiled")
+        assert stacked == (family == "mixtral")  # (qwen3_moe's down_proj, 32 inputs, does not tile)
+        assert hasattr(experts[0], "decode_gate_up") != stacked
         torch.testing.assert_close(logits(model, x), expected, rtol=0, atol=1e-5 * scale)
 
 

@@ -70,6 +70,12 @@ struct DecodeArgs {
   int warp_split;         // a block's warps split K over the same row tiles (splits == 1)
   int swiglu;             // (warp split) out [M, N / 2] = silu(gate) * up, W = [gate; up]: a block's first NT / 2
                           // row tiles are gate's, the others the same rows of up's, N / 32 row tiles further on
+  // Grouped (warp split): x's rows sorted by expert, W the experts' [N, K] weights stacked, and token tile z of
+  // the grid is items[z] = (expert e, first row), e < 0 for none; its rows end at offs[e], the rows of experts
+  // 0..e (each token tile one expert's rows only).
+  const int2* items;
+  const int* offs;
+  int64_t expert_code_bytes;  // one expert's tiled codes
 };
 
 // Each lane copies its own codes and activations of a stage into its own bytes of a per-warp ring of
@@ -462,7 +468,16 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
                   : args.warp_split ? blockIdx.x * NT
                                     : (blockIdx.x * kWarps + warp) * NT;
   const int jump = args.swiglu ? row_tiles - NT / 2 : 0;  // row tiles from a block's gate tiles to its up tiles
-  const int m0 = blockIdx.z * 8 * MT;
+  int m0 = blockIdx.z * 8 * MT;
+  if (args.items != nullptr) {  // grouped: this token tile's expert, its weight and its rows (args is the block's own)
+    const int2 item = args.items[blockIdx.z];
+    if (item.x < 0) return;  // (the whole block: before any barrier)
+    m0 = item.y;
+    args.M = args.offs[item.x];
+    args.tiled += item.x * args.expert_code_bytes;
+    args.scale += int64_t(item.x) * args.N * args.G;
+    args.zero += int64_t(item.x) * args.N * args.G;
+  }
   const int t_begin = (args.warp_split ? warp : blockIdx.y) * args.tiles_per_split;
   const int t_end = min(KT, t_begin + args.tiles_per_split);
   const bool active = nt0 < row_tiles;  // N % (16 NT) == 0: a warp's tiles are all in or all out
@@ -1460,6 +1475,113 @@ void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_
   if (err != cudaSuccess) throw std::runtime_error(std::string("qatext: decode_gemm launch: ") + cudaGetErrorString(err));
   check_launch("decode_gemm");
 }
+
+namespace {
+
+// Grouped experts: items[0 .. n_items) = (expert, first row) of each `rows`-token tile of each expert's rows
+// (offs[e] the rows of experts 0..e; tiles in expert order), (-1, 0) past the last; and the rows routed past
+// the list (from offs[experts - 1] to S) of out [S, width] set to zero. One block (experts <= 1024).
+template <typename T>
+__global__ void __launch_bounds__(1024) expert_items_kernel(const int* offs, int experts, int rows, int2* items,
+                                                            int n_items, T* out, int64_t S, int width) {
+  __shared__ int ends[1024];
+  const int e = threadIdx.x;
+  const int first = e == 0 || e >= experts ? 0 : min(max(offs[e - 1], 0), int(S));
+  const int last = e >= experts ? first : min(max(offs[e], first), int(S));
+  const int tiles = (last - first + rows - 1) / rows;
+  ends[e] = tiles;
+  __syncthreads();
+  for (int d = 1; d < 1024; d *= 2) {  // inclusive scan of the tiles (Hillis-Steele)
+    const int v = e >= d ? ends[e - d] : 0;
+    __syncthreads();
+    ends[e] += v;
+    __syncthreads();
+  }
+  const int start = ends[e] - tiles, total = ends[1023];
+  for (int j = 0; j < tiles && start + j < n_items; ++j) items[start + j] = make_int2(e, first + j * rows);
+  for (int i = total + e; i < n_items; i += 1024) items[i] = make_int2(-1, 0);
+  const int64_t used = min(max(offs[experts - 1], 0), int(S));
+  for (int64_t i = used * width + e; i < S * width; i += 1024) out[i] = T(0.f);
+}
+
+// The grouped launch's configuration: token tiles for `expert_tokens` (the tokens an expert is expected to
+// have), warp split, and fewer row tiles a block while the column blocks of `busy` experts leave SMs empty.
+Config grouped_config(int64_t expert_tokens, int64_t busy, GroupShape shape, DecodeTuning tuning, bool swiglu) {
+  tuning.warp_split = true;
+  tuning.staged = false;
+  Config cfg = fit_shared_memory(widest_config(expert_tokens, shape.N, tuning, swiglu), shape.bits);
+  while (cfg.nt > (swiglu ? 2 : 1) && column_blocks(expert_tokens, shape.N, cfg, true) * busy < sm_count()) cfg.nt /= 2;
+  return cfg;
+}
+
+}  // namespace
+
+int64_t grouped_decode_items(int64_t S, int64_t experts) {
+  return (S + 7) / 8 + std::min(S, experts);  // at least the sum over experts of ceil(rows / tile rows)
+}
+
+bool grouped_decode_supported(int64_t S, int64_t experts, int64_t expert_tokens, GroupShape shape, DecodeTuning tuning,
+                              bool swiglu) {
+  if (!decode_gemm_supported(shape) || experts < 1 || experts > 1024 || grouped_decode_items(S, experts) > 65535 ||
+      S >= (int64_t(1) << 31) / std::max<int64_t>(shape.K, shape.N)) {
+    return false;
+  }
+  return !swiglu || (shape.N % (2 * kTileRows) == 0 &&
+                     grouped_config(expert_tokens, std::min(experts, S), shape, tuning, true).nt >= 2);
+}
+
+template <typename T>
+void grouped_decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const int* offs,
+                         int* items, T* out, int64_t S, int64_t experts, int64_t expert_tokens, GroupShape shape,
+                         DecodeTuning tuning, bool swiglu, cudaStream_t stream) {
+  if (S == 0 || shape.N == 0) return;
+  if (!grouped_decode_supported(S, experts, expert_tokens, shape, tuning, swiglu)) {
+    throw std::runtime_error("qatext: grouped_decode_gemm: this shape does not take the grouped decode kernel");
+  }
+  const Config cfg = grouped_config(expert_tokens, std::min(experts, S), shape, tuning, swiglu);
+  const int64_t rows = 8 * cfg.mt, n_items = (S + rows - 1) / rows + std::min(S, experts);
+  const int width = int(swiglu ? shape.N / 2 : shape.N);
+  expert_items_kernel<T><<<1, 1024, 0, stream>>>(offs, int(experts), int(rows), reinterpret_cast<int2*>(items),
+                                                  int(n_items), out, S, width);
+  check_launch("expert_items");
+  DecodeArgs args{};
+  args.x = x;
+  args.tiled = tiled;
+  args.scale = scale;
+  args.zero = zero;
+  args.out = out;
+  args.M = int(S);
+  args.N = int(shape.N);
+  args.K = int(shape.K);
+  args.G = int(shape.groups());
+  args.tiles_per_group = int(shape.group_size / kTileCols);
+  args.tiles_per_split = int((shape.K / kTileCols + kWarps - 1) / kWarps);
+  args.splits = 1;
+  args.warp_split = 1;
+  args.swiglu = swiglu ? 1 : 0;
+  args.items = reinterpret_cast<const int2*>(items);
+  args.offs = offs;
+  args.expert_code_bytes = shape.N / kTileRows * (shape.K / kTileCols) * tile_bytes(shape.bits);
+  const int64_t cols = block_cols(cfg, true);
+  const dim3 grid(unsigned((shape.N + cols - 1) / cols), 1u, unsigned(n_items));
+  const void* kernel = with_instance(shape.bits, cfg, []<bool STAGED, int BITS, int MT, int NT, int S_>() {
+    return prepared_kernel<T, STAGED, BITS, MT, NT, S_>();
+  });
+  void* params[] = {&args};
+  const DecodeLaunch launch(grid, smem_for(cfg, shape.bits), stream, false);
+  const cudaError_t err = cudaLaunchKernelExC(&launch.config, kernel, params);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("qatext: grouped_decode_gemm launch: ") + cudaGetErrorString(err));
+  }
+  check_launch("grouped_decode_gemm");
+}
+
+template void grouped_decode_gemm<c10::BFloat16>(const c10::BFloat16*, const uint8_t*, const float*, const float*,
+                                                 const int*, int*, c10::BFloat16*, int64_t, int64_t, int64_t,
+                                                 GroupShape, DecodeTuning, bool, cudaStream_t);
+template void grouped_decode_gemm<c10::Half>(const c10::Half*, const uint8_t*, const float*, const float*, const int*,
+                                             int*, c10::Half*, int64_t, int64_t, int64_t, GroupShape, DecodeTuning, bool,
+                                             cudaStream_t);
 
 template void decode_gemm<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const float*, const uint8_t*,
                                          const float*, const float*, const c10::BFloat16*, c10::BFloat16*, float*, int*,

@@ -131,6 +131,21 @@ void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_
                  const float* zero, const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape,
                  int64_t splits, DecodeTuning tuning, bool swiglu, cudaStream_t stream);
 
+// Grouped experts on the decode kernel (warp split, one launch): out [S, N] = each expert's rows of x [S, K]
+// (sorted by expert; offs [experts] int32 on the device, the rows of experts 0..e) @ its deq(W_e)^T, W the
+// experts' tiled [N, K] weights stacked ([experts * N] rows, scale and zero likewise); swiglu as
+// decode_gemm's, per expert (each W_e = [gate_e; up_e]). Rows past offs[experts - 1] are set to zero; only
+// the chosen experts' weights are read, and nothing is read on the host (CUDA graphs can hold it).
+// expert_tokens: the tokens an expert is expected to take (a token tile's height); items: an int32 workspace
+// of 2 * grouped_decode_items(S, experts).
+int64_t grouped_decode_items(int64_t S, int64_t experts);
+bool grouped_decode_supported(int64_t S, int64_t experts, int64_t expert_tokens, GroupShape shape, DecodeTuning tuning,
+                              bool swiglu);
+template <typename T>
+void grouped_decode_gemm(const T* x, const uint8_t* tiled, const float* scale, const float* zero, const int* offs,
+                         int* items, T* out, int64_t S, int64_t experts, int64_t expert_tokens, GroupShape shape,
+                         DecodeTuning tuning, bool swiglu, cudaStream_t stream);
+
 void group_code_dot(const float* dw, const uint8_t* packed, const float* zero, float* grad_scale,
                     GroupShape shape, cudaStream_t stream);
 

@@ -46,6 +46,14 @@ at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, co
 at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                const at::Tensor& zero, int64_t bits, int64_t group_size,
                                const std::optional<at::Tensor>& bias);
+// Grouped experts: out [S, N] = each expert's rows of x [S, K] (sorted by expert; offs int32 [experts], the
+// rows of experts 0..e) @ deq(W_e)^T, the experts' tiled [N, K] weights stacked in tiled ([experts * N] rows;
+// scale and zero likewise); with swiglu silu(gate) * up of each (W_e = [gate_e; up_e]), [S, N / 2]. Rows past
+// offs[-1] are zeros. On CUDA (16-bit x) one decode kernel launch that reads only the chosen experts' weights
+// and nothing on the host; elsewhere one call an expert.
+at::Tensor grouped_matmul_tiled(const at::Tensor& x, const at::Tensor& offs, const at::Tensor& tiled,
+                                const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                bool swiglu);
 at::Tensor e2eqp_scale_grad(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& packed,
                             const at::Tensor& zero, int64_t bits, int64_t group_size);
 // d loss / d scale of dequant(packed, scale, zero) given grad_w = d loss / d W [N, K]: [N, G] in fp32.

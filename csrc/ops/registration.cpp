@@ -25,6 +25,8 @@ TORCH_LIBRARY(qatext, m) {
         " Tensor? bias) -> Tensor");
   m.def("swiglu_matmul_tiled(Tensor x, Tensor tiled, Tensor scale, Tensor zero, int bits, int group_size,"
         " Tensor? bias) -> Tensor");
+  m.def("grouped_matmul_tiled(Tensor x, Tensor offs, Tensor tiled, Tensor scale, Tensor zero, int bits, "
+        "int group_size, bool swiglu) -> Tensor");
   m.def("e2eqp_scale_grad(Tensor x, Tensor grad_y, Tensor packed, Tensor zero, int bits, int group_size)"
         " -> Tensor");
   m.def("dequant_scale_grad(Tensor grad_w, Tensor packed, Tensor zero, int bits, int group_size) -> Tensor");
@@ -58,6 +60,7 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("dequant_tiled", &qatext::ops::dequant_tiled);                       \
   m.impl("dequant_matmul_tiled", &qatext::ops::dequant_matmul_tiled);         \
   m.impl("swiglu_matmul_tiled", &qatext::ops::swiglu_matmul_tiled);           \
+  m.impl("grouped_matmul_tiled", &qatext::ops::grouped_matmul_tiled);         \
   m.impl("e2eqp_scale_grad", &qatext::ops::e2eqp_scale_grad);                 \
   m.impl("dequant_scale_grad", &qatext::ops::dequant_scale_grad);             \
   m.impl("lrqat_weight", &qatext::ops::lrqat_weight);                         \

@@ -201,4 +201,66 @@ at::Tensor tiled_matmul_beyond_staged(const at::Tensor& x, const at::Tensor& til
   return linear_in_dtype(x, dequant_tiled_checked(tiled, scale, zero, shape, x.scalar_type()), bias);
 }
 
+at::Tensor grouped_matmul_tiled(const at::Tensor& x, const at::Tensor& offs, const at::Tensor& tiled,
+                                const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                bool swiglu) {
+  const char* op = "qatext.grouped_matmul_tiled";
+  check_matmul_inputs(op, x, "tiled", tiled, std::nullopt);
+  check_dim(op, "x", x, 2);
+  check_dim(op, "offs", offs, 1);
+  check_same_device(op, {{"x", &x}, {"offs", &offs}});
+  TORCH_CHECK_TYPE(offs.scalar_type() == at::kInt, op, ": offs must be int32 (the running row counts of the experts), got ",
+                   offs.scalar_type());
+  const int64_t experts = offs.numel(), S = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(experts >= 1, op, ": offs must name at least one expert");
+  check_tileable(op, "tiled", tiled, bits, K);
+  TORCH_CHECK_VALUE(tiled.size(0) % experts == 0 && (tiled.size(0) / experts) % kTileRows == 0, op,
+                    ": tiled must stack ", experts, " experts' weights of a multiple of ", kTileRows, " rows each, got ",
+                    tiled.size(0), " rows");
+  const GroupShape stacked = check_packed_weight(op, tiled, scale, zero, bits, group_size, K);
+  GroupShape shape = stacked;
+  shape.N = stacked.N / experts;
+  TORCH_CHECK_VALUE(!swiglu || shape.N % (2 * kTileRows) == 0, op, ": swiglu needs each expert's gate and up rows ",
+                    "in ", 2 * kTileRows, "-row multiples, got ", shape.N, " rows an expert");
+#ifdef QATEXT_WITH_CUDA
+  const auto dtype = x.scalar_type();
+  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
+    const int64_t expert_tokens = (S + std::min(S, experts) - 1) / std::max<int64_t>(1, std::min(S, experts));
+    const cuda::DecodeTuning tuning = decode_tuning_for(x.get_device(), shape, expert_tokens);
+    const at::Tensor a = x.contiguous(), w = lane_aligned(tiled), o = offs.contiguous();
+    if (aligned16(a) && cuda::grouped_decode_supported(S, experts, expert_tokens, shape, tuning, swiglu)) {
+      const at::OptionalDeviceGuard guard(at::device_of(a));
+      at::Tensor out = at::empty({S, swiglu ? shape.N / 2 : shape.N}, a.options());
+      at::Tensor items = at::empty({2 * cuda::grouped_decode_items(S, experts)}, o.options());
+      const at::Tensor s = as_float(scale), z = as_float(zero);
+      dispatch_half(dtype, [&](auto type_tag) {
+        using scalar_t = decltype(type_tag);
+        cuda::grouped_decode_gemm<scalar_t>(a.const_data_ptr<scalar_t>(), w.const_data_ptr<uint8_t>(),
+                                            s.const_data_ptr<float>(), z.const_data_ptr<float>(),
+                                            o.const_data_ptr<int>(), items.mutable_data_ptr<int>(),
+                                            out.mutable_data_ptr<scalar_t>(), S, experts, expert_tokens, shape, tuning,
+                                            swiglu, current_stream(a));
+      });
+      return out;
+    }
+  }
+#endif
+  // Elsewhere one call an expert on its rows (the offsets read on the host).
+  const at::Tensor ends = offs.to(at::kCPU, at::kLong);
+  const int64_t* end = ends.const_data_ptr<int64_t>();
+  at::Tensor out = at::zeros({S, swiglu ? shape.N / 2 : shape.N}, x.options());
+  for (int64_t e = 0, first = 0; e < experts; first = std::max(first, end[e]), ++e) {
+    const int64_t last = std::min(end[e], S);
+    TORCH_CHECK_VALUE(end[e] >= first && end[e] <= S, op, ": offs must be non-decreasing and at most x's ", S,
+                      " rows, got ", end[e], " for expert ", e);
+    if (last == first) continue;
+    const at::Tensor rows = x.narrow(0, first, last - first), w = tiled.narrow(0, e * shape.N, shape.N);
+    const at::Tensor s = scale.narrow(0, e * shape.N, shape.N), z = zero.narrow(0, e * shape.N, shape.N);
+    out.narrow(0, first, last - first)
+        .copy_(swiglu ? swiglu_matmul_tiled(rows, w, s, z, bits, group_size, std::nullopt)
+                      : dequant_matmul_tiled(rows, w, s, z, bits, group_size, std::nullopt));
+  }
+  return out;
+}
+
 }  // namespace qatext::ops

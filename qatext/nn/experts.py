@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import expert_decode
 from .grouped_experts import grouped_experts, grouped_mm_serves, same_kind
 
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -62,6 +63,10 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
     # (H200, W4, 128 experts: loop 0.66x grouped's time at 64 pairs, grouped 0.77x the loop's at 1024).
     grouped: bool | None = None
     GROUPED_PAIRS = 4
+    # With grouped None, inference on packed experts tiled for decode (models.tile_for_decode) on a GPU: up to
+    # GROUPED_DECODE_PAIRS pairs an expert, one decode-kernel launch a projection over the chosen experts
+    # (nn.expert_decode), the loop's reads without its launches and host sync.
+    GROUPED_DECODE_PAIRS = 16
     # Counts the layers set on any ExpertList or ExpertMLP (_CountsLayouts): `groups` checks the experts' kinds
     # again only after it moved, not every forward (~0.2 ms a block of 128).
     layouts: int = 0
@@ -70,6 +75,8 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
     # loop's token counts, read on the host, recompiled the block at every routing until dynamo's recompile limit.
     @torch.compiler.disable
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.decodes(hidden_states, top_k_index):
+            return expert_decode.decode_experts(self, list(self), hidden_states, top_k_index, top_k_weights)
         if self.takes_grouped(hidden_states, top_k_index):
             _, _, projections, gate_up_fused = self._groups
             return grouped_experts(projections, self[0].act_fn, hidden_states, top_k_index, top_k_weights, gate_up_fused)
@@ -96,6 +103,41 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
             if idle:
                 out = out + 0 * torch.cat(idle).sum().to(out.dtype)
         return out
+
+    def decodes(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        """Whether this forward runs on the grouped decode kernel (nn.expert_decode): grouped None, inference (no gradient) in
+        16 bits on a GPU, up to GROUPED_DECODE_PAIRS pairs an expert, every expert packed and tiled for decode;
+        the experts' stacks made again first where a move or cast replaced their tensors."""
+        if (self.grouped is not None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16)
+                or (torch.is_grad_enabled() and x.requires_grad)
+                or top_k_index.numel() > self.GROUPED_DECODE_PAIRS * len(self) or not self.stackable()):
+            return False
+        experts = list(self)
+        if not expert_decode.current(experts, self):
+            expert_decode.build(experts, self)
+        return True
+
+    def stackable(self) -> bool:
+        """Whether the experts can decode as stacks (expert_decode.stackable), checked again only after a layer
+        was set anywhere (ExpertList.layouts)."""
+        cached = self.__dict__.get("_stackable")
+        if cached is None or cached[0] != ExpertList.layouts:
+            cached = self._stackable = (ExpertList.layouts, expert_decode.stackable(list(self)))
+        return cached[1]
+
+    @torch.no_grad()
+    def stack_for_decode(self, tune: bool = True) -> bool:
+        """Stack the experts' tiled codes for the grouped decode kernel now (their storage from then on: see
+        nn.expert_decode), and on a GPU, with `tune`, time the decode kernel's variants for an expert's shapes.
+        Returns whether the experts are stackable (packed, tiled only, alike)."""
+        experts = list(self)
+        self._stackable = (ExpertList.layouts, expert_decode.stackable(experts))  # (tiling kept no stamp)
+        if not self._stackable[1]:
+            return False
+        expert_decode.build(experts, self)
+        if tune:
+            expert_decode.tune(experts, self)
+        return True
 
     def takes_grouped(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
         """Whether this forward runs as grouped GEMMs (see `grouped`). A gradient is taken where grad mode is on

@@ -193,6 +193,18 @@ def same_kind(layers) -> bool:
                for l in layers)
 
 
+def route(top_k_index: torch.Tensor, count: int):
+    """The (token, slot) pairs sorted by expert, stably: (order, offs, tokens, routed), offs [count] int32 the
+    pairs routed to experts 0..e (grouped_mm's offsets), tokens each sorted pair's token, routed [pairs, 1]
+    whether its expert is in the list (expert-parallel sentinels past it sort last). Nothing read on the host."""
+    flat = top_k_index.reshape(-1)
+    order = flat.argsort(stable=True)
+    ids = flat[order]
+    # (found in the sorted ids: bincount would read a max on the host)
+    offs = torch.searchsorted(ids, torch.arange(count, device=ids.device, dtype=ids.dtype), right=True, out_int32=True)
+    return order, offs, order // top_k_index.shape[-1], (ids < count)[:, None]
+
+
 def grouped_experts(projections, act_fn, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, gate_up_fused: bool):
     """ExpertList's forward as grouped GEMMs (see the module docstring): `projections` the gate, up and down layers
@@ -201,14 +213,7 @@ def grouped_experts(projections, act_fn, hidden_states: torch.Tensor, top_k_inde
     columns, as transformers' gate_up_proj. Pairs routed past the list (expert-parallel sentinels) sort last,
     past every offset: the GEMMs leave their rows unwritten, so they enter as zeros and leave as zeros."""
     gate, up, down = projections
-    k, count = top_k_index.shape[-1], len(down)
-    flat = top_k_index.reshape(-1)
-    order = flat.argsort(stable=True)
-    ids = flat[order]
-    # offs[e]: the pairs routed to experts 0..e, found in the sorted ids (bincount would read a max on the host)
-    offs = torch.searchsorted(ids, torch.arange(count, device=ids.device, dtype=ids.dtype), right=True, out_int32=True)
-    tokens = order // k
-    routed = (ids < count)[:, None]
+    order, offs, tokens, routed = route(top_k_index, len(down))
     x = torch.where(routed, hidden_states[tokens], 0)
     if gate_up_fused:
         g, u = stacked_linear([gate, up], x, offs).chunk(2, dim=-1)

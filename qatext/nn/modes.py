@@ -292,15 +292,14 @@ class PackedLinear(_FrozenCodes, mode="packed"):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The state dict a packed layer always had. Tiled only: `packed` laid out again, in its place
-        before `zero`. In a shared-input group: the scale and zero (views of the group's) copied out, so
-        that no two tensors of a state dict share storage (safetensors refuses them)."""
+        before `zero`. A scale or zero that is a view of a larger tensor (a shared-input group's, an expert
+        stack's) copied out, so that no two tensors of a state dict share storage (safetensors refuses them)."""
         local = {}
         super()._save_to_state_dict(local, prefix, keep_vars)
-        shared = getattr(self, "_shared_input", None) is not None
         for key, value in local.items():
             if key == prefix + "zero" and not self.holds_packed:
                 destination[prefix + "packed"] = self.packed_codes()
-            if shared and key in (prefix + "scale", prefix + "zero"):
+            if key in (prefix + "scale", prefix + "zero") and value.untyped_storage().nbytes() != value.nbytes:
                 value = value.clone()
             destination[key] = value
 
