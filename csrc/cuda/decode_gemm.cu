@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     const int2 item = args.items[blockIdx.z];
     if (item.x < 0) return;  // (the whole block: before any barrier)
     m0 = item.y;
-    args.M = args.offs[item.x];
+    args.M = min(args.offs[item.x], args.M);  // (args.M: x's rows)
     args.tiled += item.x * args.expert_code_bytes;
     args.scale += int64_t(item.x) * args.N * args.G;
     args.zero += int64_t(item.x) * args.N * args.G;
