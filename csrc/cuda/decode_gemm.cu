@@ -1422,6 +1422,32 @@ int* decode_gemm_counter_workspace(int64_t count, cudaStream_t stream) {
   return buffer;
 }
 
+namespace {
+
+// The arguments every decode launch sets: the operands, shape, K slices (warp split: one a warp) and epilogue.
+DecodeArgs decode_args(const void* x, const uint8_t* tiled, const float* scale, const float* zero, void* out,
+                       int64_t M, GroupShape shape, int64_t splits, bool warp_split, bool swiglu) {
+  DecodeArgs args{};
+  args.x = x;
+  args.tiled = tiled;
+  args.scale = scale;
+  args.zero = zero;
+  args.out = out;
+  args.M = int(M);
+  args.N = int(shape.N);
+  args.K = int(shape.K);
+  args.G = int(shape.groups());
+  args.tiles_per_group = int(shape.group_size / kTileCols);
+  args.warp_split = warp_split ? 1 : 0;
+  args.swiglu = swiglu ? 1 : 0;
+  const int64_t tiles = shape.K / kTileCols, slices = warp_split ? kWarps : splits;
+  args.tiles_per_split = int((tiles + slices - 1) / slices);
+  args.splits = int(splits);
+  return args;
+}
+
+}  // namespace
+
 template <typename T>
 void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_t* tiled, const float* scale,
                  const float* zero, const T* bias, T* out, float* partial, int* counters, int64_t M, GroupShape shape,
@@ -1437,28 +1463,12 @@ void decode_gemm(const T* x, const T* x_wgmma, const float* x_sums, const uint8_
     throw std::runtime_error("qatext: decode_gemm: the staged kernel splits K across blocks, not warps");
   }
   tuning.warp_split = tuning.warp_split || swiglu;
-  const int64_t tiles = shape.K / kTileCols;
-  DecodeArgs args{};
-  args.x = x;
+  DecodeArgs args = decode_args(x, tiled, scale, zero, out, M, shape, splits, tuning.warp_split, swiglu);
   args.x_wgmma = x_wgmma;
   args.x_sums = x_sums;
-  args.tiled = tiled;
-  args.scale = scale;
-  args.zero = zero;
   args.bias = bias;
-  args.out = out;
   args.partial = partial;
   args.counters = counters;
-  args.M = int(M);
-  args.N = int(shape.N);
-  args.K = int(shape.K);
-  args.G = int(shape.groups());
-  args.tiles_per_group = int(shape.group_size / kTileCols);
-  args.warp_split = tuning.warp_split ? 1 : 0;
-  args.swiglu = swiglu ? 1 : 0;
-  const int64_t slices = tuning.warp_split ? kWarps : splits;
-  args.tiles_per_split = int((tiles + slices - 1) / slices);
-  args.splits = int(splits);
   const SumsShape sums = sums_shape(M, shape, splits);
   args.sums_groups = sums.groups;
   args.sums_rows = sums.rows;
@@ -1544,21 +1554,7 @@ void grouped_decode_gemm(const T* x, const uint8_t* tiled, const float* scale, c
   expert_items_kernel<T><<<1, 1024, 0, stream>>>(offs, int(experts), int(rows), reinterpret_cast<int2*>(items),
                                                   int(n_items), out, S, width);
   check_launch("expert_items");
-  DecodeArgs args{};
-  args.x = x;
-  args.tiled = tiled;
-  args.scale = scale;
-  args.zero = zero;
-  args.out = out;
-  args.M = int(S);
-  args.N = int(shape.N);
-  args.K = int(shape.K);
-  args.G = int(shape.groups());
-  args.tiles_per_group = int(shape.group_size / kTileCols);
-  args.tiles_per_split = int((shape.K / kTileCols + kWarps - 1) / kWarps);
-  args.splits = 1;
-  args.warp_split = 1;
-  args.swiglu = swiglu ? 1 : 0;
+  DecodeArgs args = decode_args(x, tiled, scale, zero, out, S, shape, 1, true, swiglu);
   args.items = reinterpret_cast<const int2*>(items);
   args.offs = offs;
   args.expert_code_bytes = shape.N / kTileRows * (shape.K / kTileCols) * tile_bytes(shape.bits);
