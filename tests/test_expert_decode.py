@@ -127,3 +127,19 @@ def test_a_loaded_moe_is_stacked_in_the_decode_layout(tmp_path):
     torch.testing.assert_close(logits(loaded, x), logits(model, x), rtol=1e-5, atol=1e-5)
     save_quantized(loaded, tmp_path / "again")  # (the views copied out: safetensors takes them)
     torch.testing.assert_close(logits(load_quantized(tmp_path / "again"), x), logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_decode_compiles_in_one_graph():
+    """torch.compile traces the grouped decode whole (fullgraph: no break around the experts, which the loop
+    needs), and the compiled block computes what the eager one does at routings it was not traced on."""
+    experts = block("packed", hidden=128, inter=64, group=64, rank=4, device="cuda", dtype=torch.bfloat16)
+    models.tile_for_decode(experts)
+    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
+    x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            index, weights = routing(2, "cuda")
+            torch.testing.assert_close(compiled(x, index, weights.bfloat16()).float(),
+                                       experts(x, index, weights.bfloat16()).float(), rtol=1e-2, atol=1e-2)

@@ -71,12 +71,16 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
     # again only after it moved, not every forward (~0.2 ms a block of 128).
     layouts: int = 0
 
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        # The grouped decode reads nothing on the host: torch.compile traces it (and CUDA graphs hold it).
+        if self.decodes(hidden_states, top_k_index):
+            return expert_decode.decode_experts(self, list(self), hidden_states, top_k_index, top_k_weights)
+        return self._eager_forward(hidden_states, top_k_index, top_k_weights)
+
     # Eager under torch.compile (a graph break around the experts, e.g. `qatext train --compile`): traced, the
     # loop's token counts, read on the host, recompiled the block at every routing until dynamo's recompile limit.
     @torch.compiler.disable
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self.decodes(hidden_states, top_k_index):
-            return expert_decode.decode_experts(self, list(self), hidden_states, top_k_index, top_k_weights)
+    def _eager_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.takes_grouped(hidden_states, top_k_index):
             _, _, projections, gate_up_fused = self._groups
             return grouped_experts(projections, self[0].act_fn, hidden_states, top_k_index, top_k_weights, gate_up_fused)
@@ -113,7 +117,8 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
                 or top_k_index.numel() > self.GROUPED_DECODE_PAIRS * len(self) or not self.stackable()):
             return False
         experts = list(self)
-        if not expert_decode.current(experts, self):
+        # (Traced by torch.compile, the stacks must be current already, as after models.tile_for_decode.)
+        if not torch.compiler.is_compiling() and not expert_decode.current(experts, self):
             expert_decode.build(experts, self)
         return True
 
