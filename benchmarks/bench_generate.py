@@ -12,6 +12,7 @@ eager step's first token.
     python benchmarks/bench_generate.py --batches 1 --variants "qatext W4 g128" \
         --also-tuning decode_gemm_min_slice=4   # each qatext row again under other knobs, same run
     python benchmarks/bench_generate.py --tiny --device cpu --backend eager   # the code paths, in seconds
+    python benchmarks/bench_generate.py --moe-layers 8 --variants "qatext W4 g128" --batches 1,8  # Qwen3-30B-A3B
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ import timing
 CONFIGS = {"W4 g128": QuantSpec(4, 128, False), "W3 g128": QuantSpec(3, 128, False), "W2 g64": QuantSpec(2, 64, False)}
 
 
-def build_model(tiny: bool, device):
+def build_model(tiny: bool, device, moe_layers: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if moe_layers:  # Qwen3-30B-A3B-shaped, its experts as transformers' grouped_mm runs them (bf16 under compile)
+        from moe_shape import qwen3_30b_a3b
+
+        model = qwen3_30b_a3b(moe_layers, device)
+        model.set_experts_implementation("grouped_mm")
+        return model.eval()
     if tiny:
         cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=1024, max_position_embeddings=1024)
@@ -157,6 +164,10 @@ def main():
     p.add_argument("--backend", default="inductor", choices=("inductor", "cudagraphs", "eager"),
                    help="the decode step: compiled by inductor (fused kernels, in CUDA graphs), its eager kernels "
                    "in CUDA graphs (cudagraphs: far faster to compile), or eager (no compile, no graphs)")
+    p.add_argument("--moe-layers", type=int, default=0, metavar="N",
+                   help="a Qwen3-30B-A3B-shaped mixture of experts (benchmarks/moe_shape.py), N of its 48 layers, in "
+                   "place of the LLaMA-2-7B shape (its bf16 experts on transformers' grouped_mm; NF4 does not take "
+                   "stacked experts)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of: " + ", ".join(VARIANTS) + " (each compiles for ~100 s on a 7B "
@@ -184,8 +195,11 @@ def main():
         p.error(f"--also-tuning: {e}")
     backend = None if args.backend == "eager" else args.backend
     device = torch.device(args.device)
-    base = build_model(args.tiny, device)
+    base = build_model(args.tiny, device, args.moe_layers)
     rows, skipped = [], []
+    if args.moe_layers and "bitsandbytes NF4" in wanted:  # (its Linear4bit takes no 3-D stacked experts)
+        wanted.discard("bitsandbytes NF4")
+        skipped.append({"variant": "bitsandbytes NF4", "reason": "no NF4 form of transformers' stacked experts"})
 
     def save():  # after every row: a run stopped at its time limit keeps what it measured
         for row in rows:
@@ -194,6 +208,8 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           "model": (f"Qwen3-30B-A3B shape, {args.moe_layers} of 48 layers" if args.moe_layers else
+                                     "tiny LLaMA" if args.tiny else "LLaMA-2-7B shape"),
                            "torch": torch.__version__, "backend": args.backend, "tuning": qatext.get_tuning(),
                            "rows": rows, "skipped": skipped},
                           f, indent=1)
