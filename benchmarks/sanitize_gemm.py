@@ -2,7 +2,8 @@
 bit width and token tile (1, 2 and 4 m16 tiles, a partial tile), split-K on and off, both directions;
 and the decode kernel on the tiled layout (1, 2 and 4 token tiles, several token blocks, a partial column
 block, split-K on and off, through a cluster and through global partials, the warps of a block splitting K,
-2 and 4 row tiles per warp, rings of 4 and 8 stages, SwiGLU's epilogue); the staged kernel; and beyond them, the tiled layout untiled and
+2 and 4 row tiles per warp, rings of 4 and 8 stages, SwiGLU's epilogue; grouped over stacked experts); the staged
+kernel; and beyond them, the tiled layout untiled and
 dequantised straight into a 16- or 32-bit weight (group sizes that a lane's 16 columns straddle
 included); and the packed codes dequantised at every width 2-8 into each dtype, from aligned and odd
 addresses (the vector and element-wise kernels); QA-LoRA's pooling and its transpose at 1 to 32 lanes a
@@ -50,6 +51,18 @@ for (n, k, g), (min_slice, stages, cluster, warp_split) in itertools.product(
             ops.dequant_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
             # SwiGLU in the warp-split epilogue: gate and up halves, 2 or 4 row tiles a block.
             ops.swiglu_matmul_tiled(x, tiled, scale, zero, bits, g, torch.randn(n, device="cuda", dtype=torch.float16))
+# Grouped experts (one decode launch over the stacked experts): idle experts, token tiles that end at an expert's
+# last row, a tile height of 8 and 16, SwiGLU per expert, rows routed past the list.
+qatext.set_tuning(decode_gemm_max_m=64, decode_gemm_min_slice=8, decode_gemm_stages=4, decode_gemm_cluster=0,
+                  decode_gemm_warp_split=0)
+for (n, k, g), counts in itertools.product([(64, 256, 64), (1040, 512, 128)], [[0, 1, 0, 3], [17, 0, 9, 40]]):
+    for bits in (2, 3, 4):
+        tiled, scale, zero = tiled_weight(len(counts) * n, k, bits, g)
+        offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+        x = torch.randn(sum(counts) + 2, k, device="cuda", dtype=torch.bfloat16)
+        ops.grouped_matmul_tiled(x, offs, tiled, scale, zero, bits, g, False)
+        if n % 32 == 0:
+            ops.grouped_matmul_tiled(x, offs, tiled, scale, zero, bits, g, True)
 # The staged kernel: 4, 8 and 16 token tiles (several token blocks, a partial last one), 1 (wgmma from 64 tokens)
 # and 2 row tiles a warp, a partial column block, split-K of one to many slices through a cluster and through global
 # partials.
