@@ -143,3 +143,10 @@ def test_decode_compiles_in_one_graph():
             index, weights = routing(2, "cuda")
             torch.testing.assert_close(compiled(x, index, weights.bfloat16()).float(),
                                        experts(x, index, weights.bfloat16()).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_stacks_go_when_the_layers_are_replaced():
+    experts = block("tiled", hidden=64, inter=64, group=16, rank=4)
+    assert experts.stackable() and "decode_down_tiled" in experts._buffers
+    experts[1] = block("fake", hidden=64, inter=64, group=16, rank=4)[1]
+    assert not experts.stackable() and not any(name.startswith("decode_") for name in experts._buffers)

@@ -74,6 +74,13 @@ def build(experts, owner) -> None:
                 layer.register_buffer(tensor, view, persistent=tensor != "tiled")
 
 
+def drop(owner) -> None:
+    """Remove owner's stacks (its experts' layers keep their views, and with them what they use)."""
+    for stack, _ in STACKS:
+        for tensor in TENSORS:
+            owner._buffers.pop(f"decode_{stack}_{tensor}", None)
+
+
 def current(experts, owner) -> bool:
     """Whether owner's stacks are still the experts' storage: the first and last layer of each stack still
     views of them (a move or cast replaces every layer's tensors, and the stack's own apart)."""

@@ -128,6 +128,8 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
         cached = self.__dict__.get("_stackable")
         if cached is None or cached[0] != ExpertList.layouts:
             cached = self._stackable = (ExpertList.layouts, expert_decode.stackable(list(self)))
+            if not cached[1]:
+                expert_decode.drop(self)  # (layers replaced: stacks of the old ones would only hold memory)
         return cached[1]
 
     @torch.no_grad()
