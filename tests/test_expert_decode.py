@@ -150,3 +150,20 @@ def test_stacks_go_when_the_layers_are_replaced():
     assert experts.stackable() and "decode_down_tiled" in experts._buffers
     experts[1] = block("fake", hidden=64, inter=64, group=16, rank=4)[1]
     assert not experts.stackable() and not any(name.startswith("decode_") for name in experts._buffers)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_the_decode_path_computes_the_loop_on_the_cpu(act):
+    """expert_decode.decode_experts itself (the op's per-expert path on a CPU): routing, SwiGLU or act_fn(gate) * up,
+    the routing weights, pairs routed past the list; the GPU runs the same Python over one launch a projection."""
+    experts = block("tiled", hidden=64, inter=64, group=16, rank=4)
+    if act == "gelu":
+        for expert in experts:
+            expert.act_fn = torch.nn.GELU()
+    x = torch.randn(9, 64)
+    index, weights = routing(9, "cpu")
+    with torch.no_grad():
+        y = expert_decode.decode_experts(experts, list(experts), x, index, weights)
+        experts.grouped = False
+        expected = experts(x, index, weights)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
