@@ -70,9 +70,14 @@ struct DecodeArgs {
   int warp_split;         // a block's warps split K over the same row tiles (splits == 1)
   int swiglu;             // (warp split) out [M, N / 2] = silu(gate) * up, W = [gate; up]: a block's first NT / 2
                           // row tiles are gate's, the others the same rows of up's, N / 32 row tiles further on
-  // Grouped (warp split): x's rows sorted by expert, W the experts' [N, K] weights stacked, and token tile z of
-  // the grid is items[z] = (expert e, first row), e < 0 for none; its rows end at offs[e], the rows of experts
-  // 0..e (each token tile one expert's rows only).
+};
+
+// Grouped (warp split): x's rows sorted by expert, W the experts' [N, K] weights stacked, and token tile z of the
+// grid is items[z] = (expert e, first row), e < 0 for none; its rows end at offs[e], the rows of experts 0..e
+// (each token tile one expert's rows only). A struct of its own: DecodeArgs grown by these fields changed the
+// dense kernel's registers (64 -> 80 at one token tile and row tile, and spills), though none reads them.
+struct GroupedArgs {
+  DecodeArgs expert;  // one expert's: N its rows, tiled / scale / zero expert 0's, M x's rows
   const int2* items;
   const int* offs;
   int64_t expert_code_bytes;  // one expert's tiled codes
@@ -454,10 +459,10 @@ __device__ __forceinline__ void finish_split_k(const DecodeArgs& args, const flo
 }
 
 // Warp w of block b owns row tiles (8b + w) * NT + i, i < NT, over K slice blockIdx.y (warp split: row
-// tiles b * NT + i over K slice w; SwiGLU: b * NT / 2 + i and the same of up's); tokens 8 MT blockIdx.z +
-// (0 .. 8 MT).
-template <typename T, int BITS, int MT, int NT, int S>
-__global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
+// tiles b * NT + i over K slice w; SwiGLU: b * NT / 2 + i and the same of up's); tokens
+// 8 MT blockIdx.z + (0 .. 8 MT) (grouped: first_row + (0 .. 8 MT)).
+template <typename T, int BITS, int MT, int NT, int S, bool GROUPED>
+__device__ __forceinline__ void decode_gemm_body(const DecodeArgs& args, int first_row) {
   using L = StageLayout<BITS, MT, NT>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -468,16 +473,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
                   : args.warp_split ? blockIdx.x * NT
                                     : (blockIdx.x * kWarps + warp) * NT;
   const int jump = args.swiglu ? row_tiles - NT / 2 : 0;  // row tiles from a block's gate tiles to its up tiles
-  int m0 = blockIdx.z * 8 * MT;
-  if (args.items != nullptr) {  // grouped: this token tile's expert, its weight and its rows (args is the block's own)
-    const int2 item = args.items[blockIdx.z];
-    if (item.x < 0) return;  // (the whole block: before any barrier)
-    m0 = item.y;
-    args.M = min(args.offs[item.x], args.M);  // (args.M: x's rows)
-    args.tiled += item.x * args.expert_code_bytes;
-    args.scale += int64_t(item.x) * args.N * args.G;
-    args.zero += int64_t(item.x) * args.N * args.G;
-  }
+  const int m0 = GROUPED ? first_row : blockIdx.z * 8 * MT;
   const int t_begin = (args.warp_split ? warp : blockIdx.y) * args.tiles_per_split;
   const int t_end = min(KT, t_begin + args.tiles_per_split);
   const bool active = nt0 < row_tiles;  // N % (16 NT) == 0: a warp's tiles are all in or all out
@@ -691,6 +687,25 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs 
     return;
   }
   finish_split_k<T, MT, NT>(args, out, smem, S * L::kBytes, m0, nt0, active);
+}
+
+template <typename T, int BITS, int MT, int NT, int S>
+__global__ void __launch_bounds__(kDecodeThreads) decode_gemm_kernel(DecodeArgs args) {
+  decode_gemm_body<T, BITS, MT, NT, S, false>(args, 0);
+}
+
+// Grouped: token tile z is items[z], one expert's rows; the block reads that expert's weight (a kernel of its own,
+// so that the dense one's registers are what they were).
+template <typename T, int BITS, int MT, int NT, int S>
+__global__ void __launch_bounds__(kDecodeThreads) grouped_decode_gemm_kernel(GroupedArgs args) {
+  const int2 item = args.items[blockIdx.z];
+  if (item.x < 0) return;  // (the whole block: before any barrier)
+  DecodeArgs expert = args.expert;
+  expert.M = min(args.offs[item.x], expert.M);  // (x's rows at most)
+  expert.tiled += item.x * args.expert_code_bytes;
+  expert.scale += int64_t(item.x) * expert.N * expert.G;
+  expert.zero += int64_t(item.x) * expert.N * expert.G;
+  decode_gemm_body<T, BITS, MT, NT, S, true>(expert, item.y);
 }
 
 // Staged kernel (more tokens than decode: M up to a few hundred). The block's tokens (8 MT of them) are
@@ -1149,11 +1164,15 @@ constexpr int smem_bytes() {
   return decode_smem_bytes<BITS, MT, NT, S>();
 }
 
-template <typename T, bool STAGED, int BITS, int MT, int NT, int S>
+template <typename T, bool STAGED, int BITS, int MT, int NT, int S, bool GROUPED = false>
 const void* prepared_kernel() {
   static std::atomic<int> prepared[kMaxDevices];
   constexpr int smem = smem_bytes<STAGED, BITS, MT, NT, S>();
-  if constexpr (STAGED) {
+  if constexpr (GROUPED) {
+    static_assert(!STAGED, "the grouped launch takes the decode kernel");
+    opt_in_smem(prepared, grouped_decode_gemm_kernel<T, BITS, MT, NT, S>, smem, "grouped_decode_gemm");
+    return reinterpret_cast<const void*>(grouped_decode_gemm_kernel<T, BITS, MT, NT, S>);
+  } else if constexpr (STAGED) {
     opt_in_smem(prepared, staged_gemm_kernel<T, BITS, MT, NT, S>, smem, "staged_gemm");
     return reinterpret_cast<const void*>(staged_gemm_kernel<T, BITS, MT, NT, S>);
   } else {
@@ -1554,14 +1573,17 @@ void grouped_decode_gemm(const T* x, const uint8_t* tiled, const float* scale, c
   expert_items_kernel<T><<<1, 1024, 0, stream>>>(offs, int(experts), int(rows), reinterpret_cast<int2*>(items),
                                                   int(n_items), out, S, width);
   check_launch("expert_items");
-  DecodeArgs args = decode_args(x, tiled, scale, zero, out, S, shape, 1, true, swiglu);
-  args.items = reinterpret_cast<const int2*>(items);
-  args.offs = offs;
-  args.expert_code_bytes = shape.N / kTileRows * (shape.K / kTileCols) * tile_bytes(shape.bits);
+  GroupedArgs args{decode_args(x, tiled, scale, zero, out, S, shape, 1, true, swiglu),
+                   reinterpret_cast<const int2*>(items), offs,
+                   shape.N / kTileRows * (shape.K / kTileCols) * tile_bytes(shape.bits)};
   const int64_t cols = block_cols(cfg, true);
   const dim3 grid(unsigned((shape.N + cols - 1) / cols), 1u, unsigned(n_items));
-  const void* kernel = with_instance(shape.bits, cfg, []<bool STAGED, int BITS, int MT, int NT, int S_>() {
-    return prepared_kernel<T, STAGED, BITS, MT, NT, S_>();
+  const void* kernel = with_instance(shape.bits, cfg, []<bool STAGED, int BITS, int MT, int NT, int S_>() -> const void* {
+    if constexpr (STAGED) {
+      return nullptr;  // (grouped_config never asks for the staged kernel)
+    } else {
+      return prepared_kernel<T, false, BITS, MT, NT, S_, true>();
+    }
   });
   void* params[] = {&args};
   const DecodeLaunch launch(grid, smem_for(cfg, shape.bits), stream, false);
