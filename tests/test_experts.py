@@ -166,10 +166,11 @@ def test_a_merged_moe_round_trips(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["fake", "packed", "tiled", "lrqat"])
 @pytest.mark.parametrize("tokens", [3, 200])
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, True, None])
 def test_experts_on_the_gpu_compute_transformers_moe_over_the_quantized_weights(method, tokens, grouped):
     """One block's experts in bf16 on the GPU (packed: the fused kernel; tiled: the decode kernel with
-    SwiGLU in its gate/up epilogue at a token an expert, the staged kernel at ~50), given the routing,
+    SwiGLU in its gate/up epilogue at a token an expert, the staged kernel at ~50, and with `grouped` None
+    the grouped decode kernel, nn.expert_decode), given the routing,
     against transformers' stacked experts in fp32 on the CPU over each layer's quantized weight; the same
     experts as grouped GEMMs over their stacked weights (nn.grouped_experts) too. bf16
     rounds x, the hidden product, the routing weights and the output (2^-9 each, relative): 2^-6 of
@@ -189,7 +190,7 @@ def test_experts_on_the_gpu_compute_transformers_moe_over_the_quantized_weights(
             if "lora_b" in name:
                 p.add_(0.01 * torch.randn_like(p))
     if method == "tiled":
-        assert models.tile_for_decode(model) > 0 and hasattr(experts[0], "decode_gate_up")
+        assert models.tile_for_decode(model) > 0 and hasattr(experts, "decode_gate_up_tiled")  # (stacked)
     with torch.no_grad():
         for e, expert in enumerate(experts):
             weights = [getattr(expert, p).quantized_weight().float().cpu() for p in EXPERT_LINEARS]
