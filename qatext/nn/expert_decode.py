@@ -114,8 +114,8 @@ def decode_experts(owner, experts, hidden_states, top_k_index, top_k_weights) ->
     gate/up (SwiGLU in the epilogue where act_fn is SiLU) and down, one launch each."""
     gate, down = experts[0].gate_proj, experts[0].down_proj
     bits, g = gate.spec.bits, gate.group_size
-    order, offs, tokens, _ = route(top_k_index, len(experts))
-    x = hidden_states[tokens]  # (rows past offs[-1], routed past the list, are never read: their outputs are zeros)
+    order, offs, pair_tokens, _ = route(top_k_index, len(experts))
+    x = hidden_states[pair_tokens]  # (rows past offs[-1], routed past the list, are never read: their outputs are zeros)
     stacks = [tuple(owner._buffers[f"decode_{stack}_{t}"] for t in TENSORS) for stack, _ in STACKS]
     act_fn = experts[0].act_fn
     swiglu = type(act_fn).__name__ in ("SiLU", "SiLUActivation")
@@ -125,5 +125,11 @@ def decode_experts(owner, experts, hidden_states, top_k_index, top_k_weights) ->
         gu = ops.grouped_matmul_tiled(x, offs, *stacks[0], bits, g, False).unflatten(-1, (2, -1))
         h = act_fn(gu[:, 0]) * gu[:, 1]
     y = ops.grouped_matmul_tiled(h, offs, *stacks[1], down.spec.bits, down.group_size, False)
-    y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)  # (rows routed past the list: zeros already)
-    return torch.zeros_like(hidden_states).index_add_(0, tokens, y.to(hidden_states.dtype))
+    # Each token's k outputs back in (token, slot) order, weighed and summed in fp32 in slot order, rounded once:
+    # deterministic, where index_add_'s atomics add them in any order (a compiled step then decoded another
+    # token than the eager one). Rows routed past the list are zeros already.
+    pairs = torch.empty_like(y)
+    pairs[order] = y
+    tokens, k = top_k_index.shape
+    weighed = pairs.view(tokens, k, -1).float() * top_k_weights.float()[..., None]
+    return weighed.sum(1).to(hidden_states.dtype)
