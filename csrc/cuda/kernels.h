@@ -48,20 +48,21 @@ void lrqat_weight_backward(const T* grad_w, const uint8_t* p, const float* ab, c
                            float* grad_scale, GroupShape shape, cudaStream_t stream);
 
 // LR-QAT on the tensor cores (16-bit A and B): a [N, R] with the rank zero-padded to R = 16, 32 or 64,
-// b [rank, K] as it is (contiguous, 16-byte aligned). Backward writes dU = c * s * dW * in_range (16-bit;
+// b [experts, rank, K] as it is (contiguous, 16-byte aligned); with experts > 1 the N rows are the experts'
+// weights one after another, N / experts rows each, each expert's A B with its own B. Backward writes dU = c * s * dW * in_range (16-bit;
 // grad_u may be grad_w itself), the per-tile group sums of dW * (q - z) into grad_scale_tiles
 // [N, lrqat_fused_tile_groups(shape)] and, where weight is not null, W as the forward does (so that
 // dX = dY W needs no second pass). max_blocks: at most this many blocks (0: one wave of the device).
-bool lrqat_fused_supported(GroupShape shape, int64_t rank);
+bool lrqat_fused_supported(GroupShape shape, int64_t rank, int64_t experts = 1);
 int64_t lrqat_fused_tile_groups(GroupShape shape);
 template <typename T>
-void lrqat_fused_forward(const uint8_t* p, const T* a, const T* b, int rank, int rank_padded, const float* scale,
-                         const float* zero, float lora_scale, int frac_bits, T* out, GroupShape shape,
-                         int64_t max_blocks, cudaStream_t stream);
+void lrqat_fused_forward(const uint8_t* p, const T* a, const T* b, int experts, int rank, int rank_padded,
+                         const float* scale, const float* zero, float lora_scale, int frac_bits, T* out,
+                         GroupShape shape, int64_t max_blocks, cudaStream_t stream);
 template <typename T>
-void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T* b, int rank, int rank_padded,
-                          const float* scale, const float* zero, float lora_scale, int frac_bits, T* grad_u,
-                          float* grad_scale_tiles, T* weight, GroupShape shape, int64_t max_blocks,
+void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T* b, int experts, int rank,
+                          int rank_padded, const float* scale, const float* zero, float lora_scale, int frac_bits,
+                          T* grad_u, float* grad_scale_tiles, T* weight, GroupShape shape, int64_t max_blocks,
                           cudaStream_t stream);
 
 // Fused dequant GEMM (tensor cores, small M): out = a @ deq(W)^T (forward, a = x [M, K]) or

@@ -15,6 +15,9 @@
 // column tile (no transposed or padded copy of B on the host); ranks below R read as zeros.
 // ds is summed per tile row in a fixed order (thread, then quad shuffle): one partial per (row, group
 // in the tile), no atomics.
+// Stacked experts (a mixture's experts, one launch for all): the rows of E experts' weights one after
+// another, each expert's B its own ([E, rank, K]); items run expert by expert, so a block restages B^T
+// where its run crosses into the next expert as it does where it crosses a column tile.
 #include <type_traits>
 
 #include "core/quant_math.h"
@@ -32,7 +35,7 @@ template <typename T>
 struct LrqatTileArgs {
   const uint8_t* p;       // [N, p_row_bytes]
   const T* a;             // [N, R]: the rank zero-padded to R
-  const T* b;             // [rank, K]
+  const T* b;             // [experts, rank, K]
   const float* scale;     // [N, G]
   const float* zero;      // [N, G]
   const T* grad_w;        // [N, K], backward only
@@ -42,7 +45,8 @@ struct LrqatTileArgs {
   float lora_scale, qmax, p_unit;  // p_unit = 2^-frac_bits
   int64_t p_row_bytes;
   int N, K, G, group_size, rank;
-  int row_groups, items, items_per_block;  // work items: (column tile, group of 8 row tiles), column-major
+  int row_groups, items, items_per_block;  // work items: (expert, column tile, group of 8 row tiles), the last fastest
+  int expert_row_tiles;                    // row tiles an expert (N / 16 / experts)
 };
 
 // Per warp, one tile's inputs in shared memory (filled by cp.async while the warp computes the tile
@@ -189,12 +193,13 @@ __device__ __forceinline__ void read_tile_inputs(const LrqatTileArgs<T>& args, c
 // B^T of the column tile at k0 into shared memory, [kTileCols][R], from B [rank, K]; rows r >= rank
 // are zeros. Consecutive threads take consecutive r, so the 2-byte shared stores do not conflict.
 template <typename T, int RK>
-__device__ __forceinline__ void stage_bt(const LrqatTileArgs<T>& args, int k0, T* bt) {
+__device__ __forceinline__ void stage_bt(const LrqatTileArgs<T>& args, int expert, int k0, T* bt) {
   constexpr int R = 16 * RK;
+  const T* b = args.b + int64_t(expert) * args.rank * args.K;
   for (int i = threadIdx.x; i < R * (kTileCols / 8); i += kWarps * 32) {
     const int r = i % R, c = i / R * 8;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (r < args.rank) v = __ldg(reinterpret_cast<const uint4*>(args.b + int64_t(r) * args.K + k0 + c));
+    if (r < args.rank) v = __ldg(reinterpret_cast<const uint4*>(b + int64_t(r) * args.K + k0 + c));
     const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
     for (int j = 0; j < 8; ++j) bt[(c + j) * R + r] = e[j];
@@ -210,24 +215,29 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
   T* bt = reinterpret_cast<T*>(smem);  // [kTileCols][R]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g4 = lane >> 2, q4 = lane & 3;
   unsigned char* buf = smem + kTileCols * R * sizeof(T) + warp * warp_smem_bytes<RK, BACKWARD>();
-  const int row_tiles = args.N / kTileRows, col_tiles = args.K / kTileCols;
+  const int col_tiles = args.K / kTileCols, expert_tiles = args.expert_row_tiles;
   const int first = int(blockIdx.x) * args.items_per_block;
   const int last = min(first + args.items_per_block, args.items);
 
-  // Item i: column tile i / row_groups, this warp's row tile (i % row_groups) * kWarps + warp (none
-  // past the last row tile: such a warp only keeps the block's barriers). Walked without divisions.
-  int group = first % args.row_groups, k0 = first / args.row_groups * kTileCols;
-  int64_t row_tile = int64_t(group) * kWarps + warp;
-  if (row_tile < row_tiles) copy_tile_inputs<T, RK, PB, BACKWARD>(args, row_tile, k0, lane, buf);
-  int staged_k0 = -1;
+  // Item i: expert e = i / (col_tiles * row_groups), then column tile j and group gr of the rest, this warp's
+  // row tile the expert's gr * kWarps + warp (none past the expert's last: such a warp only keeps the block's
+  // barriers), at e * expert_tiles overall. Walked without divisions.
+  int group = first % args.row_groups, k0 = first / args.row_groups % col_tiles * kTileCols;
+  int expert = first / args.row_groups / col_tiles;
+  int in_expert = group * kWarps + warp;  // the row tile within the expert
+  if (in_expert < expert_tiles) {
+    copy_tile_inputs<T, RK, PB, BACKWARD>(args, int64_t(expert) * expert_tiles + in_expert, k0, lane, buf);
+  }
+  int staged_k0 = -1, staged_expert = -1;
   for (int item = first; item < last; ++item) {
-    if (k0 != staged_k0) {  // block-uniform: every warp runs the same items
-      __syncthreads();      // the previous column tile's B^T may still be read
-      stage_bt<T, RK>(args, k0, bt);
+    if (k0 != staged_k0 || expert != staged_expert) {  // block-uniform: every warp runs the same items
+      __syncthreads();  // the previous column tile's B^T may still be read
+      stage_bt<T, RK>(args, expert, k0, bt);
       __syncthreads();
-      staged_k0 = k0;
+      staged_k0 = k0, staged_expert = expert;
     }
-    const bool active = row_tile < row_tiles;
+    const bool active = in_expert < expert_tiles;
+    const int64_t row_tile = int64_t(expert) * expert_tiles + in_expert;
     TileInputs<RK, BACKWARD> in;
     if (active) {
       cp_async_wait<0>();
@@ -236,10 +246,15 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
       __syncwarp();  // every lane read the buffer before the next tile's copies overwrite it
     }
     // The next item's inputs stream in while this one computes.
-    const bool wraps = group + 1 == args.row_groups;
-    const int next_group = wraps ? 0 : group + 1, next_k0 = wraps ? k0 + kTileCols : k0;
-    const int64_t next_row_tile = item + 1 < last ? int64_t(next_group) * kWarps + warp : row_tiles;
-    if (next_row_tile < row_tiles) copy_tile_inputs<T, RK, PB, BACKWARD>(args, next_row_tile, next_k0, lane, buf);
+    const bool wraps = group + 1 == args.row_groups, next_expert_starts = wraps && k0 + kTileCols == args.K;
+    const int next_group = wraps ? 0 : group + 1;
+    const int next_k0 = next_expert_starts ? 0 : wraps ? k0 + kTileCols : k0;
+    const int next_expert = expert + next_expert_starts;
+    const int next_in_expert = item + 1 < last ? next_group * kWarps + warp : expert_tiles;
+    if (next_in_expert < expert_tiles) {
+      copy_tile_inputs<T, RK, PB, BACKWARD>(args, int64_t(next_expert) * expert_tiles + next_in_expert, next_k0, lane,
+                                            buf);
+    }
     if (active) {
       const int64_t rows[2] = {row_tile * kTileRows + g4, row_tile * kTileRows + g4 + 8};
       const int col_tile = k0 / kTileCols;
@@ -328,7 +343,7 @@ __global__ void __launch_bounds__(kWarps * 32) lrqat_tile_kernel(LrqatTileArgs<T
         }
       }
     }
-    row_tile = next_row_tile, group = next_group, k0 = next_k0;
+    in_expert = next_in_expert, group = next_group, k0 = next_k0, expert = next_expert;
   }
 }
 
@@ -341,9 +356,10 @@ constexpr int smem_bytes() {
 
 // pb: bits per P value (8 for fixed point).
 template <typename T, bool BACKWARD>
-void launch(LrqatTileArgs<T> args, int rank_padded, int pb, int64_t max_blocks, cudaStream_t stream) {
-  args.row_groups = (args.N / kTileRows + kWarps - 1) / kWarps;
-  args.items = args.row_groups * (args.K / kTileCols);
+void launch(LrqatTileArgs<T> args, int experts, int rank_padded, int pb, int64_t max_blocks, cudaStream_t stream) {
+  args.expert_row_tiles = args.N / kTileRows / experts;
+  args.row_groups = (args.expert_row_tiles + kWarps - 1) / kWarps;
+  args.items = experts * args.row_groups * (args.K / kTileCols);
   const int gpt = groups_per_tile(args.group_size);
   const auto go = [&]<int RK, int GPT, int PB>() {
     const auto kernel = lrqat_tile_kernel<T, RK, GPT, PB, BACKWARD>;
@@ -392,39 +408,39 @@ LrqatTileArgs<T> make_args(const uint8_t* p, const T* a, const T* b, int rank, c
 
 }  // namespace
 
-bool lrqat_fused_supported(GroupShape shape, int64_t rank) {
+bool lrqat_fused_supported(GroupShape shape, int64_t rank, int64_t experts) {
   const int64_t g = shape.group_size;
-  return shape.N % kTileRows == 0 && shape.K % kTileCols == 0 && shape.N * shape.K < (int64_t(1) << 31) &&
+  return experts >= 1 && shape.N % (kTileRows * experts) == 0 && shape.K % kTileCols == 0 && shape.N * shape.K < (int64_t(1) << 31) &&
          rank >= 1 && rank <= 64 && (g == 32 || g == 64 || g % kTileCols == 0);
 }
 
 int64_t lrqat_fused_tile_groups(GroupShape shape) { return shape.K / kTileCols * groups_per_tile(shape.group_size); }
 
 template <typename T>
-void lrqat_fused_forward(const uint8_t* p, const T* a, const T* b, int rank, int rank_padded, const float* scale,
-                         const float* zero, float lora_scale, int frac_bits, T* out, GroupShape shape,
-                         int64_t max_blocks, cudaStream_t stream) {
+void lrqat_fused_forward(const uint8_t* p, const T* a, const T* b, int experts, int rank, int rank_padded,
+                         const float* scale, const float* zero, float lora_scale, int frac_bits, T* out,
+                         GroupShape shape, int64_t max_blocks, cudaStream_t stream) {
   if (shape.numel() == 0) return;
   LrqatTileArgs<T> args = make_args(p, a, b, rank, scale, zero, lora_scale, frac_bits, shape);
   args.out = out;
-  launch<T, false>(args, rank_padded, frac_bits > 0 ? 8 : shape.bits, max_blocks, stream);
+  launch<T, false>(args, experts, rank_padded, frac_bits > 0 ? 8 : shape.bits, max_blocks, stream);
 }
 
 template <typename T>
-void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T* b, int rank, int rank_padded,
-                          const float* scale, const float* zero, float lora_scale, int frac_bits, T* grad_u,
-                          float* grad_scale_tiles, T* weight, GroupShape shape, int64_t max_blocks,
+void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T* b, int experts, int rank,
+                          int rank_padded, const float* scale, const float* zero, float lora_scale, int frac_bits,
+                          T* grad_u, float* grad_scale_tiles, T* weight, GroupShape shape, int64_t max_blocks,
                           cudaStream_t stream) {
   if (shape.numel() == 0) return;
   LrqatTileArgs<T> args = make_args(p, a, b, rank, scale, zero, lora_scale, frac_bits, shape);
   args.grad_w = grad_w, args.out = grad_u, args.grad_scale_tiles = grad_scale_tiles, args.weight = weight;
-  launch<T, true>(args, rank_padded, frac_bits > 0 ? 8 : shape.bits, max_blocks, stream);
+  launch<T, true>(args, experts, rank_padded, frac_bits > 0 ? 8 : shape.bits, max_blocks, stream);
 }
 
 #define QATEXT_INSTANTIATE(T)                                                                                      \
-  template void lrqat_fused_forward<T>(const uint8_t*, const T*, const T*, int, int, const float*, const float*,  \
-                                       float, int, T*, GroupShape, int64_t, cudaStream_t);                        \
-  template void lrqat_fused_backward<T>(const T*, const uint8_t*, const T*, const T*, int, int, const float*,     \
+  template void lrqat_fused_forward<T>(const uint8_t*, const T*, const T*, int, int, int, const float*,           \
+                                       const float*, float, int, T*, GroupShape, int64_t, cudaStream_t);          \
+  template void lrqat_fused_backward<T>(const T*, const uint8_t*, const T*, const T*, int, int, int, const float*, \
                                         const float*, float, int, T*, float*, T*, GroupShape, int64_t,            \
                                         cudaStream_t);
 QATEXT_INSTANTIATE(c10::Half)

@@ -13,7 +13,7 @@ namespace {
 
 // LR-QAT's operands with the rows of every expert as one matrix: p, a, scale and zero [E * N, ..] and b
 // [E, r, K]. One layer (a [N, r], b [r, K]) is E = 1; a mixture's experts stacked (a [E, N, r], b [E, r, K],
-// p, scale and zero [E, N, ..]) reconstruct in one call (the tile kernels: one launch an expert), each with its own B.
+// p, scale and zero [E, N, ..]) reconstruct in one launch of the tile kernels, each with its own B.
 struct LrqatOperands {
   at::Tensor p, a, b, scale, zero;
   int64_t experts;
@@ -118,23 +118,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperand
                                                               const at::Tensor& zero, double lora_scale,
                                                               int64_t frac_bits, const GroupShape& shape,
                                                               at::ScalarType scale_dtype) {
-  const int64_t tile_groups = cuda::lrqat_fused_tile_groups(shape), experts = fused.b.size(0);
-  at::Tensor tiles = at::empty({shape.N, tile_groups}, scale.options());
+  const int64_t experts = fused.b.size(0);
+  at::Tensor tiles = at::empty({shape.N, cuda::lrqat_fused_tile_groups(shape)}, scale.options());
   const at::OptionalDeviceGuard guard(at::device_of(p));
   dispatch_half(grad_w.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const GroupShape one = expert_shape(shape, experts);
-    for (int64_t e = 0; e < experts; ++e) {  // (stacked experts: one launch an expert, each its own B)
-      const int64_t row0 = e * one.N, at_w = row0 * shape.K;
-      cuda::lrqat_fused_backward<T>(
-          grad_w.const_data_ptr<T>() + at_w, p.const_data_ptr<uint8_t>() + row0 * p.size(1),
-          fused.a.const_data_ptr<T>() + row0 * fused.rank_padded, fused.b.const_data_ptr<T>() + e * fused.b.stride(0),
-          fused.rank, fused.rank_padded, scale.const_data_ptr<float>() + row0 * shape.groups(),
-          zero.const_data_ptr<float>() + row0 * shape.groups(), float(lora_scale), int(frac_bits),
-          grad_u.mutable_data_ptr<T>() + at_w, tiles.mutable_data_ptr<float>() + row0 * tile_groups,
-          weight.defined() ? weight.mutable_data_ptr<T>() + at_w : nullptr, one, tuning(Knob::LrqatFusedBlocks),
-          current_stream(p));
-    }
+    cuda::lrqat_fused_backward<T>(grad_w.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(), fused.a.const_data_ptr<T>(),
+                                  fused.b.const_data_ptr<T>(), int(experts), fused.rank, fused.rank_padded,
+                                  scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
+                                  int(frac_bits), grad_u.mutable_data_ptr<T>(), tiles.mutable_data_ptr<float>(),
+                                  weight.defined() ? weight.mutable_data_ptr<T>() : nullptr, shape,
+                                  tuning(Knob::LrqatFusedBlocks), current_stream(p));
   });
   const int64_t G = shape.groups();
   const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
@@ -159,16 +153,11 @@ at::Tensor lrqat_weight(const at::Tensor& p_in, const at::Tensor& a_in, const at
     const at::OptionalDeviceGuard guard(at::device_of(p));
     dispatch_half(a.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const GroupShape one = expert_shape(shape, in.experts);
-      for (int64_t e = 0; e < in.experts; ++e) {  // (stacked experts: one launch an expert, each its own B)
-        const int64_t row0 = e * one.N;
-        cuda::lrqat_fused_forward<T>(
-            p.const_data_ptr<uint8_t>() + row0 * p.size(1), fused->a.const_data_ptr<T>() + row0 * fused->rank_padded,
-            fused->b.const_data_ptr<T>() + e * fused->b.stride(0), fused->rank, fused->rank_padded,
-            scale.const_data_ptr<float>() + row0 * shape.groups(), zero.const_data_ptr<float>() + row0 * shape.groups(),
-            float(lora_scale), int(frac_bits), out.mutable_data_ptr<T>() + row0 * shape.K, one,
-            tuning(Knob::LrqatFusedBlocks), current_stream(p));
-      }
+      cuda::lrqat_fused_forward<T>(p.const_data_ptr<uint8_t>(), fused->a.const_data_ptr<T>(),
+                                   fused->b.const_data_ptr<T>(), int(in.experts), fused->rank, fused->rank_padded,
+                                   scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
+                                   int(frac_bits), out.mutable_data_ptr<T>(), shape,
+                                   tuning(Knob::LrqatFusedBlocks), current_stream(p));
     });
     return shaped(out);
   }
