@@ -115,7 +115,7 @@ def decode_experts(owner, experts, hidden_states, top_k_index, top_k_weights) ->
     gate, down = experts[0].gate_proj, experts[0].down_proj
     bits, g = gate.spec.bits, gate.group_size
     order, offs, pair_tokens, _ = route(top_k_index, len(experts))
-    x = hidden_states[pair_tokens]  # (rows past offs[-1], routed past the list, are never read: their outputs are zeros)
+    x = hidden_states[pair_tokens]  # (rows past offs[-1], routed past the list, are never read: outputs zeros)
     stacks = [tuple(owner._buffers[f"decode_{stack}_{t}"] for t in TENSORS) for stack, _ in STACKS]
     act_fn = experts[0].act_fn
     swiglu = type(act_fn).__name__ in ("SiLU", "SiLUActivation")

@@ -109,9 +109,9 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
         return out
 
     def decodes(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-        """Whether this forward runs on the grouped decode kernel (nn.expert_decode): grouped None, inference (no gradient) in
-        16 bits on a GPU, up to GROUPED_DECODE_PAIRS pairs an expert, every expert packed and tiled for decode;
-        the experts' stacks made again first where a move or cast replaced their tensors."""
+        """Whether this forward runs on the grouped decode kernel (nn.expert_decode): grouped None, inference (no
+        gradient) in 16 bits on a GPU, up to GROUPED_DECODE_PAIRS pairs an expert, every expert packed and tiled
+        for decode; the experts' stacks made again first where a move or cast replaced their tensors."""
         if (self.grouped is not None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16)
                 or (torch.is_grad_enabled() and x.requires_grad)
                 or top_k_index.numel() > self.GROUPED_DECODE_PAIRS * len(self) or not self.stackable()):
