@@ -61,6 +61,7 @@ ROUTINGS = {
     "decode": [0, 1, 0, 0, 1, 0, 1, 1],          # one token a chosen expert, most experts idle
     "uneven": [3, 0, 17, 1, 0, 8, 9, 40],        # tiles of one expert never hold another's rows
     "one expert": [0, 0, 0, 33, 0, 0, 0, 0],
+    "32-token tiles": [40, 33, 0, 70],          # ~37 rows an expert: 4 token tiles a block, two blocks an expert
 }
 
 
