@@ -135,10 +135,14 @@ def timed_generate(generate: Generator, prompt, new_tokens: int, device) -> floa
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | None, device, repeats: int,
             profile_rows: int = 0) -> dict:
+    from torch._dynamo.utils import counters
+
     generate = Generator(model, backend)
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device=device)
+    skips = counters["inductor"]["cudagraph_skips"]  # (both backends count a graph they would not capture)
     for _ in range(2):  # compile, capture the graphs, warm the caches
         timed_generate(generate, prompt, new_tokens, device)
+    skips = counters["inductor"]["cudagraph_skips"] - skips
     # The compiled step decodes what the eager forward does: the first decoded token of every sequence
     # (later ones diverge at the first near-tie of a random-init model, so whole sequences say little).
     same = (generate(prompt, 2)[:, 1] == Generator(model, None)(prompt, 2)[:, 1]).float().mean().item()
@@ -151,6 +155,9 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, backend: str | 
             "decode_tokens_per_s": 1 / per_token, "decode_tokens_per_s_all_sequences": batch / per_token,
             "peak_GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
             "first_token_same_as_eager": same, "model_GB": model_bytes(model) / 1e9,
+            # > 0: a decode step ran outside CUDA graphs (the reason is in the log), so its tokens/s are not a
+            # graph's
+            "cudagraph_skips": skips,
             # one whole generate (its prefill included) by op: where a variant's time per token goes
             **({"ops_per_generate": timing.profile_ops(lambda: generate(prompt, new_tokens), steps=1,
                                                        rows=profile_rows)}
@@ -232,7 +239,9 @@ def main():
                     continue
                 rows.append(row)
                 print(f"{label:18s} batch {batch}: first token {row['time_to_first_token_s'] * 1e3:7.1f} ms, "
-                      f"{row['decode_tokens_per_s']:7.1f} tokens/s per sequence, peak {row['peak_GB']} GB", flush=True)
+                      f"{row['decode_tokens_per_s']:7.1f} tokens/s per sequence, peak {row['peak_GB']} GB"
+                      + (f", CUDA graphs skipped {row['cudagraph_skips']}x" if row["cudagraph_skips"] else ""),
+                      flush=True)
                 save()
         if model is not base:
             del model
