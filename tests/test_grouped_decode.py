@@ -101,6 +101,13 @@ def test_one_launch_and_no_host_sync():
     torch.testing.assert_close(y.float(), expected, **TOL[torch.bfloat16])
 
 
+def test_no_rows(device):
+    tiled, scale, zero = _experts(2, 32, 128, 4, 64, device)
+    x = torch.empty(0, 128, dtype=torch.bfloat16, device=device)
+    offs = torch.zeros(2, dtype=torch.int32, device=device)
+    assert ops.grouped_matmul_tiled(x, offs, tiled, scale, zero, 4, 64, True).shape == (0, 16)
+
+
 def test_bad_arguments_name_themselves():
     tiled, scale, zero = _experts(2, 32, 128, 4, 64, "cpu")
     x = torch.randn(4, 128, dtype=torch.bfloat16)

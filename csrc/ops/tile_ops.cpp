@@ -224,7 +224,7 @@ at::Tensor grouped_matmul_tiled(const at::Tensor& x, const at::Tensor& offs, con
                     "in ", 2 * kTileRows, "-row multiples, got ", shape.N, " rows an expert");
 #ifdef QATEXT_WITH_CUDA
   const auto dtype = x.scalar_type();
-  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
+  if (x.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && S > 0) {
     const int64_t expert_tokens = (S + std::min(S, experts) - 1) / std::max<int64_t>(1, std::min(S, experts));
     const cuda::DecodeTuning tuning = decode_tuning_for(x.get_device(), shape, expert_tokens);
     const at::Tensor a = x.contiguous(), w = lane_aligned(tiled), o = offs.contiguous();
