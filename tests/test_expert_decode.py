@@ -167,3 +167,20 @@ def test_the_decode_path_computes_the_loop_on_the_cpu(act):
         experts.grouped = False
         expected = experts(x, index, weights)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_the_prefill_path_computes_the_loop_on_the_cpu():
+    """Past the decode kernel's pairs the block runs as grouped GEMMs over its stacks, each stack dequantised by one
+    op (not the layers' codes joined again each forward): the loop's output, and nothing copied from the layers."""
+    experts = block("tiled", hidden=64, inter=64, group=16, rank=4)
+    x = torch.randn(40, 64)
+    index, weights = routing(40, "cpu")
+    with torch.no_grad():
+        assert experts.prefills(x, index)
+        y = experts(x, index, weights)
+        experts.grouped = False
+        expected = experts(x, index, weights)
+        assert not experts.prefills(x, index)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    experts.grouped = None
+    assert not experts.prefills(x.requires_grad_(), index)  # (a gradient: the layers' own grouped path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .grouped_experts import route, same_kind
+from .grouped_experts import grouped_mm, route, same_kind
 from .shared_input import _swiglu_mlp_forward
 
 # (stack name, the projections stacked in it: each expert's rows of them in turn)
@@ -116,20 +116,44 @@ def decode_experts(owner, experts, hidden_states, top_k_index, top_k_weights) ->
     bits, g = gate.spec.bits, gate.group_size
     order, offs, pair_tokens, _ = route(top_k_index, len(experts))
     x = hidden_states[pair_tokens]  # (rows past offs[-1], routed past the list, are never read: outputs zeros)
-    stacks = [tuple(owner._buffers[f"decode_{stack}_{t}"] for t in TENSORS) for stack, _ in STACKS]
+    (gate_up, down_stack) = _stacks(owner)
     act_fn = experts[0].act_fn
-    swiglu = type(act_fn).__name__ in ("SiLU", "SiLUActivation")
-    if swiglu:
-        h = ops.grouped_matmul_tiled(x, offs, *stacks[0], bits, g, True)
+    if type(act_fn).__name__ in ("SiLU", "SiLUActivation"):
+        h = ops.grouped_matmul_tiled(x, offs, *gate_up, bits, g, True)
     else:
-        gu = ops.grouped_matmul_tiled(x, offs, *stacks[0], bits, g, False).unflatten(-1, (2, -1))
+        gu = ops.grouped_matmul_tiled(x, offs, *gate_up, bits, g, False).unflatten(-1, (2, -1))
         h = act_fn(gu[:, 0]) * gu[:, 1]
-    y = ops.grouped_matmul_tiled(h, offs, *stacks[1], down.spec.bits, down.group_size, False)
-    # Each token's k outputs back in (token, slot) order, weighed and summed in fp32 in slot order, rounded once:
-    # deterministic, where index_add_'s atomics add them in any order (a compiled step then decoded another
-    # token than the eager one). Rows routed past the list are zeros already.
+    y = ops.grouped_matmul_tiled(h, offs, *down_stack, down.spec.bits, down.group_size, False)
+    return _combine(y, order, top_k_index, top_k_weights, hidden_states.dtype)
+
+
+def prefill_experts(owner, experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The block's output from the stacks as two grouped GEMMs (more pairs an expert than the decode kernel
+    takes): each stack dequantised whole by one op, as nn.grouped_experts would after joining the layers' codes
+    (a copy of every expert's codes and a Python call a layer, which the stacks save)."""
+    gate, down = experts[0].gate_proj, experts[0].down_proj
+    order, offs, pair_tokens, routed = route(top_k_index, len(experts))
+    x = torch.where(routed, hidden_states[pair_tokens], 0)
+    gate_up, down_stack = _stacks(owner)
+    w = ops.dequant_tiled(*gate_up, gate.spec.bits, gate.group_size, gate.in_features, x.dtype)
+    g, u = grouped_mm(x, w.view(len(experts), -1, gate.in_features).mT, offs).chunk(2, dim=-1)
+    w = ops.dequant_tiled(*down_stack, down.spec.bits, down.group_size, down.in_features, x.dtype)
+    y = grouped_mm(experts[0].act_fn(g) * u, w.view(len(experts), -1, down.in_features).mT, offs)
+    # (rows past offs[-1] are left unwritten by the grouped GEMMs: zeros for them)
+    return _combine(torch.where(routed, y, 0), order, top_k_index, top_k_weights, hidden_states.dtype)
+
+
+def _stacks(owner):
+    """((tiled, scale, zero) of gate/up, the same of down) from owner's buffers."""
+    return [tuple(owner._buffers[f"decode_{stack}_{t}"] for t in TENSORS) for stack, _ in STACKS]
+
+
+def _combine(y, order, top_k_index, top_k_weights, dtype) -> torch.Tensor:
+    """Each token's k expert outputs (y, rows in sorted pair order) back in (token, slot) order, weighed and
+    summed in fp32 in slot order, rounded once to dtype: deterministic, where index_add_'s atomics add them in any
+    order (a compiled step then decoded another token than the eager one)."""
     pairs = torch.empty_like(y)
     pairs[order] = y
     tokens, k = top_k_index.shape
     weighed = pairs.view(tokens, k, -1).float() * top_k_weights.float()[..., None]
-    return weighed.sum(1).to(hidden_states.dtype)
+    return weighed.sum(1).to(dtype)

@@ -81,6 +81,8 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
     # loop's token counts, read on the host, recompiled the block at every routing until dynamo's recompile limit.
     @torch.compiler.disable
     def _eager_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.prefills(hidden_states, top_k_index):
+            return expert_decode.prefill_experts(self, list(self), hidden_states, top_k_index, top_k_weights)
         if self.takes_grouped(hidden_states, top_k_index):
             _, _, projections, gate_up_fused = self._groups
             return grouped_experts(projections, self[0].act_fn, hidden_states, top_k_index, top_k_weights, gate_up_fused)
@@ -121,6 +123,15 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
         if not torch.compiler.is_compiling() and not expert_decode.current(experts, self):
             expert_decode.build(experts, self)
         return True
+
+    def prefills(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        """Whether this forward runs as grouped GEMMs over the experts' decode stacks (expert_decode.prefill_experts):
+        where it would run as grouped GEMMs (takes_grouped) and the stacks are current, inference; no gradient is
+        taken through the stacks."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return (self.takes_grouped(x, top_k_index) and self.stackable()
+                and expert_decode.current(list(self), self))
 
     def stackable(self) -> bool:
         """Whether the experts can decode as stacks (expert_decode.stackable), checked again only after a layer
