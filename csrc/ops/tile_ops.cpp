@@ -164,13 +164,29 @@ at::Tensor dequant_tiled(const at::Tensor& tiled, const at::Tensor& scale, const
   return dequant_tiled_checked(tiled, scale, zero, shape, dtype);
 }
 
+namespace {
+
+// dequant_matmul_tiled, or with swiglu swiglu_matmul_tiled, on arguments already checked.
+at::Tensor tiled_matmul_checked(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
+                                const at::Tensor& zero, const GroupShape& shape, const std::optional<at::Tensor>& bias,
+                                bool swiglu) {
+  const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, swiglu, false);
+  if (out.defined()) return out;
+  const at::Tensor y = tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias);
+  if (!swiglu) return y;
+  // Beyond the decode kernel: the GEMM, then silu(gate) * up as the MLP computes them unfused (in x's dtype).
+  const auto halves = y.chunk(2, -1);
+  return at::silu(halves[0]) * halves[1];
+}
+
+}  // namespace
+
 at::Tensor dequant_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
                                 const at::Tensor& zero, int64_t bits, int64_t group_size,
                                 const std::optional<at::Tensor>& bias) {
   const GroupShape shape =
       check_tiled_matmul("qatext.dequant_matmul_tiled", x, tiled, scale, zero, bits, group_size, bias);
-  const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, false, false);
-  return out.defined() ? out : tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias);
+  return tiled_matmul_checked(x, tiled, scale, zero, shape, bias, false);
 }
 
 at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
@@ -178,11 +194,7 @@ at::Tensor swiglu_matmul_tiled(const at::Tensor& x, const at::Tensor& tiled, con
                                const std::optional<at::Tensor>& bias) {
   const GroupShape shape =
       check_tiled_matmul("qatext.swiglu_matmul_tiled", x, tiled, scale, zero, bits, group_size, bias);
-  const at::Tensor out = kernel_path(x, tiled, scale, zero, shape, bias, true, false);
-  if (out.defined()) return out;
-  // Beyond the decode kernel: the GEMM, then silu(gate) * up as the MLP computes them unfused (in x's dtype).
-  const auto halves = tiled_matmul_beyond_decode(x, tiled, scale, zero, shape, bias).chunk(2, -1);
-  return at::silu(halves[0]) * halves[1];
+  return tiled_matmul_checked(x, tiled, scale, zero, shape, bias, true);
 }
 
 at::Tensor tiled_matmul_beyond_decode(const at::Tensor& x, const at::Tensor& tiled, const at::Tensor& scale,
@@ -249,16 +261,13 @@ at::Tensor grouped_matmul_tiled(const at::Tensor& x, const at::Tensor& offs, con
   const at::Tensor ends = offs.to(at::kCPU, at::kLong);
   const int64_t* end = ends.const_data_ptr<int64_t>();
   at::Tensor out = at::zeros({S, swiglu ? shape.N / 2 : shape.N}, x.options());
-  for (int64_t e = 0, first = 0; e < experts; first = std::max(first, end[e]), ++e) {
-    const int64_t last = std::min(end[e], S);
+  for (int64_t e = 0, first = 0; e < experts; first = end[e], ++e) {
     TORCH_CHECK_VALUE(end[e] >= first && end[e] <= S, op, ": offs must be non-decreasing and at most x's ", S,
                       " rows, got ", end[e], " for expert ", e);
-    if (last == first) continue;
-    const at::Tensor rows = x.narrow(0, first, last - first), w = tiled.narrow(0, e * shape.N, shape.N);
+    if (end[e] == first) continue;
+    const at::Tensor rows = x.narrow(0, first, end[e] - first), w = tiled.narrow(0, e * shape.N, shape.N);
     const at::Tensor s = scale.narrow(0, e * shape.N, shape.N), z = zero.narrow(0, e * shape.N, shape.N);
-    out.narrow(0, first, last - first)
-        .copy_(swiglu ? swiglu_matmul_tiled(rows, w, s, z, bits, group_size, std::nullopt)
-                      : dequant_matmul_tiled(rows, w, s, z, bits, group_size, std::nullopt));
+    out.narrow(0, first, end[e] - first).copy_(tiled_matmul_checked(rows, w, s, z, shape, std::nullopt, swiglu));
   }
   return out;
 }
