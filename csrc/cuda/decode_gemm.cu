@@ -1533,6 +1533,9 @@ __global__ void __launch_bounds__(1024) expert_items_kernel(const int* offs, int
   for (int64_t i = used * width + e; i < S * width; i += 1024) out[i] = T(0.f);
 }
 
+// Token tiles of `rows` the experts' S rows can make at most: the sum over experts of ceil(count / rows).
+int64_t items_bound(int64_t S, int64_t experts, int64_t rows) { return (S + rows - 1) / rows + std::min(S, experts); }
+
 // The grouped launch's configuration: token tiles for `expert_tokens` (the tokens an expert is expected to
 // have), warp split, and fewer row tiles a block while the column blocks of `busy` experts leave SMs empty.
 Config grouped_config(int64_t expert_tokens, int64_t busy, GroupShape shape, DecodeTuning tuning, bool swiglu) {
@@ -1545,9 +1548,7 @@ Config grouped_config(int64_t expert_tokens, int64_t busy, GroupShape shape, Dec
 
 }  // namespace
 
-int64_t grouped_decode_items(int64_t S, int64_t experts) {
-  return (S + 7) / 8 + std::min(S, experts);  // at least the sum over experts of ceil(rows / tile rows)
-}
+int64_t grouped_decode_items(int64_t S, int64_t experts) { return items_bound(S, experts, 8); }  // (the shortest tile)
 
 bool grouped_decode_supported(int64_t S, int64_t experts, int64_t expert_tokens, GroupShape shape, DecodeTuning tuning,
                               bool swiglu) {
@@ -1568,7 +1569,7 @@ void grouped_decode_gemm(const T* x, const uint8_t* tiled, const float* scale, c
     throw std::runtime_error("qatext: grouped_decode_gemm: this shape does not take the grouped decode kernel");
   }
   const Config cfg = grouped_config(expert_tokens, std::min(experts, S), shape, tuning, swiglu);
-  const int64_t rows = 8 * cfg.mt, n_items = (S + rows - 1) / rows + std::min(S, experts);
+  const int64_t rows = 8 * cfg.mt, n_items = items_bound(S, experts, rows);
   const int width = int(swiglu ? shape.N / 2 : shape.N);
   expert_items_kernel<T><<<1, 1024, 0, stream>>>(offs, int(experts), int(rows), reinterpret_cast<int2*>(items),
                                                   int(n_items), out, S, width);
