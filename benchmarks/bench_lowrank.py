@@ -1,7 +1,8 @@
 """LR-QAT weight reconstruction kernels alone: the tensor-core kernels (A B formed in registers)
 against the fp32 path (A B by cuBLAS into an N x K fp32 tensor, then elementwise), with the bytes
-floor (read P, write W forward; read P and dW, write dU backward) and copy bandwidth, same run; and
-lrqat_linear's whole backward at M tokens, one weight-kernel pass against the two it replaced.
+floor (read P, write W forward; read P and dW, write dU backward) and copy bandwidth, same run; the adapters'
+gradients from dU (one read by the rank kernel against two cuBLAS GEMMs); and lrqat_linear's whole backward
+at M tokens, one weight-kernel pass against the two it replaced.
 
     python benchmarks/bench_lowrank.py --out benchmarks/results/lowrank_h100.json
 """
@@ -55,14 +56,32 @@ def main():
                           f"({r['pct_of_copy']:.0f}% of copy)", flush=True)
             qatext.set_tuning(lrqat_fused=True)
             if frac == 0:
+                rows += rank_grad_rows(grad_w, a, b, copy_bw)
                 rows += linear_backward_rows(p, a, b, scale, zero, args.tokens)
     timing.save_rows(args.out, rows, copy_TB_per_s=copy_bw)
 
 
+def rank_grad_rows(grad_u, a, b, copy_bw):
+    """dA = dU B^T and dB = A^T dU: the one-read kernel against two cuBLAS GEMMs (each reading dU), with the
+    floor of one read of dU."""
+    n, k = grad_u.shape
+    floor = 2 * n * k
+    rows = []
+    for path, kernel in (("kernel", 1), ("cublas", 0)):
+        with qatext.tuning(lrqat_rank_kernel=kernel):
+            ms = cuda_time_ms(lambda: torch.ops.qatext.lrqat_rank_grads(grad_u, a, b), warmup=3, repeats=15, inner=5)
+        bw = floor / ms / 1e9
+        rows.append({"N": n, "K": k, "rank": a.shape[1], "path": path, "direction": "rank_grads", "us": ms * 1e3,
+                     "floor_bytes": floor, "TB_per_s": bw, "pct_of_copy": 100 * bw / copy_bw})
+        print(f"{n}x{k} rank_grads {path:6s}: {ms * 1e3:8.1f} us  {bw:5.2f} TB/s ({rows[-1]['pct_of_copy']:.0f}% of copy)",
+              flush=True)
+    return rows
+
+
 def linear_backward_rows(p, a, b, scale, zero, tokens):
-    """lrqat_linear's whole backward (dW and dX GEMMs, the weight kernels, the rank GEMMs) as one op,
-    whose weight-kernel pass also writes W for dX, against the two passes it replaced: W rebuilt by the
-    forward kernel, then the backward kernel."""
+    """lrqat_linear's whole backward (dW and dX GEMMs, the weight kernels, the adapters' gradients) as one op,
+    whose weight-kernel pass also writes W for dX, with the rank kernel and with two cuBLAS GEMMs for dA, dB,
+    against the two passes it replaced: W rebuilt by the forward kernel, then the backward kernel."""
     n, k = a.shape[0], b.shape[1]
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
@@ -73,13 +92,17 @@ def linear_backward_rows(p, a, b, scale, zero, tokens):
         gy @ w
         torch.ops.qatext.lrqat_weight_backward(gy.t() @ x, *qargs)
 
+    def one_pass_cublas_rank():
+        with qatext.tuning(lrqat_rank_kernel=0):
+            torch.ops.qatext.lrqat_linear_backward(gy, x, *qargs, True)
+
     rows = []
     for path, fn in (("one_pass", lambda: torch.ops.qatext.lrqat_linear_backward(gy, x, *qargs, True)),
-                     ("two_pass", two_pass)):
+                     ("one_pass_cublas_rank", one_pass_cublas_rank), ("two_pass", two_pass)):
         ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=3)
         rows.append({"N": n, "K": k, "rank": a.shape[1], "P": "int4", "path": path, "direction": "linear_bwd",
                      "M": tokens, "us": ms * 1e3})
-        print(f"{n}x{k} int4 {path:8s} linear_bwd (M = {tokens}): {ms * 1e3:8.1f} us", flush=True)
+        print(f"{n}x{k} int4 {path:20s} linear_bwd (M = {tokens}): {ms * 1e3:8.1f} us", flush=True)
     return rows
 
 

@@ -1,8 +1,9 @@
 """Small workload for compute-sanitizer (memcheck): the LR-QAT tile kernels at every padded rank
 (16 / 32 / 64), groups per tile (4 / 2 / 1, per-channel), P format (INT2/3/4/8, fixed point), both
 directions (the backward with and without W) and dtypes, one tile per block and a few blocks running
-through every tile (crossing column tiles, with idle warps past the last row tile), and the vectorised
-E2E-QP group-code dot at every bit width."""
+through every tile (crossing column tiles, with idle warps past the last row tile), the adapters' gradients
+from dU in one read (every padded rank, partial row and column blocks, blocks through several row chunks,
+stacked experts), and the vectorised E2E-QP group-code dot at every bit width."""
 
 import itertools
 
@@ -30,6 +31,13 @@ for (n, k, r, bits, g, frac), dtype, blocks in itertools.product(
         torch.ops.qatext.lrqat_linear_backward(torch.randn(5, n, device="cuda", dtype=dtype),
                                                torch.randn(5, k, device="cuda", dtype=dtype), p, a, b, scale, zero,
                                                0.5, bits, g, frac, True)  # dU over dW, W written too
+for (experts, n, k, r), dtype in itertools.product(
+        [(1, 192, 1408, 20), (1, 9600, 128, 16), (1, 9600, 256, 64), (3, 128, 640, 48), (2, 64, 128, 32)],
+        (torch.bfloat16, torch.float16)):
+    lead = (experts,) if experts > 1 else ()
+    torch.ops.qatext.lrqat_rank_grads(torch.randn(*lead, n, k, device="cuda", dtype=dtype),
+                                      torch.randn(*lead, n, r, device="cuda", dtype=dtype),
+                                      torch.randn(*lead, r, k, device="cuda", dtype=dtype))
 for bits in (2, 3, 4, 8):
     for g in (32, 128, -1):
         n, k, m = 96, 384, 40

@@ -321,6 +321,11 @@ def _(grad_w, p, a, b, scale, zero, lora_scale, bits, group_size, frac_bits):
     return _empty(a.shape, a), _empty(b.shape, b), _empty(scale.shape, scale)
 
 
+@torch.library.register_fake("qatext::lrqat_rank_grads")
+def _(grad_u, a, b):
+    return _empty(a.shape, grad_u), _empty(b.shape, grad_u)
+
+
 @torch.library.register_fake("qatext::lrqat_linear")
 def _(x, p, a, b, scale, zero, bias, lora_scale, bits, group_size, frac_bits):
     return _empty((*x.shape[:-1], a.shape[0]), x)

@@ -233,6 +233,13 @@ def lrqat_p_values(p, bits: int, frac_bits: int, in_features: int) -> torch.Tens
     return p.float() / (1 << frac_bits)
 
 
+def lrqat_rank_grads(grad_u, a, b):
+    """LR-QAT's adapter gradients given dU = d loss / d (A B): dA = dU B^T and dB = A^T dU in fp32 (each expert
+    its own where stacked: grad_u [E, N, K], a [E, N, r], b [E, r, K])."""
+    u = grad_u.float()
+    return u @ b.float().mT, a.float().mT @ u
+
+
 def lrqat_weight(p, a, b, scale, zero, lora_scale: float, bits: int, group_size: int, frac_bits: int):
     """W = s * (clamp(round(P + lora_scale * A B), 0, 2^b - 1) - z); differentiable in A, B, s. The trained s
     enters as max(s, MIN_SCALE), straight-through. Stacked experts: a [E, N, r], b [E, r, K], p, scale and zero

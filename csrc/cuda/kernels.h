@@ -65,6 +65,22 @@ void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T
                           T* grad_u, float* grad_scale_tiles, T* weight, GroupShape shape, int64_t max_blocks,
                           cudaStream_t stream);
 
+// LR-QAT's adapter gradients from dU in one read (cuda/lrqat_rank_grads.cu): grad_a [E * N, rank] = dU B^T and
+// grad_b [E, rank, K] = A^T dU, expert by expert, for grad_u [E * N, K], a [E * N, rank_padded] (ranks past
+// `rank` zero) and b [E, rank, K], all contiguous and 16-byte aligned; N (an expert's rows) a multiple of 64,
+// K of 128. part_a [col_blocks, E * N, rank_padded] and part_b [E, row_blocks, rank_padded, K] (fp32) hold
+// the blocks' partial sums, sized by the plan.
+struct RankGradsPlan {
+  int64_t row_chunks = 0, row_blocks = 0, col_blocks = 0;
+};
+bool lrqat_rank_grads_supported(int64_t expert_rows, int64_t K, int64_t rank_padded);
+template <typename T>
+RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank_padded, int64_t experts);
+template <typename T>
+void lrqat_rank_grads(const T* grad_u, const T* a, const T* b, int64_t experts, int64_t expert_rows, int64_t K,
+                      int rank, int rank_padded, RankGradsPlan plan, float* part_a, float* part_b, T* grad_a,
+                      T* grad_b, cudaStream_t stream);
+
 // Fused dequant GEMM (tensor cores, small M): out = a @ deq(W)^T (forward, a = x [M, K]) or
 // a @ deq(W) (grad_input, a = grad_y [M, N]). partial: fp32 [splits, M, out columns] when splits > 1.
 bool dequant_gemm_supported(int64_t M, GroupShape shape);

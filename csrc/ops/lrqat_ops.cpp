@@ -59,20 +59,59 @@ at::Tensor low_rank_product(const at::Tensor& a, const at::Tensor& b) {
   return at::bmm(a.to(at::kFloat).view({E, -1, a.size(1)}), b.to(at::kFloat)).view({a.size(0), b.size(2)});
 }
 
-// dA = dU B^T [E * N, r] and dB = A^T dU [E, r, K], expert by expert (one batched GEMM each), in dU's dtype.
-std::pair<at::Tensor, at::Tensor> rank_grads(const at::Tensor& grad_u, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t E = b.size(0);
-  const at::Tensor a_ = a.to(grad_u.scalar_type()), b_ = b.to(grad_u.scalar_type());
-  if (E == 1) return {at::mm(grad_u, b_[0].t()), at::mm(a_.t(), grad_u).unsqueeze(0)};
-  const at::Tensor gu = grad_u.view({E, -1, grad_u.size(1)});
-  return {at::bmm(gu, b_.transpose(1, 2)).view({a.size(0), a.size(1)}),
-          at::bmm(a_.reshape({E, -1, a.size(1)}).transpose(1, 2), gu)};
-}
-
 // t, contiguous and 16-byte aligned (the kernels read 16-byte vectors).
 at::Tensor aligned16_copy(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
   return aligned16(c) ? c : c.clone();
+}
+
+int64_t padded_rank(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
+
+#ifdef QATEXT_WITH_CUDA
+// Whether dA and dB of a 16-bit dU [E * N, K] on a GPU take the one-read kernel (cuda/lrqat_rank_grads.cu).
+bool rank_kernel_applies(const at::Tensor& grad_u, int64_t rank, int64_t experts) {
+  const auto dtype = grad_u.scalar_type();
+  return tuning(Knob::LrqatRankKernel) && grad_u.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) &&
+         grad_u.numel() > 0 && rank >= 1 && rank <= 64 && cuda::lrqat_rank_grads_supported(grad_u.size(0) / experts, grad_u.size(1), padded_rank(rank));
+}
+
+// The kernel's dA [E * N, rank] and dB [E, rank, K] in dU's dtype; a_padded [E * N, R] (R = padded_rank(rank),
+// the ranks past `rank` zeros) and b [E, rank, K] in that dtype.
+std::pair<at::Tensor, at::Tensor> kernel_rank_grads(const at::Tensor& grad_u, const at::Tensor& a_padded, int64_t rank,
+                                                    const at::Tensor& b) {
+  const int64_t E = b.size(0), rows = grad_u.size(0), K = grad_u.size(1), R = a_padded.size(1);
+  const at::Tensor gu = aligned16_copy(grad_u), a = aligned16_copy(a_padded), b16 = aligned16_copy(b);
+  at::Tensor grad_a = at::empty({rows, rank}, gu.options()), grad_b = at::empty({E, rank, K}, gu.options());
+  const at::OptionalDeviceGuard guard(at::device_of(gu));
+  dispatch_half(gu.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const cuda::RankGradsPlan plan = cuda::lrqat_rank_grads_plan<T>(rows / E, K, R, E);
+    const auto f32 = gu.options().dtype(at::kFloat);
+    at::Tensor part_a = at::empty({plan.col_blocks, rows, R}, f32), part_b = at::empty({E, plan.row_blocks, R, K}, f32);
+    cuda::lrqat_rank_grads<T>(gu.const_data_ptr<T>(), a.const_data_ptr<T>(), b16.const_data_ptr<T>(), E, rows / E, K,
+                              int(rank), int(R), plan, part_a.mutable_data_ptr<float>(),
+                              part_b.mutable_data_ptr<float>(), grad_a.mutable_data_ptr<T>(),
+                              grad_b.mutable_data_ptr<T>(), current_stream(gu));
+  });
+  return {grad_a, grad_b};
+}
+#endif
+
+// dA = dU B^T [E * N, r] and dB = A^T dU [E, r, K], expert by expert, in dU's dtype: in one read of dU where
+// the kernel applies, else one (batched) GEMM each.
+std::pair<at::Tensor, at::Tensor> rank_grads(const at::Tensor& grad_u, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t E = b.size(0), r = a.size(1);
+  const at::Tensor a_ = a.to(grad_u.scalar_type()), b_ = b.to(grad_u.scalar_type());
+#ifdef QATEXT_WITH_CUDA
+  if (rank_kernel_applies(grad_u, r, E)) {
+    return kernel_rank_grads(grad_u, padded_rank(r) == r ? a_ : at::constant_pad_nd(a_, {0, padded_rank(r) - r}), r,
+                             b_);
+  }
+#endif
+  if (E == 1) return {at::mm(grad_u, b_[0].t()), at::mm(a_.t(), grad_u).unsqueeze(0)};
+  const at::Tensor gu = grad_u.view({E, -1, grad_u.size(1)});
+  return {at::bmm(gu, b_.transpose(1, 2)).view({a.size(0), a.size(1)}),
+          at::bmm(a_.reshape({E, -1, a.size(1)}).transpose(1, 2), gu)};
 }
 
 // One expert's shape, of `experts` stacked in `shape`.
@@ -99,7 +138,7 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
       !cuda::lrqat_fused_supported(expert_shape(shape, b.size(0)), r) || !aligned16(p)) {
     return std::nullopt;
   }
-  const int64_t padded = r <= 16 ? 16 : r <= 32 ? 32 : 64;
+  const int64_t padded = padded_rank(r);
   return FusedOperands{aligned16_copy(padded == r ? a : at::constant_pad_nd(a, {0, padded - r})), aligned16_copy(b),
                        int(r), int(padded)};
 #else
@@ -111,7 +150,7 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
 #ifdef QATEXT_WITH_CUDA
 // The tile kernel's backward over dW [N, K]: dU = c * s * dW * in_range into grad_u (which may be grad_w
 // itself), the group sums of dW * (q - z) and, where weight is defined, W as the forward writes it; then
-// dA = dU B^T and dB = A^T dU by cuBLAS (c is folded into dU). grad_w, a and b share one 16-bit dtype.
+// dA = dU B^T and dB = A^T dU (c is folded into dU). grad_w, a and b share one 16-bit dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperands& fused, const at::Tensor& grad_w,
                                                               const at::Tensor& grad_u, const at::Tensor& weight,
                                                               const at::Tensor& p, const at::Tensor& scale,
@@ -132,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperand
   });
   const int64_t G = shape.groups();
   const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
-  auto [grad_a, grad_b] = rank_grads(grad_u, fused.a.narrow(1, 0, fused.rank), fused.b);
+  auto [grad_a, grad_b] = rank_kernel_applies(grad_u, fused.rank, experts)
+                              ? kernel_rank_grads(grad_u, fused.a, fused.rank, fused.b)
+                              : rank_grads(grad_u, fused.a.narrow(1, 0, fused.rank), fused.b);
   return {grad_a, grad_b, grad_scale.to(scale_dtype)};
 }
 #endif
@@ -256,6 +297,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward
   auto [grad_a, grad_b, grad_scale] =
       lrqat_weight_backward(grad_w, p_in, a, b, scale_in, zero_in, lora_scale, bits, group_size, frac_bits);
   return {grad_x, grad_a, grad_b, grad_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> lrqat_rank_grads(const at::Tensor& grad_u, const at::Tensor& a,
+                                                    const at::Tensor& b) {
+  const char* op = "qatext.lrqat_rank_grads";
+  check_float(op, "grad_u", grad_u);
+  check_float(op, "a", a);
+  check_float(op, "b", b);
+  check_same_device(op, {{"grad_u", &grad_u}, {"a", &a}, {"b", &b}});
+  const bool stacked = a.dim() == 3;
+  const int64_t d = stacked ? 3 : 2;
+  TORCH_CHECK_VALUE(a.dim() == d && b.dim() == d && grad_u.dim() == d && (!stacked || (b.size(0) == a.size(0) &&
+                        grad_u.size(0) == a.size(0))) && a.size(-1) == b.size(-2) && grad_u.size(-2) == a.size(-2) &&
+                        grad_u.size(-1) == b.size(-1),
+                    op, ": expects grad_u [N, K], a [N, r], b [r, K] (or each with a leading expert dimension E), got ",
+                    "grad_u ", grad_u.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
+  const int64_t E = stacked ? a.size(0) : 1;
+  const int64_t rows = E * a.size(-2);
+  auto [grad_a, grad_b] = rank_grads(grad_u.reshape({rows, grad_u.size(-1)}), a.reshape({rows, a.size(-1)}),
+                                     b.reshape({E, b.size(-2), b.size(-1)}));
+  return {grad_a.view(a.sizes()), grad_b.view(b.sizes())};
 }
 
 at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,

@@ -73,6 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrqat_linear_backward
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
     const at::Tensor& scale, const at::Tensor& zero, double lora_scale, int64_t bits, int64_t group_size,
     int64_t frac_bits, bool grad_input);
+// LR-QAT's adapter gradients given dU = d loss / d (A B): dA = dU B^T and dB = A^T dU in dU's dtype (fp32
+// sums), grad_u [N, K], a [N, r], b [r, K], or each stacked over a leading expert dimension.
+std::tuple<at::Tensor, at::Tensor> lrqat_rank_grads(const at::Tensor& grad_u, const at::Tensor& a, const at::Tensor& b);
 at::Tensor lrqat_linear(const at::Tensor& x, const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
                         const at::Tensor& scale, const at::Tensor& zero, const std::optional<at::Tensor>& bias,
                         double lora_scale, int64_t bits, int64_t group_size, int64_t frac_bits);

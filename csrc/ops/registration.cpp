@@ -34,6 +34,7 @@ TORCH_LIBRARY(qatext, m) {
         " int group_size, int frac_bits) -> Tensor");
   m.def("lrqat_weight_backward(Tensor grad_w, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero,"
         " float lora_scale, int bits, int group_size, int frac_bits) -> (Tensor, Tensor, Tensor)");
+  m.def("lrqat_rank_grads(Tensor grad_u, Tensor a, Tensor b) -> (Tensor, Tensor)");
   m.def("lrqat_linear(Tensor x, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero, Tensor? bias,"
         " float lora_scale, int bits, int group_size, int frac_bits) -> Tensor");
   m.def("lrqat_linear_backward(Tensor grad_y, Tensor x, Tensor p, Tensor a, Tensor b, Tensor scale, Tensor zero,"
@@ -65,6 +66,7 @@ TORCH_LIBRARY(qatext, m) {
   m.impl("dequant_scale_grad", &qatext::ops::dequant_scale_grad);             \
   m.impl("lrqat_weight", &qatext::ops::lrqat_weight);                         \
   m.impl("lrqat_weight_backward", &qatext::ops::lrqat_weight_backward);       \
+  m.impl("lrqat_rank_grads", &qatext::ops::lrqat_rank_grads);                 \
   m.impl("lrqat_linear", &qatext::ops::lrqat_linear);                         \
   m.impl("lrqat_linear_backward", &qatext::ops::lrqat_linear_backward);       \
   m.impl("qalora_linear", &qatext::ops::qalora_linear);                       \

@@ -63,6 +63,9 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"lrqat_fused_blocks", 0, 0, kMax,
      "Most blocks of the LR-QAT tile kernels, each running through a contiguous run of tiles (0: as many as "
      "fill the GPU once). Tests set a few, so that a block crosses column tiles and row groups."},
+    {"lrqat_rank_kernel", 1, 0, 1,
+     "CUDA LR-QAT with 16-bit adapters takes dA = dU B^T and dB = A^T dU from one read of dU (one kernel and a "
+     "small sum of its partials), else as two cuBLAS GEMMs, each reading dU."},
 }};
 
 std::atomic<int64_t>* values() {

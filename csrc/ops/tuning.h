@@ -23,6 +23,7 @@ enum class Knob : int {
   StagedGemmCluster,   // the staged kernel's split-K summed through a thread-block cluster where it fits
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   LrqatFusedBlocks,    // most blocks of the LR-QAT tile kernels (0: one wave of the GPU)
+  LrqatRankKernel,     // LR-QAT's dA and dB from one read of dU (else two cuBLAS GEMMs)
   Count,
 };
 
