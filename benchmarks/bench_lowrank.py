@@ -73,8 +73,8 @@ def rank_grad_rows(grad_u, a, b, copy_bw):
         bw = floor / ms / 1e9
         rows.append({"N": n, "K": k, "rank": a.shape[1], "path": path, "direction": "rank_grads", "us": ms * 1e3,
                      "floor_bytes": floor, "TB_per_s": bw, "pct_of_copy": 100 * bw / copy_bw})
-        print(f"{n}x{k} rank_grads {path:6s}: {ms * 1e3:8.1f} us  {bw:5.2f} TB/s ({rows[-1]['pct_of_copy']:.0f}% of copy)",
-              flush=True)
+        pct = rows[-1]["pct_of_copy"]
+        print(f"{n}x{k} rank_grads {path:6s}: {ms * 1e3:8.1f} us  {bw:5.2f} TB/s ({pct:.0f}% of copy)", flush=True)
     return rows
 
 

@@ -51,7 +51,8 @@ struct RankGradArgs {
   float* part_b;    // [E, row_blocks, R, K]
   int64_t rows;     // E * N
   int N, K, rank;   // N: an expert's rows
-  int row_chunks, row_blocks, col_blocks;  // a block's row chunks (the expert's last block may have fewer); an expert's blocks
+  // A block's row chunks (an expert's last block may have fewer); an expert's row and column blocks.
+  int row_chunks, row_blocks, col_blocks;
 };
 
 // Block (e, rb, cb), cb fastest: row chunks [rb * row_chunks, ..) of expert e, column chunks [cb * CC, ..).
@@ -129,7 +130,8 @@ __global__ void __launch_bounds__(kRankThreads, 2) rank_grads_kernel(RankGradArg
       for (int ks = 0; ks < kChunkCols / 16; ++ks) {
         uint32_t af[4];
         ldmatrix_x4(af, du + du_offset(16 * mt + (lane & 15), 2 * ks + (lane >> 4)));
-        const T* brow = bs + (8 * RK * nh + (lane & 7)) * b_stride<CC>() + j * kChunkCols + 16 * ks + 8 * ((lane >> 3) & 1);
+        const T* brow =
+            bs + (8 * RK * nh + (lane & 7)) * b_stride<CC>() + j * kChunkCols + 16 * ks + 8 * ((lane >> 3) & 1);
         if constexpr (RK == 1) {
           uint32_t bf[2];
           ldmatrix_x2(bf, brow);
@@ -152,7 +154,8 @@ __global__ void __launch_bounds__(kRankThreads, 2) rank_grads_kernel(RankGradArg
 #pragma unroll
         for (int n = 0; n < NT; n += 2) {
           uint32_t bf[4];
-          ldmatrix_x4_trans(bf, as + (16 * ks + 8 * ((lane >> 3) & 1) + (lane & 7)) * a_stride<R>() + 8 * (n + (lane >> 4)));
+          const int row = 16 * ks + 8 * ((lane >> 3) & 1) + (lane & 7);
+          ldmatrix_x4_trans(bf, as + row * a_stride<R>() + 8 * (n + (lane >> 4)));
           mma16816<T>(acc_b[j][n], af, bf[0], bf[1]);
           mma16816<T>(acc_b[j][n + 1], af, bf[2], bf[3]);
         }
@@ -226,7 +229,8 @@ auto with_rank(int rank_padded, F&& f) {
 }  // namespace
 
 bool lrqat_rank_grads_supported(int64_t expert_rows, int64_t K, int64_t rank_padded) {
-  return expert_rows % kChunkRows == 0 && K % kChunkCols == 0 && (rank_padded == 16 || rank_padded == 32 || rank_padded == 64);
+  return expert_rows % kChunkRows == 0 && K % kChunkCols == 0 &&
+         (rank_padded == 16 || rank_padded == 32 || rank_padded == 64);
 }
 
 template <typename T>
@@ -236,8 +240,8 @@ RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank
   plan.col_blocks = (K / kChunkCols + cc - 1) / cc;
   // One wave: as many row blocks as fill the GPU's resident blocks beside the column blocks. More row blocks
   // cost partial sums of dB (R x K fp32 each), fewer leave SMs idle.
-  const int64_t slots = int64_t(with_rank<T>(int(rank_padded), [&]<int RK, int CC>() { return blocks_per_sm<T, RK, CC>(); })) *
-                        sm_count();
+  const int per_sm = with_rank<T>(int(rank_padded), [&]<int RK, int CC>() { return blocks_per_sm<T, RK, CC>(); });
+  const int64_t slots = int64_t(per_sm) * sm_count();
   const int64_t want = std::clamp<int64_t>(slots / (experts * plan.col_blocks), 1, std::max<int64_t>(row_chunks, 1));
   plan.row_chunks = (row_chunks + want - 1) / want;
   plan.row_blocks = plan.row_chunks > 0 ? (row_chunks + plan.row_chunks - 1) / plan.row_chunks : 0;

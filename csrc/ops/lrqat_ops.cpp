@@ -65,14 +65,16 @@ at::Tensor aligned16_copy(const at::Tensor& t) {
   return aligned16(c) ? c : c.clone();
 }
 
+#ifdef QATEXT_WITH_CUDA
+// The rank the tensor-core kernels take: 16, 32 or 64 (A's columns past the adapter's rank zeros).
 int64_t padded_rank(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
 
-#ifdef QATEXT_WITH_CUDA
 // Whether dA and dB of a 16-bit dU [E * N, K] on a GPU take the one-read kernel (cuda/lrqat_rank_grads.cu).
 bool rank_kernel_applies(const at::Tensor& grad_u, int64_t rank, int64_t experts) {
   const auto dtype = grad_u.scalar_type();
   return tuning(Knob::LrqatRankKernel) && grad_u.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) &&
-         grad_u.numel() > 0 && rank >= 1 && rank <= 64 && cuda::lrqat_rank_grads_supported(grad_u.size(0) / experts, grad_u.size(1), padded_rank(rank));
+         grad_u.numel() > 0 && rank >= 1 && rank <= 64 &&
+         cuda::lrqat_rank_grads_supported(grad_u.size(0) / experts, grad_u.size(1), padded_rank(rank));
 }
 
 // The kernel's dA [E * N, rank] and dB [E, rank, K] in dU's dtype; a_padded [E * N, R] (R = padded_rank(rank),
