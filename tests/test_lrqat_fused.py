@@ -103,7 +103,8 @@ def test_fused_blocks_running_through_many_tiles_match_one_tile_each(n, k, r, bi
 
 
 @pytest.mark.parametrize("n,k,r,bits,g,frac_bits", [(48, 384, 8, 4, 32, 0), (144, 256, 32, 3, 128, 0),
-                                                     (32, 512, 20, 2, -1, 0), (16, 384, 64, 4, 64, 4)])
+                                                     (32, 512, 20, 2, -1, 0), (16, 384, 64, 4, 64, 4),
+                                                     (128, 640, 24, 4, 128, 0)])  # dA, dB by the rank kernel
 @pytest.mark.parametrize("blocks", [0, 1, 3])
 @pytest.mark.parametrize("_", [pytest.param(None, marks=cuda_only)])
 def test_fused_stacked_experts_equal_each_expert_alone(n, k, r, bits, g, frac_bits, blocks, _):
