@@ -100,20 +100,21 @@ std::pair<at::Tensor, at::Tensor> kernel_rank_grads(const at::Tensor& grad_u, co
 #endif
 
 // dA = dU B^T [E * N, r] and dB = A^T dU [E, r, K], expert by expert, in dU's dtype: in one read of dU where
-// the kernel applies, else one (batched) GEMM each.
+// the kernel applies, else one (batched) GEMM each. r is b's; a [E * N, >= r] may carry zero columns past it
+// (the tile kernels' padded A serves as it is).
 std::pair<at::Tensor, at::Tensor> rank_grads(const at::Tensor& grad_u, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t E = b.size(0), r = a.size(1);
+  const int64_t E = b.size(0), r = b.size(1);
   const at::Tensor a_ = a.to(grad_u.scalar_type()), b_ = b.to(grad_u.scalar_type());
 #ifdef QATEXT_WITH_CUDA
   if (rank_kernel_applies(grad_u, r, E)) {
-    return kernel_rank_grads(grad_u, padded_rank(r) == r ? a_ : at::constant_pad_nd(a_, {0, padded_rank(r) - r}), r,
-                             b_);
+    const int64_t R = padded_rank(r);
+    return kernel_rank_grads(grad_u, a_.size(1) == R ? a_ : at::constant_pad_nd(a_.narrow(1, 0, r), {0, R - r}), r, b_);
   }
 #endif
-  if (E == 1) return {at::mm(grad_u, b_[0].t()), at::mm(a_.t(), grad_u).unsqueeze(0)};
+  const at::Tensor a_r = a_.narrow(1, 0, r);
+  if (E == 1) return {at::mm(grad_u, b_[0].t()), at::mm(a_r.t(), grad_u).unsqueeze(0)};
   const at::Tensor gu = grad_u.view({E, -1, grad_u.size(1)});
-  return {at::bmm(gu, b_.transpose(1, 2)).view({a.size(0), a.size(1)}),
-          at::bmm(a_.reshape({E, -1, a.size(1)}).transpose(1, 2), gu)};
+  return {at::bmm(gu, b_.transpose(1, 2)).view({a.size(0), r}), at::bmm(a_r.reshape({E, -1, r}).transpose(1, 2), gu)};
 }
 
 // One expert's shape, of `experts` stacked in `shape`.
@@ -173,9 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperand
   });
   const int64_t G = shape.groups();
   const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
-  auto [grad_a, grad_b] = rank_kernel_applies(grad_u, fused.rank, experts)
-                              ? kernel_rank_grads(grad_u, fused.a, fused.rank, fused.b)
-                              : rank_grads(grad_u, fused.a.narrow(1, 0, fused.rank), fused.b);
+  auto [grad_a, grad_b] = rank_grads(grad_u, fused.a, fused.b);
   return {grad_a, grad_b, grad_scale.to(scale_dtype)};
 }
 #endif
