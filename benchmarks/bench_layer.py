@@ -14,6 +14,7 @@ and backward (allocated after forward, less its output).
 
     python benchmarks/bench_layer.py --out benchmarks/results/layer_h200.json
     python benchmarks/bench_layer.py --profile --out layer_ops.json   # and where each variant's time goes
+    python benchmarks/bench_layer.py --variants lrqat_int4 --also-tuning lrqat_rank_kernel=0   # an A/B in one run
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import qatext
 from qatext import QuantSpec, reference
 from qatext.nn import QuantLinear
 import peers
@@ -48,8 +50,9 @@ def trainable(fn) -> list[torch.Tensor]:
     return [p for p in getattr(fn, "parameters", lambda: [])() if p.requires_grad]
 
 
-def step(fn, x, grad_y):
-    """One training step's forward + backward, gradients set to None first (as optimizer.zero_grad does)."""
+def step(fn, x, grad_y, knobs=None):
+    """One training step's forward + backward, gradients set to None first (as optimizer.zero_grad does);
+    with knobs, under those tuning knobs."""
     params = trainable(fn)
 
     def run():
@@ -57,7 +60,11 @@ def step(fn, x, grad_y):
             p.grad = None
         x.grad = None
         fn(x).backward(grad_y)
-    return run
+
+    def run_tuned():
+        with qatext.tuning(**knobs):
+            run()
+    return run_tuned if knobs else run
 
 
 def peer_layers(k, n, dtype, weight):
@@ -121,9 +128,18 @@ def main():
     parser.add_argument("--variants", default=None, metavar="NAME,...",
                         help="only these variants (default: all), e.g. lrqat_int4,qalora_r64; bf16_linear, the "
                         "reference of the time_vs_bf16_linear column, is always run")
+    parser.add_argument("--also-tuning", default="", metavar="KNOB=VALUE,...",
+                        help="also time each chosen variant but bf16_linear with these qatext knobs set around its "
+                        "step, as NAME [KNOB=VALUE,...], in the same interleaved rounds: an A/B within one run")
     args = timing.start(parser)
     if args.repeats < 1:
         parser.error(f"--repeats: expected a positive number of rounds, got {args.repeats}")
+    also = timing.knob_settings(parser, "--also-tuning", args.also_tuning)
+    try:
+        with qatext.tuning(**also):  # each value in its knob's range
+            pass
+    except ValueError as e:
+        parser.error(f"--also-tuning: {e}")
     timing.require_gpu(parser)
     dtype = torch.bfloat16
     rows, skipped = [], []
@@ -134,7 +150,7 @@ def main():
         wanted = list(built) if args.variants is None else ["bf16_linear", *args.variants.split(",")]
         if unknown := [name for name in wanted if name not in built]:
             parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(built)}")
-        runs = {}
+        runs, settings = {}, {}  # by row name: the step, and (variant, knobs)
         for name, fn in built.items():
             if name not in wanted:
                 continue
@@ -142,13 +158,18 @@ def main():
                 skipped.append({"layer": f"{k}->{n}", "variant": name, "reason": fn})
                 print(f"{k}->{n} {name:32s} skipped: {fn}", flush=True)
                 continue
-            runs[name] = step(fn, x, grad_y)
+            for row_name, knobs in [(name, {})] + ([(f"{name} [{args.also_tuning}]", also)]
+                                                   if also and name != "bf16_linear" else []):
+                runs[row_name], settings[row_name] = step(fn, x, grad_y, knobs), (name, knobs)
         times = cuda_time_interleaved_ms(runs, warmup=3, repeats=args.repeats, inner=3)
         for name, run in runs.items():
-            fn, ms = built[name], times[name]
-            row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "fwd_bwd_ms": ms,
+            (variant, knobs), ms = settings[name], times[name]
+            fn = built[variant]
+            with qatext.tuning(**knobs):
+                held = held_mib(fn, x)
+            row = {"layer": f"{k}->{n}", "M": args.tokens, "variant": name, "tuning": knobs, "fwd_bwd_ms": ms,
                    "host_us": timing.host_time_us(run),  # what a host-bound step pays for this layer
-                   "held_for_backward_MiB": held_mib(fn, x), "step_peak_extra_MiB": peak_extra_mib(run),
+                   "held_for_backward_MiB": held, "step_peak_extra_MiB": peak_extra_mib(run),
                    "weight_NxK_bf16_MiB": n * k * 2 / 2**20}
             if args.profile:
                 row["ops"] = timing.profile_ops(run)

@@ -110,12 +110,41 @@ def test_a_gpu_benchmark_without_a_gpu_stops_in_one_line(name):
     ("step_host_gpu.py", ["--variants", "bf16,qatext W9"], "--variants"),
     ("bench_l2_prefetch.py", ["--layers", "0"], "--layers"),
     ("bench_l2_prefetch.py", ["--repeats", "0"], "--repeats"),
+    ("bench_layer.py", ["--also-tuning", "no_such_knob=1"], "--also-tuning"),
+    ("bench_layer.py", ["--also-tuning", "lrqat_rank_kernel=5"], "--also-tuning"),
 ])
 def test_step_diagnostics_refuse_bad_arguments_in_one_line(script, args, flag):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / script
     run = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert flag in run.stderr.strip().splitlines()[-1]
+
+
+def test_bench_layer_step_under_knobs_sets_them_for_forward_and_backward_only():
+    """--also-tuning's rows: the knobs hold through the step's forward and backward (an A/B in one run), and
+    are back to what they were after it."""
+    import bench_layer
+
+    import qatext
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", qatext.get_tuning("lrqat_rank_kernel")))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", qatext.get_tuning("lrqat_rank_kernel")))
+            return grad
+
+    x = torch.randn(3, 4, requires_grad=True)
+    bench_layer.step(Probe.apply, x, torch.ones(3, 4), {"lrqat_rank_kernel": 0})()
+    assert qatext.get_tuning("lrqat_rank_kernel") == 1
+    bench_layer.step(Probe.apply, x, torch.ones(3, 4))()
+    assert seen == [("forward", 0), ("backward", 0), ("forward", 1), ("backward", 1)]
 
 
 def test_bench_staged_variants_set_their_row_tiles_with_the_tuner_off():
