@@ -169,6 +169,23 @@ def test_the_decode_path_computes_the_loop_on_the_cpu(act):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def test_a_prefill_after_a_cast_stacks_the_experts_again():
+    """A move or cast replaces each layer's tensors and the stacks apart (two copies of every expert): the next
+    prefill makes the stacks the layers' storage again, as the next decode does, and still computes the loop."""
+    experts = block("tiled", hidden=64, inter=64, group=16, rank=4)
+    experts.bfloat16()
+    assert not expert_decode.current(list(experts), experts)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    index, weights = routing(40, "cpu")
+    with torch.no_grad():
+        assert experts.prefills(x, index) and expert_decode.current(list(experts), experts)
+        y = experts(x, index, weights.bfloat16())
+        experts.grouped = False
+        expected = experts(x, index, weights.bfloat16())
+    # (bf16 throughout: the grouped GEMMs and the loop round in different places, a few bf16 ulps)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def test_the_prefill_path_computes_the_loop_on_the_cpu():
     """Past the decode kernel's pairs the block runs as grouped GEMMs over its stacks, each stack dequantised by one
     op (not the layers' codes joined again each forward): the loop's output, and nothing copied from the layers."""

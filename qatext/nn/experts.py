@@ -118,20 +118,28 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
                 or (torch.is_grad_enabled() and x.requires_grad)
                 or top_k_index.numel() > self.GROUPED_DECODE_PAIRS * len(self) or not self.stackable()):
             return False
-        experts = list(self)
         # (Traced by torch.compile, the stacks must be current already, as after models.tile_for_decode.)
-        if not torch.compiler.is_compiling() and not expert_decode.current(experts, self):
-            expert_decode.build(experts, self)
+        if not torch.compiler.is_compiling():
+            self._stack_if_stale()
         return True
 
     def prefills(self, x: torch.Tensor, top_k_index: torch.Tensor) -> bool:
         """Whether this forward runs as grouped GEMMs over the experts' decode stacks (expert_decode.prefill_experts):
-        where it would run as grouped GEMMs (takes_grouped) and the stacks are current, inference; no gradient is
+        where it would run as grouped GEMMs (takes_grouped), inference, every expert packed and tiled for decode;
+        the stacks made again first where a move or cast replaced their tensors, as for decode. No gradient is
         taken through the stacks."""
-        if torch.is_grad_enabled() and x.requires_grad:
+        if (torch.is_grad_enabled() and x.requires_grad) or not (self.takes_grouped(x, top_k_index)
+                                                                   and self.stackable()):
             return False
-        return (self.takes_grouped(x, top_k_index) and self.stackable()
-                and expert_decode.current(list(self), self))
+        self._stack_if_stale()
+        return True
+
+    def _stack_if_stale(self) -> None:
+        """The experts' stacks made (again) where they are not the layers' storage: never made, or replaced
+        tensor by tensor by a move or cast (which leaves a second copy of every expert until then)."""
+        experts = list(self)
+        if not expert_decode.current(experts, self):
+            expert_decode.build(experts, self)
 
     def stackable(self) -> bool:
         """Whether the experts can decode as stacks (expert_decode.stackable), checked again only after a layer
