@@ -128,8 +128,9 @@ class ExpertList(_CountsLayouts, nn.ModuleList):
         where it would run as grouped GEMMs (takes_grouped), inference, every expert packed and tiled for decode;
         the stacks made again first where a move or cast replaced their tensors, as for decode. No gradient is
         taken through the stacks."""
-        if (torch.is_grad_enabled() and x.requires_grad) or not (self.takes_grouped(x, top_k_index)
-                                                                   and self.stackable()):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        if not (self.takes_grouped(x, top_k_index) and self.stackable()):
             return False
         self._stack_if_stale()
         return True
