@@ -49,8 +49,9 @@ void lrqat_weight_backward(const T* grad_w, const uint8_t* p, const float* ab, c
 
 // LR-QAT on the tensor cores (16-bit A and B): a [N, R] with the rank zero-padded to R = 16, 32 or 64,
 // b [experts, rank, K] as it is (contiguous, 16-byte aligned); with experts > 1 the N rows are the experts'
-// weights one after another, N / experts rows each, each expert's A B with its own B. Backward writes dU = c * s * dW * in_range (16-bit;
-// grad_u may be grad_w itself), the per-tile group sums of dW * (q - z) into grad_scale_tiles
+// weights one after another, N / experts rows each, each expert's A B with its own B. Backward writes
+// dU = c * s * dW * in_range (16-bit; grad_u may be grad_w itself), the per-tile group sums of dW * (q - z)
+// into grad_scale_tiles
 // [N, lrqat_fused_tile_groups(shape)] and, where weight is not null, W as the forward does (so that
 // dX = dY W needs no second pass). max_blocks: at most this many blocks (0: one wave of the device).
 bool lrqat_fused_supported(GroupShape shape, int64_t rank, int64_t experts = 1);
