@@ -1,9 +1,8 @@
 """LR-QAT weight reconstruction kernels alone: the tensor-core kernels (A B formed in registers)
 against the fp32 path (A B by cuBLAS into an N x K fp32 tensor, then elementwise), with the bytes
-floor (read P, write W forward; read P and dW backward, whose dA, dB and ds need nothing else) and copy
-bandwidth, same run; the backward as the masked rank kernel (dU formed in shared memory) and as the tile
-kernel's backward writing dU for the rank kernel to read; the adapters' gradients from dU (one read by the rank
-kernel against two cuBLAS GEMMs); and lrqat_linear's whole backward at M tokens, each way.
+floor (read P, write W forward; read P and dW, write dU backward) and copy bandwidth, same run; the adapters'
+gradients from dU (one read by the rank kernel against two cuBLAS GEMMs); and lrqat_linear's whole backward
+at M tokens, one weight-kernel pass against the two it replaced.
 
     python benchmarks/bench_lowrank.py --out benchmarks/results/lowrank_h100.json
 """
@@ -19,9 +18,6 @@ import timing
 from timing import cuda_time_ms
 
 SHAPES = [(11008, 4096), (4096, 11008), (28672, 8192)]  # (N, K)
-# The weight kernels' paths: the default (the backward from dW in the masked rank kernel), the tile kernel's
-# backward writing dU for the rank kernel, and fp32 A B + elementwise.
-PATHS = [("fused", {}), ("fused_tile_backward", {"lrqat_masked_grads": 0}), ("fp32_ab", {"lrqat_fused": 0})]
 
 
 def main():
@@ -46,20 +42,19 @@ def main():
             fwd = lambda: ops.lrqat_weight(p, a, b, scale, zero, 1.0, 4, 128, frac)  # noqa: E731
             bwd = lambda: torch.ops.qatext.lrqat_weight_backward(grad_w, p, a, b, scale, zero, 1.0, 4, 128, frac)  # noqa: E731
             p_bytes = p.numel()
-            floor = {"fwd": p_bytes + 2 * n * k, "bwd": p_bytes + 2 * n * k}
-            for path, knobs in PATHS:
+            floor = {"fwd": p_bytes + 2 * n * k, "bwd": p_bytes + 4 * n * k}
+            for path in ("fused", "fp32_ab"):
+                qatext.set_tuning(lrqat_fused=path == "fused")
                 for direction, fn in (("fwd", fwd), ("bwd", bwd)):
-                    if direction == "fwd" and path == "fused_tile_backward":
-                        continue  # the forward is the fused row's
-                    with qatext.tuning(**knobs):
-                        ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=5)
+                    ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=5)
                     bw = floor[direction] / ms / 1e9
                     rows.append({"N": n, "K": k, "rank": args.rank, "P": "int4" if frac == 0 else "q4.4",
                                  "path": path, "direction": direction, "us": ms * 1e3, "floor_bytes": floor[direction],
                                  "TB_per_s": bw, "pct_of_copy": 100 * bw / copy_bw})
                     r = rows[-1]
-                    print(f"{n}x{k} {r['P']} {path:19s} {direction}: {r['us']:8.1f} us  {bw:5.2f} TB/s "
+                    print(f"{n}x{k} {r['P']} {path:8s} {direction}: {r['us']:8.1f} us  {bw:5.2f} TB/s "
                           f"({r['pct_of_copy']:.0f}% of copy)", flush=True)
+            qatext.set_tuning(lrqat_fused=True)
             if frac == 0:
                 rows += rank_grad_rows(grad_w, a, b, copy_bw)
                 rows += linear_backward_rows(p, a, b, scale, zero, args.tokens)
@@ -84,10 +79,9 @@ def rank_grad_rows(grad_u, a, b, copy_bw):
 
 
 def linear_backward_rows(p, a, b, scale, zero, tokens):
-    """lrqat_linear's whole backward (dW and dX GEMMs, the weight kernels, the adapters' gradients) as one op:
-    the default (W by the forward tile kernel, dA, dB, ds by the masked rank kernel from dW), the tile kernel's
-    backward writing W and dU in one pass for the rank kernel (or two cuBLAS GEMMs) to read, and the two passes
-    before that: W rebuilt by the forward kernel, then the backward kernel."""
+    """lrqat_linear's whole backward (dW and dX GEMMs, the weight kernels, the adapters' gradients) as one op,
+    whose weight-kernel pass also writes W for dX, with the rank kernel and with two cuBLAS GEMMs for dA, dB,
+    against the two passes it replaced: W rebuilt by the forward kernel, then the backward kernel."""
     n, k = a.shape[0], b.shape[1]
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
@@ -96,18 +90,15 @@ def linear_backward_rows(p, a, b, scale, zero, tokens):
     def two_pass():
         w = ops.lrqat_weight(*qargs)
         gy @ w
-        with qatext.tuning(lrqat_masked_grads=0):
-            torch.ops.qatext.lrqat_weight_backward(gy.t() @ x, *qargs)
+        torch.ops.qatext.lrqat_weight_backward(gy.t() @ x, *qargs)
 
-    def one_op(**knobs):
-        def run():
-            with qatext.tuning(**knobs):
-                torch.ops.qatext.lrqat_linear_backward(gy, x, *qargs, True)
-        return run
+    def one_pass_cublas_rank():
+        with qatext.tuning(lrqat_rank_kernel=0):
+            torch.ops.qatext.lrqat_linear_backward(gy, x, *qargs, True)
 
     rows = []
-    for path, fn in (("masked", one_op()), ("one_pass", one_op(lrqat_masked_grads=0)),
-                     ("one_pass_cublas_rank", one_op(lrqat_rank_kernel=0)), ("two_pass", two_pass)):
+    for path, fn in (("one_pass", lambda: torch.ops.qatext.lrqat_linear_backward(gy, x, *qargs, True)),
+                     ("one_pass_cublas_rank", one_pass_cublas_rank), ("two_pass", two_pass)):
         ms = cuda_time_ms(fn, warmup=3, repeats=15, inner=3)
         rows.append({"N": n, "K": k, "rank": a.shape[1], "P": "int4", "path": path, "direction": "linear_bwd",
                      "M": tokens, "us": ms * 1e3})

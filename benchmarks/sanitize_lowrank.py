@@ -3,8 +3,7 @@
 directions (the backward with and without W) and dtypes, one tile per block and a few blocks running
 through every tile (crossing column tiles, with idle warps past the last row tile), the adapters' gradients
 from dU in one read (every padded rank, partial row and column blocks, blocks through several row chunks,
-stacked experts), the same kernel masked (the backward from dW: every P format and group case, stacked
-experts, W for dX beside it), and the vectorised E2E-QP group-code dot at every bit width."""
+stacked experts), and the vectorised E2E-QP group-code dot at every bit width."""
 
 import itertools
 
@@ -39,25 +38,6 @@ for (experts, n, k, r), dtype in itertools.product(
     torch.ops.qatext.lrqat_rank_grads(torch.randn(*lead, n, k, device="cuda", dtype=dtype),
                                       torch.randn(*lead, n, r, device="cuda", dtype=dtype),
                                       torch.randn(*lead, r, k, device="cuda", dtype=dtype))
-for (experts, n, k, r, bits, g, frac), dtype in itertools.product(
-        [(1, 64, 512, 32, 4, 128, 0), (1, 128, 1408, 20, 4, 32, 0), (1, 192, 640, 48, 2, 64, 0),
-         (1, 64, 384, 16, 3, -1, 0), (1, 128, 512, 32, 4, 256, 4), (1, 64, 256, 8, 8, 128, 0),
-         (3, 128, 640, 24, 4, 64, 0), (1, 9600, 256, 32, 4, 128, 0)],
-        (torch.bfloat16, torch.float16)):
-    qmax, lead = (1 << bits) - 1, (experts,) if experts > 1 else ()
-    p = (ops.pack(torch.randint(0, qmax + 1, (experts * n, k), dtype=torch.uint8, device="cuda"), bits)
-         .view(*lead, n, -1) if frac == 0
-         else torch.randint(0, qmax * (1 << frac) + 1, (*lead, n, k), dtype=torch.uint8, device="cuda"))
-    a = torch.randn(*lead, n, r, device="cuda", dtype=dtype)
-    b = torch.randn(*lead, r, k, device="cuda", dtype=dtype)
-    scale = torch.rand(*lead, n, 1 if g == -1 else k // g, device="cuda") * 0.1 + 0.01
-    zero = torch.full_like(scale, qmax / 2)
-    torch.ops.qatext.lrqat_weight_backward(torch.randn(*lead, n, k, device="cuda", dtype=dtype), p, a, b, scale,
-                                           zero, 0.5, bits, g, frac)
-    if experts == 1:
-        torch.ops.qatext.lrqat_linear_backward(torch.randn(5, n, device="cuda", dtype=dtype),
-                                               torch.randn(5, k, device="cuda", dtype=dtype), p, a, b, scale, zero,
-                                               0.5, bits, g, frac, True)
 for bits in (2, 3, 4, 8):
     for g in (32, 128, -1):
         n, k, m = 96, 384, 40

@@ -71,30 +71,16 @@ void lrqat_fused_backward(const T* grad_w, const uint8_t* p, const T* a, const T
 // `rank` zero) and b [E, rank, K], all contiguous and 16-byte aligned; N (an expert's rows) a multiple of 64,
 // K of 128. part_a [col_blocks, E * N, rank_padded] and part_b [E, row_blocks, rank_padded, K] (fp32) hold
 // the blocks' partial sums, sized by the plan.
-// With a mask, grad_u is dW and the kernel forms dU = c * s * dW * in_range itself (c folded into grad_a and
-// grad_b, as the tile kernels' backward does) from P, the scale and zero (lrqat_fused_supported's groups), and
-// writes the sums of dW * (q - z) into grad_scale_parts [E * N, lrqat_masked_scale_parts(K, group_size)] (each
-// 32 columns where groups are 32, else 64). pb: bits a P value (8 for fixed point).
 struct RankGradsPlan {
   int64_t row_chunks = 0, row_blocks = 0, col_blocks = 0;
 };
-struct RankGradMask {
-  const uint8_t* p = nullptr;  // [E * N, p_row_bytes]
-  const float* scale = nullptr;
-  const float* zero = nullptr;  // [E * N, G]
-  float* grad_scale_parts = nullptr;
-  float lora_scale = 0.f, qmax = 0.f, p_unit = 1.f;
-  int64_t p_row_bytes = 0;
-  int G = 1, group_size = 1, pb = 0;
-};
 bool lrqat_rank_grads_supported(int64_t expert_rows, int64_t K, int64_t rank_padded);
-int64_t lrqat_masked_scale_parts(int64_t K, int64_t group_size);
 template <typename T>
-RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank_padded, int64_t experts, int pb = 0);
+RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank_padded, int64_t experts);
 template <typename T>
 void lrqat_rank_grads(const T* grad_u, const T* a, const T* b, int64_t experts, int64_t expert_rows, int64_t K,
                       int rank, int rank_padded, RankGradsPlan plan, float* part_a, float* part_b, T* grad_a,
-                      T* grad_b, const RankGradMask* mask, cudaStream_t stream);
+                      T* grad_b, cudaStream_t stream);
 
 // Fused dequant GEMM (tensor cores, small M): out = a @ deq(W)^T (forward, a = x [M, K]) or
 // a @ deq(W) (grad_input, a = grad_y [M, N]). partial: fp32 [splits, M, out columns] when splits > 1.

@@ -8,14 +8,6 @@
 // ldmatrix.trans against the chunk's rows of A for dB^T = dU^T A. A block's fp32 sums are partials, one
 // per column block (dA) and row block (dB); a second small kernel adds them in a fixed order and rounds
 // once, so every run gives the same bits.
-//
-// Masked (LR-QAT's backward straight from dW, PB > 0): the block streams dW and P instead of dU and forms
-// each chunk's dU in shared memory first: every warp takes 16 rows x 64 columns, forms that part of A B on
-// the tensor cores from the chunk's A rows and the block's B, and writes dU = c s dW in_range over dW (the
-// tile kernels' rule, core/quant_math.h), summing dW (q - z) for the scale's gradient on the way. dU is never
-// written to memory: the backward reads P and dW once (2.5 bytes an element at 4 bits) where the tile
-// kernel's backward wrote dU for this kernel to read back (6.5 + 2 bytes).
-#include "core/quant_math.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/mma.cuh"
@@ -37,19 +29,13 @@ template <int CC>
 constexpr int b_stride() {
   return CC * kChunkCols + 8;
 }
-// Bytes of a P row in a chunk (PB bits a value; 0: no P), padded so that the rows a quad reads fall in
-// distinct banks.
-template <int PB>
-constexpr int p_stride() {
-  return PB == 0 ? 0 : 16 * PB + (PB == 3 ? 32 : 16);
-}
-template <int R, int PB>
+template <int R>
 constexpr int stage_bytes() {
-  return (kChunkRows * kChunkCols + kChunkRows * a_stride<R>()) * 2 + kChunkRows * p_stride<PB>();
+  return (kChunkRows * kChunkCols + kChunkRows * a_stride<R>()) * 2;
 }
-template <int R, int CC, int PB>
+template <int R, int CC>
 constexpr int smem_bytes() {
-  return R * b_stride<CC>() * 2 + kStages * stage_bytes<R, PB>();
+  return R * b_stride<CC>() * 2 + kStages * stage_bytes<R>();
 }
 // Column chunks a block takes: its B rows stay in shared memory, so fewer at rank 64.
 constexpr int column_chunks(int rank_padded) { return rank_padded == 64 ? 2 : 4; }
@@ -58,7 +44,7 @@ __device__ __forceinline__ int du_offset(int r, int unit) { return r * kChunkCol
 
 template <typename T>
 struct RankGradArgs {
-  const T* grad_u;  // [E * N, K]: dU, or dW where masked
+  const T* grad_u;  // [E * N, K]
   const T* a;       // [E * N, R], ranks past the adapter's zero
   const T* b;       // [E, rank, K]
   float* part_a;    // [col_blocks, E * N, R]
@@ -67,101 +53,12 @@ struct RankGradArgs {
   int N, K, rank;   // N: an expert's rows
   // A block's row chunks (an expert's last block may have fewer); an expert's row and column blocks.
   int row_chunks, row_blocks, col_blocks;
-  RankGradMask mask;  // masked only
 };
-
-// P values at columns c, c + 1 (c even) of a chunk's shared P row, exactly (PB = 8: fixed point, unit 2^-f).
-template <int PB>
-__device__ __forceinline__ float2 p_pair(const uint8_t* row, int c, float unit) {
-  if constexpr (PB == 8) {
-    const uint32_t v = *reinterpret_cast<const uint16_t*>(row + c);
-    return make_float2(code_to_float(v & 0xFFu) * unit, code_to_float(v >> 8) * unit);
-  } else if constexpr (PB == 4) {
-    const uint32_t v = row[c >> 1];
-    return make_float2(code_to_float(v & 15u), code_to_float(v >> 4));
-  } else if constexpr (PB == 2) {
-    const uint32_t v = uint32_t(row[c >> 2]) >> (2 * (c & 3));
-    return make_float2(code_to_float(v & 3u), code_to_float(v >> 2 & 3u));
-  } else {  // 3 bits: the pair's 6 bits lie within two bytes (the row's padding past its last)
-    const int bit = 3 * c, at = bit >> 3;
-    const uint32_t v = (uint32_t(row[at]) | uint32_t(row[at + 1]) << 8) >> (bit & 7);
-    return make_float2(code_to_float(v & 7u), code_to_float(v >> 3 & 7u));
-  }
-}
-
-// Masked: warp (mt, kh)'s 16 rows x 64 columns of chunk (i, j) from dW to dU in place, its sums of dW (q - z)
-// into the scale's partials (one a row and 32 columns where groups are 32, else a row and 64 columns).
-template <typename T, int RK, int CC, int PB>
-__device__ __forceinline__ void mask_chunk(const RankGradArgs<T>& args, T* du, const T* as, const uint8_t* ps,
-                                           const T* bs, int64_t r0, int col, int bcol, int mt, int kh, int lane) {
-  constexpr int R = 16 * RK;
-  const RankGradMask& m = args.mask;
-  const int g = lane >> 2, q = lane & 3;
-  // Each quarter's scale and zero of the two rows (one group where groups are >= 64), loaded where used: held
-  // for the whole half they cost registers beside the block's dB accumulators.
-  const bool quarters = m.group_size == 32;
-  const int c0 = col + 64 * kh;  // the half's first column in the weight
-  float ds[2][2];
-#pragma unroll
-  for (int gi = 0; gi < 2; ++gi) {  // the half's 32-column quarters, two 8-column tiles at a time
-    float cs[2], z[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t idx = (r0 + 16 * mt + g + 8 * h) * m.G + (c0 + 32 * gi) / m.group_size;
-      cs[h] = m.lora_scale * trained_scale(__ldg(m.scale + idx)), z[h] = __ldg(m.zero + idx), ds[h][gi] = 0.f;
-    }
-#pragma unroll 1
-    for (int nt = 4 * gi; nt < 4 * gi + 4; nt += 2) {  // not unrolled: each pass's loads held would cost registers
-      float acc[2][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < RK; ++ks) {
-        uint32_t af[4], bf[4];
-        ldmatrix_x4(af, as + (16 * mt + (lane & 15)) * a_stride<R>() + 16 * ks + 8 * (lane >> 4));
-        const int rank = 16 * ks + 8 * ((lane >> 3) & 1) + (lane & 7);
-        ldmatrix_x4_trans(bf, bs + rank * b_stride<CC>() + bcol + 64 * kh + 8 * (nt + (lane >> 4)));
-        mma16816<T>(acc[0], af, bf[0], bf[1]);
-        mma16816<T>(acc[1], af, bf[2], bf[3]);
-      }
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        const int c = 64 * kh + 8 * (nt + t) + 2 * q;  // the chunk's column
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // accumulators 0, 1: row g; 2, 3: row g + 8
-          const int row = 16 * mt + g + 8 * h;
-          const float2 p = p_pair<PB>(ps + row * p_stride<PB>(), c, m.p_unit);
-          uint32_t* at = reinterpret_cast<uint32_t*>(du + du_offset(row, c >> 3) + (c & 7));
-          const float2 gw = Native<T>::unpack2(*at);
-          const LrqatCode lo = lrqat_code(p.x, acc[t][2 * h], m.lora_scale, m.qmax);
-          const LrqatCode hi = lrqat_code(p.y, acc[t][2 * h + 1], m.lora_scale, m.qmax);
-          ds[h][gi] += gw.x * (lo.q - z[h]) + gw.y * (hi.q - z[h]);
-          *at = Native<T>::pack2(lo.in_range ? gw.x * cs[h] : 0.f, hi.in_range ? gw.y * cs[h] : 0.f);
-        }
-      }
-    }
-  }
-  const int per_row = args.K / (quarters ? 32 : 64);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float v[2] = {ds[h][0], ds[h][1]};
-    if (!quarters) v[0] += v[1];
-#pragma unroll
-    for (int gi = 0; gi < 2; ++gi) {
-      v[gi] += __shfl_xor_sync(0xffffffffu, v[gi], 1);
-      v[gi] += __shfl_xor_sync(0xffffffffu, v[gi], 2);
-    }
-    if (q == 0) {
-      float* out = m.grad_scale_parts + (r0 + 16 * mt + g + 8 * h) * per_row;
-      if (quarters) out[c0 / 32] = v[0], out[c0 / 32 + 1] = v[1];
-      else out[c0 / 64] = v[0];
-    }
-  }
-}
 
 // Block (e, rb, cb), cb fastest: row chunks [rb * row_chunks, ..) of expert e, column chunks [cb * CC, ..).
 // Warp w: for dA rows 16 (w % 4) .. of each row chunk and ranks 8 RK (w / 4) ..; for dB columns 16 w .. of
 // each column chunk and every rank.
-// PB: bits of a P value where masked (8 for fixed point), 0 where dU is given.
-template <typename T, int RK, int CC, int PB>
+template <typename T, int RK, int CC>
 __global__ void __launch_bounds__(kRankThreads, 2) rank_grads_kernel(RankGradArgs<T> args) {
   constexpr int R = 16 * RK, NT = 2 * RK;  // NT: 8-rank tiles
   extern __shared__ __align__(16) unsigned char smem[];
@@ -186,20 +83,12 @@ __global__ void __launch_bounds__(kRankThreads, 2) rank_grads_kernel(RankGradArg
   }
   const int iterations = nrc * ncc;
   const auto load = [&](int it) {
-    unsigned char* st = stages + (it % kStages) * stage_bytes<R, PB>();
+    unsigned char* st = stages + (it % kStages) * stage_bytes<R>();
     T* du = reinterpret_cast<T*>(st);
     T* as = du + kChunkRows * kChunkCols;
     const int i = it / ncc, j = it % ncc;
     const int64_t r0 = row0 + int64_t(i) * kChunkRows;
     const T* src = args.grad_u + r0 * args.K + col0 + j * kChunkCols;
-    if constexpr (PB > 0) {
-      uint8_t* ps = reinterpret_cast<uint8_t*>(as + kChunkRows * a_stride<R>());
-      const uint8_t* p = args.mask.p + r0 * args.mask.p_row_bytes + (col0 + j * kChunkCols) / 8 * PB;
-#pragma unroll
-      for (int c = threadIdx.x; c < kChunkRows * PB; c += kRankThreads) {
-        cp_async_once<16>(ps + c / PB * p_stride<PB>() + 16 * (c % PB), p + c / PB * args.mask.p_row_bytes + 16 * (c % PB));
-      }
-    }
 #pragma unroll
     for (int c = threadIdx.x; c < kChunkRows * 16; c += kRankThreads) {
       cp_async_once<16>(du + du_offset(c >> 4, c & 15), src + int64_t(c >> 4) * args.K + 8 * (c & 15));
@@ -234,14 +123,8 @@ __global__ void __launch_bounds__(kRankThreads, 2) rank_grads_kernel(RankGradArg
       __syncthreads();  // chunk it landed for every thread; chunk it - 1's stage is free
       if (it + 2 < iterations) load(it + 2);
       cp_async_commit();
-      T* du = reinterpret_cast<T*>(stages + (it % kStages) * stage_bytes<R, PB>());
+      const T* du = reinterpret_cast<const T*>(stages + (it % kStages) * stage_bytes<R>());
       const T* as = du + kChunkRows * kChunkCols;
-      if constexpr (PB > 0) {
-        const uint8_t* ps = reinterpret_cast<const uint8_t*>(as + kChunkRows * a_stride<R>());
-        mask_chunk<T, RK, CC, PB>(args, du, as, ps, bs, row0 + int64_t(i) * kChunkRows, col0 + j * kChunkCols,
-                                  j * kChunkCols, warp & 3, warp >> 2, lane);
-        __syncthreads();  // the chunk's dU complete
-      }
       // dA += dU [16 rows x 128] B^T [128 x 8 RK]
 #pragma unroll
       for (int ks = 0; ks < kChunkCols / 16; ++ks) {
@@ -325,31 +208,22 @@ __global__ void rank_grads_sum_kernel(const float* part_a, const float* part_b, 
   }
 }
 
-template <typename T, int RK, int CC, int PB>
+template <typename T, int RK, int CC>
 int blocks_per_sm() {
   static std::atomic<int> memo[kMaxDevices];
   return per_device(memo, [] {
     int blocks = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, rank_grads_kernel<T, RK, CC, PB>, kRankThreads,
-                                                  smem_bytes<16 * RK, CC, PB>());
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, rank_grads_kernel<T, RK, CC>, kRankThreads,
+                                                  smem_bytes<16 * RK, CC>());
     return std::max(blocks, 1);
   });
 }
 
-// f.template operator()<RK, CC, PB>() for the padded rank and P's bits a value (0: dU given).
-template <typename F>
-auto with_kernel(int rank_padded, int pb, F&& f) {
-  const auto by_p = [&]<int RK>() {
-    constexpr int CC = column_chunks(16 * RK);
-    if (pb == 0) return f.template operator()<RK, CC, 0>();
-    if (pb == 2) return f.template operator()<RK, CC, 2>();
-    if (pb == 3) return f.template operator()<RK, CC, 3>();
-    if (pb == 4) return f.template operator()<RK, CC, 4>();
-    return f.template operator()<RK, CC, 8>();
-  };
-  if (rank_padded == 16) return by_p.template operator()<1>();
-  if (rank_padded == 32) return by_p.template operator()<2>();
-  return by_p.template operator()<4>();
+template <typename T, typename F>
+auto with_rank(int rank_padded, F&& f) {
+  if (rank_padded == 16) return f.template operator()<1, column_chunks(16)>();
+  if (rank_padded == 32) return f.template operator()<2, column_chunks(32)>();
+  return f.template operator()<4, column_chunks(64)>();
 }
 
 }  // namespace
@@ -359,17 +233,14 @@ bool lrqat_rank_grads_supported(int64_t expert_rows, int64_t K, int64_t rank_pad
          (rank_padded == 16 || rank_padded == 32 || rank_padded == 64);
 }
 
-int64_t lrqat_masked_scale_parts(int64_t K, int64_t group_size) { return K / (group_size == 32 ? 32 : 64); }
-
 template <typename T>
-RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank_padded, int64_t experts, int pb) {
+RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank_padded, int64_t experts) {
   RankGradsPlan plan;
   const int64_t cc = column_chunks(int(rank_padded)), row_chunks = expert_rows / kChunkRows;
   plan.col_blocks = (K / kChunkCols + cc - 1) / cc;
   // One wave: as many row blocks as fill the GPU's resident blocks beside the column blocks. More row blocks
   // cost partial sums of dB (R x K fp32 each), fewer leave SMs idle.
-  const int per_sm =
-      with_kernel(int(rank_padded), pb, [&]<int RK, int CC, int PB>() { return blocks_per_sm<T, RK, CC, PB>(); });
+  const int per_sm = with_rank<T>(int(rank_padded), [&]<int RK, int CC>() { return blocks_per_sm<T, RK, CC>(); });
   const int64_t slots = int64_t(per_sm) * sm_count();
   const int64_t want = std::clamp<int64_t>(slots / (experts * plan.col_blocks), 1, std::max<int64_t>(row_chunks, 1));
   plan.row_chunks = (row_chunks + want - 1) / want;
@@ -380,14 +251,14 @@ RankGradsPlan lrqat_rank_grads_plan(int64_t expert_rows, int64_t K, int64_t rank
 template <typename T>
 void lrqat_rank_grads(const T* grad_u, const T* a, const T* b, int64_t experts, int64_t expert_rows, int64_t K,
                       int rank, int rank_padded, RankGradsPlan plan, float* part_a, float* part_b, T* grad_a,
-                      T* grad_b, const RankGradMask* mask, cudaStream_t stream) {
+                      T* grad_b, cudaStream_t stream) {
   const int64_t rows = experts * expert_rows;
   if (rows * K == 0 || rank == 0) return;
   RankGradArgs<T> args{grad_u, a, b, part_a, part_b, rows, int(expert_rows), int(K), rank,
-                       int(plan.row_chunks), int(plan.row_blocks), int(plan.col_blocks), mask ? *mask : RankGradMask{}};
-  with_kernel(rank_padded, mask ? mask->pb : 0, [&]<int RK, int CC, int PB>() {
-    const auto kernel = rank_grads_kernel<T, RK, CC, PB>;
-    constexpr int smem = smem_bytes<16 * RK, CC, PB>();
+                       int(plan.row_chunks), int(plan.row_blocks), int(plan.col_blocks)};
+  with_rank<T>(rank_padded, [&]<int RK, int CC>() {
+    const auto kernel = rank_grads_kernel<T, RK, CC>;
+    constexpr int smem = smem_bytes<16 * RK, CC>();
     static std::atomic<int> smem_memo[kMaxDevices];
     opt_in_smem(smem_memo, kernel, smem, "lrqat_rank_grads");
     const unsigned blocks = unsigned(experts * plan.row_blocks * plan.col_blocks);
@@ -403,9 +274,9 @@ void lrqat_rank_grads(const T* grad_u, const T* a, const T* b, int64_t experts, 
 }
 
 #define QATEXT_INSTANTIATE(T)                                                                                  \
-  template RankGradsPlan lrqat_rank_grads_plan<T>(int64_t, int64_t, int64_t, int64_t, int);                    \
+  template RankGradsPlan lrqat_rank_grads_plan<T>(int64_t, int64_t, int64_t, int64_t);                         \
   template void lrqat_rank_grads<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, int, int,         \
-                                    RankGradsPlan, float*, float*, T*, T*, const RankGradMask*, cudaStream_t);
+                                    RankGradsPlan, float*, float*, T*, T*, cudaStream_t);
 QATEXT_INSTANTIATE(c10::Half)
 QATEXT_INSTANTIATE(c10::BFloat16)
 #undef QATEXT_INSTANTIATE

@@ -78,23 +78,22 @@ bool rank_kernel_applies(const at::Tensor& grad_u, int64_t rank, int64_t experts
 }
 
 // The kernel's dA [E * N, rank] and dB [E, rank, K] in dU's dtype; a_padded [E * N, R] (R = padded_rank(rank),
-// the ranks past `rank` zeros) and b [E, rank, K] in that dtype. With a mask, grad_u is dW and the kernel forms
-// dU itself (cuda/kernels.h).
+// the ranks past `rank` zeros) and b [E, rank, K] in that dtype.
 std::pair<at::Tensor, at::Tensor> kernel_rank_grads(const at::Tensor& grad_u, const at::Tensor& a_padded, int64_t rank,
-                                                    const at::Tensor& b, const cuda::RankGradMask* mask = nullptr) {
+                                                    const at::Tensor& b) {
   const int64_t E = b.size(0), rows = grad_u.size(0), K = grad_u.size(1), R = a_padded.size(1);
   const at::Tensor gu = aligned16_copy(grad_u), a = aligned16_copy(a_padded), b16 = aligned16_copy(b);
   at::Tensor grad_a = at::empty({rows, rank}, gu.options()), grad_b = at::empty({E, rank, K}, gu.options());
   const at::OptionalDeviceGuard guard(at::device_of(gu));
   dispatch_half(gu.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const cuda::RankGradsPlan plan = cuda::lrqat_rank_grads_plan<T>(rows / E, K, R, E, mask ? mask->pb : 0);
+    const cuda::RankGradsPlan plan = cuda::lrqat_rank_grads_plan<T>(rows / E, K, R, E);
     const auto f32 = gu.options().dtype(at::kFloat);
     at::Tensor part_a = at::empty({plan.col_blocks, rows, R}, f32), part_b = at::empty({E, plan.row_blocks, R, K}, f32);
     cuda::lrqat_rank_grads<T>(gu.const_data_ptr<T>(), a.const_data_ptr<T>(), b16.const_data_ptr<T>(), E, rows / E, K,
                               int(rank), int(R), plan, part_a.mutable_data_ptr<float>(),
                               part_b.mutable_data_ptr<float>(), grad_a.mutable_data_ptr<T>(),
-                              grad_b.mutable_data_ptr<T>(), mask, current_stream(gu));
+                              grad_b.mutable_data_ptr<T>(), current_stream(gu));
   });
   return {grad_a, grad_b};
 }
@@ -152,45 +151,18 @@ std::optional<FusedOperands> fused_operands(const at::Tensor& p, const at::Tenso
 }
 
 #ifdef QATEXT_WITH_CUDA
-// The backward straight from dW [N, K]: dA, dB and the scale's gradient by the rank kernel, which forms dU =
-// c * s * dW * in_range chunk by chunk in shared memory (dU never written), and, where weight is defined, W from
-// the forward tile kernel; where an expert's rows are not a multiple of 64 (or the knob is off) the tile
-// kernel's backward writes dU into grad_u (which may be grad_w itself) and W, then the rank kernel or GEMMs
-// read dU. grad_w, a and b share one 16-bit dtype.
+// The tile kernel's backward over dW [N, K]: dU = c * s * dW * in_range into grad_u (which may be grad_w
+// itself), the group sums of dW * (q - z) and, where weight is defined, W as the forward writes it; then
+// dA = dU B^T and dB = A^T dU (c is folded into dU). grad_w, a and b share one 16-bit dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperands& fused, const at::Tensor& grad_w,
                                                               const at::Tensor& grad_u, const at::Tensor& weight,
                                                               const at::Tensor& p, const at::Tensor& scale,
                                                               const at::Tensor& zero, double lora_scale,
                                                               int64_t frac_bits, const GroupShape& shape,
                                                               at::ScalarType scale_dtype) {
-  const int64_t experts = fused.b.size(0), G = shape.groups();
-  const at::OptionalDeviceGuard guard(at::device_of(p));
-  const auto scale_sums = [&](const at::Tensor& parts) {  // [N, parts] -> [N, G], in a fixed order
-    return (parts.size(1) == G ? parts : parts.view({shape.N, G, -1}).sum(-1)).to(scale_dtype);
-  };
-  if (tuning(Knob::LrqatMaskedGrads) && tuning(Knob::LrqatRankKernel) && shape.numel() > 0 &&
-      cuda::lrqat_rank_grads_supported(shape.N / experts, shape.K, fused.rank_padded)) {
-    if (weight.defined()) {
-      dispatch_half(grad_w.scalar_type(), [&](auto tag) {
-        using T = decltype(tag);
-        cuda::lrqat_fused_forward<T>(p.const_data_ptr<uint8_t>(), fused.a.const_data_ptr<T>(),
-                                     fused.b.const_data_ptr<T>(), int(experts), fused.rank, fused.rank_padded,
-                                     scale.const_data_ptr<float>(), zero.const_data_ptr<float>(), float(lora_scale),
-                                     int(frac_bits), weight.mutable_data_ptr<T>(), shape,
-                                     tuning(Knob::LrqatFusedBlocks), current_stream(p));
-      });
-    }
-    at::Tensor parts = at::empty({shape.N, cuda::lrqat_masked_scale_parts(shape.K, shape.group_size)}, scale.options());
-    cuda::RankGradMask mask;
-    mask.p = p.const_data_ptr<uint8_t>(), mask.scale = scale.const_data_ptr<float>();
-    mask.zero = zero.const_data_ptr<float>(), mask.grad_scale_parts = parts.mutable_data_ptr<float>();
-    mask.lora_scale = float(lora_scale), mask.qmax = qmax_for_bits(shape.bits), mask.p_unit = 1.f / float(1 << frac_bits);
-    mask.p_row_bytes = p_row_bytes(shape.K, shape.bits, int(frac_bits));
-    mask.G = int(G), mask.group_size = int(shape.group_size), mask.pb = frac_bits > 0 ? 8 : shape.bits;
-    auto [grad_a, grad_b] = kernel_rank_grads(grad_w, fused.a, fused.rank, fused.b, &mask);
-    return {grad_a, grad_b, scale_sums(parts)};
-  }
+  const int64_t experts = fused.b.size(0);
   at::Tensor tiles = at::empty({shape.N, cuda::lrqat_fused_tile_groups(shape)}, scale.options());
+  const at::OptionalDeviceGuard guard(at::device_of(p));
   dispatch_half(grad_w.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     cuda::lrqat_fused_backward<T>(grad_w.const_data_ptr<T>(), p.const_data_ptr<uint8_t>(), fused.a.const_data_ptr<T>(),
@@ -200,8 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(const FusedOperand
                                   weight.defined() ? weight.mutable_data_ptr<T>() : nullptr, shape,
                                   tuning(Knob::LrqatFusedBlocks), current_stream(p));
   });
+  const int64_t G = shape.groups();
+  const at::Tensor grad_scale = tiles.size(1) == G ? tiles : tiles.view({shape.N, G, -1}).sum(-1);
   auto [grad_a, grad_b] = rank_grads(grad_u, fused.a, fused.b);
-  return {grad_a, grad_b, scale_sums(tiles)};
+  return {grad_a, grad_b, grad_scale.to(scale_dtype)};
 }
 #endif
 

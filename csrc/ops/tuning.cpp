@@ -66,11 +66,6 @@ constexpr std::array<KnobInfo, int(Knob::Count)> kKnobs{{
     {"lrqat_rank_kernel", 1, 0, 1,
      "CUDA LR-QAT with 16-bit adapters takes dA = dU B^T and dB = A^T dU from one read of dU (one kernel and a "
      "small sum of its partials), else as two cuBLAS GEMMs, each reading dU."},
-    {"lrqat_masked_grads", 1, 0, 1,
-     "CUDA LR-QAT's backward (16-bit adapters, an expert's rows a multiple of 64) forms dU = c s dW in_range in the "
-     "rank kernel's shared memory from dW and P, so dU is never written or read back (dW read once; W for dX from "
-     "the forward tile kernel). 0, or lrqat_rank_kernel 0: the tile kernel's backward writes dU and W in one pass "
-     "over dW, then dA and dB read dU."},
 }};
 
 std::atomic<int64_t>* values() {

@@ -24,7 +24,6 @@ enum class Knob : int {
   LrqatFused,          // CUDA LR-QAT with 16-bit adapters on the tensor-core kernels (else fp32 A B)
   LrqatFusedBlocks,    // most blocks of the LR-QAT tile kernels (0: one wave of the GPU)
   LrqatRankKernel,     // LR-QAT's dA and dB from one read of dU (else two cuBLAS GEMMs)
-  LrqatMaskedGrads,    // LR-QAT's backward from dW in the rank kernel, dU never written (else the tile kernel's)
   Count,
 };
 
