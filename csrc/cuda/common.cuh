@@ -74,16 +74,35 @@ inline int max_block_smem() {
   return bytes > 0 ? bytes : 48 * 1024;
 }
 
-// Opt `kernel` into `smem` bytes of dynamic shared memory (needed above 48 KB), once per device and
-// kernel (each kernel instance calls this from its own function, so `memo` is per instance).
+// Lets `kernel` take `smem` bytes of dynamic shared memory (needed above 48 KB) on the current device.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int smem, const char* what) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("qatext: ") + what + " shared memory: " + cudaGetErrorString(err));
+  }
+}
+
+// allow_smem once per device and kernel (each kernel instance calls this from its own function, so `memo`
+// is per instance).
 template <typename Kernel>
 void opt_in_smem(std::atomic<int> (&memo)[kMaxDevices], Kernel kernel, int smem, const char* what) {
   per_device(memo, [&] {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) {
-      throw std::runtime_error(std::string("qatext: ") + what + " shared memory: " + cudaGetErrorString(err));
-    }
+    allow_smem(kernel, smem, what);
     return 1;
+  });
+}
+
+// Blocks of `kernel` resident a SM at `threads` a block and `smem` bytes of dynamic shared memory (at least
+// 1), once per device and instance (`memo` per instance, as for opt_in_smem). It allows the shared memory
+// first: the query honours that setting, and without it reads 0 for any block over 48 KB.
+template <typename Kernel>
+int resident_blocks(std::atomic<int> (&memo)[kMaxDevices], Kernel kernel, int threads, int smem, const char* what) {
+  return per_device(memo, [&] {
+    allow_smem(kernel, smem, what);
+    int blocks = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem);
+    return std::max(blocks, 1);
   });
 }
 

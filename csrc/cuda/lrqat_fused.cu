@@ -366,11 +366,7 @@ void launch(LrqatTileArgs<T> args, int experts, int rank_padded, int pb, int64_t
     constexpr int smem = smem_bytes<T, RK, BACKWARD>();
     static std::atomic<int> smem_memo[kMaxDevices], occupancy_memo[kMaxDevices];
     opt_in_smem(smem_memo, kernel, smem, "lrqat_tile_kernel");
-    const int per_sm = per_device(occupancy_memo, [&] {
-      int blocks = 0;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, smem);
-      return std::max(blocks, 1);
-    });
+    const int per_sm = resident_blocks(occupancy_memo, kernel, kWarps * 32, smem, "lrqat_tile_kernel");
     // One wave of blocks, each a contiguous run of items (column-major: a run crosses few column tiles).
     const int64_t full = int64_t(per_sm) * sm_count(), wave = max_blocks > 0 ? std::min(max_blocks, full) : full;
     args.items_per_block = int((args.items + wave - 1) / wave);

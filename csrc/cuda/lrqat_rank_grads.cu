@@ -208,24 +208,11 @@ __global__ void rank_grads_sum_kernel(const float* part_a, const float* part_b, 
   }
 }
 
-// The kernel's shared memory opted in (once a device), as the launch and the occupancy query both need.
-template <typename T, int RK, int CC>
-void opt_in() {
-  static std::atomic<int> memo[kMaxDevices];
-  opt_in_smem(memo, rank_grads_kernel<T, RK, CC>, smem_bytes<16 * RK, CC>(), "lrqat_rank_grads");
-}
-
-// Resident blocks a SM. The query needs the opt-in first: without it, any block over 48 KB reads as 0.
 template <typename T, int RK, int CC>
 int blocks_per_sm() {
-  opt_in<T, RK, CC>();
   static std::atomic<int> memo[kMaxDevices];
-  return per_device(memo, [] {
-    int blocks = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, rank_grads_kernel<T, RK, CC>, kRankThreads,
-                                                  smem_bytes<16 * RK, CC>());
-    return std::max(blocks, 1);
-  });
+  return resident_blocks(memo, rank_grads_kernel<T, RK, CC>, kRankThreads, smem_bytes<16 * RK, CC>(),
+                         "lrqat_rank_grads");
 }
 
 template <typename T, typename F>
@@ -268,7 +255,8 @@ void lrqat_rank_grads(const T* grad_u, const T* a, const T* b, int64_t experts, 
   with_rank<T>(rank_padded, [&]<int RK, int CC>() {
     const auto kernel = rank_grads_kernel<T, RK, CC>;
     constexpr int smem = smem_bytes<16 * RK, CC>();
-    opt_in<T, RK, CC>();
+    static std::atomic<int> smem_memo[kMaxDevices];
+    opt_in_smem(smem_memo, kernel, smem, "lrqat_rank_grads");
     const unsigned blocks = unsigned(experts * plan.row_blocks * plan.col_blocks);
     kernel<<<blocks, kRankThreads, smem, stream>>>(args);
   });
